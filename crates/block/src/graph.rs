@@ -1,0 +1,135 @@
+//! The block graph: every node by name, in creation order (QEMU's
+//! `graph_bdrv_states`), with QEMU's rules for naming and deleting nodes.
+
+use std::sync::{Arc, Mutex};
+
+use crate::node::BlockNode;
+
+/// A graph operation refused; the message is QEMU's text for the same case.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct GraphError(pub String);
+
+/// All nodes of one daemon.
+#[derive(Default)]
+pub struct BlockGraph {
+    nodes: Mutex<Vec<Arc<BlockNode>>>,
+    next_auto: Mutex<u64>,
+}
+
+/// Checks a user-given node name as QEMU's `id_wellformed` does.
+pub fn check_node_name(name: &str) -> Result<(), GraphError> {
+    let ok = name.len() < 32
+        && name.chars().next().is_some_and(|c| c.is_ascii_alphabetic())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.' || c == '_');
+    if ok {
+        Ok(())
+    } else {
+        Err(GraphError(format!("Invalid node-name: '{name}'")))
+    }
+}
+
+impl BlockGraph {
+    /// An empty graph.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// A fresh name for a node the user did not name (QEMU: `#blockNNN`).
+    pub fn auto_name(&self) -> String {
+        let mut n = self.next_auto.lock().unwrap();
+        *n += 1;
+        format!("#block{:03}", *n)
+    }
+
+    /// Refuses a name that is already taken.
+    pub fn check_free(&self, name: &str) -> Result<(), GraphError> {
+        if self.get(name).is_some() {
+            return Err(GraphError(format!(
+                "Duplicate nodes with node-name='{name}'"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Adds an opened node.
+    pub fn insert(&self, node: Arc<BlockNode>) -> Result<(), GraphError> {
+        let mut nodes = self.nodes.lock().unwrap();
+        if nodes.iter().any(|n| n.name() == node.name()) {
+            return Err(GraphError(format!(
+                "Duplicate nodes with node-name='{}'",
+                node.name()
+            )));
+        }
+        nodes.push(node);
+        Ok(())
+    }
+
+    /// The node called `name`.
+    pub fn get(&self, name: &str) -> Option<Arc<BlockNode>> {
+        self.nodes
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|n| n.name() == name)
+            .cloned()
+    }
+
+    /// The node called `name`, or QEMU's error for a missing node.
+    pub fn find(&self, name: &str) -> Result<Arc<BlockNode>, GraphError> {
+        self.get(name).ok_or_else(|| {
+            GraphError(format!("Cannot find device='' nor node-name='{name}'"))
+        })
+    }
+
+    /// All nodes, oldest first.
+    pub fn nodes(&self) -> Vec<Arc<BlockNode>> {
+        self.nodes.lock().unwrap().clone()
+    }
+
+    fn has_parent(nodes: &[Arc<BlockNode>], child: &BlockNode) -> bool {
+        nodes.iter().any(|n| {
+            n.children()
+                .iter()
+                .any(|c| std::ptr::eq(Arc::as_ptr(&c.node), child))
+        })
+    }
+
+    /// Deletes a monitor-owned node with no users and no parents (QMP `blockdev-del`),
+    /// and with it the unnamed children that only it held.
+    pub fn remove(&self, name: &str) -> Result<(), GraphError> {
+        let mut nodes = self.nodes.lock().unwrap();
+        let Some(pos) = nodes.iter().position(|n| n.name() == name) else {
+            return Err(GraphError(format!(
+                "Failed to find node with node-name='{name}'"
+            )));
+        };
+        let node = nodes[pos].clone();
+        if !node.users().is_empty() {
+            return Err(GraphError(format!("Node {name} is in use")));
+        }
+        if !node.monitor_owned() {
+            return Err(GraphError(format!(
+                "Node {name} is not owned by the monitor"
+            )));
+        }
+        if Self::has_parent(&nodes, &node) {
+            return Err(GraphError(format!("Block device {name} is in use")));
+        }
+        nodes.remove(pos);
+        // Implicit children go with their parent, recursively.
+        let mut orphans: Vec<Arc<BlockNode>> = node.children().into_iter().map(|c| c.node).collect();
+        while let Some(child) = orphans.pop() {
+            if child.monitor_owned() || Self::has_parent(&nodes, &child) {
+                continue;
+            }
+            if let Some(i) = nodes.iter().position(|n| Arc::ptr_eq(n, &child)) {
+                nodes.remove(i);
+                orphans.extend(child.children().into_iter().map(|c| c.node));
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,266 @@
+//! A node of the block graph: a driver instance plus what the generic block
+//! layer adds around every request (QEMU's `block/io.c`): bounds and
+//! permission checks, request tracking, and padding of requests that are not
+//! aligned to what the driver needs.
+
+use std::io;
+use std::sync::{Arc, Mutex};
+
+use crate::buf::IoBuf;
+use crate::driver::{BlockDriver, BlockStatus, ChildRef, Limits, WriteFlags, ZeroFlags};
+use crate::tracker::{RequestKind, RequestTracker};
+
+/// A named node of the block graph.
+pub struct BlockNode {
+    name: String,
+    driver: Box<dyn BlockDriver>,
+    read_only: bool,
+    monitor_owned: bool,
+    tracker: RequestTracker,
+    users: Mutex<Vec<String>>,
+}
+
+fn einval() -> io::Error {
+    io::Error::from_raw_os_error(libc::EINVAL)
+}
+
+fn align_down(x: u64, a: u64) -> u64 {
+    x / a * a
+}
+
+fn align_up(x: u64, a: u64) -> u64 {
+    x.div_ceil(a) * a
+}
+
+impl BlockNode {
+    /// Wraps an opened driver as node `name`.
+    ///
+    /// `monitor_owned` is true for nodes created by name through `blockdev-add`
+    /// (only those may be deleted with `blockdev-del`, as in QEMU).
+    pub fn new(
+        name: impl Into<String>,
+        driver: Box<dyn BlockDriver>,
+        read_only: bool,
+        monitor_owned: bool,
+    ) -> Arc<BlockNode> {
+        Arc::new(BlockNode {
+            name: name.into(),
+            driver,
+            read_only,
+            monitor_owned,
+            tracker: RequestTracker::new(),
+            users: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// The node name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The driver's QEMU name (`file`, `raw`, ...).
+    pub fn format_name(&self) -> &'static str {
+        self.driver.format_name()
+    }
+
+    /// Host file this node reads from.
+    pub fn filename(&self) -> String {
+        self.driver.filename()
+    }
+
+    /// Virtual size in bytes.
+    pub fn size(&self) -> u64 {
+        self.driver.size()
+    }
+
+    /// True when the node refuses writes.
+    pub fn read_only(&self) -> bool {
+        self.read_only
+    }
+
+    /// True when the node was created by name through the monitor.
+    pub fn monitor_owned(&self) -> bool {
+        self.monitor_owned
+    }
+
+    /// The driver's limits.
+    pub fn limits(&self) -> Limits {
+        self.driver.limits()
+    }
+
+    /// Child edges.
+    pub fn children(&self) -> Vec<ChildRef> {
+        self.driver.children()
+    }
+
+    /// In-flight requests on this node.
+    pub fn tracker(&self) -> &RequestTracker {
+        &self.tracker
+    }
+
+    /// Records that something outside the graph (an export, a job) uses this node.
+    pub fn add_user(&self, who: impl Into<String>) {
+        self.users.lock().unwrap().push(who.into());
+    }
+
+    /// Forgets one use recorded by [`BlockNode::add_user`].
+    pub fn remove_user(&self, who: &str) {
+        let mut users = self.users.lock().unwrap();
+        if let Some(i) = users.iter().position(|u| u == who) {
+            users.remove(i);
+        }
+    }
+
+    /// Everything currently using this node.
+    pub fn users(&self) -> Vec<String> {
+        self.users.lock().unwrap().clone()
+    }
+
+    fn check_range(&self, offset: u64, len: u64) -> io::Result<()> {
+        match offset.checked_add(len) {
+            Some(end) if end <= self.size() => Ok(()),
+            _ => Err(einval()),
+        }
+    }
+
+    fn check_writable(&self) -> io::Result<()> {
+        if self.read_only {
+            return Err(io::Error::from_raw_os_error(libc::EPERM));
+        }
+        Ok(())
+    }
+
+    fn alignment(&self) -> u64 {
+        self.driver.limits().request_alignment.max(1) as u64
+    }
+
+    /// Reads `len` bytes at `offset`.
+    pub async fn read(&self, offset: u64, len: usize) -> io::Result<IoBuf> {
+        self.read_into(offset, IoBuf::zeroed(len)).await
+    }
+
+    /// Reads `buf.len()` bytes at `offset` into `buf` and gives it back.
+    pub async fn read_into(&self, offset: u64, buf: IoBuf) -> io::Result<IoBuf> {
+        let len = buf.len();
+        self.check_range(offset, len as u64)?;
+        let a = self.alignment();
+        let start = align_down(offset, a);
+        let end = align_up(offset + len as u64, a);
+        let _req = self
+            .tracker
+            .begin(start, end - start, RequestKind::Read, false)
+            .await;
+        if start == offset && end == offset + len as u64 {
+            return self.driver.read(offset, buf).await;
+        }
+        let padded = self
+            .driver
+            .read(start, IoBuf::zeroed((end - start) as usize))
+            .await?;
+        let skip = (offset - start) as usize;
+        let mut buf = buf;
+        buf.copy_from_slice(&padded[skip..skip + len]);
+        Ok(buf)
+    }
+
+    /// Writes `buf` at `offset`.
+    pub async fn write(&self, offset: u64, buf: IoBuf, flags: WriteFlags) -> io::Result<()> {
+        self.check_writable()?;
+        self.check_range(offset, buf.len() as u64)?;
+        let a = self.alignment();
+        let len = buf.len() as u64;
+        let start = align_down(offset, a);
+        let end = align_up(offset + len, a);
+        if start == offset && end == offset + len {
+            let _req = self
+                .tracker
+                .begin(offset, len, RequestKind::Write, false)
+                .await;
+            return self.driver.write(offset, buf, flags).await;
+        }
+        // Read-modify-write of the partial blocks; serialised so that two
+        // partial writes into one block cannot lose each other's bytes.
+        let _req = self
+            .tracker
+            .begin(start, end - start, RequestKind::Write, true)
+            .await;
+        let mut padded = self
+            .driver
+            .read(start, IoBuf::zeroed((end - start) as usize))
+            .await?;
+        let skip = (offset - start) as usize;
+        padded[skip..skip + buf.len()].copy_from_slice(&buf);
+        self.driver.write(start, padded, flags).await
+    }
+
+    /// Makes `len` bytes at `offset` read as zeroes.
+    pub async fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> io::Result<()> {
+        self.check_writable()?;
+        self.check_range(offset, len)?;
+        if len == 0 {
+            return Ok(());
+        }
+        let a = self.alignment();
+        let head_end = align_up(offset, a).min(offset + len);
+        let tail_start = align_down(offset + len, a).max(head_end);
+        if head_end > offset {
+            self.write(
+                offset,
+                IoBuf::zeroed((head_end - offset) as usize),
+                WriteFlags { fua: flags.fua },
+            )
+            .await?;
+        }
+        if tail_start > head_end {
+            let _req = self
+                .tracker
+                .begin(head_end, tail_start - head_end, RequestKind::Write, false)
+                .await;
+            self.driver
+                .write_zeroes(head_end, tail_start - head_end, flags)
+                .await?;
+        }
+        if offset + len > tail_start {
+            self.write(
+                tail_start,
+                IoBuf::zeroed((offset + len - tail_start) as usize),
+                WriteFlags { fua: flags.fua },
+            )
+            .await?;
+        }
+        Ok(())
+    }
+
+    /// Discards a range; only whole aligned blocks inside it are passed down.
+    pub async fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.check_writable()?;
+        self.check_range(offset, len)?;
+        let a = self.alignment();
+        let start = align_up(offset, a);
+        let end = align_down(offset + len, a);
+        if end <= start {
+            return Ok(());
+        }
+        let _req = self
+            .tracker
+            .begin(start, end - start, RequestKind::Write, false)
+            .await;
+        self.driver.discard(start, end - start).await
+    }
+
+    /// Makes every completed write durable.
+    pub async fn flush(&self) -> io::Result<()> {
+        self.driver.flush().await
+    }
+
+    /// Status of the extent at `offset`, at most `len` bytes (clamped to the node's end).
+    pub async fn block_status(&self, offset: u64, len: u64) -> io::Result<BlockStatus> {
+        if offset >= self.size() {
+            return Err(einval());
+        }
+        let len = len.min(self.size() - offset);
+        let mut st = self.driver.block_status(offset, len).await?;
+        st.len = st.len.clamp(1, len);
+        Ok(st)
+    }
+}

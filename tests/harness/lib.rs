@@ -1,0 +1,1 @@
+//! Shared helpers for the interop tests: spawning livesnapd and its QEMU peers.
