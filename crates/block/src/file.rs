@@ -174,7 +174,9 @@ fn seek_status(file: &File, offset: u64, len: u64, size: u64) -> io::Result<Bloc
     };
     match data {
         Some(d) if d <= offset => {
-            let hole = seek(file, offset, libc::SEEK_HOLE)?.unwrap_or(size).min(end);
+            let hole = seek(file, offset, libc::SEEK_HOLE)?
+                .unwrap_or(size)
+                .min(end);
             let hole = if hole <= offset { end } else { hole };
             Ok(BlockStatus {
                 len: hole - offset,
@@ -250,7 +252,12 @@ impl BlockDriver for FileDriver {
                 }
             }
             if !done {
-                match fallocate(f, libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE, offset, len) {
+                match fallocate(
+                    f,
+                    libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE,
+                    offset,
+                    len,
+                ) {
                     Ok(()) => done = true,
                     Err(e) if is_unsupported(&e) => {}
                     Err(e) => return Err(e),
@@ -265,7 +272,7 @@ impl BlockDriver for FileDriver {
                 while pos < offset + len {
                     let n = ZERO_CHUNK.min(offset + len - pos) as usize;
                     // O_DIRECT needs aligned lengths; the node layer aligns offsets and lengths.
-                    debug_assert!(n % alignment == 0 || pos + n as u64 == offset + len);
+                    debug_assert!(n.is_multiple_of(alignment) || pos + n as u64 == offset + len);
                     f.write_all_at(&zeroes[..n], pos)?;
                     pos += n as u64;
                 }
@@ -325,9 +332,13 @@ mod tests {
         let st = d.block_status(0, 1 << 20).await.unwrap();
         assert_eq!((st.len, st.data, st.zero), (1 << 20, false, true));
 
-        d.write(65536, IoBuf::from_slice(&[7u8; 65536]), WriteFlags::default())
-            .await
-            .unwrap();
+        d.write(
+            65536,
+            IoBuf::from_slice(&[7u8; 65536]),
+            WriteFlags::default(),
+        )
+        .await
+        .unwrap();
         let b = d.read(65536 - 10, IoBuf::zeroed(20)).await.unwrap();
         assert_eq!(&b[..10], &[0; 10]);
         assert_eq!(&b[10..], &[7; 10]);
@@ -336,9 +347,16 @@ mod tests {
         assert!(st.data && !st.zero);
         assert_eq!(st.len, 65536);
 
-        d.write_zeroes(65536, 4096, ZeroFlags { may_unmap: true, ..Default::default() })
-            .await
-            .unwrap();
+        d.write_zeroes(
+            65536,
+            4096,
+            ZeroFlags {
+                may_unmap: true,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
         let b = d.read(65536, IoBuf::zeroed(8192)).await.unwrap();
         assert!(b[..4096].iter().all(|&x| x == 0));
         assert!(b[4096..].iter().all(|&x| x == 7));

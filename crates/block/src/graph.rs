@@ -79,14 +79,18 @@ impl BlockGraph {
 
     /// The node called `name`, or QEMU's error for a missing node.
     pub fn find(&self, name: &str) -> Result<Arc<BlockNode>, GraphError> {
-        self.get(name).ok_or_else(|| {
-            GraphError(format!("Cannot find device='' nor node-name='{name}'"))
-        })
+        self.get(name)
+            .ok_or_else(|| GraphError(format!("Cannot find device='' nor node-name='{name}'")))
     }
 
     /// All nodes, oldest first.
     pub fn nodes(&self) -> Vec<Arc<BlockNode>> {
         self.nodes.lock().unwrap().clone()
+    }
+
+    /// Drops a node unconditionally: undoes a half-finished `blockdev-add`.
+    pub fn discard(&self, name: &str) {
+        self.nodes.lock().unwrap().retain(|n| n.name() != name);
     }
 
     fn has_parent(nodes: &[Arc<BlockNode>], child: &BlockNode) -> bool {
@@ -120,7 +124,8 @@ impl BlockGraph {
         }
         nodes.remove(pos);
         // Implicit children go with their parent, recursively.
-        let mut orphans: Vec<Arc<BlockNode>> = node.children().into_iter().map(|c| c.node).collect();
+        let mut orphans: Vec<Arc<BlockNode>> =
+            node.children().into_iter().map(|c| c.node).collect();
         while let Some(child) = orphans.pop() {
             if child.monitor_owned() || Self::has_parent(&nodes, &child) {
                 continue;

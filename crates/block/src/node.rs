@@ -4,6 +4,7 @@
 //! aligned to what the driver needs.
 
 use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use crate::buf::IoBuf;
@@ -16,6 +17,7 @@ pub struct BlockNode {
     driver: Box<dyn BlockDriver>,
     read_only: bool,
     monitor_owned: bool,
+    cache_direct: AtomicBool,
     tracker: RequestTracker,
     users: Mutex<Vec<String>>,
 }
@@ -48,6 +50,7 @@ impl BlockNode {
             driver,
             read_only,
             monitor_owned,
+            cache_direct: AtomicBool::new(false),
             tracker: RequestTracker::new(),
             users: Mutex::new(Vec::new()),
         })
@@ -81,6 +84,16 @@ impl BlockNode {
     /// True when the node was created by name through the monitor.
     pub fn monitor_owned(&self) -> bool {
         self.monitor_owned
+    }
+
+    /// Records the `cache.direct` option the node was opened with (reported by queries).
+    pub fn set_cache_direct(&self, direct: bool) {
+        self.cache_direct.store(direct, Ordering::Relaxed);
+    }
+
+    /// The `cache.direct` option the node was opened with.
+    pub fn cache_direct(&self) -> bool {
+        self.cache_direct.load(Ordering::Relaxed)
     }
 
     /// The driver's limits.

@@ -42,7 +42,7 @@ impl RawDriver {
                 "The sum of offset ({offset}) and size ({size}) has to be smaller or equal to the  actual size of the containing file ({child_size})"
             ));
         }
-        if opts.size.is_some() && size % 512 != 0 {
+        if opts.size.is_some() && !size.is_multiple_of(512) {
             return Err("Specified size is not multiple of 512".into());
         }
         Ok(RawDriver { file, offset, size })

@@ -100,9 +100,9 @@ impl RequestTracker {
         let id = self
             .wait_until(
                 |st| {
-                    !st.requests.values().any(|r| {
-                        r.overlaps(offset, end) && (r.serialising || serialising)
-                    })
+                    !st.requests
+                        .values()
+                        .any(|r| r.overlaps(offset, end) && (r.serialising || serialising))
                 },
                 |st| {
                     let id = st.next_id;
@@ -166,7 +166,10 @@ mod tests {
             let _r = t2.begin(100, 10, RequestKind::Write, true).await;
         });
         tokio::time::sleep(Duration::from_millis(20)).await;
-        assert!(!waiter.is_finished(), "overlapping serialising request must wait");
+        assert!(
+            !waiter.is_finished(),
+            "overlapping serialising request must wait"
+        );
         drop(a);
         tokio::time::timeout(Duration::from_secs(5), waiter)
             .await

@@ -1,14 +1,24 @@
-pub fn add(left: u64, right: u64) -> u64 {
-    left + right
-}
+//! NBD server for livesnap (and a small client for tests).
+//!
+//! This crate owns the NBD wire protocol as `doc/proto.md` of the
+//! NetworkBlockDevice project defines it: fixed newstyle negotiation, simple
+//! and structured replies, `base:allocation` block status, and the listeners
+//! and export table a daemon needs to serve [`livesnap_block::BlockNode`]s.
+//!
+//! It must not reach into block drivers (only [`livesnap_block::BlockNode`]
+//! methods), must not know about QMP or jobs, and must never let one client's
+//! input — however malformed — panic, block or end anything but that client's
+//! own connection. Memory held per connection is bounded.
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+pub mod client;
+mod conn;
+pub mod export;
+mod handshake;
+pub mod proto;
+pub mod server;
+mod transmission;
 
-    #[test]
-    fn it_works() {
-        let result = add(2, 2);
-        assert_eq!(result, 4);
-    }
-}
+pub use client::{ClientError, ExportInfo, NbdClient, Negotiator, RawConn};
+pub use conn::HANDSHAKE_TIMEOUT;
+pub use export::{Export, ExportConfig, ExportTable};
+pub use server::{ListenAddr, NbdServer, SHUTDOWN_GRACE};

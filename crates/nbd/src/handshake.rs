@@ -1,0 +1,421 @@
+//! Fixed newstyle negotiation, server side: from the greeting to the moment a
+//! client is attached to an export (or leaves).
+//!
+//! Option data comes from an untrusted peer: every length is bounded before
+//! anything is allocated, and every field is parsed with bounds checks.
+
+use std::io;
+use std::sync::Arc;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+
+use crate::conn::ConnControl;
+use crate::export::{AttachGuard, Export, ExportTable};
+use crate::proto::*;
+
+/// Largest option payload read into memory. The biggest legitimate options
+/// (GO or SET_META_CONTEXT with a 4 KiB name and a few queries) are far below it.
+const MAX_OPTION_DATA: u32 = 64 * 1024;
+
+/// Options longer than `MAX_OPTION_DATA` but at most this are skipped and
+/// answered with `NBD_REP_ERR_TOO_BIG`; longer ones end the connection.
+const MAX_OPTION_DRAIN: u32 = 32 << 20;
+
+/// Context id given to `base:allocation` by `NBD_OPT_SET_META_CONTEXT`.
+pub(crate) const BASE_ALLOCATION_ID: u32 = 1;
+
+/// Handshake flags this server offers.
+const SERVER_FLAGS: u16 = FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES;
+
+/// The outcome of a successful negotiation.
+pub(crate) struct Session {
+    /// Keeps the connection counted on its export until the session ends.
+    pub(crate) attach: AttachGuard,
+    /// Structured replies were negotiated.
+    pub(crate) structured: bool,
+    /// Context id of `base:allocation` when the client selected it for this export.
+    pub(crate) base_allocation: Option<u32>,
+}
+
+impl Session {
+    /// The export this session serves.
+    pub(crate) fn export(&self) -> &Arc<Export> {
+        self.attach.export()
+    }
+}
+
+/// Transmission flags for `export` as seen by a client with or without structured replies.
+pub(crate) fn transmission_flags(export: &Export, structured: bool) -> u16 {
+    let mut f = FLAG_HAS_FLAGS
+        | FLAG_SEND_FLUSH
+        | FLAG_SEND_FUA
+        | FLAG_SEND_TRIM
+        | FLAG_SEND_WRITE_ZEROES
+        | FLAG_SEND_FAST_ZERO
+        | FLAG_SEND_CACHE
+        // Every connection goes to the same node with no per-connection cache,
+        // so a flush on one is a flush for all.
+        | FLAG_CAN_MULTI_CONN;
+    if export.read_only() {
+        f |= FLAG_READ_ONLY;
+    }
+    if structured {
+        f |= FLAG_SEND_DF;
+    }
+    f
+}
+
+/// Minimum block size to advertise: the node's request alignment, as a power of two.
+fn min_block(export: &Export) -> u32 {
+    let a = export.config().node.limits().request_alignment.max(1);
+    a.next_power_of_two().min(65536)
+}
+
+fn proto_err(msg: impl Into<String>) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, msg.into())
+}
+
+/// Negotiation state carried between options.
+struct Haggle {
+    fixed: bool,
+    no_zeroes: bool,
+    structured: bool,
+    /// Export named by the last successful SET_META_CONTEXT, if it selected base:allocation.
+    meta_export: Option<String>,
+}
+
+/// What one option leads to.
+enum Next {
+    Continue,
+    Close,
+    Attach(Session),
+}
+
+/// Runs the handshake. `Ok(None)` means the client left cleanly (ABORT or EOF
+/// during haggling); `Err` means it broke the protocol or the socket failed.
+pub(crate) async fn negotiate<R, W>(
+    r: &mut BufReader<R>,
+    w: &mut W,
+    exports: &ExportTable,
+    ctl: &Arc<ConnControl>,
+) -> io::Result<Option<Session>>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut greeting = Vec::with_capacity(18);
+    greeting.extend_from_slice(&NBDMAGIC.to_be_bytes());
+    greeting.extend_from_slice(&IHAVEOPT.to_be_bytes());
+    greeting.extend_from_slice(&SERVER_FLAGS.to_be_bytes());
+    w.write_all(&greeting).await?;
+
+    let client_flags = r.read_u32().await?;
+    if client_flags & !(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES) != 0 {
+        // The spec requires dropping the connection on unknown client flags.
+        return Err(proto_err(format!("unknown client flags {client_flags:#x}")));
+    }
+    let mut st = Haggle {
+        fixed: client_flags & FLAG_C_FIXED_NEWSTYLE != 0,
+        no_zeroes: client_flags & FLAG_C_NO_ZEROES != 0,
+        structured: false,
+        meta_export: None,
+    };
+
+    loop {
+        let mut hdr = [0u8; OPTION_HEADER_LEN];
+        match r.read_exact(&mut hdr).await {
+            Ok(_) => {}
+            // A client may simply go away during haggling.
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
+            Err(e) => return Err(e),
+        }
+        let (opt, len) = decode_option_header(&hdr).ok_or_else(|| proto_err("bad option magic"))?;
+        if !st.fixed && opt != OPT_EXPORT_NAME {
+            // Without fixed newstyle there is no way to send an option reply.
+            return Err(proto_err(format!(
+                "option {} from a client without fixed newstyle",
+                option_name(opt)
+            )));
+        }
+        if len > MAX_OPTION_DATA {
+            if opt == OPT_EXPORT_NAME || len > MAX_OPTION_DRAIN {
+                return Err(proto_err(format!(
+                    "option {} too long ({len} bytes)",
+                    option_name(opt)
+                )));
+            }
+            tokio::io::copy(&mut (&mut *r).take(len as u64), &mut tokio::io::sink()).await?;
+            let msg = format!("option {} too long ({len} bytes)", option_name(opt));
+            reply(w, opt, REP_ERR_TOO_BIG, msg.as_bytes()).await?;
+            continue;
+        }
+        let mut data = vec![0u8; len as usize];
+        r.read_exact(&mut data).await?;
+        tracing::trace!(option = option_name(opt), len, "NBD option");
+
+        match handle_option(w, &mut st, opt, &data, exports, ctl).await? {
+            Next::Continue => {}
+            Next::Close => return Ok(None),
+            Next::Attach(s) => return Ok(Some(s)),
+        }
+    }
+}
+
+async fn reply<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    opt: u32,
+    typ: u32,
+    data: &[u8],
+) -> io::Result<()> {
+    let mut out = Vec::with_capacity(OPTION_REPLY_HEADER_LEN + data.len());
+    push_option_reply(&mut out, opt, typ, data);
+    w.write_all(&out).await
+}
+
+async fn handle_option<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    st: &mut Haggle,
+    opt: u32,
+    data: &[u8],
+    exports: &ExportTable,
+    ctl: &Arc<ConnControl>,
+) -> io::Result<Next> {
+    match opt {
+        OPT_EXPORT_NAME => export_name(w, st, data, exports, ctl).await,
+        OPT_ABORT => {
+            // The client may already have closed its end; a failed ACK is fine.
+            let _ = reply(w, opt, REP_ACK, &[]).await;
+            Ok(Next::Close)
+        }
+        OPT_LIST => {
+            if !data.is_empty() {
+                reply(w, opt, REP_ERR_INVALID, b"NBD_OPT_LIST must not carry data").await?;
+                return Ok(Next::Continue);
+            }
+            let mut out = Vec::new();
+            for e in exports.list() {
+                let name = e.config().name.as_bytes();
+                let mut d = Vec::with_capacity(4 + name.len());
+                d.extend_from_slice(&(name.len() as u32).to_be_bytes());
+                d.extend_from_slice(name);
+                if let Some(desc) = &e.config().description {
+                    d.extend_from_slice(truncate_str(desc, MAX_STRING).as_bytes());
+                }
+                push_option_reply(&mut out, opt, REP_SERVER, &d);
+            }
+            push_option_reply(&mut out, opt, REP_ACK, &[]);
+            w.write_all(&out).await?;
+            Ok(Next::Continue)
+        }
+        OPT_STARTTLS => {
+            reply(w, opt, REP_ERR_POLICY, b"TLS not configured").await?;
+            Ok(Next::Continue)
+        }
+        OPT_INFO | OPT_GO => info_or_go(w, st, opt, data, exports, ctl).await,
+        OPT_STRUCTURED_REPLY => {
+            if !data.is_empty() {
+                reply(
+                    w,
+                    opt,
+                    REP_ERR_INVALID,
+                    b"NBD_OPT_STRUCTURED_REPLY must not carry data",
+                )
+                .await?;
+            } else if st.structured {
+                reply(
+                    w,
+                    opt,
+                    REP_ERR_INVALID,
+                    b"structured reply already negotiated",
+                )
+                .await?;
+            } else {
+                st.structured = true;
+                reply(w, opt, REP_ACK, &[]).await?;
+            }
+            Ok(Next::Continue)
+        }
+        OPT_LIST_META_CONTEXT | OPT_SET_META_CONTEXT => {
+            meta_context(w, st, opt, data, exports).await?;
+            Ok(Next::Continue)
+        }
+        _ => {
+            let msg = format!("Unsupported option {opt} ({})", option_name(opt));
+            reply(w, opt, REP_ERR_UNSUP, msg.as_bytes()).await?;
+            Ok(Next::Continue)
+        }
+    }
+}
+
+/// Builds the session for `export` once the client is attached to it.
+fn session(st: &Haggle, attach: AttachGuard) -> Session {
+    let name = &attach.export().config().name;
+    // Contexts only count when negotiated for the export finally chosen.
+    let base_allocation = (st.structured && st.meta_export.as_deref() == Some(name.as_str()))
+        .then_some(BASE_ALLOCATION_ID);
+    Session {
+        attach,
+        structured: st.structured,
+        base_allocation,
+    }
+}
+
+async fn export_name<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    st: &mut Haggle,
+    data: &[u8],
+    exports: &ExportTable,
+    ctl: &Arc<ConnControl>,
+) -> io::Result<Next> {
+    let name = std::str::from_utf8(data).map_err(|_| proto_err("export name is not UTF-8"))?;
+    // EXPORT_NAME cannot return an error: the only refusal is closing the socket.
+    let export = exports
+        .get(name)
+        .ok_or_else(|| proto_err(format!("export '{name}' not present")))?;
+    let attach = export
+        .attach(ctl)
+        .ok_or_else(|| proto_err(format!("export '{name}' not present")))?;
+    let mut out = Vec::with_capacity(10 + 124);
+    out.extend_from_slice(&export.config().node.size().to_be_bytes());
+    out.extend_from_slice(&transmission_flags(&export, st.structured).to_be_bytes());
+    if !st.no_zeroes {
+        out.extend_from_slice(&[0u8; 124]);
+    }
+    w.write_all(&out).await?;
+    Ok(Next::Attach(session(st, attach)))
+}
+
+async fn info_or_go<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    st: &mut Haggle,
+    opt: u32,
+    data: &[u8],
+    exports: &ExportTable,
+    ctl: &Arc<ConnControl>,
+) -> io::Result<Next> {
+    let mut c = Cursor::new(data);
+    let parsed = (|| {
+        let name = c.string32()?;
+        let n = c.u16()? as usize;
+        let mut reqs = Vec::with_capacity(n.min(16));
+        for _ in 0..n {
+            reqs.push(c.u16()?);
+        }
+        (c.remaining() == 0).then_some((name, reqs))
+    })();
+    let Some((name, reqs)) = parsed else {
+        reply(
+            w,
+            opt,
+            REP_ERR_INVALID,
+            b"malformed NBD_OPT_INFO/NBD_OPT_GO request",
+        )
+        .await?;
+        return Ok(Next::Continue);
+    };
+    let Some(export) = exports.get(name) else {
+        let msg = format!("export '{name}' not present");
+        reply(w, opt, REP_ERR_UNKNOWN, msg.as_bytes()).await?;
+        return Ok(Next::Continue);
+    };
+
+    let cfg = export.config();
+    let mut out = Vec::new();
+    let mut info = |payload: &[u8]| push_option_reply(&mut out, opt, REP_INFO, payload);
+    if reqs.contains(&INFO_NAME) {
+        let mut p = INFO_NAME.to_be_bytes().to_vec();
+        p.extend_from_slice(cfg.name.as_bytes());
+        info(&p);
+    }
+    if reqs.contains(&INFO_DESCRIPTION) {
+        if let Some(desc) = &cfg.description {
+            let mut p = INFO_DESCRIPTION.to_be_bytes().to_vec();
+            p.extend_from_slice(truncate_str(desc, MAX_STRING).as_bytes());
+            info(&p);
+        }
+    }
+    // Sent whether asked or not (the client may ignore it), as QEMU does.
+    let min = min_block(&export);
+    let mut p = INFO_BLOCK_SIZE.to_be_bytes().to_vec();
+    p.extend_from_slice(&min.to_be_bytes());
+    p.extend_from_slice(&PREFERRED_BLOCK.max(min).to_be_bytes());
+    p.extend_from_slice(&MAX_PAYLOAD.to_be_bytes());
+    info(&p);
+    let mut p = INFO_EXPORT.to_be_bytes().to_vec();
+    p.extend_from_slice(&cfg.node.size().to_be_bytes());
+    p.extend_from_slice(&transmission_flags(&export, st.structured).to_be_bytes());
+    info(&p);
+
+    if opt == OPT_INFO {
+        push_option_reply(&mut out, opt, REP_ACK, &[]);
+        w.write_all(&out).await?;
+        return Ok(Next::Continue);
+    }
+    // Attach before the ACK so connections() is right by the time the client sees success.
+    let Some(attach) = export.attach(ctl) else {
+        let msg = format!("export '{name}' not present");
+        reply(w, opt, REP_ERR_UNKNOWN, msg.as_bytes()).await?;
+        return Ok(Next::Continue);
+    };
+    push_option_reply(&mut out, opt, REP_ACK, &[]);
+    w.write_all(&out).await?;
+    Ok(Next::Attach(session(st, attach)))
+}
+
+async fn meta_context<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    st: &mut Haggle,
+    opt: u32,
+    data: &[u8],
+    exports: &ExportTable,
+) -> io::Result<()> {
+    let set = opt == OPT_SET_META_CONTEXT;
+    if set {
+        // A SET replaces the previous selection even when it fails.
+        st.meta_export = None;
+    }
+    if !st.structured {
+        let msg = "request not valid prior to negotiating structured replies";
+        return reply(w, opt, REP_ERR_INVALID, msg.as_bytes()).await;
+    }
+    let mut c = Cursor::new(data);
+    let parsed = (|| {
+        let name = c.string32()?;
+        let n = c.u32()?;
+        let mut queries = Vec::new();
+        // Each query takes at least 4 bytes, so this ends quickly on a lying count.
+        for _ in 0..n {
+            queries.push(c.string32()?);
+        }
+        (c.remaining() == 0).then_some((name, queries))
+    })();
+    let Some((name, queries)) = parsed else {
+        return reply(w, opt, REP_ERR_INVALID, b"malformed meta context request").await;
+    };
+    if exports.get(name).is_none() {
+        let msg = format!("export '{name}' not present");
+        return reply(w, opt, REP_ERR_UNKNOWN, msg.as_bytes()).await;
+    }
+    let base_allocation = if set {
+        // "base:" is a wildcard for LIST only; SET must ignore it.
+        queries.contains(&META_BASE_ALLOCATION)
+    } else {
+        queries.is_empty()
+            || queries
+                .iter()
+                .any(|q| *q == META_BASE_ALLOCATION || *q == "base:")
+    };
+    let mut out = Vec::new();
+    if base_allocation {
+        // LIST replies carry the reserved id 0, as the spec asks.
+        let id = if set { BASE_ALLOCATION_ID } else { 0 };
+        let mut p = id.to_be_bytes().to_vec();
+        p.extend_from_slice(META_BASE_ALLOCATION.as_bytes());
+        push_option_reply(&mut out, opt, REP_META_CONTEXT, &p);
+        if set {
+            st.meta_export = Some(name.to_string());
+        }
+    }
+    push_option_reply(&mut out, opt, REP_ACK, &[]);
+    w.write_all(&out).await
+}

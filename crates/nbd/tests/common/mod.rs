@@ -1,0 +1,191 @@
+//! Shared fixtures: file-backed nodes, a server on a temp Unix socket, and
+//! test drivers that delay or fail requests on purpose.
+
+#![allow(dead_code)]
+
+use std::fs::File;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use livesnap_block::driver::IoFuture;
+use livesnap_block::{
+    BlockDriver, BlockNode, BlockStatus, FileDriver, FileOptions, IoBuf, RawDriver, RawOptions,
+    WriteFlags, ZeroFlags,
+};
+use livesnap_nbd::{ExportConfig, ExportTable, ListenAddr, NbdServer};
+
+/// Opens `path` as a raw node over a file node.
+pub fn open_node(path: &Path, read_only: bool) -> Arc<BlockNode> {
+    let fd = FileDriver::open(&FileOptions {
+        filename: path.to_str().unwrap().into(),
+        direct: false,
+        read_only,
+    })
+    .unwrap();
+    let file = BlockNode::new("file0", Box::new(fd), read_only, false);
+    let raw = RawDriver::open(file, RawOptions::default()).unwrap();
+    BlockNode::new("raw0", Box::new(raw), read_only, true)
+}
+
+/// Creates a sparse file of `size` bytes.
+pub fn sparse_file(dir: &Path, name: &str, size: u64) -> PathBuf {
+    let p = dir.join(name);
+    File::create(&p).unwrap().set_len(size).unwrap();
+    p
+}
+
+/// A deterministic, position-dependent byte pattern.
+pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}
+
+pub struct Fixture {
+    pub dir: tempfile::TempDir,
+    pub table: Arc<ExportTable>,
+    pub server: Option<NbdServer>,
+    pub addr: String,
+    pub sock: PathBuf,
+}
+
+impl Fixture {
+    /// A server on a Unix socket with no exports yet.
+    pub async fn new(max_connections: u32) -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("nbd.sock");
+        let table = ExportTable::new();
+        let server = NbdServer::start(
+            &ListenAddr::Unix(sock.clone()),
+            max_connections,
+            table.clone(),
+        )
+        .await
+        .unwrap();
+        let addr = server.local_addr();
+        Fixture {
+            dir,
+            table,
+            server: Some(server),
+            addr,
+            sock,
+        }
+    }
+
+    /// Adds an export over a new sparse file.
+    pub fn add_file_export(&self, name: &str, size: u64, writable: bool) -> Arc<BlockNode> {
+        let path = sparse_file(
+            self.dir.path(),
+            &format!("disk-{}.img", self.table.list().len()),
+            size,
+        );
+        let node = open_node(&path, false);
+        self.add_node(name, node.clone(), writable, None);
+        node
+    }
+
+    pub fn add_node(
+        &self,
+        name: &str,
+        node: Arc<BlockNode>,
+        writable: bool,
+        description: Option<&str>,
+    ) {
+        self.table
+            .add(ExportConfig {
+                name: name.into(),
+                description: description.map(Into::into),
+                node,
+                writable,
+            })
+            .unwrap();
+    }
+}
+
+/// A driver over a child node that delays reads at offset 0 and can fail
+/// requests with a chosen errno, to make ordering and error paths testable.
+pub struct TestDriver {
+    pub child: Arc<BlockNode>,
+    /// Delay for reads starting at offset 0.
+    pub slow_read: Duration,
+    /// Writes (and write zeroes) at or beyond this offset fail with `fail_errno`.
+    pub fail_from: u64,
+    pub fail_errno: i32,
+    /// Errno for write zeroes with fast_only set (None: pass through).
+    pub fast_zero_errno: Option<i32>,
+}
+
+impl TestDriver {
+    fn failing(&self, offset: u64) -> io::Result<()> {
+        if offset >= self.fail_from {
+            return Err(io::Error::from_raw_os_error(self.fail_errno));
+        }
+        Ok(())
+    }
+}
+
+impl BlockDriver for TestDriver {
+    fn format_name(&self) -> &'static str {
+        "test"
+    }
+    fn size(&self) -> u64 {
+        self.child.size()
+    }
+    fn filename(&self) -> String {
+        self.child.filename()
+    }
+    fn read(&self, offset: u64, buf: IoBuf) -> IoFuture<'_, IoBuf> {
+        Box::pin(async move {
+            if offset == 0 && !self.slow_read.is_zero() {
+                tokio::time::sleep(self.slow_read).await;
+            }
+            self.child.read_into(offset, buf).await
+        })
+    }
+    fn write(&self, offset: u64, buf: IoBuf, flags: WriteFlags) -> IoFuture<'_, ()> {
+        Box::pin(async move {
+            self.failing(offset)?;
+            self.child.write(offset, buf, flags).await
+        })
+    }
+    fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> IoFuture<'_, ()> {
+        Box::pin(async move {
+            if flags.fast_only {
+                if let Some(e) = self.fast_zero_errno {
+                    return Err(io::Error::from_raw_os_error(e));
+                }
+            }
+            self.failing(offset)?;
+            self.child.write_zeroes(offset, len, flags).await
+        })
+    }
+    fn discard(&self, offset: u64, len: u64) -> IoFuture<'_, ()> {
+        Box::pin(async move { self.child.discard(offset, len).await })
+    }
+    fn flush(&self) -> IoFuture<'_, ()> {
+        Box::pin(async move { self.child.flush().await })
+    }
+    fn block_status(&self, offset: u64, len: u64) -> IoFuture<'_, BlockStatus> {
+        Box::pin(async move { self.child.block_status(offset, len).await })
+    }
+}
+
+/// Wraps a new sparse file in a [`TestDriver`].
+pub fn test_node(
+    dir: &Path,
+    name: &str,
+    size: u64,
+    td: impl FnOnce(Arc<BlockNode>) -> TestDriver,
+) -> Arc<BlockNode> {
+    let path = sparse_file(dir, name, size);
+    let child = open_node(&path, false);
+    BlockNode::new(format!("test-{name}"), Box::new(td(child)), false, true)
+}

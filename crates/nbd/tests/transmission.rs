@@ -1,0 +1,573 @@
+//! Requests: data integrity, structured reads with holes, block status,
+//! errors, pipelining, and bad input that must end only its own connection.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use livesnap_nbd::client::{Negotiator, RawConn};
+use livesnap_nbd::proto::*;
+use livesnap_nbd::NbdClient;
+
+const MIB: u64 = 1 << 20;
+
+async fn simple_client(addr: &str, export: &str) -> NbdClient {
+    let mut n = Negotiator::connect(addr).await.unwrap();
+    n.go(export, &[]).await.unwrap().unwrap();
+    n.into_client().unwrap()
+}
+
+#[tokio::test]
+async fn write_read_back_byte_for_byte() {
+    let f = Fixture::new(0).await;
+    f.add_file_export("disk", 64 * MIB, true);
+    for structured in [true, false] {
+        let c = if structured {
+            NbdClient::connect(&f.addr, "disk").await.unwrap()
+        } else {
+            simple_client(&f.addr, "disk").await
+        };
+        assert_eq!(c.structured(), structured);
+        let cases: &[(u64, usize)] = &[
+            (0, 4096),
+            (4097, 1),
+            (12345, 70_001),
+            (MIB, MIB as usize),
+            (3 * MIB - 7, 32 << 20),
+        ];
+        for (i, &(off, len)) in cases.iter().enumerate() {
+            let data = pattern(i as u64 + if structured { 100 } else { 0 }, len);
+            c.write(off, &data, i % 2 == 0).await.unwrap();
+            let back = c.read(off, len as u32).await.unwrap();
+            assert!(
+                back == data,
+                "mismatch at {off}+{len} (structured {structured})"
+            );
+        }
+        c.flush().await.unwrap();
+        c.cache(0, 4096).await.unwrap();
+        c.disconnect().await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn structured_read_uses_holes() {
+    let f = Fixture::new(0).await;
+    f.add_file_export("disk", 8 * MIB, true);
+    let c = NbdClient::connect(&f.addr, "disk").await.unwrap();
+    let data = pattern(7, 64 * 1024);
+    c.write(MIB, &data, false).await.unwrap();
+
+    // Big read across hole, data, hole.
+    let r = c
+        .request(CMD_READ, 0, 0, 4 * MIB as u32, None)
+        .await
+        .unwrap();
+    assert_eq!(r.error, 0);
+    assert_eq!(&r.data[MIB as usize..MIB as usize + data.len()], &data[..]);
+    assert!(r.data[..MIB as usize].iter().all(|&b| b == 0));
+    assert!(r.data[MIB as usize + data.len()..].iter().all(|&b| b == 0));
+    let kinds: Vec<u16> = r.chunks.iter().map(|c| c.0).collect();
+    assert_eq!(
+        kinds,
+        vec![
+            REPLY_TYPE_OFFSET_HOLE,
+            REPLY_TYPE_OFFSET_DATA,
+            REPLY_TYPE_OFFSET_HOLE
+        ]
+    );
+    assert_eq!(r.chunks[0].2..r.chunks[0].2 + r.chunks[0].3, 0..MIB);
+    assert_eq!(r.chunks[1].2, MIB);
+    assert_eq!(r.chunks[1].3, data.len() as u64);
+    // Only the last chunk is final.
+    let done: Vec<bool> = r
+        .chunks
+        .iter()
+        .map(|c| c.1 & REPLY_FLAG_DONE != 0)
+        .collect();
+    assert_eq!(done, vec![false, false, true]);
+
+    // A small read of a fully zero range is one hole.
+    let r = c.request(CMD_READ, 0, 5 * MIB, 4096, None).await.unwrap();
+    assert_eq!(r.chunks.len(), 1);
+    assert_eq!(r.chunks[0].0, REPLY_TYPE_OFFSET_HOLE);
+    assert_eq!(r.data, vec![0; 4096]);
+    // A big read of a fully zero range: holes only.
+    let r = c
+        .request(CMD_READ, 0, 4 * MIB, 4 * MIB as u32, None)
+        .await
+        .unwrap();
+    assert!(r.chunks.iter().all(|c| c.0 == REPLY_TYPE_OFFSET_HOLE));
+
+    // DF: exactly one data chunk covering everything.
+    let r = c
+        .request(CMD_READ, CMD_FLAG_DF, MIB - 4096, 65536 + 8192, None)
+        .await
+        .unwrap();
+    assert_eq!(r.error, 0);
+    assert_eq!(r.chunks.len(), 1);
+    assert_eq!(r.chunks[0].0, REPLY_TYPE_OFFSET_DATA);
+    assert_eq!(&r.data[4096..4096 + data.len()], &data[..]);
+
+    // Zero-length read: a lone NONE chunk.
+    let r = c.request(CMD_READ, 0, 0, 0, None).await.unwrap();
+    assert_eq!(r.error, 0);
+    assert_eq!(r.chunks, vec![(REPLY_TYPE_NONE, REPLY_FLAG_DONE, 0, 0)]);
+}
+
+#[tokio::test]
+async fn block_status_reports_allocation() {
+    let f = Fixture::new(0).await;
+    f.add_file_export("disk", 8 * MIB, true);
+    let c = NbdClient::connect(&f.addr, "disk").await.unwrap();
+    c.write(2 * MIB, &pattern(3, MIB as usize), false)
+        .await
+        .unwrap();
+
+    let ext = c.block_status(0, 8 * MIB as u32, false).await.unwrap();
+    assert_eq!(
+        ext,
+        vec![
+            (2 * MIB as u32, STATE_HOLE | STATE_ZERO),
+            (MIB as u32, 0),
+            (5 * MIB as u32, STATE_HOLE | STATE_ZERO)
+        ]
+    );
+    let one = c.block_status(0, 8 * MIB as u32, true).await.unwrap();
+    assert_eq!(one, vec![(2 * MIB as u32, STATE_HOLE | STATE_ZERO)]);
+    // Length is never exceeded.
+    let short = c.block_status(2 * MIB, 4096, false).await.unwrap();
+    assert_eq!(short, vec![(4096, 0)]);
+
+    // Trim and write-zeroes make holes again; NO_HOLE keeps allocation.
+    c.trim(2 * MIB, MIB as u32).await.unwrap();
+    assert_eq!(c.read(2 * MIB, 4096).await.unwrap(), vec![0; 4096]);
+    c.write(2 * MIB, &pattern(4, MIB as usize), false)
+        .await
+        .unwrap();
+    c.write_zeroes(2 * MIB, MIB as u32, CMD_FLAG_NO_HOLE)
+        .await
+        .unwrap();
+    assert_eq!(
+        c.read(2 * MIB, MIB as u32).await.unwrap(),
+        vec![0; MIB as usize]
+    );
+    let ext = c.block_status(2 * MIB, MIB as u32, false).await.unwrap();
+    assert_eq!(ext.iter().map(|e| e.0).sum::<u32>(), MIB as u32);
+    c.write_zeroes(2 * MIB, MIB as u32, CMD_FLAG_FUA)
+        .await
+        .unwrap();
+    let ext = c.block_status(2 * MIB, MIB as u32, false).await.unwrap();
+    assert_eq!(ext, vec![(MIB as u32, STATE_HOLE | STATE_ZERO)]);
+
+    let e = c.block_status(8 * MIB, 1, false).await.unwrap_err();
+    assert_eq!(e.code(), Some(NBD_EINVAL));
+    let e = c.block_status(0, 0, false).await.unwrap_err();
+    assert_eq!(e.code(), Some(NBD_EINVAL));
+}
+
+#[tokio::test]
+async fn pipelined_requests_complete_out_of_order() {
+    let f = Fixture::new(0).await;
+    let node = test_node(f.dir.path(), "slow.img", 4 * MIB, |child| TestDriver {
+        child,
+        slow_read: Duration::from_millis(300),
+        fail_from: u64::MAX,
+        fail_errno: 0,
+        fast_zero_errno: None,
+    });
+    f.add_node("slow", node, true, None);
+    let c = NbdClient::connect(&f.addr, "slow").await.unwrap();
+    c.write(MIB, &pattern(9, 4096), false).await.unwrap();
+    c.write(0, &pattern(8, 4096), false).await.unwrap();
+
+    let slow = c.submit(CMD_READ, 0, 0, 4096, None).await.unwrap();
+    let mut fast = Vec::new();
+    for i in 0..20u64 {
+        let data = pattern(100 + i, 4096);
+        fast.push(
+            c.submit(CMD_WRITE, 0, 2 * MIB + i * 4096, 4096, Some(&data))
+                .await
+                .unwrap(),
+        );
+        fast.push(c.submit(CMD_READ, 0, MIB, 4096, None).await.unwrap());
+    }
+    let slow_cookie = slow.cookie();
+    for p in fast {
+        let r = p.wait().await.unwrap();
+        assert_eq!(r.error, 0);
+        if !r.data.is_empty() {
+            assert_eq!(r.data, pattern(9, 4096));
+        }
+    }
+    let r = slow.wait().await.unwrap();
+    assert_eq!(r.data, pattern(8, 4096));
+    let order = c.reply_order();
+    assert_eq!(
+        order.last(),
+        Some(&slow_cookie),
+        "slow read should finish last: {order:?}"
+    );
+    for i in 0..20u64 {
+        assert_eq!(
+            c.read(2 * MIB + i * 4096, 4096).await.unwrap(),
+            pattern(100 + i, 4096)
+        );
+    }
+}
+
+#[tokio::test]
+async fn many_in_flight_requests_on_one_connection() {
+    let f = Fixture::new(0).await;
+    f.add_file_export("disk", 64 * MIB, true);
+    let c = Arc::new(NbdClient::connect(&f.addr, "disk").await.unwrap());
+    // More than the server's in-flight limit, to exercise back-pressure.
+    let mut pend = Vec::new();
+    for i in 0..300u64 {
+        let data = pattern(i, 65536);
+        pend.push(
+            c.submit(CMD_WRITE, 0, i * 65536, 65536, Some(&data))
+                .await
+                .unwrap(),
+        );
+    }
+    for p in pend {
+        assert_eq!(p.wait().await.unwrap().error, 0);
+    }
+    let mut tasks = Vec::new();
+    for i in 0..300u64 {
+        let c = c.clone();
+        tasks.push(tokio::spawn(async move {
+            assert_eq!(
+                c.read(i * 65536, 65536).await.unwrap(),
+                pattern(i, 65536),
+                "block {i}"
+            );
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn read_only_export_refuses_writes_with_eperm() {
+    let f = Fixture::new(0).await;
+    let node = f.add_file_export("rw", 4 * MIB, true);
+    f.add_node("ro", node, false, None);
+    let rw = NbdClient::connect(&f.addr, "rw").await.unwrap();
+    rw.write(0, &[5; 4096], false).await.unwrap();
+
+    let c = NbdClient::connect(&f.addr, "ro").await.unwrap();
+    assert_ne!(c.info().flags & FLAG_READ_ONLY, 0);
+    assert_eq!(
+        c.write(0, &[1; 4096], false).await.unwrap_err().code(),
+        Some(NBD_EPERM)
+    );
+    assert_eq!(c.trim(0, 4096).await.unwrap_err().code(), Some(NBD_EPERM));
+    assert_eq!(
+        c.write_zeroes(0, 4096, 0).await.unwrap_err().code(),
+        Some(NBD_EPERM)
+    );
+    assert_eq!(c.read(0, 4096).await.unwrap(), vec![5; 4096]);
+    c.flush().await.unwrap();
+
+    // Same over simple replies.
+    let s = simple_client(&f.addr, "ro").await;
+    assert_eq!(
+        s.write(0, &[1; 10], false).await.unwrap_err().code(),
+        Some(NBD_EPERM)
+    );
+    assert_eq!(s.read(0, 10).await.unwrap(), vec![5; 10]);
+}
+
+#[tokio::test]
+async fn invalid_requests_get_errors() {
+    let f = Fixture::new(0).await;
+    f.add_file_export("disk", 4 * MIB, true);
+    for structured in [true, false] {
+        let c = if structured {
+            NbdClient::connect(&f.addr, "disk").await.unwrap()
+        } else {
+            simple_client(&f.addr, "disk").await
+        };
+        let end = 4 * MIB;
+        assert_eq!(
+            c.read(end - 10, 11).await.unwrap_err().code(),
+            Some(NBD_EINVAL)
+        );
+        assert_eq!(
+            c.read(u64::MAX - 1, 4).await.unwrap_err().code(),
+            Some(NBD_EINVAL)
+        );
+        assert_eq!(c.trim(end, 1).await.unwrap_err().code(), Some(NBD_EINVAL));
+        assert_eq!(c.cache(end, 1).await.unwrap_err().code(), Some(NBD_EINVAL));
+        // Writes past the end are ENOSPC per the spec (as QEMU answers).
+        assert_eq!(
+            c.write(end - 1, &[1, 2], false).await.unwrap_err().code(),
+            Some(NBD_ENOSPC)
+        );
+        assert_eq!(
+            c.write_zeroes(end, 512, 0).await.unwrap_err().code(),
+            Some(NBD_ENOSPC)
+        );
+        // Oversized read.
+        let r = c
+            .request(CMD_READ, 0, 0, (32 << 20) + 1, None)
+            .await
+            .unwrap();
+        assert_eq!(r.error, NBD_EINVAL);
+        assert!(r.data.iter().all(|&b| b == 0));
+        // Unknown command, unknown flag, flag not valid for the command.
+        assert_eq!(
+            c.request(42, 0, 0, 0, None).await.unwrap().error,
+            NBD_EINVAL
+        );
+        assert_eq!(
+            c.request(CMD_FLUSH, 1 << 9, 0, 0, None)
+                .await
+                .unwrap()
+                .error,
+            NBD_EINVAL
+        );
+        assert_eq!(
+            c.request(CMD_WRITE_ZEROES, CMD_FLAG_REQ_ONE, 0, 512, None)
+                .await
+                .unwrap()
+                .error,
+            NBD_EINVAL
+        );
+        let bs = c.request(CMD_BLOCK_STATUS, 0, 0, 512, None).await.unwrap();
+        if !structured {
+            // No meta context: EINVAL.
+            assert_eq!(bs.error, NBD_EINVAL);
+        }
+        // Structured error replies carry a message.
+        if structured {
+            let r = c.request(CMD_READ, 0, end, 1, None).await.unwrap();
+            assert!(r.message.as_deref().is_some_and(|m| !m.is_empty()));
+            assert_eq!(r.chunks.len(), 1);
+            assert_eq!(r.chunks[0].0, REPLY_TYPE_ERROR);
+        }
+        // Still usable afterwards.
+        c.write(0, b"ok", false).await.unwrap();
+        assert_eq!(c.read(0, 2).await.unwrap(), b"ok");
+    }
+}
+
+#[tokio::test]
+async fn oversized_write_gets_einval_then_close() {
+    let f = Fixture::new(0).await;
+    f.add_file_export("disk", 4 * MIB, true);
+    let c = NbdClient::connect(&f.addr, "disk").await.unwrap();
+    // Header only: the server must not wait for (or allocate) 64 MiB of payload.
+    let p = c.submit(CMD_WRITE, 0, 0, 64 << 20, None).await.unwrap();
+    let r = tokio::time::timeout(Duration::from_secs(5), p.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(r.error, NBD_EINVAL);
+    let again = c.request(CMD_FLUSH, 0, 0, 0, None).await;
+    assert!(
+        again.is_err(),
+        "connection should be closed after an oversized write"
+    );
+}
+
+#[tokio::test]
+async fn backend_errors_are_passed_through() {
+    let f = Fixture::new(0).await;
+    for (name, errno, expect) in [
+        ("nospc", libc::ENOSPC, NBD_ENOSPC),
+        ("eio", libc::EIO, NBD_EIO),
+        ("eperm", libc::EPERM, NBD_EPERM),
+        ("edquot", libc::EDQUOT, NBD_ENOSPC),
+        ("enoent", libc::ENOENT, NBD_EIO),
+        ("eoverflow", libc::EOVERFLOW, NBD_EOVERFLOW),
+    ] {
+        let node = test_node(f.dir.path(), name, 4 * MIB, |child| TestDriver {
+            child,
+            slow_read: Duration::ZERO,
+            fail_from: 2 * MIB,
+            fail_errno: errno,
+            fast_zero_errno: Some(libc::EOPNOTSUPP),
+        });
+        f.add_node(name, node, true, None);
+        for structured in [true, false] {
+            let c = if structured {
+                NbdClient::connect(&f.addr, name).await.unwrap()
+            } else {
+                simple_client(&f.addr, name).await
+            };
+            c.write(0, &[1; 4096], false).await.unwrap();
+            let e = c.write(2 * MIB, &[1; 4096], false).await.unwrap_err();
+            assert_eq!(e.code(), Some(expect), "{name}");
+            let e = c.write_zeroes(3 * MIB, 4096, 0).await.unwrap_err();
+            assert_eq!(e.code(), Some(expect), "{name}");
+            let e = c
+                .write_zeroes(0, 4096, CMD_FLAG_FAST_ZERO)
+                .await
+                .unwrap_err();
+            assert_eq!(e.code(), Some(NBD_ENOTSUP), "{name} fast zero");
+            c.write_zeroes(0, 4096, 0).await.unwrap();
+        }
+    }
+}
+
+async fn assert_other_client_works(addr: &str) {
+    let c = NbdClient::connect(addr, "disk").await.unwrap();
+    c.write(MIB, &pattern(77, 8192), false).await.unwrap();
+    assert_eq!(c.read(MIB, 8192).await.unwrap(), pattern(77, 8192));
+    c.disconnect().await.unwrap();
+}
+
+#[tokio::test]
+async fn bad_input_closes_only_that_connection() {
+    let f = Fixture::new(0).await;
+    f.add_file_export("disk", 4 * MIB, true);
+    let bystander = NbdClient::connect(&f.addr, "disk").await.unwrap();
+    bystander.write(0, &pattern(1, 4096), false).await.unwrap();
+
+    let attach = |addr: String| async move {
+        let mut n = Negotiator::connect(&addr).await.unwrap();
+        n.structured_reply().await.unwrap().unwrap();
+        n.go("disk", &[]).await.unwrap().unwrap();
+        n.into_raw()
+    };
+
+    // Bad request magic.
+    let mut raw: RawConn = attach(f.addr.clone()).await;
+    let mut req = Request {
+        flags: 0,
+        typ: CMD_READ,
+        cookie: 1,
+        offset: 0,
+        len: 512,
+    }
+    .encode();
+    req[0] = 0xde;
+    raw.send(&req).await.unwrap();
+    assert!(raw.closed_within(Duration::from_secs(5)).await);
+
+    // Extended-header magic is not negotiated: also a bad magic.
+    let mut raw = attach(f.addr.clone()).await;
+    let mut req = [0u8; 32];
+    req[..4].copy_from_slice(&EXTENDED_REQUEST_MAGIC.to_be_bytes());
+    raw.send(&req).await.unwrap();
+    assert!(raw.closed_within(Duration::from_secs(5)).await);
+
+    // Truncated header, then EOF.
+    let mut raw = attach(f.addr.clone()).await;
+    let req = Request {
+        flags: 0,
+        typ: CMD_READ,
+        cookie: 1,
+        offset: 0,
+        len: 512,
+    }
+    .encode();
+    raw.send(&req[..13]).await.unwrap();
+    raw.shutdown_write().await.unwrap();
+    assert!(raw.closed_within(Duration::from_secs(5)).await);
+
+    // Truncated write payload, then EOF.
+    let mut raw = attach(f.addr.clone()).await;
+    let req = Request {
+        flags: 0,
+        typ: CMD_WRITE,
+        cookie: 1,
+        offset: 0,
+        len: 4096,
+    }
+    .encode();
+    raw.send(&req).await.unwrap();
+    raw.send(&[0xee; 100]).await.unwrap();
+    raw.shutdown_write().await.unwrap();
+    assert!(raw.closed_within(Duration::from_secs(5)).await);
+
+    // Garbage right after the greeting.
+    let mut raw = RawConn::connect(&f.addr).await.unwrap();
+    raw.send(&[0xff; 64]).await.unwrap();
+    assert!(raw.closed_within(Duration::from_secs(5)).await);
+
+    // The truncated write must not have reached the disk, and others carry on.
+    assert_eq!(bystander.read(0, 4096).await.unwrap(), pattern(1, 4096));
+    assert_other_client_works(&f.addr).await;
+    bystander.disconnect().await.unwrap();
+}
+
+#[tokio::test]
+async fn disc_finishes_in_flight_requests() {
+    let f = Fixture::new(0).await;
+    f.add_file_export("disk", 16 * MIB, true);
+    let c = NbdClient::connect(&f.addr, "disk").await.unwrap();
+    let mut pend = Vec::new();
+    for i in 0..16u64 {
+        let data = pattern(200 + i, MIB as usize);
+        pend.push(
+            c.submit(CMD_WRITE, 0, i * MIB, MIB as u32, Some(&data))
+                .await
+                .unwrap(),
+        );
+    }
+    // DISC right behind the writes: every write still gets its reply.
+    let waiter = tokio::spawn(async move {
+        let mut errs = Vec::new();
+        for p in pend {
+            errs.push(p.wait().await.map(|r| r.error));
+        }
+        errs
+    });
+    c.disconnect().await.unwrap();
+    for r in waiter.await.unwrap() {
+        assert_eq!(r.unwrap(), 0);
+    }
+    let c = NbdClient::connect(&f.addr, "disk").await.unwrap();
+    for i in 0..16u64 {
+        assert!(c.read(i * MIB, MIB as u32).await.unwrap() == pattern(200 + i, MIB as usize));
+    }
+}
+
+#[tokio::test]
+async fn random_requests_never_hurt_the_server() {
+    let f = Fixture::new(0).await;
+    f.add_file_export("disk", 4 * MIB, true);
+    let c = NbdClient::connect(&f.addr, "disk").await.unwrap();
+    let r = pattern(4242, 8 * 1000);
+    let word = |i: usize| u64::from_le_bytes(r[i * 8..i * 8 + 8].try_into().unwrap());
+    let types = [
+        CMD_READ,
+        CMD_FLUSH,
+        CMD_TRIM,
+        CMD_CACHE,
+        CMD_WRITE_ZEROES,
+        CMD_BLOCK_STATUS,
+        CMD_RESIZE,
+        9,
+        0x7fff,
+        0xffff,
+    ];
+    for i in 0..1000 {
+        let w = word(i);
+        let typ = types[(w % types.len() as u64) as usize];
+        let flags = (w >> 8) as u16;
+        let offset = match (w >> 24) % 4 {
+            0 => 0,
+            1 => (w >> 32) % (4 * MIB),
+            2 => 4 * MIB - (w >> 40) % 8192,
+            _ => w,
+        };
+        let mut len = (w >> 28) as u32;
+        if typ == CMD_READ {
+            len %= 40 << 20;
+        }
+        let reply = c.request(typ, flags, offset, len, None).await.unwrap();
+        if typ > CMD_BLOCK_STATUS {
+            assert_eq!(reply.error, NBD_EINVAL);
+        }
+    }
+    c.write(0, b"alive", false).await.unwrap();
+    assert_eq!(c.read(0, 5).await.unwrap(), b"alive");
+}
