@@ -1,0 +1,176 @@
+#!/usr/bin/env python3
+"""Side-by-side NBD benchmark: livesnapd vs qemu-storage-daemon.
+
+Serves the same raw image from both daemons (each on its own unix socket, page
+cache, no O_DIRECT), runs the same fio jobs (ioengine=nbd) against each in one
+run, alternating daemons per job so drift on this shared machine hits both, and
+prints a markdown table with the livesnapd/qsd ratio per row.
+
+Usage: bench/nbd_fio.py [--runtime SECONDS] [--size BYTES] [--repeat N] [--out FILE]
+Needs: fio (with the nbd engine), qemu-storage-daemon, a release build of livesnapd.
+"""
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+JOBS = [
+    # name, rw, bs, iodepth
+    ("4k randread QD1", "randread", "4k", 1),
+    ("4k randread QD32", "randread", "4k", 32),
+    ("4k randwrite QD1", "randwrite", "4k", 1),
+    ("4k randwrite QD32", "randwrite", "4k", 32),
+    ("1M seq read QD8", "read", "1m", 8),
+    ("1M seq write QD8", "write", "1m", 8),
+]
+
+
+def wait_socket(path, timeout=30):
+    end = time.time() + timeout
+    while time.time() < end:
+        if os.path.exists(path):
+            s = socket.socket(socket.AF_UNIX)
+            try:
+                s.connect(path)
+                return
+            except OSError:
+                pass
+            finally:
+                s.close()
+        time.sleep(0.05)
+    raise RuntimeError(f"socket {path} never came up")
+
+
+def start_qsd(image, sock):
+    p = subprocess.Popen([
+        "qemu-storage-daemon",
+        "--blockdev", f"driver=file,node-name=disk-file,filename={image}",
+        "--blockdev", "driver=raw,node-name=disk,file=disk-file",
+        "--nbd-server", f"addr.type=unix,addr.path={sock},max-connections=0",
+        "--export", "type=nbd,id=export0,node-name=disk,name=disk,writable=on",
+    ])
+    wait_socket(sock)
+    return p
+
+
+def start_livesnapd(binary, image, sock, qmp):
+    p = subprocess.Popen([binary, "--image", image, "--nbd", f"unix:{sock}",
+                          "--qmp", qmp, "--max-connections", "0"],
+                         stdout=subprocess.DEVNULL)
+    wait_socket(sock)
+    return p
+
+
+def stop(p):
+    p.send_signal(signal.SIGTERM)
+    try:
+        p.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        p.wait()
+
+
+def rss_kib(pid):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    return 0
+
+
+def fio(sock, rw, bs, iodepth, runtime, size):
+    uri = f"nbd+unix:///disk?socket={sock}"
+    out = subprocess.run([
+        "fio", "--name=job", "--ioengine=nbd", f"--uri={uri}", f"--rw={rw}",
+        f"--bs={bs}", f"--iodepth={iodepth}", f"--size={size}",
+        f"--runtime={runtime}", "--time_based", "--ramp_time=1",
+        "--randrepeat=0", "--output-format=json",
+    ], check=True, capture_output=True, text=True).stdout
+    job = json.loads(out[out.index("{"):])["jobs"][0]
+    side = job["read"] if "read" in rw else job["write"]
+    return side["iops"], side["bw_bytes"] / (1 << 20), side["clat_ns"]["mean"] / 1000
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--runtime", type=int, default=8)
+    ap.add_argument("--size", type=int, default=1 << 30)
+    ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--out", default=None, help="write the markdown table here")
+    ap.add_argument("--binary", default=os.path.join(ROOT, "target/release/livesnapd"))
+    args = ap.parse_args()
+
+    for tool in ("fio", "qemu-storage-daemon"):
+        if not shutil.which(tool):
+            sys.exit(f"{tool} is missing: apt-get install -y fio qemu-utils")
+    if not os.path.exists(args.binary):
+        subprocess.run(["cargo", "build", "--release", "-p", "livesnapd"], cwd=ROOT, check=True)
+
+    work = tempfile.mkdtemp(prefix="livesnap-bench-")
+    image = os.path.join(work, "disk.img")
+    # A fully written image, so neither daemon pays for allocation during the runs.
+    subprocess.run(["dd", "if=/dev/zero", f"of={image}", "bs=1M",
+                    f"count={args.size >> 20}", "status=none"], check=True)
+    daemons = {
+        "qsd": lambda: start_qsd(image, os.path.join(work, "qsd.sock")),
+        "livesnapd": lambda: start_livesnapd(args.binary, image,
+                                             os.path.join(work, "ls.sock"),
+                                             os.path.join(work, "ls-qmp.sock")),
+    }
+    socks = {"qsd": os.path.join(work, "qsd.sock"), "livesnapd": os.path.join(work, "ls.sock")}
+    results = {}
+    peak = {}
+    try:
+        for name, rw, bs, qd in JOBS:
+            for rep in range(args.repeat):
+                order = ["qsd", "livesnapd"] if rep % 2 == 0 else ["livesnapd", "qsd"]
+                for d in order:
+                    p = daemons[d]()
+                    try:
+                        r = fio(socks[d], rw, bs, qd, args.runtime, args.size)
+                        peak[d] = max(peak.get(d, 0), rss_kib(p.pid))
+                    finally:
+                        stop(p)
+                    results.setdefault((name, d), []).append(r)
+                    print(f"{name:18} {d:10} {r[0]:10.0f} IOPS {r[1]:8.1f} MiB/s {r[2]:8.1f} us",
+                          file=sys.stderr)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    def best(name, d):
+        return max(results[(name, d)], key=lambda r: r[0])
+
+    lines = [
+        f"Machine: {platform.node()}, {os.cpu_count()} cores, {platform.platform()}; "
+        f"fio {subprocess.run(['fio', '--version'], capture_output=True, text=True).stdout.strip()}, "
+        f"{subprocess.run(['qemu-storage-daemon', '--version'], capture_output=True, text=True).stdout.splitlines()[0]}",
+        f"Image {args.size >> 20} MiB raw on the page cache, unix socket, {args.runtime} s per run, "
+        f"best of {args.repeat} runs per daemon.",
+        "",
+        "| job | qsd IOPS | livesnapd IOPS | qsd MiB/s | livesnapd MiB/s | ratio (livesnapd/qsd) |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for name, *_ in JOBS:
+        q, l = best(name, "qsd"), best(name, "livesnapd")
+        lines.append(f"| {name} | {q[0]:.0f} | {l[0]:.0f} | {q[1]:.1f} | {l[1]:.1f} | {l[0] / q[0]:.2f} |")
+    lines.append("")
+    lines.append(f"Peak RSS: qsd {peak.get('qsd', 0) // 1024} MiB, livesnapd {peak.get('livesnapd', 0) // 1024} MiB.")
+    table = "\n".join(lines)
+    print(table)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(table + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,67 @@
+//! The command line: QEMU-style bare monitor mode, a one-image mode for people,
+//! and the demo default.
+
+use std::path::PathBuf;
+
+use clap::Parser;
+
+/// Where the demo keeps its image and sockets.
+pub const DEMO_DIR: &str = "/tmp/livesnap-demo";
+
+/// Size of the sparse demo image.
+pub const DEMO_SIZE: u64 = 1 << 30;
+
+/// livesnapd serves disk images over NBD and is managed over QMP, QEMU's
+/// monitor protocol, like qemu-storage-daemon.
+#[derive(Parser, Debug)]
+#[command(
+    name = "livesnapd",
+    version,
+    after_help = "\
+MODES:
+  livesnapd
+      Demo: creates a sparse 1 GiB raw image in /tmp/livesnap-demo (unless it exists),
+      exports it writable as 'disk' on 127.0.0.1:10809 and opens a QMP socket there.
+  livesnapd --qmp /run/livesnapd.sock
+      Only a QMP monitor; configure everything over QMP (blockdev-add,
+      nbd-server-start, block-export-add), as with
+      qemu-storage-daemon --chardev socket,path=PATH,server=on,wait=off,id=m --monitor chardev=m
+  livesnapd --image disk.img [--nbd ADDR] [--qmp PATH]
+      Export one raw image (node 'disk' over node 'disk-file', export id 'export0').
+
+EXAMPLES:
+  livesnapd --image vm.img --nbd unix:/tmp/nbd.sock --qmp /tmp/qmp.sock
+  qemu-img info 'nbd+unix:///disk?socket=/tmp/nbd.sock'
+  nbdinfo --map 'nbd+unix:///disk?socket=/tmp/nbd.sock'
+
+SIGINT or SIGTERM: stop accepting clients, finish in-flight requests, flush, exit 0."
+)]
+pub struct Cli {
+    /// QMP monitor socket to create (unix socket, mode 0600).
+    #[arg(long, value_name = "PATH")]
+    pub qmp: Option<PathBuf>,
+
+    /// Raw image to export over NBD.
+    #[arg(long, value_name = "PATH")]
+    pub image: Option<PathBuf>,
+
+    /// NBD listen address: unix:PATH or HOST:PORT [default: 127.0.0.1:10809 with --image].
+    #[arg(long, value_name = "ADDR")]
+    pub nbd: Option<String>,
+
+    /// NBD export name of --image.
+    #[arg(long, value_name = "NAME", default_value = "disk")]
+    pub export_name: String,
+
+    /// Export --image read-only.
+    #[arg(long)]
+    pub read_only: bool,
+
+    /// Open --image with O_DIRECT (QEMU's cache.direct=on, Nova's cache=none).
+    #[arg(long)]
+    pub cache_direct: bool,
+
+    /// Most NBD clients at once (0 = no limit).
+    #[arg(long, value_name = "N", default_value_t = 100)]
+    pub max_connections: u32,
+}

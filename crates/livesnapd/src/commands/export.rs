@@ -1,0 +1,288 @@
+//! `nbd-server-start`, `nbd-server-stop`, `block-export-add`,
+//! `block-export-del`, `query-block-exports` (QEMU's `blockdev-nbd.c` and
+//! `block/export/export.c`).
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use livesnap_nbd::{ExportConfig, ListenAddr, NbdServer};
+use livesnap_qmp::{Args, QmpError};
+use serde_json::{json, Value};
+
+use super::blockdev::os_error_text;
+use super::empty;
+use crate::daemon::{export_user, Daemon, ExportEntry};
+
+/// QEMU's default `max-connections` for `nbd-server-start` since 10.0.
+pub const DEFAULT_MAX_CONNECTIONS: u32 = 100;
+
+/// Longest export name or description the NBD protocol allows.
+const NBD_MAX_STRING: usize = 4096;
+
+fn generic(desc: impl Into<String>) -> QmpError {
+    QmpError::generic(desc.into())
+}
+
+/// Reads QEMU's `SocketAddressLegacy` (`{"type": "unix"|"inet", "data": {...}}`).
+fn parse_socket_address_legacy(args: &mut Args, key: &str) -> Result<ListenAddr, QmpError> {
+    let mut addr = args.req_object(key)?;
+    let kind = addr.req_enum("type", &["inet", "unix", "vsock", "fd"])?;
+    let mut data = addr.req_object("data")?;
+    let listen = match kind.as_str() {
+        "unix" => {
+            let path = data.req_str("path")?;
+            data.opt_bool("abstract")?;
+            data.opt_bool("tight")?;
+            ListenAddr::Unix(PathBuf::from(path))
+        }
+        "inet" => {
+            let host = data.req_str("host")?;
+            let port = data.req_str("port")?;
+            data.opt_bool("numeric")?;
+            data.opt_u32("to")?;
+            data.opt_bool("ipv4")?;
+            data.opt_bool("ipv6")?;
+            data.opt_bool("keep-alive")?;
+            ListenAddr::Tcp { host, port }
+        }
+        other => {
+            return Err(generic(format!(
+                "Socket address type '{other}' is not supported by livesnapd"
+            )))
+        }
+    };
+    data.finish()?;
+    addr.finish()?;
+    Ok(listen)
+}
+
+/// Parses a `--nbd` style address: `unix:PATH` or `HOST:PORT`.
+pub fn parse_listen_addr(s: &str) -> Result<ListenAddr, String> {
+    if let Some(path) = s.strip_prefix("unix:") {
+        return Ok(ListenAddr::Unix(PathBuf::from(path)));
+    }
+    let (host, port) = s
+        .rsplit_once(':')
+        .ok_or_else(|| format!("'{s}' is neither unix:PATH nor HOST:PORT"))?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    Ok(ListenAddr::Tcp {
+        host: host.to_string(),
+        port: port.to_string(),
+    })
+}
+
+/// Starts the NBD server; shared by QMP and the command line.
+pub async fn start_nbd_server(
+    d: &Daemon,
+    addr: &ListenAddr,
+    max_connections: u32,
+) -> Result<String, QmpError> {
+    let mut slot = d.nbd_server.lock().await;
+    if slot.is_some() {
+        return Err(generic("NBD server already running"));
+    }
+    let server = NbdServer::start(addr, max_connections, d.nbd_exports.clone())
+        .await
+        .map_err(|e| {
+            let what = match addr {
+                ListenAddr::Unix(p) => p.display().to_string(),
+                ListenAddr::Tcp { host, port } => format!("{host}:{port}"),
+            };
+            generic(format!(
+                "Failed to bind socket to {what}: {}",
+                os_error_text(&e)
+            ))
+        })?;
+    let local = server.local_addr();
+    *slot = Some(server);
+    Ok(local)
+}
+
+pub(super) async fn nbd_server_start(d: &Arc<Daemon>, mut args: Args) -> Result<Value, QmpError> {
+    let addr = parse_socket_address_legacy(&mut args, "addr")?;
+    let tls_creds = args.opt_str("tls-creds")?;
+    let tls_authz = args.opt_str("tls-authz")?;
+    let max_connections = args
+        .opt_u32("max-connections")?
+        .unwrap_or(DEFAULT_MAX_CONNECTIONS);
+    args.finish()?;
+    if tls_creds.is_some() || tls_authz.is_some() {
+        return Err(generic("TLS is not supported by livesnapd"));
+    }
+    start_nbd_server(d, &addr, max_connections).await?;
+    Ok(empty())
+}
+
+pub(super) async fn nbd_server_stop(d: &Arc<Daemon>, args: Args) -> Result<Value, QmpError> {
+    args.finish()?;
+    let Some(server) = d.nbd_server.lock().await.take() else {
+        return Err(generic("NBD server not running"));
+    };
+    let entries: Vec<_> = d.exports.lock().unwrap().clone();
+    for entry in entries {
+        d.nbd_exports.remove(&entry.nbd.config().name);
+        entry.nbd.close_connections();
+        d.finish_export_removal(entry);
+    }
+    server.stop().await;
+    Ok(empty())
+}
+
+/// What `block-export-add` asks for, after argument checks.
+pub struct ExportRequest {
+    /// QMP id.
+    pub id: String,
+    /// Node to export.
+    pub node_name: String,
+    /// NBD export name; the node name when not given.
+    pub name: Option<String>,
+    /// NBD description.
+    pub description: Option<String>,
+    /// Whether clients may write.
+    pub writable: bool,
+}
+
+/// Adds an NBD export; shared by QMP and the command line.
+pub fn add_export(
+    d: &Arc<Daemon>,
+    req: ExportRequest,
+    server_running: bool,
+) -> Result<(), QmpError> {
+    if d.exports.lock().unwrap().iter().any(|e| e.id == req.id) {
+        return Err(generic(format!(
+            "Block export id '{}' is already in use",
+            req.id
+        )));
+    }
+    let node = d.graph.find(&req.node_name).map_err(|e| generic(e.0))?;
+    if req.writable && node.read_only() {
+        return Err(generic("Cannot export read-only node as writable"));
+    }
+    if !server_running {
+        return Err(generic("NBD server not running"));
+    }
+    let name = req.name.unwrap_or_else(|| req.node_name.clone());
+    if name.len() > NBD_MAX_STRING {
+        return Err(generic(format!("export name '{name}' too long")));
+    }
+    if let Some(desc) = &req.description {
+        if desc.len() > NBD_MAX_STRING {
+            return Err(generic(format!("description '{desc}' too long")));
+        }
+    }
+    if d.nbd_exports.get(&name).is_some() {
+        return Err(generic(format!(
+            "NBD server already has export named '{name}'"
+        )));
+    }
+    let nbd = d
+        .nbd_exports
+        .add(ExportConfig {
+            name,
+            description: req.description,
+            node: node.clone(),
+            writable: req.writable,
+        })
+        .map_err(generic)?;
+    node.add_user(export_user(&req.id));
+    d.exports.lock().unwrap().push(Arc::new(ExportEntry {
+        id: req.id,
+        node,
+        nbd,
+        shutting_down: AtomicBool::new(false),
+    }));
+    Ok(())
+}
+
+pub(super) async fn block_export_add(d: &Arc<Daemon>, mut args: Args) -> Result<Value, QmpError> {
+    let kind = args.req_enum("type", &["nbd", "vhost-user-blk", "fuse", "vduse-blk"])?;
+    let id = args.req_str("id")?;
+    let node_name = args.req_str("node-name")?;
+    let writable = args.opt_bool("writable")?.unwrap_or(false);
+    let writethrough = args.opt_bool("writethrough")?.unwrap_or(false);
+    args.opt_bool("fixed-iothread")?;
+    args.opt_str("iothread")?;
+    args.opt_bool("allow-inactive")?;
+    if kind != "nbd" {
+        return Err(generic(format!(
+            "Export type '{kind}' is not supported by livesnapd"
+        )));
+    }
+    let name = args.opt_str("name")?;
+    let description = args.opt_str("description")?;
+    let bitmaps = args.take_value("bitmaps");
+    let allocation_depth = args.opt_bool("allocation-depth")?.unwrap_or(false);
+    args.finish()?;
+    if writethrough {
+        return Err(generic("writethrough is not supported by livesnapd"));
+    }
+    if bitmaps.is_some() {
+        return Err(generic(
+            "Exporting dirty bitmaps is not supported by livesnapd",
+        ));
+    }
+    if allocation_depth {
+        return Err(generic("allocation-depth is not supported by livesnapd"));
+    }
+    let running = d.nbd_server.lock().await.is_some();
+    add_export(
+        d,
+        ExportRequest {
+            id,
+            node_name,
+            name,
+            description,
+            writable,
+        },
+        running,
+    )?;
+    Ok(empty())
+}
+
+pub(super) fn block_export_del(d: &Arc<Daemon>, mut args: Args) -> Result<Value, QmpError> {
+    let id = args.req_str("id")?;
+    let mode = args
+        .opt_enum("mode", &["safe", "hard"])?
+        .unwrap_or_else(|| "safe".into());
+    args.finish()?;
+    let entry = d
+        .exports
+        .lock()
+        .unwrap()
+        .iter()
+        .find(|e| e.id == id)
+        .cloned()
+        .ok_or_else(|| generic(format!("Export '{id}' is not found")))?;
+    if entry.shutting_down.load(Ordering::SeqCst) {
+        return Err(generic(format!("Export '{id}' is already shutting down")));
+    }
+    if mode == "safe" && entry.nbd.connections() > 0 {
+        return Err(generic(format!("export '{id}' still in use")));
+    }
+    d.nbd_exports.remove(&entry.nbd.config().name);
+    if mode == "hard" {
+        entry.nbd.close_connections();
+    }
+    d.finish_export_removal(entry);
+    Ok(empty())
+}
+
+pub(super) fn query_block_exports(d: &Arc<Daemon>, args: Args) -> Result<Value, QmpError> {
+    args.finish()?;
+    let exports = d.exports.lock().unwrap();
+    Ok(Value::Array(
+        exports
+            .iter()
+            .rev()
+            .map(|e| {
+                json!({
+                    "node-name": e.node.name(),
+                    "shutting-down": e.shutting_down.load(Ordering::SeqCst),
+                    "type": "nbd",
+                    "id": e.id,
+                })
+            })
+            .collect(),
+    ))
+}

@@ -1,0 +1,120 @@
+//! The daemon's state: one block graph, the NBD server and its exports, and the
+//! event bus every monitor listens to. QMP commands act on this, and so does
+//! the command line at start-up.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use livesnap_block::{BlockGraph, BlockNode};
+use livesnap_nbd::{Export, ExportTable, NbdServer};
+use livesnap_qmp::EventBus;
+use tokio::sync::watch;
+
+/// A block export as QMP sees it (QEMU's `BlockExport`).
+pub struct ExportEntry {
+    /// QMP id of the export.
+    pub id: String,
+    /// The exported node.
+    pub node: Arc<BlockNode>,
+    /// The NBD side of the export.
+    pub nbd: Arc<Export>,
+    /// Set once deletion was requested and clients are still attached.
+    pub shutting_down: AtomicBool,
+}
+
+/// Everything one livesnapd process manages.
+pub struct Daemon {
+    /// All block nodes.
+    pub graph: BlockGraph,
+    /// Events to every QMP monitor.
+    pub events: EventBus,
+    /// The NBD exports by name, shared with the NBD server.
+    pub nbd_exports: Arc<ExportTable>,
+    /// The running NBD server, if `nbd-server-start` was called.
+    pub nbd_server: tokio::sync::Mutex<Option<NbdServer>>,
+    /// Exports by QMP id, oldest first.
+    pub exports: Mutex<Vec<Arc<ExportEntry>>>,
+    quit: watch::Sender<bool>,
+}
+
+/// How long a graceful shutdown waits for NBD clients' in-flight requests.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+impl Daemon {
+    /// A daemon with an empty graph and no NBD server.
+    pub fn new() -> Arc<Daemon> {
+        Arc::new(Daemon {
+            graph: BlockGraph::new(),
+            events: EventBus::new(),
+            nbd_exports: ExportTable::new(),
+            nbd_server: tokio::sync::Mutex::new(None),
+            exports: Mutex::new(Vec::new()),
+            quit: watch::channel(false).0,
+        })
+    }
+
+    /// Asks the daemon to shut down (QMP `quit`, SIGINT, SIGTERM).
+    pub fn request_quit(&self) {
+        self.quit.send_replace(true);
+    }
+
+    /// Resolves once a shutdown was requested.
+    pub async fn quit_requested(&self) {
+        let mut rx = self.quit.subscribe();
+        let _ = rx.wait_for(|q| *q).await;
+    }
+
+    /// Ends an export: drops it from the registry, releases its node and emits
+    /// `BLOCK_EXPORT_DELETED`, once its last client is gone.
+    pub fn finish_export_removal(self: &Arc<Self>, entry: Arc<ExportEntry>) {
+        entry.shutting_down.store(true, Ordering::SeqCst);
+        let finish = {
+            let daemon = self.clone();
+            let entry = entry.clone();
+            move || {
+                daemon
+                    .exports
+                    .lock()
+                    .unwrap()
+                    .retain(|e| !Arc::ptr_eq(e, &entry));
+                entry.node.remove_user(&export_user(&entry.id));
+                daemon.events.emit(
+                    "BLOCK_EXPORT_DELETED",
+                    Some(serde_json::json!({ "id": entry.id })),
+                );
+            }
+        };
+        if entry.nbd.connections() == 0 {
+            // Emitted before the command's reply, as QEMU does when no client is attached.
+            finish();
+        } else {
+            tokio::spawn(async move {
+                entry.nbd.wait_closed().await;
+                finish();
+            });
+        }
+    }
+
+    /// Graceful stop: no new NBD clients, in-flight requests finish, every node is flushed.
+    pub async fn shutdown(self: &Arc<Self>) {
+        if let Some(server) = self.nbd_server.lock().await.take() {
+            if tokio::time::timeout(SHUTDOWN_GRACE, server.shutdown())
+                .await
+                .is_err()
+            {
+                tracing::warn!("NBD clients did not finish within {SHUTDOWN_GRACE:?}");
+            }
+        }
+        for node in self.graph.nodes() {
+            if let Err(e) = node.flush().await {
+                tracing::error!("flush of node {} failed: {e}", node.name());
+            }
+        }
+    }
+}
+
+/// The user name an export registers on its node, so `blockdev-del` sees it.
+pub fn export_user(id: &str) -> String {
+    format!("block export '{id}'")
+}

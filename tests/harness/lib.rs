@@ -1,1 +1,0 @@
-//! Shared helpers for the interop tests: spawning livesnapd and its QEMU peers.

@@ -1,0 +1,370 @@
+//! Shared helpers for the interop tests: spawning livesnapd and
+//! qemu-storage-daemon, running the real QEMU and libnbd tools, and a blocking
+//! QMP client over `livesnap_qmp::QmpClient`.
+//!
+//! A missing peer tool fails the test with the package to install: these tests
+//! must never pass by skipping.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// How long a daemon may take to come up.
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Path of the livesnapd binary under test.
+pub fn livesnapd_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_livesnapd")
+}
+
+/// Fails the test unless `name` is on PATH; names the Debian package to install.
+pub fn require_tool(name: &str) {
+    let found = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).any(|d| d.join(name).is_file()))
+        .unwrap_or(false);
+    let package = match name {
+        "nbdinfo" | "nbdcopy" | "nbdsh" => "libnbd-bin",
+        "fio" => "fio",
+        _ => "qemu-utils",
+    };
+    assert!(
+        found,
+        "this test needs `{name}`: apt-get install -y {package} (.ci/run installs it)"
+    );
+}
+
+/// Runs a command to completion, panics with its output unless it succeeded, returns stdout.
+pub fn run(cmd: &mut Command) -> String {
+    let out = run_status(cmd);
+    assert!(
+        out.0.success(),
+        "{cmd:?} failed with {}:\nstdout: {}\nstderr: {}",
+        out.0,
+        out.1,
+        out.2
+    );
+    out.1
+}
+
+/// Runs a command to completion and returns (status, stdout, stderr).
+pub fn run_status(cmd: &mut Command) -> (ExitStatus, String, String) {
+    if let Some(prog) = cmd.get_program().to_str() {
+        if !prog.contains('/') {
+            require_tool(prog);
+        }
+    }
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    (
+        out.status,
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Creates a sparse file of `size` bytes.
+pub fn sparse_file(path: &Path, size: u64) {
+    std::fs::File::create(path)
+        .and_then(|f| f.set_len(size))
+        .unwrap_or_else(|e| panic!("cannot create {}: {e}", path.display()));
+}
+
+/// Waits until `ready` holds, or panics after `timeout` with `what`.
+pub fn wait_until(timeout: Duration, what: &str, mut ready: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !ready() {
+        assert!(start.elapsed() < timeout, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A blocking QMP session (capabilities already negotiated).
+pub struct Qmp {
+    rt: tokio::runtime::Runtime,
+    client: livesnap_qmp::QmpClient,
+}
+
+impl Qmp {
+    /// Connects to a QMP socket and negotiates capabilities.
+    pub fn connect(path: &Path) -> Qmp {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let client = rt
+            .block_on(livesnap_qmp::QmpClient::connect(path))
+            .unwrap_or_else(|e| panic!("QMP connect to {}: {e}", path.display()));
+        Qmp { rt, client }
+    }
+
+    /// The greeting the server sent.
+    pub fn greeting(&self) -> Value {
+        self.client.greeting().clone()
+    }
+
+    /// Runs a command: Ok(return value) or Err((class, desc)).
+    pub fn execute(&mut self, cmd: &str, args: Value) -> Result<Value, (String, String)> {
+        let args = if args.is_null() { None } else { Some(args) };
+        let r = self
+            .rt
+            .block_on(self.client.execute(cmd, args))
+            .unwrap_or_else(|e| panic!("QMP {cmd}: connection failed: {e}"));
+        r.map_err(|e| (e.class.to_string(), e.desc))
+    }
+
+    /// Runs a command that must succeed.
+    pub fn ok(&mut self, cmd: &str, args: Value) -> Value {
+        self.execute(cmd, args)
+            .unwrap_or_else(|e| panic!("QMP {cmd} failed: {e:?}"))
+    }
+
+    /// Sends raw text and returns the next reply that is not an event.
+    pub fn raw(&mut self, text: &str) -> Value {
+        self.rt
+            .block_on(self.client.execute_raw(text))
+            .unwrap_or_else(|e| panic!("QMP raw send failed: {e}"))
+    }
+
+    /// The next event, waiting at most `timeout`.
+    pub fn event(&mut self, timeout: Duration) -> Option<Value> {
+        self.rt.block_on(self.client.next_event(timeout))
+    }
+}
+
+/// A spawned daemon whose stdout is collected line by line.
+struct Spawned {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+}
+
+impl Spawned {
+    fn spawn(cmd: &mut Command) -> Spawned {
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot spawn {cmd:?}: {e}"));
+        let stdout = child.stdout.take().unwrap();
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Spawned { child, lines }
+    }
+}
+
+/// A running livesnapd in its own temporary directory.
+pub struct Livesnapd {
+    proc: Spawned,
+    /// Temporary directory holding sockets (and images the test puts there).
+    pub dir: tempfile::TempDir,
+    /// The QMP socket.
+    pub qmp_path: PathBuf,
+    /// The NBD URI of the default export, when started with an image.
+    pub nbd_url: Option<String>,
+    /// The banner lines printed at start-up.
+    pub banner: Vec<String>,
+}
+
+impl Livesnapd {
+    /// Starts livesnapd with only a QMP socket (configure everything over QMP).
+    pub fn bare() -> Livesnapd {
+        Self::start(&[], None)
+    }
+
+    /// Starts livesnapd exporting `image` as `disk` on a unix socket in its directory.
+    pub fn with_image(image: &Path, extra: &[&str]) -> Livesnapd {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("nbd.sock");
+        let mut args = vec![
+            "--image".to_string(),
+            image.to_str().unwrap().to_string(),
+            "--nbd".to_string(),
+            format!("unix:{}", sock.display()),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        Self::start(&args, Some(dir))
+    }
+
+    /// Starts livesnapd exporting `image` as `disk` on 127.0.0.1 at a free TCP port.
+    pub fn with_image_tcp(image: &Path) -> Livesnapd {
+        let args = vec![
+            "--image".to_string(),
+            image.to_str().unwrap().to_string(),
+            "--nbd".to_string(),
+            "127.0.0.1:0".to_string(),
+        ];
+        Self::start(&args, None)
+    }
+
+    fn start(args: &[String], dir: Option<tempfile::TempDir>) -> Livesnapd {
+        let dir = dir.unwrap_or_else(|| tempfile::tempdir().unwrap());
+        let qmp_path = dir.path().join("qmp.sock");
+        let mut cmd = Command::new(livesnapd_bin());
+        cmd.args(args).arg("--qmp").arg(&qmp_path);
+        let proc = Spawned::spawn(&mut cmd);
+        let mut d = Livesnapd {
+            proc,
+            dir,
+            qmp_path,
+            nbd_url: None,
+            banner: Vec::new(),
+        };
+        d.read_banner();
+        d
+    }
+
+    fn read_banner(&mut self) {
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.proc.lines.recv_timeout(left) {
+                Ok(line) => {
+                    if let Some(url) = line.trim().strip_prefix("NBD:") {
+                        self.nbd_url = Some(url.trim().to_string());
+                    }
+                    let done = line.trim_start().starts_with("stop:");
+                    self.banner.push(line);
+                    if done {
+                        return;
+                    }
+                }
+                Err(_) => {
+                    let status = self.proc.child.try_wait().ok().flatten();
+                    panic!(
+                        "livesnapd did not come up (exit status {status:?}); banner so far: {:?}",
+                        self.banner
+                    );
+                }
+            }
+        }
+    }
+
+    /// The NBD URI of the default export.
+    pub fn url(&self) -> &str {
+        self.nbd_url.as_deref().expect("started with an image")
+    }
+
+    /// A new QMP session.
+    pub fn qmp(&self) -> Qmp {
+        Qmp::connect(&self.qmp_path)
+    }
+
+    /// True while the process runs.
+    pub fn is_running(&mut self) -> bool {
+        self.proc.child.try_wait().unwrap().is_none()
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.proc.child.id()
+    }
+
+    /// Sends `signal` and waits (bounded) for the exit status.
+    pub fn stop_with(mut self, signal: i32) -> ExitStatus {
+        // SAFETY: kill on our own child's pid.
+        unsafe { libc::kill(self.proc.child.id() as i32, signal) };
+        wait_exit(&mut self.proc.child, Duration::from_secs(20))
+    }
+}
+
+fn wait_exit(child: &mut Child, timeout: Duration) -> ExitStatus {
+    let start = Instant::now();
+    loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            return st;
+        }
+        if start.elapsed() > timeout {
+            let _ = child.kill();
+            panic!("daemon did not exit within {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+impl Drop for Livesnapd {
+    fn drop(&mut self) {
+        let _ = self.proc.child.kill();
+        let _ = self.proc.child.wait();
+    }
+}
+
+/// A running qemu-storage-daemon with a QMP monitor, the reference peer.
+pub struct Qsd {
+    child: Child,
+    /// Temporary directory holding its sockets.
+    pub dir: tempfile::TempDir,
+    /// The QMP socket.
+    pub qmp_path: PathBuf,
+}
+
+impl Qsd {
+    /// Starts qemu-storage-daemon with only a QMP monitor, as livesnapd's bare mode.
+    pub fn bare() -> Qsd {
+        Self::start(&[])
+    }
+
+    /// Starts qemu-storage-daemon with extra command-line arguments.
+    pub fn start(extra: &[String]) -> Qsd {
+        require_tool("qemu-storage-daemon");
+        let dir = tempfile::tempdir().unwrap();
+        let qmp_path = dir.path().join("qmp.sock");
+        let child = Command::new("qemu-storage-daemon")
+            .arg("--chardev")
+            .arg(format!(
+                "socket,path={},server=on,wait=off,id=m",
+                qmp_path.display()
+            ))
+            .args(["--monitor", "chardev=m"])
+            .args(extra)
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("spawn qemu-storage-daemon");
+        wait_until(START_TIMEOUT, "qemu-storage-daemon QMP socket", || {
+            std::os::unix::net::UnixStream::connect(&qmp_path).is_ok()
+        });
+        Qsd {
+            child,
+            dir,
+            qmp_path,
+        }
+    }
+
+    /// A new QMP session.
+    pub fn qmp(&self) -> Qmp {
+        Qmp::connect(&self.qmp_path)
+    }
+}
+
+impl Drop for Qsd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Deterministic pseudo-random bytes, so a failing comparison can be reproduced.
+pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
