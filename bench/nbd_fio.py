@@ -118,8 +118,9 @@ def main():
 
     work = tempfile.mkdtemp(prefix="livesnap-bench-")
     image = os.path.join(work, "disk.img")
-    # A fully written image, so neither daemon pays for allocation during the runs.
-    subprocess.run(["dd", "if=/dev/zero", f"of={image}", "bs=1M",
+    # Fully written with random data: neither daemon pays for allocation, and
+    # neither can answer reads with holes or zero detection.
+    subprocess.run(["dd", "if=/dev/urandom", f"of={image}", "bs=1M",
                     f"count={args.size >> 20}", "status=none"], check=True)
     daemons = {
         "qsd": lambda: start_qsd(image, os.path.join(work, "qsd.sock")),
@@ -154,7 +155,7 @@ def main():
         f"Machine: {platform.node()}, {os.cpu_count()} cores, {platform.platform()}; "
         f"fio {subprocess.run(['fio', '--version'], capture_output=True, text=True).stdout.strip()}, "
         f"{subprocess.run(['qemu-storage-daemon', '--version'], capture_output=True, text=True).stdout.splitlines()[0]}",
-        f"Image {args.size >> 20} MiB raw on the page cache, unix socket, {args.runtime} s per run, "
+        f"Image {args.size >> 20} MiB raw of random data on the page cache, unix socket, {args.runtime} s per run, "
         f"best of {args.repeat} runs per daemon.",
         "",
         "| job | qsd IOPS | livesnapd IOPS | qsd MiB/s | livesnapd MiB/s | ratio (livesnapd/qsd) |",
