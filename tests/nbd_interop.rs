@@ -45,6 +45,17 @@ fn qemu_io(target: &str, format: &str, script: &[&str]) -> String {
     out
 }
 
+/// `qemu-img compare` of two raw images: Ok when equal, Err(output) otherwise.
+fn qemu_img_compare(a: &str, b: &str) -> Result<(), String> {
+    let (st, out, err) =
+        run_status(Command::new("qemu-img").args(["compare", "-f", "raw", "-F", "raw", a, b]));
+    match st.code() {
+        Some(0) => Ok(()),
+        Some(1) => Err(out),
+        _ => panic!("qemu-img compare {a} {b} failed: {out}{err}"),
+    }
+}
+
 fn files_equal(a: &Path, b: &Path) {
     let x = std::fs::read(a).unwrap();
     let y = std::fs::read(b).unwrap();
@@ -75,15 +86,7 @@ fn write_through_daemon(tcp: bool, extra: &[&str]) -> (tempfile::TempDir, Livesn
     qemu_io(d.url(), "raw", SCRIPT);
     qemu_io(reference.to_str().unwrap(), "raw", SCRIPT);
     // Reads through the daemon see the same bytes as the reference file.
-    run(Command::new("qemu-img").args([
-        "compare",
-        "-f",
-        "raw",
-        "-F",
-        "raw",
-        d.url(),
-        reference.to_str().unwrap(),
-    ]));
+    qemu_img_compare(d.url(), reference.to_str().unwrap()).unwrap();
     (dir, d)
 }
 
@@ -153,15 +156,7 @@ fn qemu_img_info_compare_and_convert() {
         source.to_str().unwrap(),
         &url,
     ]));
-    run(Command::new("qemu-img").args([
-        "compare",
-        "-f",
-        "raw",
-        "-F",
-        "raw",
-        source.to_str().unwrap(),
-        &url,
-    ]));
+    qemu_img_compare(source.to_str().unwrap(), &url).unwrap();
 
     // convert out of the daemon, into a new file.
     let copy = dir.path().join("copy.img");
@@ -178,19 +173,9 @@ fn qemu_img_info_compare_and_convert() {
 
     // qemu-img compare notices a difference made through the daemon.
     qemu_io(&url, "raw", &["write -P 0x99 1M 4k"]);
-    let (st, out, _) = run_status(Command::new("qemu-img").args([
-        "compare",
-        "-f",
-        "raw",
-        "-F",
-        "raw",
-        source.to_str().unwrap(),
-        &url,
-    ]));
-    assert_eq!(
-        st.code(),
-        Some(1),
-        "compare must report a difference: {out}"
+    assert!(
+        qemu_img_compare(source.to_str().unwrap(), &url).is_err(),
+        "compare must report a difference made through the daemon"
     );
 }
 

@@ -237,28 +237,22 @@ impl BlockDriver for FileDriver {
     fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> IoFuture<'_, ()> {
         let alignment = self.alignment as usize;
         self.blocking(move |f| {
+            // A punched hole reads as zeroes on every Linux filesystem that
+            // supports it; ZERO_RANGE keeps the allocation (NBD's NO_HOLE).
+            let punch = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+            let zero = libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE;
+            let modes: &[libc::c_int] = if flags.may_unmap {
+                &[punch, zero]
+            } else {
+                &[zero]
+            };
             let mut done = false;
-            if flags.may_unmap {
-                // A punched hole reads as zeroes on every Linux filesystem that supports it.
-                match fallocate(
-                    f,
-                    libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                    offset,
-                    len,
-                ) {
-                    Ok(()) => done = true,
-                    Err(e) if is_unsupported(&e) => {}
-                    Err(e) => return Err(e),
-                }
-            }
-            if !done {
-                match fallocate(
-                    f,
-                    libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE,
-                    offset,
-                    len,
-                ) {
-                    Ok(()) => done = true,
+            for &mode in modes {
+                match fallocate(f, mode, offset, len) {
+                    Ok(()) => {
+                        done = true;
+                        break;
+                    }
                     Err(e) if is_unsupported(&e) => {}
                     Err(e) => return Err(e),
                 }
