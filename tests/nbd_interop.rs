@@ -18,8 +18,10 @@ const SCRIPT: &[&str] = &[
     "write -P 0x11 0 1M",
     "aio_write -P 0x22 2M 512k",
     "aio_write -P 0x23 3M 64k",
-    "aio_write -P 0x24 3178496 64k",
+    "aio_write -P 0x24 3211264 64k",
     "aio_flush",
+    // Overlapping writes only in sequence: concurrent ones have no defined order.
+    "write -P 0x25 3178496 64k",
     "write -P 0x33 7340155 4097",
     "write -z 4M 1M",
     "write -P 0x44 5M 2M",
