@@ -43,6 +43,10 @@ pub struct BlockStatus {
     pub data: bool,
     /// The extent reads as zeroes.
     pub zero: bool,
+    /// Layer of the chain that allocates the extent (QEMU's `qemu:allocation-depth`):
+    /// 0 = unallocated in the whole chain, 1 = this node, 2 = its backing, and so on.
+    /// Nodes without a backing chain (`file`, `raw`) report 1 for everything.
+    pub depth: u32,
 }
 
 /// Alignment and size limits of a node.
@@ -110,4 +114,11 @@ pub trait BlockDriver: Send + Sync + 'static {
 
     /// Status of the extent starting at `offset`, at most `len` bytes long.
     fn block_status(&self, offset: u64, len: u64) -> IoFuture<'_, BlockStatus>;
+
+    /// Changes the size to `len` (QEMU's `bdrv_co_truncate`); format drivers use it
+    /// to grow their protocol child. Drivers that cannot resize refuse with `ENOTSUP`.
+    fn truncate(&self, len: u64) -> IoFuture<'_, ()> {
+        let _ = len;
+        Box::pin(async { Err(io::Error::from_raw_os_error(libc::ENOTSUP)) })
+    }
 }

@@ -7,6 +7,7 @@ use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::os::unix::io::AsRawFd;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use crate::buf::IoBuf;
@@ -27,8 +28,9 @@ pub struct FileOptions {
 pub struct FileDriver {
     file: Arc<File>,
     filename: String,
-    size: u64,
+    size: Arc<AtomicU64>,
     alignment: u32,
+    regular: bool,
 }
 
 /// Largest chunk of zeroes written at once when fallocate cannot zero a range.
@@ -44,6 +46,7 @@ impl FileDriver {
         }
         let file = oo.open(&opts.filename)?;
         let size = device_size(&file)?;
+        let regular = file.metadata()?.file_type().is_file();
         let alignment = if opts.direct {
             probe_direct_alignment(&file)
         } else {
@@ -52,8 +55,9 @@ impl FileDriver {
         Ok(FileDriver {
             file: Arc::new(file),
             filename: opts.filename.clone(),
-            size,
+            size: Arc::new(AtomicU64::new(size)),
             alignment,
+            regular,
         })
     }
 
@@ -182,17 +186,20 @@ fn seek_status(file: &File, offset: u64, len: u64, size: u64) -> io::Result<Bloc
                 len: hole - offset,
                 data: true,
                 zero: false,
+                depth: 1,
             })
         }
         Some(d) => Ok(BlockStatus {
             len: d.min(end) - offset,
             data: false,
             zero: true,
+            depth: 1,
         }),
         None => Ok(BlockStatus {
             len,
             data: false,
             zero: true,
+            depth: 1,
         }),
     }
 }
@@ -203,7 +210,7 @@ impl BlockDriver for FileDriver {
     }
 
     fn size(&self) -> u64 {
-        self.size
+        self.size.load(Ordering::Acquire)
     }
 
     fn limits(&self) -> Limits {
@@ -298,8 +305,20 @@ impl BlockDriver for FileDriver {
     }
 
     fn block_status(&self, offset: u64, len: u64) -> IoFuture<'_, BlockStatus> {
-        let size = self.size;
+        let size = self.size();
         self.blocking(move |f| seek_status(f, offset, len, size))
+    }
+
+    fn truncate(&self, len: u64) -> IoFuture<'_, ()> {
+        if !self.regular {
+            return Box::pin(async { Err(io::Error::from_raw_os_error(libc::ENOTSUP)) });
+        }
+        let size = self.size.clone();
+        self.blocking(move |f| {
+            f.set_len(len)?;
+            size.store(len, Ordering::Release);
+            Ok(())
+        })
     }
 }
 

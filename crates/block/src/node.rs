@@ -266,6 +266,13 @@ impl BlockNode {
         self.driver.flush().await
     }
 
+    /// Resizes the node (only drivers that support it: `file` on a regular file).
+    /// Format drivers use this to grow their protocol child before allocating clusters.
+    pub async fn truncate(&self, len: u64) -> io::Result<()> {
+        self.check_writable()?;
+        self.driver.truncate(len).await
+    }
+
     /// Status of the extent at `offset`, at most `len` bytes (clamped to the node's end).
     pub async fn block_status(&self, offset: u64, len: u64) -> io::Result<BlockStatus> {
         if offset >= self.size() {

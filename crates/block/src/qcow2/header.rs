@@ -1,0 +1,473 @@
+//! The qcow2 header and its extensions (qemu/qemu `docs/interop/qcow2.rst`,
+//! "Header" and "Header extensions"), parsed and checked the way QEMU's
+//! `qcow2_do_open` checks them, with QEMU's error texts.
+
+use std::path::Path;
+
+use crate::node::BlockNode;
+
+/// `QFI\xfb`.
+pub const MAGIC: u32 = 0x5146_49fb;
+/// Smallest cluster size QEMU accepts: 512 bytes.
+pub const MIN_CLUSTER_BITS: u32 = 9;
+/// Largest cluster size QEMU accepts: 2 MiB.
+pub const MAX_CLUSTER_BITS: u32 = 21;
+/// QEMU's `QCOW_MAX_L1_SIZE` (bytes).
+pub const MAX_L1_BYTES: u64 = 32 << 20;
+/// QEMU's `QCOW_MAX_REFTABLE_SIZE` (bytes).
+pub const MAX_REFTABLE_BYTES: u64 = 8 << 20;
+/// Longest backing file name the format allows.
+pub const MAX_BACKING_NAME: usize = 1023;
+
+/// Header extension: backing file format name.
+pub const EXT_BACKING_FORMAT: u32 = 0xe279_2aca;
+/// Header extension: feature name table.
+pub const EXT_FEATURE_TABLE: u32 = 0x6803_f857;
+/// Header extension: bitmaps.
+pub const EXT_BITMAPS: u32 = 0x2385_2875;
+/// Header extension: full disk encryption header.
+pub const EXT_CRYPTO: u32 = 0x0537_be77;
+/// Header extension: external data file name.
+pub const EXT_DATA_FILE: u32 = 0x4441_5441;
+
+/// Incompatible feature bit 0: the refcounts may be inconsistent (lazy refcounts).
+pub const INCOMPAT_DIRTY: u64 = 1 << 0;
+/// Incompatible feature bit 1: the image is corrupt.
+pub const INCOMPAT_CORRUPT: u64 = 1 << 1;
+/// Incompatible feature bit 2: guest data lives in an external data file.
+pub const INCOMPAT_DATA_FILE: u64 = 1 << 2;
+/// Incompatible feature bit 3: the compression type field is not zlib.
+pub const INCOMPAT_COMPRESSION: u64 = 1 << 3;
+/// Incompatible feature bit 4: extended L2 entries (subclusters).
+pub const INCOMPAT_EXTL2: u64 = 1 << 4;
+/// Compatible feature bit 0: lazy refcounts.
+pub const COMPAT_LAZY_REFCOUNTS: u64 = 1 << 0;
+/// Autoclear bit 0: the bitmaps extension is consistent.
+pub const AUTOCLEAR_BITMAPS: u64 = 1 << 0;
+
+/// Offset of the autoclear features field.
+pub const OFF_AUTOCLEAR: u64 = 88;
+/// Offset of `refcount_table_offset` (followed by `refcount_table_clusters`).
+pub const OFF_REFTABLE: u64 = 48;
+
+/// A backing file named by an image header.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BackingRef {
+    /// The file name as written in the header (may be relative to the image's directory).
+    pub filename: String,
+    /// The format from the backing format header extension, if present.
+    pub format: Option<String>,
+}
+
+impl BackingRef {
+    /// The backing format, or an error when the header has none: formats
+    /// are never probed (a guest could write a qcow2 header into a raw
+    /// backing file and make the host open any file it names).
+    pub fn require_format(&self) -> Result<&str, String> {
+        self.format.as_deref().ok_or_else(|| {
+            format!(
+                "Backing file '{}' has no format in the image header and formats are never \
+                 probed; set one with 'qemu-img rebase -u -F <format>' or give the backing node \
+                 explicitly",
+                self.filename
+            )
+        })
+    }
+}
+
+/// The parsed, checked header of a qcow2 image.
+#[derive(Clone, Debug)]
+pub struct Header {
+    /// 2 or 3.
+    pub version: u32,
+    /// log2 of the cluster size.
+    pub cluster_bits: u32,
+    /// Virtual disk size in bytes.
+    pub size: u64,
+    /// Number of L1 entries.
+    pub l1_size: u32,
+    /// Host offset of the L1 table.
+    pub l1_table_offset: u64,
+    /// Host offset of the refcount table.
+    pub refcount_table_offset: u64,
+    /// Length of the refcount table in clusters.
+    pub refcount_table_clusters: u32,
+    /// Number of internal snapshots.
+    pub nb_snapshots: u32,
+    /// Incompatible feature bits.
+    pub incompatible: u64,
+    /// Compatible feature bits.
+    pub compatible: u64,
+    /// Autoclear feature bits.
+    pub autoclear: u64,
+    /// log2 of the refcount width in bits (4 = 16-bit refcounts).
+    pub refcount_order: u32,
+    /// Length of the header structure (72 for v2).
+    pub header_length: u32,
+    /// The backing file named by the header, if any.
+    pub backing: Option<BackingRef>,
+}
+
+fn be32(b: &[u8], at: usize) -> u32 {
+    u32::from_be_bytes(b[at..at + 4].try_into().expect("4 bytes"))
+}
+
+fn be64(b: &[u8], at: usize) -> u64 {
+    u64::from_be_bytes(b[at..at + 8].try_into().expect("8 bytes"))
+}
+
+/// Names of the incompatible feature bits, for "Unsupported qcow2 feature(s)".
+fn feature_name(table: &[(u8, u8, String)], bit: u8) -> Option<String> {
+    table
+        .iter()
+        .find(|(t, b, _)| *t == 0 && *b == bit)
+        .map(|(_, _, n)| n.clone())
+}
+
+/// QEMU's `report_unsupported_feature`.
+fn unsupported_features(table: &[(u8, u8, String)], mut mask: u64) -> String {
+    let mut names = Vec::new();
+    for bit in 0..64u8 {
+        if mask & (1 << bit) != 0 {
+            if let Some(n) = feature_name(table, bit) {
+                names.push(n);
+                mask &= !(1 << bit);
+            }
+        }
+    }
+    if mask != 0 {
+        names.push(format!("Unknown incompatible feature: {mask:x}"));
+    }
+    format!("Unsupported qcow2 feature(s): {}", names.join(", "))
+}
+
+/// Checks a table position as QEMU's `qcow2_validate_table` does.
+fn validate_table(
+    offset: u64,
+    entries: u64,
+    entry_len: u64,
+    max_bytes: u64,
+    cluster_size: u64,
+    name: &str,
+) -> Result<(), String> {
+    if entries > max_bytes / entry_len {
+        return Err(format!("{name} too large"));
+    }
+    if (i64::MAX as u64) - entries * entry_len < offset || !offset.is_multiple_of(cluster_size) {
+        return Err(format!("{name} offset invalid"));
+    }
+    Ok(())
+}
+
+/// Reads `len` bytes at `offset` of `file`; bytes past its end read as zeroes
+/// (as QEMU's protocol layer does).
+pub(crate) async fn read_padded(
+    file: &BlockNode,
+    offset: u64,
+    len: usize,
+) -> std::io::Result<Vec<u8>> {
+    let mut out = vec![0u8; len];
+    let size = file.size();
+    if offset < size {
+        let n = (size - offset).min(len as u64) as usize;
+        let buf = file.read(offset, n).await?;
+        out[..n].copy_from_slice(&buf);
+    }
+    Ok(out)
+}
+
+impl Header {
+    /// Cluster size in bytes.
+    pub fn cluster_size(&self) -> u64 {
+        1 << self.cluster_bits
+    }
+
+    /// Reads and checks the header of the image in `file`. `writable` adds the
+    /// checks QEMU makes only for read-write opens.
+    pub async fn read(file: &BlockNode, writable: bool) -> Result<Header, String> {
+        // The header and its extensions live in the first cluster; read the
+        // fixed part first, then the rest of the first cluster once its size is known.
+        let fixed = read_padded(file, 0, 112)
+            .await
+            .map_err(|e| format!("Could not read qcow2 header: {e}"))?;
+        if be32(&fixed, 0) != MAGIC {
+            return Err("Image is not in qcow2 format".into());
+        }
+        let version = be32(&fixed, 4);
+        if !(2..=3).contains(&version) {
+            return Err(format!("Unsupported qcow2 version {version}"));
+        }
+        let cluster_bits = be32(&fixed, 20);
+        if !(MIN_CLUSTER_BITS..=MAX_CLUSTER_BITS).contains(&cluster_bits) {
+            return Err(format!("Unsupported cluster size: 2^{cluster_bits}"));
+        }
+        let cluster_size = 1u64 << cluster_bits;
+        let first = read_padded(file, 0, cluster_size as usize)
+            .await
+            .map_err(|e| format!("Could not read qcow2 header: {e}"))?;
+        let b = &first[..];
+
+        let (incompatible, compatible, autoclear, refcount_order, header_length) = if version == 2 {
+            (0, 0, 0, 4, 72)
+        } else {
+            let hl = be32(b, 100);
+            if hl < 104 {
+                return Err("qcow2 header too short".into());
+            }
+            (be64(b, 72), be64(b, 80), be64(b, 88), be32(b, 96), hl)
+        };
+        if header_length as u64 > cluster_size {
+            return Err("qcow2 header exceeds cluster size".into());
+        }
+        let backing_offset = be64(b, 8);
+        let backing_size = be32(b, 16);
+        if backing_offset > cluster_size {
+            return Err("Invalid backing file offset".into());
+        }
+        let ext_end = if backing_offset != 0 {
+            backing_offset
+        } else {
+            cluster_size
+        };
+
+        let compression_type = if header_length > 104 { b[104] } else { 0 };
+        match compression_type {
+            0 => {
+                if incompatible & INCOMPAT_COMPRESSION != 0 {
+                    return Err(
+                        "qcow2: Compression type incompatible feature bit must not be set".into(),
+                    );
+                }
+            }
+            // zstd (1) is valid in QEMU builds with zstd; this reader only has zlib.
+            t => return Err(format!("qcow2: unknown compression type: {t}")),
+        }
+
+        let exts = read_extensions(b, header_length as u64, ext_end)?;
+
+        // Bits this implementation knows; external data files and extended
+        // L2 entries are valid qcow2 but not implemented here.
+        let known = INCOMPAT_DIRTY | INCOMPAT_CORRUPT | INCOMPAT_COMPRESSION;
+        if incompatible & !known != 0 {
+            return Err(unsupported_features(
+                &exts.feature_table,
+                incompatible & !known,
+            ));
+        }
+        if incompatible & INCOMPAT_CORRUPT != 0 && writable {
+            return Err("qcow2: Image is corrupt; cannot be opened read/write".into());
+        }
+        if incompatible & INCOMPAT_DIRTY != 0 && writable {
+            return Err(
+                "Could not repair dirty image: the image has lazy refcounts that were \
+                        not written back; repair it with 'qemu-img check -r all'"
+                    .into(),
+            );
+        }
+        if refcount_order > 6 {
+            return Err("Reference count entry width too large; may not exceed 64 bits".into());
+        }
+        let crypt = be32(b, 32);
+        if crypt != 0 {
+            return Err(format!("Unsupported encryption method {crypt}"));
+        }
+
+        let size = be64(b, 24);
+        let l1_size = be32(b, 36);
+        let l1_table_offset = be64(b, 40);
+        let refcount_table_offset = be64(b, 48);
+        let refcount_table_clusters = be32(b, 56);
+        let nb_snapshots = be32(b, 60);
+        let snapshots_offset = be64(b, 64);
+
+        if refcount_table_clusters == 0 {
+            return Err("Image does not contain a reference count table".into());
+        }
+        validate_table(
+            refcount_table_offset,
+            refcount_table_clusters as u64,
+            cluster_size,
+            MAX_REFTABLE_BYTES,
+            cluster_size,
+            "Reference count table",
+        )?;
+        validate_table(
+            snapshots_offset,
+            nb_snapshots as u64,
+            40,
+            40 * 65536,
+            cluster_size,
+            "Snapshot table",
+        )?;
+        validate_table(
+            l1_table_offset,
+            l1_size as u64,
+            8,
+            MAX_L1_BYTES,
+            cluster_size,
+            "Active L1 table",
+        )?;
+        let l2_covers = cluster_size * (cluster_size / 8);
+        let needed_l1 = size.div_ceil(l2_covers);
+        if needed_l1 > i32::MAX as u64 {
+            return Err("Image is too big".into());
+        }
+        if (l1_size as u64) < needed_l1 {
+            return Err("L1 table is too small".into());
+        }
+        if nb_snapshots != 0 && writable {
+            return Err(
+                "qcow2 images with internal snapshots can only be opened read-only here".into(),
+            );
+        }
+
+        let backing = if backing_offset != 0 {
+            let len = backing_size as usize;
+            if len > MAX_BACKING_NAME.min((cluster_size - backing_offset) as usize) {
+                return Err("Backing file name too long".into());
+            }
+            let name = &b[backing_offset as usize..backing_offset as usize + len];
+            Some(BackingRef {
+                filename: String::from_utf8_lossy(name).into_owned(),
+                format: exts.backing_format.clone(),
+            })
+        } else {
+            None
+        };
+
+        Ok(Header {
+            version,
+            cluster_bits,
+            size,
+            l1_size,
+            l1_table_offset,
+            refcount_table_offset,
+            refcount_table_clusters,
+            nb_snapshots,
+            incompatible,
+            compatible,
+            autoclear,
+            refcount_order,
+            header_length,
+            backing,
+        })
+    }
+}
+
+struct Extensions {
+    backing_format: Option<String>,
+    feature_table: Vec<(u8, u8, String)>,
+}
+
+/// Walks the header extensions as QEMU's `qcow2_read_extensions`.
+fn read_extensions(b: &[u8], start: u64, end: u64) -> Result<Extensions, String> {
+    let mut out = Extensions {
+        backing_format: None,
+        feature_table: Vec::new(),
+    };
+    let mut off = start;
+    while off < end {
+        if off + 8 > b.len() as u64 {
+            return Err("Header extension too large".into());
+        }
+        let magic = be32(b, off as usize);
+        let len = be32(b, off as usize + 4) as u64;
+        off += 8;
+        if off > end || len > end - off {
+            return Err("Header extension too large".into());
+        }
+        let data = &b[off as usize..(off + len) as usize];
+        match magic {
+            0 => return Ok(out),
+            EXT_BACKING_FORMAT => {
+                if len >= 16 {
+                    return Err(format!(
+                        "ERROR: ext_backing_format: len={len} too large (>=16)"
+                    ));
+                }
+                out.backing_format = Some(String::from_utf8_lossy(data).into_owned());
+            }
+            EXT_FEATURE_TABLE => {
+                for e in data.chunks_exact(48) {
+                    let name_end = e[2..].iter().position(|&c| c == 0).unwrap_or(46);
+                    let name = String::from_utf8_lossy(&e[2..2 + name_end]).into_owned();
+                    out.feature_table.push((e[0], e[1], name));
+                }
+            }
+            _ => {}
+        }
+        off += len.div_ceil(8) * 8;
+    }
+    Ok(out)
+}
+
+/// Reads the backing file reference from the header of the qcow2 image in
+/// `file`, without opening anything else. `Ok(None)` for an image without one.
+///
+/// The daemon opens the chain from this before opening the image itself; it
+/// must refuse a backing file without a format (probing formats is a known
+/// security hole: a guest could write a qcow2 header into a raw image).
+pub async fn read_header_backing(file: &BlockNode) -> Result<Option<BackingRef>, String> {
+    Ok(Header::read(file, false).await?.backing)
+}
+
+/// Resolves a backing file name from an image header against the directory of
+/// the image that names it, as QEMU's `bdrv_get_full_backing_filename` does:
+/// absolute names stay as they are, relative ones are relative to the image.
+pub fn resolve_backing_filename(image_filename: &str, backing: &str) -> String {
+    if backing.starts_with('/') || backing.contains("://") {
+        return backing.to_string();
+    }
+    match Path::new(image_filename).parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => {
+            dir.join(backing).to_string_lossy().into_owned()
+        }
+        _ => backing.to_string(),
+    }
+}
+
+/// Longest backing chain a daemon should build (a guard against loops and
+/// absurd chains; QEMU has no fixed limit but every layer costs a node).
+pub const MAX_CHAIN_DEPTH: usize = 64;
+
+/// Refuses a chain deeper than [`MAX_CHAIN_DEPTH`]; `depth` counts the image itself as 1.
+pub fn check_chain_depth(depth: usize) -> Result<(), String> {
+    if depth > MAX_CHAIN_DEPTH {
+        return Err(format!(
+            "Backing chain is too deep (more than {MAX_CHAIN_DEPTH} images); is there a loop?"
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn relative_backing_names() {
+        assert_eq!(
+            resolve_backing_filename("/a/b/top.qcow2", "base.raw"),
+            "/a/b/base.raw"
+        );
+        assert_eq!(resolve_backing_filename("/a/top", "/x/base"), "/x/base");
+        assert_eq!(resolve_backing_filename("top", "base"), "base");
+        assert_eq!(resolve_backing_filename("d/top", "../base"), "d/../base");
+        assert!(check_chain_depth(64).is_ok());
+        let b = BackingRef {
+            filename: "b.img".into(),
+            format: None,
+        };
+        assert!(b.require_format().unwrap_err().contains("'b.img'"));
+        assert!(check_chain_depth(65).is_err());
+    }
+
+    #[test]
+    fn unsupported_feature_text() {
+        let t = vec![(0u8, 2u8, "external data file".to_string())];
+        assert_eq!(
+            unsupported_features(&t, (1 << 2) | (1 << 9)),
+            "Unsupported qcow2 feature(s): external data file, Unknown incompatible feature: 200"
+        );
+    }
+}
