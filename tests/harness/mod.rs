@@ -7,13 +7,14 @@
 
 #![allow(dead_code)]
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
+use serde_json::{json, Value};
 
 /// How long a daemon may take to come up.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
@@ -29,7 +30,9 @@ pub fn require_tool(name: &str) {
         .map(|p| std::env::split_paths(&p).any(|d| d.join(name).is_file()))
         .unwrap_or(false);
     let package = match name {
-        "nbdinfo" | "nbdcopy" | "nbdsh" => "libnbd-bin",
+        "nbdinfo" | "nbdcopy" => "libnbd-bin",
+        // On Debian 12 nbdsh ships with the python binding, not libnbd-bin.
+        "nbdsh" => "python3-libnbd",
         "fio" => "fio",
         _ => "qemu-utils",
     };
@@ -275,9 +278,21 @@ impl Livesnapd {
 
     /// Sends `signal` and waits (bounded) for the exit status.
     pub fn stop_with(mut self, signal: i32) -> ExitStatus {
+        self.signal(signal);
+        wait_exit(&mut self.proc.child, Duration::from_secs(20))
+    }
+
+    /// Sends `signal` without waiting.
+    pub fn signal(&self, signal: i32) {
         // SAFETY: kill on our own child's pid.
         unsafe { libc::kill(self.proc.child.id() as i32, signal) };
-        wait_exit(&mut self.proc.child, Duration::from_secs(20))
+    }
+
+    /// Waits at most `timeout` for the process to exit (killing it and
+    /// panicking after that); the temporary directory stays, so a test can
+    /// still look at what the daemon left there.
+    pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        wait_exit(&mut self.proc.child, timeout)
     }
 }
 
@@ -367,4 +382,147 @@ pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
             x as u8
         })
         .collect()
+}
+
+/// Runs a command with a time limit and returns (status, stdout, stderr);
+/// panics (after killing it) if it runs longer.
+pub fn run_within(cmd: &mut Command, limit: Duration) -> (ExitStatus, String, String) {
+    if let Some(prog) = cmd.get_program().to_str() {
+        if !prog.contains('/') {
+            require_tool(prog);
+        }
+    }
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    let drain = |r: Option<Box<dyn std::io::Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut s = Vec::new();
+            if let Some(mut r) = r {
+                let _ = std::io::Read::read_to_end(&mut r, &mut s);
+            }
+            String::from_utf8_lossy(&s).into_owned()
+        })
+    };
+    let out = drain(child.stdout.take().map(|r| Box::new(r) as _));
+    let err = drain(child.stderr.take().map(|r| Box::new(r) as _));
+    let start = Instant::now();
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{cmd:?} did not finish within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    (status, out.join().unwrap(), err.join().unwrap())
+}
+
+/// How long a `RawQmp` waits for any one read or write.
+pub const QMP_WAIT: Duration = Duration::from_secs(10);
+
+/// A QMP connection used byte by byte, for bad input; every read and write
+/// is bounded by `QMP_WAIT`.
+pub struct RawQmp {
+    r: BufReader<UnixStream>,
+    /// The socket, for writing (and shutting down).
+    pub w: UnixStream,
+    next_id: u64,
+}
+
+impl RawQmp {
+    /// Connects and reads the greeting (no negotiation).
+    pub fn connect(path: &Path) -> RawQmp {
+        let s = UnixStream::connect(path)
+            .unwrap_or_else(|e| panic!("QMP connect {}: {e}", path.display()));
+        s.set_read_timeout(Some(QMP_WAIT)).unwrap();
+        s.set_write_timeout(Some(QMP_WAIT)).unwrap();
+        let mut m = RawQmp {
+            r: BufReader::new(s.try_clone().unwrap()),
+            w: s,
+            next_id: 0,
+        };
+        let g = m.recv();
+        assert!(g.get("QMP").is_some(), "not a greeting: {g}");
+        m
+    }
+
+    /// Runs `qmp_capabilities`.
+    pub fn negotiate(&mut self) {
+        self.send(b"{\"execute\":\"qmp_capabilities\"}\n");
+        assert_eq!(self.recv(), json!({"return": {}}));
+    }
+
+    /// Sends bytes as they are.
+    pub fn send(&mut self, b: &[u8]) {
+        self.w.write_all(b).unwrap();
+    }
+
+    /// The next message that is not an event.
+    pub fn recv(&mut self) -> Value {
+        loop {
+            let mut line = String::new();
+            match self.r.read_line(&mut line) {
+                Ok(0) => panic!("QMP connection closed"),
+                Ok(_) => {}
+                Err(e) => panic!("no QMP message within {QMP_WAIT:?}: {e}"),
+            }
+            assert!(line.ends_with("\r\n"), "QMP line without CRLF: {line:?}");
+            let v: Value = serde_json::from_str(&line)
+                .unwrap_or_else(|e| panic!("bad QMP output {line:?}: {e}"));
+            if v.get("event").is_none() {
+                return v;
+            }
+        }
+    }
+
+    /// Runs a command with a fresh id; Ok(return) or Err((class, desc)).
+    pub fn execute(&mut self, cmd: &str, args: Value) -> Result<Value, (String, String)> {
+        self.next_id += 1;
+        let id = format!("t{}", self.next_id);
+        let mut req = json!({"execute": cmd, "id": id});
+        if !args.is_null() {
+            req["arguments"] = args;
+        }
+        self.send(format!("{req}\n").as_bytes());
+        let r = self.recv();
+        assert_eq!(r["id"], json!(id), "reply out of order: {r}");
+        match r.get("return") {
+            Some(v) => Ok(v.clone()),
+            None => Err(class_desc(&r)),
+        }
+    }
+
+    /// Runs a command that must succeed.
+    pub fn ok(&mut self, cmd: &str, args: Value) -> Value {
+        self.execute(cmd, args)
+            .unwrap_or_else(|e| panic!("QMP {cmd} failed: {e:?}"))
+    }
+
+    /// The monitor still answers, and nothing else is queued before the answer.
+    pub fn alive(&mut self, case: &str) {
+        self.next_id += 1;
+        let id = format!("alive{}", self.next_id);
+        self.send(format!("{{\"execute\":\"query-version\",\"id\":\"{id}\"}}\n").as_bytes());
+        let r = self.recv();
+        assert_eq!(r["id"], json!(id), "after {case}: unexpected reply {r}");
+        assert_eq!(r["return"]["qemu"]["major"], 10, "after {case}: {r}");
+    }
+}
+
+/// (class, desc) of an error reply.
+pub fn class_desc(r: &Value) -> (String, String) {
+    let e = r
+        .get("error")
+        .unwrap_or_else(|| panic!("not an error reply: {r}"));
+    (
+        e["class"].as_str().unwrap_or_default().to_string(),
+        e["desc"].as_str().unwrap_or_default().to_string(),
+    )
 }

@@ -22,10 +22,11 @@ MODES:
   livesnapd
       Demo: creates a sparse 1 GiB raw image in /tmp/livesnap-demo (unless it exists),
       exports it writable as 'disk' on 127.0.0.1:10809 and opens a QMP socket there.
-  livesnapd --qmp /run/livesnapd.sock
+  livesnapd --qmp /run/livesnapd.sock [--nbd ADDR]
       Only a QMP monitor; configure everything over QMP (blockdev-add,
       nbd-server-start, block-export-add), as with
       qemu-storage-daemon --chardev socket,path=PATH,server=on,wait=off,id=m --monitor chardev=m
+      (--nbd starts the NBD server right away, like qemu-storage-daemon's --nbd-server).
   livesnapd --image disk.img [--nbd ADDR] [--qmp PATH]
       Export one raw image (node 'disk' over node 'disk-file', export id 'export0').
 
@@ -46,12 +47,13 @@ pub struct Cli {
     pub image: Option<PathBuf>,
 
     /// NBD listen address: unix:PATH or HOST:PORT [default: 127.0.0.1:10809 with --image].
+    /// With --qmp alone, starts the NBD server with no exports (as nbd-server-start).
     #[arg(long, value_name = "ADDR")]
     pub nbd: Option<String>,
 
-    /// NBD export name of --image.
-    #[arg(long, value_name = "NAME", default_value = "disk")]
-    pub export_name: String,
+    /// NBD export name of --image [default: disk].
+    #[arg(long, value_name = "NAME")]
+    pub export_name: Option<String>,
 
     /// Export --image read-only.
     #[arg(long)]
@@ -64,4 +66,42 @@ pub struct Cli {
     /// Most NBD clients at once (0 = no limit).
     #[arg(long, value_name = "N", default_value_t = 100)]
     pub max_connections: u32,
+
+    /// Demo only: keep the demo image and QMP socket in DIR instead of
+    /// /tmp/livesnap-demo (tests use it, with `--nbd 127.0.0.1:0`, so they
+    /// never touch a developer's running demo).
+    #[arg(long, value_name = "DIR", hide = true, conflicts_with_all = ["image", "qmp"])]
+    pub demo_dir: Option<PathBuf>,
+}
+
+impl Cli {
+    /// True when neither --image nor --qmp is given: the demo.
+    pub fn is_demo(&self) -> bool {
+        self.image.is_none() && self.qmp.is_none()
+    }
+
+    /// Flags that only make sense with an image, given without one (outside
+    /// the demo, which has its own image): they would be ignored silently.
+    pub fn check(&self) -> Result<(), String> {
+        if self.is_demo() || self.image.is_some() {
+            return Ok(());
+        }
+        let image_only = [
+            (self.read_only, "--read-only"),
+            (self.cache_direct, "--cache-direct"),
+            (self.export_name.is_some(), "--export-name"),
+        ];
+        match image_only.iter().find(|(set, _)| *set) {
+            Some((_, flag)) => Err(format!(
+                "{flag} applies to --image; without --image, set the export up over QMP \
+                 (blockdev-add, block-export-add)"
+            )),
+            None => Ok(()),
+        }
+    }
+
+    /// The NBD export name of --image.
+    pub fn export_name(&self) -> &str {
+        self.export_name.as_deref().unwrap_or("disk")
+    }
 }

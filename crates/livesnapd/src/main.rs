@@ -9,13 +9,14 @@ mod cli;
 mod commands;
 mod daemon;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use clap::Parser;
+use clap::{CommandFactory, Parser};
 use livesnap_qmp::{Args, Dispatcher, Greeting, QmpServer};
 use serde_json::{json, Value};
+use tokio::signal::unix::{signal, Signal, SignalKind};
 
 use cli::{Cli, DEMO_DIR, DEMO_SIZE};
 use commands::Commands;
@@ -32,6 +33,11 @@ fn main() -> ExitCode {
     // SAFETY: mallopt only tunes glibc's allocator; called before any thread starts.
     unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD) };
     let cli = Cli::parse();
+    if let Err(msg) = cli.check() {
+        Cli::command()
+            .error(clap::error::ErrorKind::ArgumentConflict, msg)
+            .exit();
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("LIVESNAP_LOG")
@@ -81,9 +87,15 @@ fn ensure_demo_image(path: &Path) -> anyhow::Result<()> {
 }
 
 async fn run(mut cli: Cli) -> anyhow::Result<()> {
-    let demo = cli.image.is_none() && cli.qmp.is_none();
+    // Before anything is created: a SIGTERM from here on is a graceful stop
+    // (exit 0, sockets removed), never the default action of dying at once.
+    let signals = Signals::new();
+    let demo = cli.is_demo();
     if demo {
-        let dir = Path::new(DEMO_DIR);
+        let dir = cli
+            .demo_dir
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(DEMO_DIR));
         let image = dir.join("disk.img");
         ensure_demo_image(&image)?;
         cli.image = Some(image);
@@ -93,6 +105,7 @@ async fn run(mut cli: Cli) -> anyhow::Result<()> {
     let commands = Commands::new(daemon.clone());
 
     let mut nbd_url = None;
+    let mut nbd_server = None;
     if let Some(image) = &cli.image {
         let nbd = cli.nbd.clone().unwrap_or_else(|| "127.0.0.1:10809".into());
         let addr = commands::parse_listen_addr(&nbd).map_err(|e| anyhow::anyhow!("--nbd: {e}"))?;
@@ -117,11 +130,18 @@ async fn run(mut cli: Cli) -> anyhow::Result<()> {
             "block-export-add",
             json!({
                 "type": "nbd", "id": "export0", "node-name": "disk",
-                "name": cli.export_name, "writable": !cli.read_only,
+                "name": cli.export_name(), "writable": !cli.read_only,
             }),
         )
         .await?;
-        nbd_url = Some(nbd_uri(&local, &cli.export_name));
+        nbd_url = Some(nbd_uri(&local, cli.export_name()));
+    } else if let Some(nbd) = &cli.nbd {
+        // --qmp with --nbd: qemu-storage-daemon's --nbd-server; exports come over QMP.
+        let addr = commands::parse_listen_addr(nbd).map_err(|e| anyhow::anyhow!("--nbd: {e}"))?;
+        let local = commands::start_nbd_server(&daemon, &addr, cli.max_connections)
+            .await
+            .map_err(|e| anyhow::anyhow!("{}", e.desc))?;
+        nbd_server = Some(local);
     }
 
     let qmp_server = match &cli.qmp {
@@ -141,9 +161,9 @@ async fn run(mut cli: Cli) -> anyhow::Result<()> {
         None => None,
     };
 
-    print_banner(&cli, nbd_url.as_deref());
+    print_banner(&cli, nbd_url.as_deref(), nbd_server.as_deref());
 
-    wait_for_stop(&daemon).await;
+    signals.wait(&daemon).await;
     if let Some(server) = qmp_server {
         server.close().await;
     }
@@ -159,7 +179,7 @@ fn nbd_uri(local: &str, export: &str) -> String {
     }
 }
 
-fn print_banner(cli: &Cli, nbd_url: Option<&str>) {
+fn print_banner(cli: &Cli, nbd_url: Option<&str>, nbd_server: Option<&str>) {
     println!("livesnapd {} ready", env!("CARGO_PKG_VERSION"));
     if let (Some(image), Some(url)) = (&cli.image, nbd_url) {
         let mode = if cli.read_only {
@@ -172,6 +192,9 @@ fn print_banner(cli: &Cli, nbd_url: Option<&str>) {
         println!("  try:   qemu-img info '{url}'");
         println!("         nbdinfo --map '{url}'");
     }
+    if let Some(local) = nbd_server {
+        println!("  NBD server: {local} (no exports yet: add them with block-export-add)");
+    }
     if let Some(qmp) = &cli.qmp {
         println!("  QMP:   {}", qmp.display());
         println!(
@@ -182,18 +205,33 @@ fn print_banner(cli: &Cli, nbd_url: Option<&str>) {
     println!("  stop:  Ctrl-C (finishes in-flight requests and flushes)");
 }
 
-async fn wait_for_stop(daemon: &Arc<Daemon>) {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        daemon.quit_requested().await;
-        return;
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-        _ = daemon.quit_requested() => {}
+/// SIGTERM and SIGINT, caught from the moment this is created.
+struct Signals(Option<(Signal, Signal)>);
+
+impl Signals {
+    fn new() -> Signals {
+        match (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) {
+            (Ok(term), Ok(int)) => Signals(Some((term, int))),
+            (Err(e), _) | (_, Err(e)) => {
+                tracing::warn!("cannot catch SIGTERM/SIGINT ({e}); only QMP quit stops gracefully");
+                Signals(None)
+            }
+        }
+    }
+
+    /// Resolves on SIGTERM, SIGINT or QMP `quit`.
+    async fn wait(self, daemon: &Arc<Daemon>) {
+        let Some((mut term, mut int)) = self.0 else {
+            daemon.quit_requested().await;
+            return;
+        };
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+            _ = daemon.quit_requested() => {}
+        }
     }
 }

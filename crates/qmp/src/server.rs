@@ -107,6 +107,9 @@ const REQ_QUEUE_MAX: usize = 8;
 /// Replies waiting for a client that does not read; then reading stops.
 const OUT_QUEUE_MAX: usize = 64;
 const READ_CHUNK: usize = 64 * 1024;
+/// How long a monitor may take to write out owed replies when the server
+/// shuts down; a client that does not read is cut off after that.
+const SHUTDOWN_FLUSH: std::time::Duration = std::time::Duration::from_secs(1);
 
 struct Ctx {
     greeting: Greeting,
@@ -397,6 +400,9 @@ async fn serve_monitor(stream: UnixStream, ctx: Arc<Ctx>, mut shutdown: watch::R
         events_before: 0,
     };
     let mut graceful = out_tx.send(greeting).await.is_ok();
+    // Set when the server shuts down (QMP `quit`, a signal): replies already
+    // owed still go out, within SHUTDOWN_FLUSH.
+    let mut closing = false;
     let mut stream = JsonStream::with_limits(ctx.limits);
     let mut buf = vec![0u8; READ_CHUNK];
     let mut msgs = Vec::new();
@@ -405,7 +411,7 @@ async fn serve_monitor(stream: UnixStream, ctx: Arc<Ctx>, mut shutdown: watch::R
     // (`printf '...' | socat - UNIX-CONNECT:...` relies on it).
     'conn: while graceful {
         let n = tokio::select! {
-            _ = shutdown.changed() => { graceful = false; break }
+            _ = shutdown.changed() => { graceful = false; closing = true; break }
             _ = writer_done.changed() => { graceful = false; break }
             r = rd.read(&mut buf) => match r {
                 Ok(0) => break,
@@ -428,7 +434,7 @@ async fn serve_monitor(stream: UnixStream, ctx: Arc<Ctx>, mut shutdown: watch::R
                     events_before: ctx.events.emitted(),
                 };
                 tokio::select! {
-                    _ = shutdown.changed() => { graceful = false; break 'conn }
+                    _ = shutdown.changed() => { graceful = false; closing = true; break 'conn }
                     _ = writer_done.changed() => { graceful = false; break 'conn }
                     r = out_tx.send(out) => if r.is_err() { graceful = false; break 'conn },
                 }
@@ -441,14 +447,14 @@ async fn serve_monitor(stream: UnixStream, ctx: Arc<Ctx>, mut shutdown: watch::R
                 (Some(tx), Some(rx))
             };
             tokio::select! {
-                _ = shutdown.changed() => { graceful = false; break 'conn }
+                _ = shutdown.changed() => { graceful = false; closing = true; break 'conn }
                 _ = writer_done.changed() => { graceful = false; break 'conn }
                 r = req_tx.send(Request { msg, done }) => if r.is_err() { graceful = false; break 'conn },
             }
             // Without OOB, QEMU reads nothing more until the command is done.
             if let Some(wait) = wait {
                 tokio::select! {
-                    _ = shutdown.changed() => { graceful = false; break 'conn }
+                    _ = shutdown.changed() => { graceful = false; closing = true; break 'conn }
                     _ = writer_done.changed() => { graceful = false; break 'conn }
                     _ = wait => {}
                 }
@@ -460,12 +466,20 @@ async fn serve_monitor(stream: UnixStream, ctx: Arc<Ctx>, mut shutdown: watch::R
     state.closed.store(true, Ordering::Release);
     drop(req_tx);
     drop(out_tx);
+    let mut written = false;
     if graceful {
         tokio::select! {
-            _ = &mut writer => {}
-            _ = shutdown.changed() => writer.abort(),
+            _ = &mut writer => written = true,
+            _ = shutdown.changed() => closing = true,
         }
-    } else {
+    }
+    if !written {
+        if closing {
+            // QEMU flushes its monitors before exiting: the reply to `quit`
+            // (and any other reply already made) reaches the client, unless
+            // it does not read.
+            let _ = tokio::time::timeout(SHUTDOWN_FLUSH, &mut writer).await;
+        }
         writer.abort();
     }
     tracing::debug!("QMP monitor disconnected");
