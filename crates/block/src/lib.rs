@@ -6,6 +6,7 @@
 //! QMP or block jobs: those layers call [`BlockNode`] methods and never reach
 //! into drivers directly.
 
+pub mod backend;
 pub mod buf;
 pub mod create;
 pub mod driver;
@@ -16,6 +17,7 @@ pub mod qcow2;
 pub mod raw;
 pub mod tracker;
 
+pub use backend::BlockBackend;
 pub use buf::IoBuf;
 pub use create::{create_image, CreateOptions, ImageFormat};
 pub use driver::{BlockDriver, BlockStatus, ChildRef, IoFuture, Limits, WriteFlags, ZeroFlags};

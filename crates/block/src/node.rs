@@ -15,7 +15,7 @@ use crate::tracker::{RequestKind, RequestTracker};
 pub struct BlockNode {
     name: String,
     driver: Box<dyn BlockDriver>,
-    read_only: bool,
+    read_only: AtomicBool,
     monitor_owned: bool,
     cache_direct: AtomicBool,
     tracker: RequestTracker,
@@ -48,7 +48,7 @@ impl BlockNode {
         Arc::new(BlockNode {
             name: name.into(),
             driver,
-            read_only,
+            read_only: AtomicBool::new(read_only),
             monitor_owned,
             cache_direct: AtomicBool::new(false),
             tracker: RequestTracker::new(),
@@ -78,7 +78,12 @@ impl BlockNode {
 
     /// True when the node refuses writes.
     pub fn read_only(&self) -> bool {
-        self.read_only
+        self.read_only.load(Ordering::SeqCst)
+    }
+
+    /// Freezes the node against writes (the old top after an external snapshot).
+    pub fn set_read_only(&self) {
+        self.read_only.store(true, Ordering::SeqCst);
     }
 
     /// True when the node was created by name through the monitor.
@@ -137,7 +142,7 @@ impl BlockNode {
     }
 
     fn check_writable(&self) -> io::Result<()> {
-        if self.read_only {
+        if self.read_only() {
             return Err(io::Error::from_raw_os_error(libc::EPERM));
         }
         Ok(())

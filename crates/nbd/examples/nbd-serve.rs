@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use livesnap_block::{BlockNode, FileDriver, FileOptions, RawDriver, RawOptions};
+use livesnap_block::{BlockBackend, BlockNode, FileDriver, FileOptions, RawDriver, RawOptions};
 use livesnap_nbd::{ExportConfig, ExportTable, ListenAddr, NbdServer};
 
 #[tokio::main]
@@ -34,7 +34,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     table.add(ExportConfig {
         name: args.get(3).cloned().unwrap_or_default(),
         description: None,
-        node,
+        backend: BlockBackend::new(node),
         writable: true,
     })?;
     let addr = match args[2].strip_prefix("unix:") {

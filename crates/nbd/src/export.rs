@@ -9,7 +9,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use livesnap_block::BlockNode;
+use livesnap_block::BlockBackend;
 use tokio::sync::watch;
 
 use crate::conn::ConnControl;
@@ -21,8 +21,8 @@ pub struct ExportConfig {
     pub name: String,
     /// Human-readable description sent with `NBD_OPT_LIST` and `NBD_INFO_DESCRIPTION`.
     pub description: Option<String>,
-    /// The node whose bytes are served.
-    pub node: Arc<BlockNode>,
+    /// The backend whose bytes are served; its root can change under the export.
+    pub backend: Arc<BlockBackend>,
     /// Clients may write; otherwise the export is read-only (`NBD_FLAG_READ_ONLY`).
     pub writable: bool,
 }
@@ -66,7 +66,7 @@ impl Export {
 
     /// True when clients may not write (by configuration or because the node is read-only).
     pub fn read_only(&self) -> bool {
-        !self.cfg.writable || self.cfg.node.read_only()
+        !self.cfg.writable || self.cfg.backend.read_only()
     }
 
     /// Clients currently attached to this export (past GO/EXPORT_NAME).

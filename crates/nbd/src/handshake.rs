@@ -67,7 +67,7 @@ pub(crate) fn transmission_flags(export: &Export, structured: bool) -> u16 {
 
 /// Minimum block size to advertise: the node's request alignment, as a power of two.
 fn min_block(export: &Export) -> u32 {
-    let a = export.config().node.limits().request_alignment.max(1);
+    let a = export.config().backend.limits().request_alignment.max(1);
     a.next_power_of_two().min(65536)
 }
 
@@ -276,7 +276,7 @@ async fn export_name<W: AsyncWrite + Unpin>(
         .attach(ctl)
         .ok_or_else(|| proto_err(format!("export '{name}' not present")))?;
     let mut out = Vec::with_capacity(10 + 124);
-    out.extend_from_slice(&export.config().node.size().to_be_bytes());
+    out.extend_from_slice(&export.config().backend.size().to_be_bytes());
     out.extend_from_slice(&transmission_flags(&export, st.structured).to_be_bytes());
     if !st.no_zeroes {
         out.extend_from_slice(&[0u8; 124]);
@@ -342,7 +342,7 @@ async fn info_or_go<W: AsyncWrite + Unpin>(
     p.extend_from_slice(&MAX_PAYLOAD.to_be_bytes());
     info(&p);
     let mut p = INFO_EXPORT.to_be_bytes().to_vec();
-    p.extend_from_slice(&cfg.node.size().to_be_bytes());
+    p.extend_from_slice(&cfg.backend.size().to_be_bytes());
     p.extend_from_slice(&transmission_flags(&export, st.structured).to_be_bytes());
     info(&p);
 

@@ -3,9 +3,9 @@
 //! This crate owns the NBD wire protocol as `doc/proto.md` of the
 //! NetworkBlockDevice project defines it: fixed newstyle negotiation, simple
 //! and structured replies, `base:allocation` block status, and the listeners
-//! and export table a daemon needs to serve [`livesnap_block::BlockNode`]s.
+//! and export table a daemon needs to serve [`livesnap_block::BlockBackend`]s.
 //!
-//! It must not reach into block drivers (only [`livesnap_block::BlockNode`]
+//! It must not reach into block drivers (only [`livesnap_block::BlockBackend`]
 //! methods), must not know about QMP or jobs, and must never let one client's
 //! input — however malformed — panic, block or end anything but that client's
 //! own connection. Memory held per connection is bounded.

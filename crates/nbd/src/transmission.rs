@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::io::{self, IoSlice};
 use std::sync::{Arc, Mutex};
 
-use livesnap_block::{BlockNode, IoBuf, WriteFlags, ZeroFlags};
+use livesnap_block::{BlockBackend, IoBuf, WriteFlags, ZeroFlags};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::sync::mpsc::{self, UnboundedReceiver, UnboundedSender};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -145,7 +145,7 @@ impl BufPool {
 
 /// What every request task needs from its connection.
 struct Ctx {
-    node: Arc<BlockNode>,
+    backend: Arc<BlockBackend>,
     pool: Arc<BufPool>,
     read_only: bool,
     structured: bool,
@@ -223,7 +223,7 @@ pub(crate) async fn serve<R, W>(
     let export = session.export().clone();
     let pool = Arc::new(BufPool::new());
     let ctx = Arc::new(Ctx {
-        node: export.config().node.clone(),
+        backend: export.config().backend.clone(),
         pool: pool.clone(),
         read_only: export.read_only(),
         structured: session.structured,
@@ -391,7 +391,7 @@ fn validate(ctx: &Ctx, req: &Request) -> Result<(), Fail> {
         return Err(Fail::new(NBD_EPERM, "export is read-only"));
     }
     if req.typ != CMD_FLUSH {
-        let size = ctx.node.size();
+        let size = ctx.backend.size();
         let in_range = req.offset <= size && u64::from(req.len) <= size - req.offset;
         if !in_range {
             // The spec asks for ENOSPC on writes past the end, EINVAL otherwise.
@@ -431,7 +431,7 @@ fn validate(ctx: &Ctx, req: &Request) -> Result<(), Fail> {
 async fn execute(ctx: &Ctx, req: &Request, payload: Option<IoBuf>) -> Result<(), Fail> {
     validate(ctx, req)?;
     let fua = req.flags & CMD_FLAG_FUA != 0;
-    let node = &ctx.node;
+    let node = &*ctx.backend;
     match req.typ {
         CMD_WRITE => {
             let buf = payload.unwrap_or_else(|| IoBuf::zeroed(0));
@@ -485,7 +485,7 @@ async fn read(ctx: &Ctx, req: &Request, rep: Replier) {
     }
     if !ctx.structured {
         let buf = ctx.pool.take(req.len as usize);
-        return match ctx.node.read_into(req.offset, buf).await {
+        return match ctx.backend.read_into(req.offset, buf).await {
             Ok(buf) => {
                 let mut rep = rep;
                 let head = Head::inline(&[&encode_simple_reply(0, req.cookie)]);
@@ -516,7 +516,7 @@ fn is_zero(b: &[u8]) -> bool {
 async fn read_one(ctx: &Ctx, offset: u64, len: u32) -> Result<Seg, Fail> {
     let buf = ctx.pool.take(len as usize);
     let buf = ctx
-        .node
+        .backend
         .read_into(offset, buf)
         .await
         .map_err(|e| Fail::io("read", &e))?;
@@ -538,7 +538,7 @@ async fn read_segments(ctx: &Ctx, req: &Request) -> Result<Vec<Seg>, Fail> {
         return Ok(vec![read_one(ctx, offset, len).await?]);
     }
     let mut segs = Vec::new();
-    for (off, n, zero) in read_extents(&ctx.node, offset, len).await {
+    for (off, n, zero) in read_extents(&ctx.backend, offset, len).await {
         if zero {
             segs.push(Seg::Hole(off, n));
         } else {
@@ -550,7 +550,7 @@ async fn read_segments(ctx: &Ctx, req: &Request) -> Result<Vec<Seg>, Fail> {
 
 /// Splits a read range into (offset, length, reads-as-zero) extents. Lookup
 /// failures are not read failures: the rest is simply treated as data.
-async fn read_extents(node: &BlockNode, offset: u64, len: u32) -> Vec<(u64, u32, bool)> {
+async fn read_extents(node: &BlockBackend, offset: u64, len: u32) -> Vec<(u64, u32, bool)> {
     let end = offset + u64::from(len);
     let mut out: Vec<(u64, u32, bool)> = Vec::new();
     let mut pos = offset;
@@ -624,7 +624,7 @@ async fn block_status(ctx: &Ctx, req: &Request) -> Result<Vec<u8>, Fail> {
     let mut pos = req.offset;
     let mut lookups = 0;
     while pos < end && lookups < MAX_STATUS_LOOKUPS {
-        let st = match ctx.node.block_status(pos, end - pos).await {
+        let st = match ctx.backend.block_status(pos, end - pos).await {
             Ok(st) => st,
             Err(e) if extents.is_empty() => return Err(Fail::io("block status", &e)),
             // What was found so far is a valid, shorter answer.

@@ -279,7 +279,7 @@ async fn tcp_listener_reports_real_port() {
         .add(livesnap_nbd::ExportConfig {
             name: "t".into(),
             description: None,
-            node,
+            backend: livesnap_block::BlockBackend::new(node),
             writable: true,
         })
         .unwrap();

@@ -89,7 +89,7 @@ async fn qemu_io_reads_writes_and_zeroes() {
     require("qemu-io");
     let f = Fixture::new(0).await;
     f.add_file_export("disk", 16 * MIB, true);
-    let node = f.table.get("disk").unwrap().config().node.clone();
+    let node = f.table.get("disk").unwrap().config().backend.root();
     f.add_node("ro", node, false, None);
 
     let mut args: Vec<String> = vec!["-f".into(), "raw".into(), uri(&f, "disk")];

@@ -30,7 +30,7 @@ async fn table_add_remove_list() {
     let cfg = |name: &str| ExportConfig {
         name: name.into(),
         description: None,
-        node: node.clone(),
+        backend: livesnap_block::BlockBackend::new(node.clone()),
         writable: true,
     };
     t.add(cfg("b")).unwrap();

@@ -181,7 +181,7 @@ pub fn add_export(
         .add(ExportConfig {
             name,
             description: req.description,
-            node: node.clone(),
+            backend: livesnap_block::BlockBackend::new(node.clone()),
             writable: req.writable,
         })
         .map_err(generic)?;

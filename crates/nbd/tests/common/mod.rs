@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use livesnap_block::driver::IoFuture;
 use livesnap_block::{
-    BlockDriver, BlockNode, BlockStatus, FileDriver, FileOptions, IoBuf, RawDriver, RawOptions,
+    BlockBackend, BlockDriver, BlockNode, BlockStatus, FileDriver, FileOptions, IoBuf, RawDriver, RawOptions,
     WriteFlags, ZeroFlags,
 };
 use livesnap_nbd::{ExportConfig, ExportTable, ListenAddr, NbdServer};
@@ -103,7 +103,7 @@ impl Fixture {
             .add(ExportConfig {
                 name: name.into(),
                 description: description.map(Into::into),
-                node,
+                backend: BlockBackend::new(node),
                 writable,
             })
             .unwrap();
