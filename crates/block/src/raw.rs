@@ -30,11 +30,9 @@ impl RawDriver {
         let child_size = file.size();
         let offset = opts.offset.unwrap_or(0);
         if offset > child_size {
-            return Err("The sum of offset (".to_string()
-                + &offset.to_string()
-                + ") and size (0) has to be smaller or equal to the  actual size of the containing file ("
-                + &child_size.to_string()
-                + ")");
+            return Err(format!(
+                "Offset ({offset}) cannot be greater than size of the containing file ({child_size})"
+            ));
         }
         let size = opts.size.unwrap_or(child_size - offset);
         if offset.checked_add(size).is_none_or(|end| end > child_size) {

@@ -5,14 +5,14 @@
 //! opened, so a bad argument anywhere in an inline tree is reported the way
 //! QEMU's visitor reports it and nothing is left half-created.
 
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::sync::Arc;
 
-use livesnap_block::{check_node_name, BlockNode, FileDriver, FileOptions, RawDriver, RawOptions};
+use livesnap_block::{BlockNode, FileDriver, FileOptions, RawDriver, RawOptions};
 use livesnap_qmp::{Args, QmpError};
 use serde_json::{json, Value};
 
-use super::empty;
+use super::{empty, id_wellformed};
 use crate::daemon::Daemon;
 
 /// Every driver name of QEMU's `BlockdevDriver` enum; those livesnapd lacks get a clear error.
@@ -70,6 +70,9 @@ const QEMU_DRIVERS: &[&str] = &[
 /// Drivers livesnapd implements.
 const DRIVERS: &[&str] = &["file", "raw"];
 
+/// Longest node name plus one: the size of QEMU's `BlockDriverState.node_name`.
+const NODE_NAME_SIZE: usize = 32;
+
 /// QEMU's `BlockdevRef`: a child given inline or by node name.
 enum BlockdevRef {
     Inline(Box<BlockdevOptions>),
@@ -80,11 +83,13 @@ enum BlockdevRef {
 enum DriverOptions {
     File {
         filename: String,
+        aio_native: bool,
     },
     Raw {
         file: BlockdevRef,
-        offset: Option<u64>,
-        size: Option<u64>,
+        // QAPI type `int`; QEMU refuses negative values only when the driver opens.
+        offset: Option<i64>,
+        size: Option<i64>,
     },
 }
 
@@ -93,6 +98,7 @@ struct BlockdevOptions {
     node_name: Option<String>,
     read_only: Option<bool>,
     cache_direct: Option<bool>,
+    force_share: Option<bool>,
     driver: DriverOptions,
 }
 
@@ -101,6 +107,7 @@ struct BlockdevOptions {
 struct Inherited {
     read_only: bool,
     cache_direct: bool,
+    force_share: bool,
 }
 
 fn generic(desc: impl Into<String>) -> QmpError {
@@ -128,24 +135,26 @@ fn parse_ref(args: &mut Args, key: &str) -> Result<BlockdevRef, QmpError> {
 fn parse_options(args: &mut Args) -> Result<BlockdevOptions, QmpError> {
     let driver = args.req_str("driver")?;
     if !QEMU_DRIVERS.contains(&driver.as_str()) {
+        // Enum errors name the bare member, even nested (QEMU's visitor).
         return Err(generic(format!(
-            "Parameter '{}' does not accept value '{driver}'",
-            args.path_of("driver")
+            "Parameter 'driver' does not accept value '{driver}'"
         )));
     }
+    // The members of QEMU's BlockdevOptions base, in schema order.
     let node_name = args.opt_str("node-name")?;
-    let read_only = args.opt_bool("read-only")?;
-    // Accepted for compatibility with what libvirt sends; see docs/qmp.md.
-    args.opt_bool("auto-read-only")?;
-    args.opt_bool("force-share")?;
     args.opt_enum("discard", &["ignore", "unmap"])?;
-    let detect_zeroes = args.opt_enum("detect-zeroes", &["off", "on", "unmap"])?;
     let mut cache_direct = None;
     if let Some(mut cache) = args.opt_object("cache")? {
         cache_direct = cache.opt_bool("direct")?;
         cache.opt_bool("no-flush")?;
         cache.finish()?;
     }
+    let active = args.opt_bool("active")?;
+    let read_only = args.opt_bool("read-only")?;
+    // Accepted for compatibility with what libvirt sends; see docs/qmp.md.
+    args.opt_bool("auto-read-only")?;
+    let force_share = args.opt_bool("force-share")?;
+    let detect_zeroes = args.opt_enum("detect-zeroes", &["off", "on", "unmap"])?;
     if !DRIVERS.contains(&driver.as_str()) {
         return Err(generic(format!(
             "Driver '{driver}' is not supported by livesnapd"
@@ -155,25 +164,32 @@ fn parse_options(args: &mut Args) -> Result<BlockdevOptions, QmpError> {
         "file" => {
             let filename = args.req_str("filename")?;
             args.opt_enum("locking", &["auto", "on", "off"])?;
-            args.opt_enum("aio", &["threads", "native", "io_uring"])?;
-            args.opt_u64("aio-max-batch")?;
+            let aio = args.opt_enum("aio", &["threads", "native", "io_uring"])?;
+            args.opt_i64("aio-max-batch")?;
             args.opt_bool("drop-cache")?;
-            DriverOptions::File { filename }
+            DriverOptions::File {
+                filename,
+                aio_native: aio.as_deref() == Some("native"),
+            }
         }
         _ => {
             let file = parse_ref(args, "file")?;
-            let offset = args.opt_u64("offset")?;
-            let size = args.opt_u64("size")?;
+            let offset = args.opt_i64("offset")?;
+            let size = args.opt_i64("size")?;
             DriverOptions::Raw { file, offset, size }
         }
     };
     if matches!(detect_zeroes.as_deref(), Some("on") | Some("unmap")) {
         return Err(generic("detect-zeroes is not supported by livesnapd"));
     }
+    if active == Some(false) {
+        return Err(generic("Inactive nodes are not supported by livesnapd"));
+    }
     Ok(BlockdevOptions {
         node_name,
         read_only,
         cache_direct,
+        force_share,
         driver,
     })
 }
@@ -190,8 +206,24 @@ pub fn os_error_text(e: &std::io::Error) -> String {
     }
 }
 
+/// A `raw` window bound as QEMU reads it back as a size: negative is out of range.
+fn raw_window(value: Option<i64>, name: &str) -> Result<Option<u64>, QmpError> {
+    value
+        .map(|v| {
+            u64::try_from(v).map_err(|_| {
+                generic(format!(
+                    "Value '{v}' is out of range for parameter '{name}'"
+                ))
+            })
+        })
+        .transpose()
+}
+
 /// Opens `opts` and everything inline below it, adding the nodes to the graph.
 ///
+/// The steps and their errors come in QEMU's order: a format driver's `file`
+/// child first (`bdrv_open_inherit`), then the node's generic options and
+/// name (`bdrv_open_common`), then the driver's own options.
 /// `created` collects every node added, so a failure can take them all back out.
 fn open_tree(
     d: &Daemon,
@@ -200,18 +232,55 @@ fn open_tree(
     monitor_owned: bool,
     created: &mut Vec<String>,
 ) -> Result<Arc<BlockNode>, QmpError> {
+    let read_only = opts.read_only.unwrap_or(inherited.read_only);
+    let cache_direct = opts.cache_direct.unwrap_or(inherited.cache_direct);
+    let force_share = opts.force_share.unwrap_or(inherited.force_share);
+    let child = match &opts.driver {
+        DriverOptions::File { .. } => None,
+        DriverOptions::Raw { file, .. } => Some(match file {
+            BlockdevRef::Reference(n) => d
+                .graph
+                .get(n)
+                .ok_or_else(|| generic(format!("Cannot find device='{n}' nor node-name='{n}'")))?,
+            BlockdevRef::Inline(child_opts) => open_tree(
+                d,
+                child_opts,
+                Inherited {
+                    read_only,
+                    cache_direct,
+                    force_share,
+                },
+                false,
+                created,
+            )?,
+        }),
+    };
+    if force_share && !read_only {
+        return Err(generic(
+            "force-share=on can only be used with read-only images",
+        ));
+    }
+    if matches!(&opts.driver, DriverOptions::File { filename, .. } if filename.is_empty()) {
+        return Err(generic("The 'file' block driver requires a file name"));
+    }
     let name = match &opts.node_name {
         Some(n) => {
-            check_node_name(n).map_err(|e| generic(e.0))?;
+            if !id_wellformed(n) {
+                return Err(generic(format!("Invalid node-name: '{n}'")));
+            }
             d.graph.check_free(n).map_err(|e| generic(e.0))?;
+            if n.len() >= NODE_NAME_SIZE {
+                return Err(generic("Node name too long"));
+            }
             n.clone()
         }
         None => d.graph.auto_name(),
     };
-    let read_only = opts.read_only.unwrap_or(inherited.read_only);
-    let cache_direct = opts.cache_direct.unwrap_or(inherited.cache_direct);
     let driver: Box<dyn livesnap_block::BlockDriver> = match &opts.driver {
-        DriverOptions::File { filename } => {
+        DriverOptions::File {
+            filename,
+            aio_native,
+        } => {
             let f = FileDriver::open(&FileOptions {
                 filename: filename.clone(),
                 direct: cache_direct,
@@ -223,32 +292,26 @@ fn open_tree(
                     os_error_text(&e)
                 ))
             })?;
+            if *aio_native && !cache_direct {
+                return Err(generic("aio=native was specified, but it requires cache.direct=on, which was not specified."));
+            }
+            // Block devices are accepted too (QEMU wants host_device for them); see docs/qmp.md.
+            let usable = std::fs::metadata(filename)
+                .map(|m| m.file_type().is_file() || m.file_type().is_block_device())
+                .unwrap_or(false);
+            if !usable {
+                return Err(generic(format!(
+                    "'file' driver requires '{filename}' to be a regular file"
+                )));
+            }
             Box::new(f)
         }
-        DriverOptions::Raw { file, offset, size } => {
-            let child = match file {
-                BlockdevRef::Reference(n) => d.graph.get(n).ok_or_else(|| {
-                    generic(format!("Cannot find device='{n}' nor node-name='{n}'"))
-                })?,
-                BlockdevRef::Inline(child_opts) => open_tree(
-                    d,
-                    child_opts,
-                    Inherited {
-                        read_only,
-                        cache_direct,
-                    },
-                    false,
-                    created,
-                )?,
-            };
-            if !read_only && child.read_only() {
-                return Err(generic("Block node is read-only"));
-            }
+        DriverOptions::Raw { offset, size, .. } => {
             let raw = RawDriver::open(
-                child,
+                child.expect("raw's file child was resolved above"),
                 RawOptions {
-                    offset: *offset,
-                    size: *size,
+                    offset: raw_window(*offset, "offset")?,
+                    size: raw_window(*size, "size")?,
                 },
             )
             .map_err(generic)?;

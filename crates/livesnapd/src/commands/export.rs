@@ -6,12 +6,13 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
+use livesnap_block::BlockNode;
 use livesnap_nbd::{ExportConfig, ListenAddr, NbdServer};
 use livesnap_qmp::{Args, QmpError};
 use serde_json::{json, Value};
 
 use super::blockdev::os_error_text;
-use super::empty;
+use super::{empty, id_wellformed};
 use crate::daemon::{export_user, Daemon, ExportEntry};
 
 /// QEMU's default `max-connections` for `nbd-server-start` since 10.0.
@@ -32,7 +33,11 @@ fn parse_socket_address_legacy(args: &mut Args, key: &str) -> Result<ListenAddr,
     let listen = match kind.as_str() {
         "unix" => {
             let path = data.req_str("path")?;
-            data.opt_bool("abstract")?;
+            if data.opt_bool("abstract")? == Some(true) {
+                return Err(generic(
+                    "Abstract unix sockets are not supported by livesnapd",
+                ));
+            }
             data.opt_bool("tight")?;
             ListenAddr::Unix(PathBuf::from(path))
         }
@@ -72,6 +77,42 @@ pub fn parse_listen_addr(s: &str) -> Result<ListenAddr, String> {
     })
 }
 
+/// QEMU's error for a listener that could not be set up (`util/qemu-sockets.c`).
+fn bind_error(addr: &ListenAddr, e: &std::io::Error) -> QmpError {
+    match addr {
+        ListenAddr::Unix(p) => generic(format!(
+            "Failed to bind socket to {}: {}",
+            p.display(),
+            os_error_text(e)
+        )),
+        // An errno means the address resolved and bind() failed.
+        ListenAddr::Tcp { .. } if e.raw_os_error().is_some() => generic(format!(
+            "Failed to find an available port: {}",
+            os_error_text(e)
+        )),
+        ListenAddr::Tcp { host, port } => {
+            // getaddrinfo()'s text; livesnapd takes numeric ports only.
+            let why = if port.parse::<u16>().is_err() {
+                "Servname not supported for ai_socktype".to_string()
+            } else {
+                let text = e.to_string();
+                text.strip_prefix("failed to lookup address information: ")
+                    .unwrap_or(&text)
+                    .to_string()
+            };
+            generic(format!(
+                "address resolution failed for {host}:{port}: {why}"
+            ))
+        }
+    }
+}
+
+/// Whether a write through `node` would reach a read-only node (QEMU refuses
+/// the write permission with "Block node is read-only").
+fn chain_read_only(node: &BlockNode) -> bool {
+    node.read_only() || node.children().iter().any(|c| chain_read_only(&c.node))
+}
+
 /// Starts the NBD server; shared by QMP and the command line.
 pub async fn start_nbd_server(
     d: &Daemon,
@@ -84,16 +125,7 @@ pub async fn start_nbd_server(
     }
     let server = NbdServer::start(addr, max_connections, d.nbd_exports.clone())
         .await
-        .map_err(|e| {
-            let what = match addr {
-                ListenAddr::Unix(p) => p.display().to_string(),
-                ListenAddr::Tcp { host, port } => format!("{host}:{port}"),
-            };
-            generic(format!(
-                "Failed to bind socket to {what}: {}",
-                os_error_text(&e)
-            ))
-        })?;
+        .map_err(|e| bind_error(addr, &e))?;
     let local = server.local_addr();
     *slot = Some(server);
     Ok(local)
@@ -101,6 +133,9 @@ pub async fn start_nbd_server(
 
 pub(super) async fn nbd_server_start(d: &Arc<Daemon>, mut args: Args) -> Result<Value, QmpError> {
     let addr = parse_socket_address_legacy(&mut args, "addr")?;
+    // Accepted and ignored: the NBD handshake limit is fixed at QEMU's
+    // default, livesnap_nbd::HANDSHAKE_TIMEOUT (docs/qmp.md).
+    args.opt_u32("handshake-max-seconds")?;
     let tls_creds = args.opt_str("tls-creds")?;
     let tls_authz = args.opt_str("tls-authz")?;
     let max_connections = args
@@ -119,10 +154,23 @@ pub(super) async fn nbd_server_stop(d: &Arc<Daemon>, args: Args) -> Result<Value
     let Some(server) = d.nbd_server.lock().await.take() else {
         return Err(generic("NBD server not running"));
     };
-    let entries: Vec<_> = d.exports.lock().unwrap().clone();
+    // As QEMU's blk_exp_close_all_type(): newest export first, those without
+    // clients at once, then wait for the others' clients to go, so that every
+    // BLOCK_EXPORT_DELETED comes before the reply.
+    let entries: Vec<_> = d.exports.lock().unwrap().iter().rev().cloned().collect();
+    let mut busy = Vec::new();
     for entry in entries {
         d.nbd_exports.remove(&entry.nbd.config().name);
-        entry.nbd.close_connections();
+        if entry.nbd.connections() == 0 {
+            d.finish_export_removal(entry);
+        } else {
+            entry.shutting_down.store(true, Ordering::SeqCst);
+            entry.nbd.close_connections();
+            busy.push(entry);
+        }
+    }
+    for entry in busy {
+        entry.nbd.wait_closed().await;
         d.finish_export_removal(entry);
     }
     server.stop().await;
@@ -149,6 +197,9 @@ pub fn add_export(
     req: ExportRequest,
     server_running: bool,
 ) -> Result<(), QmpError> {
+    if !id_wellformed(&req.id) {
+        return Err(generic("Invalid block export id"));
+    }
     if d.exports.lock().unwrap().iter().any(|e| e.id == req.id) {
         return Err(generic(format!(
             "Block export id '{}' is already in use",
@@ -158,6 +209,9 @@ pub fn add_export(
     let node = d.graph.find(&req.node_name).map_err(|e| generic(e.0))?;
     if req.writable && node.read_only() {
         return Err(generic("Cannot export read-only node as writable"));
+    }
+    if req.writable && chain_read_only(&node) {
+        return Err(generic("Block node is read-only"));
     }
     if !server_running {
         return Err(generic("NBD server not running"));
@@ -198,11 +252,12 @@ pub fn add_export(
 pub(super) async fn block_export_add(d: &Arc<Daemon>, mut args: Args) -> Result<Value, QmpError> {
     let kind = args.req_enum("type", &["nbd", "vhost-user-blk", "fuse", "vduse-blk"])?;
     let id = args.req_str("id")?;
+    // Accepted and ignored: livesnapd has no iothreads (docs/qmp.md).
+    args.opt_bool("fixed-iothread")?;
+    args.opt_str("iothread")?;
     let node_name = args.req_str("node-name")?;
     let writable = args.opt_bool("writable")?.unwrap_or(false);
     let writethrough = args.opt_bool("writethrough")?.unwrap_or(false);
-    args.opt_bool("fixed-iothread")?;
-    args.opt_str("iothread")?;
     args.opt_bool("allow-inactive")?;
     if kind != "nbd" {
         return Err(generic(format!(

@@ -88,3 +88,11 @@ impl Dispatcher for Commands {
 fn empty() -> Value {
     Value::Object(Default::default())
 }
+
+/// QEMU's `id_wellformed()`, for node names and export ids: a letter, then
+/// letters, digits, '-', '.' and '_' (no length limit here).
+fn id_wellformed(id: &str) -> bool {
+    let mut chars = id.chars();
+    chars.next().is_some_and(|c| c.is_ascii_alphabetic())
+        && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'))
+}

@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use livesnap_block::driver::IoFuture;
 use livesnap_block::{
-    BlockBackend, BlockDriver, BlockNode, BlockStatus, FileDriver, FileOptions, IoBuf, RawDriver, RawOptions,
-    WriteFlags, ZeroFlags,
+    BlockBackend, BlockDriver, BlockNode, BlockStatus, FileDriver, FileOptions, IoBuf, RawDriver,
+    RawOptions, WriteFlags, ZeroFlags,
 };
 use livesnap_nbd::{ExportConfig, ExportTable, ListenAddr, NbdServer};
 
