@@ -121,4 +121,30 @@ pub trait BlockDriver: Send + Sync + 'static {
         let _ = len;
         Box::pin(async { Err(io::Error::from_raw_os_error(libc::ENOTSUP)) })
     }
+
+    /// Facts only this format has, for `query-named-block-nodes` (QEMU's `ImageInfoSpecific`).
+    fn format_specific(&self) -> Option<FormatSpecific> {
+        None
+    }
+
+    /// The backing node, for formats that have one.
+    fn backing(&self) -> Option<Arc<BlockNode>> {
+        None
+    }
+
+    /// Re-points the backing node in memory (an external snapshot); the image header is unchanged.
+    fn set_backing(&self, backing: Option<Arc<BlockNode>>) -> Result<(), String> {
+        let _ = backing;
+        Err(format!(
+            "Driver '{}' does not support backing files",
+            self.format_name()
+        ))
+    }
+}
+
+/// Format-specific image facts (QEMU's `ImageInfoSpecific` union).
+#[derive(Clone, Debug)]
+pub enum FormatSpecific {
+    /// A qcow2 image.
+    Qcow2(crate::qcow2::Qcow2Info),
 }

@@ -20,7 +20,9 @@ pub mod tracker;
 pub use backend::BlockBackend;
 pub use buf::IoBuf;
 pub use create::{create_image, CreateOptions, ImageFormat};
-pub use driver::{BlockDriver, BlockStatus, ChildRef, IoFuture, Limits, WriteFlags, ZeroFlags};
+pub use driver::{
+    BlockDriver, BlockStatus, ChildRef, FormatSpecific, IoFuture, Limits, WriteFlags, ZeroFlags,
+};
 pub use file::{FileDriver, FileOptions};
 pub use graph::{check_node_name, BlockGraph, GraphError};
 pub use node::BlockNode;

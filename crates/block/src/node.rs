@@ -111,6 +111,21 @@ impl BlockNode {
         self.driver.children()
     }
 
+    /// Format-specific facts (qcow2 header fields).
+    pub fn format_specific(&self) -> Option<crate::driver::FormatSpecific> {
+        self.driver.format_specific()
+    }
+
+    /// The backing node, if the format has one.
+    pub fn backing(&self) -> Option<Arc<BlockNode>> {
+        self.driver.backing()
+    }
+
+    /// Re-points the backing node (see [`BlockDriver::set_backing`]).
+    pub fn set_backing(&self, backing: Option<Arc<BlockNode>>) -> Result<(), String> {
+        self.driver.set_backing(backing)
+    }
+
     /// In-flight requests on this node.
     pub fn tracker(&self) -> &RequestTracker {
         &self.tracker

@@ -27,8 +27,10 @@ MODES:
       nbd-server-start, block-export-add), as with
       qemu-storage-daemon --chardev socket,path=PATH,server=on,wait=off,id=m --monitor chardev=m
       (--nbd starts the NBD server right away, like qemu-storage-daemon's --nbd-server).
-  livesnapd --image disk.img [--nbd ADDR] [--qmp PATH]
-      Export one raw image (node 'disk' over node 'disk-file', export id 'export0').
+  livesnapd --image disk.img [--format raw|qcow2] [--nbd ADDR] [--qmp PATH]
+      Export one image (node 'disk' over node 'disk-file', export id 'export0').
+      A qcow2 image's backing chain is opened from its header, with the
+      header's backing format (never probed).
 
 EXAMPLES:
   livesnapd --image vm.img --nbd unix:/tmp/nbd.sock --qmp /tmp/qmp.sock
@@ -42,9 +44,13 @@ pub struct Cli {
     #[arg(long, value_name = "PATH")]
     pub qmp: Option<PathBuf>,
 
-    /// Raw image to export over NBD.
+    /// Image to export over NBD.
     #[arg(long, value_name = "PATH")]
     pub image: Option<PathBuf>,
+
+    /// Format of --image; never guessed from the contents (probing is a known security hole).
+    #[arg(long, value_name = "FORMAT", value_parser = ["raw", "qcow2"])]
+    pub format: Option<String>,
 
     /// NBD listen address: unix:PATH or HOST:PORT [default: 127.0.0.1:10809 with --image].
     /// With --qmp alone, starts the NBD server with no exports (as nbd-server-start).
@@ -90,6 +96,7 @@ impl Cli {
             (self.read_only, "--read-only"),
             (self.cache_direct, "--cache-direct"),
             (self.export_name.is_some(), "--export-name"),
+            (self.format.is_some(), "--format"),
         ];
         match image_only.iter().find(|(set, _)| *set) {
             Some((_, flag)) => Err(format!(
@@ -98,6 +105,11 @@ impl Cli {
             )),
             None => Ok(()),
         }
+    }
+
+    /// The format of --image.
+    pub fn format(&self) -> &str {
+        self.format.as_deref().unwrap_or("raw")
     }
 
     /// The NBD export name of --image.

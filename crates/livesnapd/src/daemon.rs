@@ -15,12 +15,18 @@ use tokio::sync::watch;
 pub struct ExportEntry {
     /// QMP id of the export.
     pub id: String,
-    /// The exported node.
-    pub node: Arc<BlockNode>,
     /// The NBD side of the export.
     pub nbd: Arc<Export>,
     /// Set once deletion was requested and clients are still attached.
     pub shutting_down: AtomicBool,
+}
+
+impl ExportEntry {
+    /// The node currently exported: the root of the export's backend, which
+    /// moves to the overlay on an external snapshot.
+    pub fn node(&self) -> Arc<BlockNode> {
+        self.nbd.config().backend.root()
+    }
 }
 
 /// Everything one livesnapd process manages.
@@ -78,7 +84,7 @@ impl Daemon {
                     .lock()
                     .unwrap()
                     .retain(|e| !Arc::ptr_eq(e, &entry));
-                entry.node.remove_user(&export_user(&entry.id));
+                entry.node().remove_user(&export_user(&entry.id));
                 daemon.events.emit(
                     "BLOCK_EXPORT_DELETED",
                     Some(serde_json::json!({ "id": entry.id })),

@@ -113,7 +113,7 @@ async fn run(mut cli: Cli) -> anyhow::Result<()> {
             &commands,
             "blockdev-add",
             json!({
-                "driver": "raw", "node-name": "disk", "read-only": cli.read_only,
+                "driver": cli.format(), "node-name": "disk", "read-only": cli.read_only,
                 "file": {
                     "driver": "file", "node-name": "disk-file",
                     "filename": image.to_string_lossy(),
@@ -187,7 +187,7 @@ fn print_banner(cli: &Cli, nbd_url: Option<&str>, nbd_server: Option<&str>) {
         } else {
             "writable"
         };
-        println!("  image: {} (raw, {mode})", image.display());
+        println!("  image: {} ({}, {mode})", image.display(), cli.format());
         println!("  NBD:   {url}");
         println!("  try:   qemu-img info '{url}'");
         println!("         nbdinfo --map '{url}'");

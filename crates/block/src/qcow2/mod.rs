@@ -298,6 +298,19 @@ impl BlockDriver for Qcow2Driver {
         "qcow2"
     }
 
+    fn format_specific(&self) -> Option<crate::driver::FormatSpecific> {
+        Some(crate::driver::FormatSpecific::Qcow2(self.info()))
+    }
+
+    fn backing(&self) -> Option<Arc<BlockNode>> {
+        Qcow2Driver::backing(self)
+    }
+
+    fn set_backing(&self, backing: Option<Arc<BlockNode>>) -> Result<(), String> {
+        Qcow2Driver::set_backing(self, backing);
+        Ok(())
+    }
+
     fn size(&self) -> u64 {
         self.inner.geo.size
     }

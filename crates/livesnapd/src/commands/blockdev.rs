@@ -5,10 +5,16 @@
 //! opened, so a bad argument anywhere in an inline tree is reported the way
 //! QEMU's visitor reports it and nothing is left half-created.
 
+use std::future::Future;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::PathBuf;
+use std::pin::Pin;
 use std::sync::Arc;
 
-use livesnap_block::{BlockNode, FileDriver, FileOptions, RawDriver, RawOptions};
+use livesnap_block::{
+    check_chain_depth, read_header_backing, resolve_backing_filename, BlockNode, FileDriver,
+    FileOptions, FormatSpecific, Qcow2Driver, Qcow2Options, RawDriver, RawOptions,
+};
 use livesnap_qmp::{Args, QmpError};
 use serde_json::{json, Value};
 
@@ -68,7 +74,7 @@ const QEMU_DRIVERS: &[&str] = &[
 ];
 
 /// Drivers livesnapd implements.
-const DRIVERS: &[&str] = &["file", "raw"];
+const DRIVERS: &[&str] = &["file", "raw", "qcow2"];
 
 /// Longest node name plus one: the size of QEMU's `BlockDriverState.node_name`.
 const NODE_NAME_SIZE: usize = 32;
@@ -77,6 +83,16 @@ const NODE_NAME_SIZE: usize = 32;
 enum BlockdevRef {
     Inline(Box<BlockdevOptions>),
     Reference(String),
+}
+
+/// QEMU's `BlockdevRefOrNull` for `backing`, plus "not given".
+enum BackingOption {
+    /// Not given: opened from the image header, with the header's format.
+    FromHeader,
+    /// `null`: no backing image at all.
+    Null,
+    /// A node given inline or by name.
+    Node(BlockdevRef),
 }
 
 /// Driver-specific options (the union branches of `BlockdevOptions`).
@@ -91,6 +107,21 @@ enum DriverOptions {
         offset: Option<i64>,
         size: Option<i64>,
     },
+    Qcow2 {
+        file: BlockdevRef,
+        backing: BackingOption,
+        l2_cache_size: Option<u64>,
+    },
+}
+
+impl DriverOptions {
+    /// The `file` child of a format driver.
+    fn file_child(&self) -> Option<&BlockdevRef> {
+        match self {
+            DriverOptions::File { .. } => None,
+            DriverOptions::Raw { file, .. } | DriverOptions::Qcow2 { file, .. } => Some(file),
+        }
+    }
 }
 
 /// QEMU's `BlockdevOptions`, the parts livesnapd acts on.
@@ -118,17 +149,70 @@ fn parse_ref(args: &mut Args, key: &str) -> Result<BlockdevRef, QmpError> {
     let path = args.path_of(key);
     match args.take_value(key) {
         None => Err(generic(format!("Parameter '{path}' is missing"))),
-        Some(Value::String(name)) => Ok(BlockdevRef::Reference(name)),
-        Some(Value::Object(map)) => {
+        Some(v) => parse_ref_value(args, key, v, "BlockdevRef"),
+    }
+}
+
+fn parse_ref_value(
+    args: &Args,
+    key: &str,
+    value: Value,
+    expected: &str,
+) -> Result<BlockdevRef, QmpError> {
+    match value {
+        Value::String(name) => Ok(BlockdevRef::Reference(name)),
+        Value::Object(map) => {
             let mut child = args.nested(key, map);
             let opts = parse_options(&mut child)?;
             child.finish()?;
             Ok(BlockdevRef::Inline(Box::new(opts)))
         }
-        Some(_) => Err(generic(format!(
-            "Invalid parameter type for '{path}', expected: BlockdevRef"
+        _ => Err(generic(format!(
+            "Invalid parameter type for '{}', expected: {expected}",
+            args.path_of(key)
         ))),
     }
+}
+
+/// Reads QEMU's `BlockdevOptionsQcow2` members after `driver` and the common ones.
+fn parse_qcow2(args: &mut Args) -> Result<DriverOptions, QmpError> {
+    let file = parse_ref(args, "file")?;
+    let backing = match args.take_value("backing") {
+        None => BackingOption::FromHeader,
+        Some(Value::Null) => BackingOption::Null,
+        Some(v) => BackingOption::Node(parse_ref_value(args, "backing", v, "BlockdevRefOrNull")?),
+    };
+    // Accepted for compatibility and ignored: see docs/qmp.md.
+    for key in [
+        "lazy-refcounts",
+        "pass-discard-request",
+        "pass-discard-snapshot",
+        "pass-discard-other",
+        "discard-no-unref",
+    ] {
+        args.opt_bool(key)?;
+    }
+    args.take_value("overlap-check");
+    args.opt_i64("cache-size")?;
+    let l2_cache_size = args.opt_u64("l2-cache-size")?;
+    args.opt_i64("l2-cache-entry-size")?;
+    args.opt_i64("refcount-cache-size")?;
+    args.opt_i64("cache-clean-interval")?;
+    if args.take_value("encrypt").is_some() {
+        return Err(generic(
+            "Encrypted qcow2 images are not supported by livesnapd",
+        ));
+    }
+    if args.take_value("data-file").is_some() {
+        return Err(generic(
+            "External data files are not supported by livesnapd",
+        ));
+    }
+    Ok(DriverOptions::Qcow2 {
+        file,
+        backing,
+        l2_cache_size,
+    })
 }
 
 /// Reads one `BlockdevOptions` object; the caller calls `finish`.
@@ -172,6 +256,7 @@ fn parse_options(args: &mut Args) -> Result<BlockdevOptions, QmpError> {
                 aio_native: aio.as_deref() == Some("native"),
             }
         }
+        "qcow2" => parse_qcow2(args)?,
         _ => {
             let file = parse_ref(args, "file")?;
             let offset = args.opt_i64("offset")?;
@@ -219,124 +304,262 @@ fn raw_window(value: Option<i64>, name: &str) -> Result<Option<u64>, QmpError> {
         .transpose()
 }
 
+/// What an open passes down to the nodes it opens below it.
+struct OpenCtx<'a> {
+    d: &'a Daemon,
+    /// Every node added, so a failure can take them all back out.
+    created: Vec<String>,
+}
+
+/// A boxed future of [`open_tree`], which recurses.
+type OpenFuture<'a> = Pin<Box<dyn Future<Output = Result<Arc<BlockNode>, QmpError>> + Send + 'a>>;
+
 /// Opens `opts` and everything inline below it, adding the nodes to the graph.
 ///
 /// The steps and their errors come in QEMU's order: a format driver's `file`
 /// child first (`bdrv_open_inherit`), then the node's generic options and
-/// name (`bdrv_open_common`), then the driver's own options.
-/// `created` collects every node added, so a failure can take them all back out.
-fn open_tree(
-    d: &Daemon,
-    opts: &BlockdevOptions,
+/// name (`bdrv_open_common`), then the driver itself, then its backing chain.
+/// `chain` holds the host files of the images above, to refuse backing loops.
+fn open_tree<'a>(
+    ctx: &'a mut OpenCtx<'_>,
+    opts: &'a BlockdevOptions,
     inherited: Inherited,
     monitor_owned: bool,
-    created: &mut Vec<String>,
-) -> Result<Arc<BlockNode>, QmpError> {
-    let read_only = opts.read_only.unwrap_or(inherited.read_only);
-    let cache_direct = opts.cache_direct.unwrap_or(inherited.cache_direct);
-    let force_share = opts.force_share.unwrap_or(inherited.force_share);
-    let child = match &opts.driver {
-        DriverOptions::File { .. } => None,
-        DriverOptions::Raw { file, .. } => Some(match file {
-            BlockdevRef::Reference(n) => d
-                .graph
-                .get(n)
-                .ok_or_else(|| generic(format!("Cannot find device='{n}' nor node-name='{n}'")))?,
-            BlockdevRef::Inline(child_opts) => open_tree(
-                d,
-                child_opts,
-                Inherited {
+    chain: Vec<PathBuf>,
+) -> OpenFuture<'a> {
+    Box::pin(async move {
+        let d = ctx.d;
+        let read_only = opts.read_only.unwrap_or(inherited.read_only);
+        let cache_direct = opts.cache_direct.unwrap_or(inherited.cache_direct);
+        let force_share = opts.force_share.unwrap_or(inherited.force_share);
+        let child_inherits = Inherited {
+            read_only,
+            cache_direct,
+            force_share,
+        };
+        let child = match opts.driver.file_child() {
+            None => None,
+            Some(file) => Some(open_ref(ctx, file, child_inherits, chain.clone()).await?),
+        };
+        if force_share && !read_only {
+            return Err(generic(
+                "force-share=on can only be used with read-only images",
+            ));
+        }
+        if matches!(&opts.driver, DriverOptions::File { filename, .. } if filename.is_empty()) {
+            return Err(generic("The 'file' block driver requires a file name"));
+        }
+        let name = match &opts.node_name {
+            Some(n) => {
+                if !id_wellformed(n) {
+                    return Err(generic(format!("Invalid node-name: '{n}'")));
+                }
+                d.graph.check_free(n).map_err(|e| generic(e.0))?;
+                if n.len() >= NODE_NAME_SIZE {
+                    return Err(generic("Node name too long"));
+                }
+                n.clone()
+            }
+            None => d.graph.auto_name(),
+        };
+        let driver: Box<dyn livesnap_block::BlockDriver> = match &opts.driver {
+            DriverOptions::File {
+                filename,
+                aio_native,
+            } => Box::new(open_file(filename, *aio_native, cache_direct, read_only)?),
+            DriverOptions::Raw { offset, size, .. } => {
+                let raw = RawDriver::open(
+                    child.expect("raw's file child was resolved above"),
+                    RawOptions {
+                        offset: raw_window(*offset, "offset")?,
+                        size: raw_window(*size, "size")?,
+                    },
+                )
+                .map_err(generic)?;
+                Box::new(raw)
+            }
+            DriverOptions::Qcow2 {
+                backing,
+                l2_cache_size,
+                ..
+            } => {
+                let file = child.expect("qcow2's file child was resolved above");
+                let backing = open_backing(ctx, &file, backing, cache_direct, chain).await?;
+                let q = Qcow2Driver::open_with(
+                    file,
+                    backing,
                     read_only,
-                    cache_direct,
-                    force_share,
-                },
-                false,
-                created,
-            )?,
-        }),
-    };
-    if force_share && !read_only {
-        return Err(generic(
-            "force-share=on can only be used with read-only images",
-        ));
-    }
-    if matches!(&opts.driver, DriverOptions::File { filename, .. } if filename.is_empty()) {
-        return Err(generic("The 'file' block driver requires a file name"));
-    }
-    let name = match &opts.node_name {
-        Some(n) => {
-            if !id_wellformed(n) {
-                return Err(generic(format!("Invalid node-name: '{n}'")));
+                    Qcow2Options {
+                        l2_cache_size: *l2_cache_size,
+                    },
+                )
+                .await
+                .map_err(generic)?;
+                Box::new(q)
             }
-            d.graph.check_free(n).map_err(|e| generic(e.0))?;
-            if n.len() >= NODE_NAME_SIZE {
-                return Err(generic("Node name too long"));
-            }
-            n.clone()
-        }
-        None => d.graph.auto_name(),
-    };
-    let driver: Box<dyn livesnap_block::BlockDriver> = match &opts.driver {
-        DriverOptions::File {
-            filename,
-            aio_native,
-        } => {
-            let f = FileDriver::open(&FileOptions {
-                filename: filename.clone(),
-                direct: cache_direct,
-                read_only,
-            })
-            .map_err(|e| {
-                generic(format!(
-                    "Could not open '{filename}': {}",
-                    os_error_text(&e)
-                ))
-            })?;
-            if *aio_native && !cache_direct {
-                return Err(generic("aio=native was specified, but it requires cache.direct=on, which was not specified."));
-            }
-            // Block devices are accepted too (QEMU wants host_device for them); see docs/qmp.md.
-            let usable = std::fs::metadata(filename)
-                .map(|m| m.file_type().is_file() || m.file_type().is_block_device())
-                .unwrap_or(false);
-            if !usable {
-                return Err(generic(format!(
-                    "'file' driver requires '{filename}' to be a regular file"
-                )));
-            }
-            Box::new(f)
-        }
-        DriverOptions::Raw { offset, size, .. } => {
-            let raw = RawDriver::open(
-                child.expect("raw's file child was resolved above"),
-                RawOptions {
-                    offset: raw_window(*offset, "offset")?,
-                    size: raw_window(*size, "size")?,
-                },
-            )
-            .map_err(generic)?;
-            Box::new(raw)
-        }
-    };
-    let node = BlockNode::new(name.clone(), driver, read_only, monitor_owned);
-    node.set_cache_direct(cache_direct);
-    d.graph.insert(node.clone()).map_err(|e| generic(e.0))?;
-    created.push(name);
-    Ok(node)
+        };
+        let node = BlockNode::new(name.clone(), driver, read_only, monitor_owned);
+        node.set_cache_direct(cache_direct);
+        d.graph.insert(node.clone()).map_err(|e| generic(e.0))?;
+        ctx.created.push(name);
+        Ok(node)
+    })
 }
 
-pub(super) fn blockdev_add(d: &Arc<Daemon>, mut args: Args) -> Result<Value, QmpError> {
+/// A child given by name, or opened from its inline options.
+async fn open_ref(
+    ctx: &mut OpenCtx<'_>,
+    r: &BlockdevRef,
+    inherited: Inherited,
+    chain: Vec<PathBuf>,
+) -> Result<Arc<BlockNode>, QmpError> {
+    match r {
+        BlockdevRef::Reference(n) => ctx
+            .d
+            .graph
+            .get(n)
+            .ok_or_else(|| generic(format!("Cannot find device='{n}' nor node-name='{n}'"))),
+        BlockdevRef::Inline(child_opts) => {
+            open_tree(ctx, child_opts, inherited, false, chain).await
+        }
+    }
+}
+
+/// Opens the `file` driver with QEMU's checks.
+fn open_file(
+    filename: &str,
+    aio_native: bool,
+    cache_direct: bool,
+    read_only: bool,
+) -> Result<FileDriver, QmpError> {
+    let f = FileDriver::open(&FileOptions {
+        filename: filename.to_string(),
+        direct: cache_direct,
+        read_only,
+    })
+    .map_err(|e| {
+        generic(format!(
+            "Could not open '{filename}': {}",
+            os_error_text(&e)
+        ))
+    })?;
+    if aio_native && !cache_direct {
+        return Err(generic(
+            "aio=native was specified, but it requires cache.direct=on, which was not specified.",
+        ));
+    }
+    // Block devices are accepted too (QEMU wants host_device for them); see docs/qmp.md.
+    let usable = std::fs::metadata(filename)
+        .map(|m| m.file_type().is_file() || m.file_type().is_block_device())
+        .unwrap_or(false);
+    if !usable {
+        return Err(generic(format!(
+            "'file' driver requires '{filename}' to be a regular file"
+        )));
+    }
+    Ok(f)
+}
+
+/// The backing node of a qcow2 image: none, the one given, or the chain named
+/// in the header, opened read-only with the header's format (never probed).
+async fn open_backing(
+    ctx: &mut OpenCtx<'_>,
+    file: &Arc<BlockNode>,
+    backing: &BackingOption,
+    cache_direct: bool,
+    mut chain: Vec<PathBuf>,
+) -> Result<Option<Arc<BlockNode>>, QmpError> {
+    // Backing images are opened read-only and inherit the cache mode (QEMU's
+    // bdrv_backing_options).
+    let inherited = Inherited {
+        read_only: true,
+        cache_direct,
+        force_share: false,
+    };
+    let header_ref = match backing {
+        BackingOption::Null => return Ok(None),
+        BackingOption::Node(r) => return open_ref(ctx, r, inherited, chain).await.map(Some),
+        BackingOption::FromHeader => read_header_backing(file).await.map_err(generic)?,
+    };
+    let Some(bref) = header_ref else {
+        return Ok(None);
+    };
+    let format = bref.require_format().map_err(generic)?.to_string();
+    let path = resolve_backing_filename(&file.filename(), &bref.filename);
+    let here = std::fs::canonicalize(file.filename()).unwrap_or_else(|_| file.filename().into());
+    chain.push(here);
+    check_chain_depth(chain.len()).map_err(generic)?;
+    if let Ok(target) = std::fs::canonicalize(&path) {
+        if chain.contains(&target) {
+            return Err(generic(format!(
+                "Could not open backing file: Backing file '{path}' creates a loop in the backing chain"
+            )));
+        }
+    }
+    let file_opts = BlockdevRef::Inline(Box::new(BlockdevOptions {
+        node_name: None,
+        read_only: None,
+        cache_direct: None,
+        force_share: None,
+        driver: DriverOptions::File {
+            filename: path.clone(),
+            aio_native: false,
+        },
+    }));
+    let driver = match format.as_str() {
+        "raw" => DriverOptions::Raw {
+            file: file_opts,
+            offset: None,
+            size: None,
+        },
+        "qcow2" => DriverOptions::Qcow2 {
+            file: file_opts,
+            backing: BackingOption::FromHeader,
+            l2_cache_size: None,
+        },
+        other => {
+            return Err(generic(format!(
+                "Could not open backing file: Unknown driver '{other}'"
+            )))
+        }
+    };
+    let opts = BlockdevOptions {
+        node_name: None,
+        read_only: None,
+        cache_direct: None,
+        force_share: None,
+        driver,
+    };
+    open_tree(ctx, &opts, inherited, false, chain)
+        .await
+        .map(Some)
+        .map_err(|e| generic(format!("Could not open backing file: {}", e.desc)))
+}
+
+/// `blockdev-add` of options built in-process (external snapshots, the command line).
+pub async fn add_node(d: &Arc<Daemon>, options: Value) -> Result<(), QmpError> {
+    let Value::Object(map) = options else {
+        return Err(generic("blockdev options must be an object"));
+    };
+    blockdev_add(d, Args::new(map)).await.map(|_| ())
+}
+
+pub(super) async fn blockdev_add(d: &Arc<Daemon>, mut args: Args) -> Result<Value, QmpError> {
     let opts = parse_options(&mut args)?;
     args.finish()?;
     if opts.node_name.is_none() {
         return Err(generic("'node-name' must be specified for the root node"));
     }
-    let mut created = Vec::new();
-    match open_tree(d, &opts, Inherited::default(), true, &mut created) {
+    let mut ctx = OpenCtx {
+        d,
+        created: Vec::new(),
+    };
+    let result = open_tree(&mut ctx, &opts, Inherited::default(), true, Vec::new()).await;
+    match result {
         Ok(_) => Ok(empty()),
         Err(e) => {
             // Children opened before the failure go away with it, as in QEMU.
-            for name in created.iter().rev() {
+            for name in ctx.created.iter().rev() {
                 d.graph.discard(name);
             }
             Err(e)
@@ -344,15 +567,22 @@ pub(super) fn blockdev_add(d: &Arc<Daemon>, mut args: Args) -> Result<Value, Qmp
     }
 }
 
-pub(super) fn blockdev_del(d: &Arc<Daemon>, mut args: Args) -> Result<Value, QmpError> {
+pub(super) async fn blockdev_del(d: &Arc<Daemon>, mut args: Args) -> Result<Value, QmpError> {
     let name = args.req_str("node-name")?;
     args.finish()?;
+    // Metadata still in a write-back cache (qcow2) must reach the disk before
+    // the node goes; a refused deletion loses nothing by the flush.
+    if let Some(node) = d.graph.get(&name) {
+        if let Err(e) = node.flush().await {
+            tracing::warn!("flush of {name} before blockdev-del failed: {e}");
+        }
+    }
     d.graph.remove(&name).map_err(|e| generic(e.0))?;
     Ok(empty())
 }
 
-/// QEMU's `BlockDeviceInfo` for one node.
-pub fn node_info(node: &BlockNode) -> Value {
+/// QEMU's `ImageInfo` of a node; the backing chain is nested unless `flat`.
+fn image_info(node: &BlockNode, flat: bool) -> Value {
     let filename = node.filename();
     let actual_size = std::fs::metadata(&filename)
         .map(|m| m.blocks() * 512)
@@ -367,15 +597,52 @@ pub fn node_info(node: &BlockNode) -> Value {
     if node.format_name() == "file" {
         image["format-specific"] = json!({ "type": "file", "data": {} });
     }
-    json!({
+    if let Some(FormatSpecific::Qcow2(q)) = node.format_specific() {
+        image["cluster-size"] = json!(q.cluster_size);
+        image["format-specific"] = json!({
+            "type": "qcow2",
+            "data": {
+                "compat": q.compat,
+                "compression-type": q.compression_type,
+                "lazy-refcounts": q.lazy_refcounts,
+                "refcount-bits": q.refcount_bits,
+                "corrupt": q.corrupt,
+                "extended-l2": false,
+            },
+        });
+        if let Some(backing) = &q.backing_filename {
+            image["backing-filename"] = json!(backing);
+            image["full-backing-filename"] = json!(resolve_backing_filename(&filename, backing));
+            if let Some(format) = &q.backing_format {
+                image["backing-filename-format"] = json!(format);
+            }
+        }
+    }
+    if !flat {
+        if let Some(backing) = node.backing() {
+            image["backing-image"] = image_info(&backing, false);
+        }
+    }
+    image
+}
+
+/// Number of images below `node` in its backing chain.
+fn backing_depth(node: &BlockNode) -> u64 {
+    node.backing().map_or(0, |b| 1 + backing_depth(&b))
+}
+
+/// QEMU's `BlockDeviceInfo` for one node.
+pub fn node_info(node: &BlockNode, flat: bool) -> Value {
+    let filename = node.filename();
+    let mut info = json!({
         "iops_rd": 0,
         "detect_zeroes": "off",
         "active": true,
-        "image": image,
+        "image": image_info(node, flat),
         "iops_wr": 0,
         "ro": node.read_only(),
         "node-name": node.name(),
-        "backing_file_depth": 0,
+        "backing_file_depth": if flat { 0 } else { backing_depth(node) },
         "drv": node.format_name(),
         "iops": 0,
         "bps_wr": 0,
@@ -385,14 +652,22 @@ pub fn node_info(node: &BlockNode) -> Value {
         "bps_rd": 0,
         "cache": { "no-flush": false, "direct": node.cache_direct(), "writeback": true },
         "file": filename,
-    })
+    });
+    if let Some(b) = node.backing() {
+        info["backing_file"] = json!(b.filename());
+    }
+    info
 }
 
 pub(super) fn query_named_block_nodes(d: &Arc<Daemon>, mut args: Args) -> Result<Value, QmpError> {
-    // Without backing chains, flat and nested listings are the same.
-    args.opt_bool("flat")?;
+    let flat = args.opt_bool("flat")?.unwrap_or(false);
     args.finish()?;
     Ok(Value::Array(
-        d.graph.nodes().iter().rev().map(|n| node_info(n)).collect(),
+        d.graph
+            .nodes()
+            .iter()
+            .rev()
+            .map(|n| node_info(n, flat))
+            .collect(),
     ))
 }

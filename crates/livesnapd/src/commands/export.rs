@@ -108,9 +108,14 @@ fn bind_error(addr: &ListenAddr, e: &std::io::Error) -> QmpError {
 }
 
 /// Whether a write through `node` would reach a read-only node (QEMU refuses
-/// the write permission with "Block node is read-only").
+/// the write permission with "Block node is read-only"). Backing images are
+/// read-only by design and never written through, so they do not count.
 fn chain_read_only(node: &BlockNode) -> bool {
-    node.read_only() || node.children().iter().any(|c| chain_read_only(&c.node))
+    node.read_only()
+        || node
+            .children()
+            .iter()
+            .any(|c| c.role != "backing" && chain_read_only(&c.node))
 }
 
 /// Starts the NBD server; shared by QMP and the command line.
@@ -242,7 +247,6 @@ pub fn add_export(
     node.add_user(export_user(&req.id));
     d.exports.lock().unwrap().push(Arc::new(ExportEntry {
         id: req.id,
-        node,
         nbd,
         shutting_down: AtomicBool::new(false),
     }));
@@ -332,7 +336,7 @@ pub(super) fn query_block_exports(d: &Arc<Daemon>, args: Args) -> Result<Value, 
             .rev()
             .map(|e| {
                 json!({
-                    "node-name": e.node.name(),
+                    "node-name": e.node().name(),
                     "shutting-down": e.shutting_down.load(Ordering::SeqCst),
                     "type": "nbd",
                     "id": e.id,

@@ -8,6 +8,7 @@ mod control;
 pub use control::{package, QEMU_COMPAT_VERSION};
 pub use export::{parse_listen_addr, start_nbd_server};
 mod export;
+mod snapshot;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -27,6 +28,8 @@ pub const COMMAND_NAMES: &[&str] = &[
     "blockdev-add",
     "blockdev-del",
     "query-named-block-nodes",
+    "blockdev-snapshot",
+    "blockdev-snapshot-sync",
     "nbd-server-start",
     "nbd-server-stop",
     "block-export-add",
@@ -66,8 +69,10 @@ impl Dispatcher for Commands {
                 "query-version" => control::query_version(args),
                 "query-commands" => control::query_commands(args),
                 "quit" => control::quit(d, args),
-                "blockdev-add" => blockdev::blockdev_add(d, args),
-                "blockdev-del" => blockdev::blockdev_del(d, args),
+                "blockdev-add" => blockdev::blockdev_add(d, args).await,
+                "blockdev-del" => blockdev::blockdev_del(d, args).await,
+                "blockdev-snapshot" => snapshot::blockdev_snapshot(d, args).await,
+                "blockdev-snapshot-sync" => snapshot::blockdev_snapshot_sync(d, args).await,
                 "query-named-block-nodes" => blockdev::query_named_block_nodes(d, args),
                 "nbd-server-start" => export::nbd_server_start(d, args).await,
                 "nbd-server-stop" => export::nbd_server_stop(d, args).await,
