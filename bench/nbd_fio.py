@@ -1,12 +1,18 @@
 #!/usr/bin/env python3
 """Side-by-side NBD benchmark: livesnapd vs qemu-storage-daemon.
 
-Serves the same raw image from both daemons (each on its own unix socket, page
+Serves the same image from both daemons (each on its own unix socket, page
 cache, no O_DIRECT), runs the same fio jobs (ioengine=nbd) against each in one
 run, alternating daemons per job so drift on this shared machine hits both, and
-prints a markdown table with the livesnapd/qsd ratio per row.
+prints a markdown table with the livesnapd/qsd ratio per row. Image set-ups:
+  raw            a raw image of random data
+  qcow2          a fresh qcow2 (every first write allocates a cluster)
+  qcow2-backing  a fresh qcow2 over a raw backing of random data (first
+                 writes copy the rest of their cluster from the backing)
+qcow2 images are made anew for every run, so each daemon starts from the same state.
 
-Usage: bench/nbd_fio.py [--runtime SECONDS] [--size BYTES] [--repeat N] [--out FILE]
+Usage: bench/nbd_fio.py [--formats raw,qcow2,qcow2-backing] [--runtime SECONDS]
+                        [--size BYTES] [--repeat N] [--out FILE]
 Needs: fio (with the nbd engine), qemu-storage-daemon, a release build of livesnapd.
 """
 
@@ -51,11 +57,11 @@ def wait_socket(path, timeout=30):
     raise RuntimeError(f"socket {path} never came up")
 
 
-def start_qsd(image, sock):
+def start_qsd(image, fmt, sock):
     p = subprocess.Popen([
         "qemu-storage-daemon",
         "--blockdev", f"driver=file,node-name=disk-file,filename={image}",
-        "--blockdev", "driver=raw,node-name=disk,file=disk-file",
+        "--blockdev", f"driver={fmt},node-name=disk,file=disk-file",
         "--nbd-server", f"addr.type=unix,addr.path={sock},max-connections=0",
         "--export", "type=nbd,id=export0,node-name=disk,name=disk,writable=on",
     ])
@@ -63,8 +69,8 @@ def start_qsd(image, sock):
     return p
 
 
-def start_livesnapd(binary, image, sock, qmp):
-    p = subprocess.Popen([binary, "--image", image, "--nbd", f"unix:{sock}",
+def start_livesnapd(binary, image, fmt, sock, qmp):
+    p = subprocess.Popen([binary, "--image", image, "--format", fmt, "--nbd", f"unix:{sock}",
                           "--qmp", qmp, "--max-connections", "0"],
                          stdout=subprocess.DEVNULL)
     wait_socket(sock)
@@ -103,6 +109,7 @@ def fio(sock, rw, bs, iodepth, runtime, size):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--formats", default="raw,qcow2,qcow2-backing")
     ap.add_argument("--runtime", type=int, default=8)
     ap.add_argument("--size", type=int, default=1 << 30)
     ap.add_argument("--repeat", type=int, default=2)
@@ -117,55 +124,76 @@ def main():
         subprocess.run(["cargo", "build", "--release", "-p", "livesnapd"], cwd=ROOT, check=True)
 
     work = tempfile.mkdtemp(prefix="livesnap-bench-")
-    image = os.path.join(work, "disk.img")
+    raw = os.path.join(work, "disk.img")
     # Fully written with random data: neither daemon pays for allocation, and
     # neither can answer reads with holes or zero detection.
-    subprocess.run(["dd", "if=/dev/urandom", f"of={image}", "bs=1M",
+    subprocess.run(["dd", "if=/dev/urandom", f"of={raw}", "bs=1M",
                     f"count={args.size >> 20}", "status=none"], check=True)
-    daemons = {
-        "qsd": lambda: start_qsd(image, os.path.join(work, "qsd.sock")),
-        "livesnapd": lambda: start_livesnapd(args.binary, image,
-                                             os.path.join(work, "ls.sock"),
-                                             os.path.join(work, "ls-qmp.sock")),
-    }
+    qcow2 = os.path.join(work, "disk.qcow2")
+
+    def prepare(setup):
+        """Returns (image, format) for one run of `setup`."""
+        if setup == "raw":
+            return raw, "raw"
+        if os.path.exists(qcow2):
+            os.unlink(qcow2)
+        cmd = ["qemu-img", "create", "-q", "-f", "qcow2", qcow2, str(args.size)]
+        if setup == "qcow2-backing":
+            cmd[5:5] = ["-b", raw, "-F", "raw"]
+        subprocess.run(cmd, check=True)
+        return qcow2, "qcow2"
+
     socks = {"qsd": os.path.join(work, "qsd.sock"), "livesnapd": os.path.join(work, "ls.sock")}
+
+    def start(d, image, fmt):
+        if d == "qsd":
+            return start_qsd(image, fmt, socks["qsd"])
+        return start_livesnapd(args.binary, image, fmt, socks["livesnapd"],
+                               os.path.join(work, "ls-qmp.sock"))
+
+    setups = args.formats.split(",")
     results = {}
     peak = {}
     try:
-        for name, rw, bs, qd in JOBS:
-            for rep in range(args.repeat):
-                order = ["qsd", "livesnapd"] if rep % 2 == 0 else ["livesnapd", "qsd"]
-                for d in order:
-                    p = daemons[d]()
-                    try:
-                        r = fio(socks[d], rw, bs, qd, args.runtime, args.size)
-                        peak[d] = max(peak.get(d, 0), rss_kib(p.pid))
-                    finally:
-                        stop(p)
-                    results.setdefault((name, d), []).append(r)
-                    print(f"{name:18} {d:10} {r[0]:10.0f} IOPS {r[1]:8.1f} MiB/s {r[2]:8.1f} us",
-                          file=sys.stderr)
+        for setup in setups:
+            for name, rw, bs, qd in JOBS:
+                for rep in range(args.repeat):
+                    order = ["qsd", "livesnapd"] if rep % 2 == 0 else ["livesnapd", "qsd"]
+                    for d in order:
+                        image, fmt = prepare(setup)
+                        p = start(d, image, fmt)
+                        try:
+                            r = fio(socks[d], rw, bs, qd, args.runtime, args.size)
+                            peak[d] = max(peak.get(d, 0), rss_kib(p.pid))
+                        finally:
+                            stop(p)
+                        results.setdefault((setup, name, d), []).append(r)
+                        print(f"{setup:14} {name:18} {d:10} {r[0]:10.0f} IOPS {r[1]:8.1f} MiB/s "
+                              f"{r[2]:8.1f} us", file=sys.stderr)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
-    def best(name, d):
-        return max(results[(name, d)], key=lambda r: r[0])
+    def best(key):
+        return max(results[key], key=lambda r: r[0])
 
     lines = [
         f"Machine: {platform.node()}, {os.cpu_count()} cores, {platform.platform()}; "
         f"fio {subprocess.run(['fio', '--version'], capture_output=True, text=True).stdout.strip()}, "
         f"{subprocess.run(['qemu-storage-daemon', '--version'], capture_output=True, text=True).stdout.splitlines()[0]}",
-        f"Image {args.size >> 20} MiB raw of random data on the page cache, unix socket, {args.runtime} s per run, "
+        f"Image {args.size >> 20} MiB on the page cache, unix socket, {args.runtime} s per run, "
         f"best of {args.repeat} runs per daemon.",
         "",
-        "| job | qsd IOPS | livesnapd IOPS | qsd MiB/s | livesnapd MiB/s | ratio (livesnapd/qsd) |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| image | job | qsd IOPS | livesnapd IOPS | qsd MiB/s | livesnapd MiB/s | ratio (livesnapd/qsd) |",
+        "|---|---|---:|---:|---:|---:|---:|",
     ]
-    for name, *_ in JOBS:
-        q, l = best(name, "qsd"), best(name, "livesnapd")
-        lines.append(f"| {name} | {q[0]:.0f} | {l[0]:.0f} | {q[1]:.1f} | {l[1]:.1f} | {l[0] / q[0]:.2f} |")
+    for setup in setups:
+        for name, *_ in JOBS:
+            q, l = best((setup, name, "qsd")), best((setup, name, "livesnapd"))
+            lines.append(f"| {setup} | {name} | {q[0]:.0f} | {l[0]:.0f} | {q[1]:.1f} | {l[1]:.1f} "
+                         f"| {l[0] / q[0]:.2f} |")
     lines.append("")
-    lines.append(f"Peak RSS: qsd {peak.get('qsd', 0) // 1024} MiB, livesnapd {peak.get('livesnapd', 0) // 1024} MiB.")
+    lines.append(f"Peak RSS: qsd {peak.get('qsd', 0) // 1024} MiB, "
+                 f"livesnapd {peak.get('livesnapd', 0) // 1024} MiB.")
     table = "\n".join(lines)
     print(table)
     if args.out:
