@@ -36,6 +36,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         description: None,
         backend: BlockBackend::new(node),
         writable: true,
+        allocation_depth: false,
     })?;
     let addr = match args[2].strip_prefix("unix:") {
         Some(p) => ListenAddr::Unix(p.into()),

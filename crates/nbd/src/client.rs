@@ -131,7 +131,8 @@ pub struct Negotiator {
     server_flags: u16,
     client_flags: u32,
     structured: bool,
-    base_allocation: Option<u32>,
+    /// (id, name) of the contexts the last SET_META_CONTEXT selected.
+    meta: Vec<(u32, String)>,
     info: Option<ExportInfo>,
 }
 
@@ -166,7 +167,7 @@ impl Negotiator {
             server_flags,
             client_flags: flags,
             structured: false,
-            base_allocation: None,
+            meta: Vec::new(),
             info: None,
         })
     }
@@ -297,17 +298,22 @@ impl Negotiator {
         export: &str,
         queries: &[&str],
     ) -> io::Result<Result<Vec<(u32, String)>, OptError>> {
-        self.base_allocation = None;
+        // A SET replaces the selection even when it fails.
+        self.meta.clear();
         let replies = self
             .option(OPT_SET_META_CONTEXT, &Self::meta_data(export, queries))
             .await?;
         match Self::split(replies) {
             Ok(r) => {
                 let ctx = Self::contexts(r)?;
-                self.base_allocation = ctx
-                    .iter()
-                    .find(|(_, n)| n == META_BASE_ALLOCATION)
-                    .map(|(id, _)| *id);
+                for (i, (id, name)) in ctx.iter().enumerate() {
+                    if ctx[..i].iter().any(|(j, n)| j == id || n == name) {
+                        return Err(bad(format!(
+                            "SET_META_CONTEXT selected {name} (id {id}) twice"
+                        )));
+                    }
+                }
+                self.meta = ctx.clone();
                 Ok(Ok(ctx))
             }
             Err(e) => Ok(Err(e)),
@@ -418,7 +424,7 @@ impl Negotiator {
             self.conn,
             info,
             self.structured,
-            self.base_allocation,
+            self.meta,
         ))
     }
 
@@ -441,10 +447,12 @@ pub struct Reply {
     pub data: Vec<u8>,
     /// (type, flags, offset, length) of every structured chunk, in arrival order.
     pub chunks: Vec<(u16, u16, u64, u64)>,
-    /// Block status extents (length, flags).
+    /// Block status extents (length, flags) of the first block status chunk.
     pub extents: Vec<(u32, u32)>,
-    /// Metadata context id of the block status chunk.
+    /// Metadata context id of the first block status chunk.
     pub context_id: Option<u32>,
+    /// (context id, extents) of every block status chunk, in arrival order.
+    pub statuses: Vec<(u32, Vec<(u32, u32)>)>,
 }
 
 /// A request error: the transport failed, or the server answered with an NBD error.
@@ -493,6 +501,8 @@ struct Pending {
 
 #[derive(Default)]
 struct ClientShared {
+    /// Ids of the negotiated metadata contexts; block status chunks must name one.
+    meta_ids: Vec<u32>,
     pending: Mutex<HashMap<u64, Pending>>,
     order: Mutex<Vec<u64>>,
     dead: Mutex<Option<String>>,
@@ -544,7 +554,7 @@ pub struct NbdClient {
     next_cookie: AtomicU64,
     info: ExportInfo,
     structured: bool,
-    base_allocation: Option<u32>,
+    meta: Vec<(u32, String)>,
     reader: JoinHandle<()>,
 }
 
@@ -557,11 +567,21 @@ impl Drop for NbdClient {
 impl NbdClient {
     /// Connects to `export` with structured replies and `base:allocation`, via GO.
     pub async fn connect(addr: &str, export: &str) -> io::Result<NbdClient> {
+        Self::connect_with_contexts(addr, export, &[META_BASE_ALLOCATION]).await
+    }
+
+    /// Connects to `export` with structured replies, selecting the metadata
+    /// contexts `queries` name (whatever the server grants), via GO.
+    pub async fn connect_with_contexts(
+        addr: &str,
+        export: &str,
+        queries: &[&str],
+    ) -> io::Result<NbdClient> {
         let mut n = Negotiator::connect(addr).await?;
         n.structured_reply()
             .await?
             .map_err(|e| io::Error::other(e.message))?;
-        n.set_meta_context(export, &[META_BASE_ALLOCATION])
+        n.set_meta_context(export, queries)
             .await?
             .map_err(|e| io::Error::other(e.message))?;
         n.go(export, &[INFO_BLOCK_SIZE]).await?.map_err(|e| {
@@ -574,9 +594,12 @@ impl NbdClient {
         conn: RawConn,
         info: ExportInfo,
         structured: bool,
-        base_allocation: Option<u32>,
+        meta: Vec<(u32, String)>,
     ) -> NbdClient {
-        let shared = Arc::new(ClientShared::default());
+        let shared = Arc::new(ClientShared {
+            meta_ids: meta.iter().map(|(id, _)| *id).collect(),
+            ..Default::default()
+        });
         let RawConn { r, w } = conn;
         let s = shared.clone();
         let reader = tokio::spawn(async move {
@@ -592,7 +615,7 @@ impl NbdClient {
             next_cookie: AtomicU64::new(1),
             info,
             structured,
-            base_allocation,
+            meta,
             reader,
         }
     }
@@ -609,7 +632,22 @@ impl NbdClient {
 
     /// Context id of `base:allocation`, when negotiated.
     pub fn base_allocation(&self) -> Option<u32> {
-        self.base_allocation
+        self.context_id(META_BASE_ALLOCATION)
+    }
+
+    /// Context id of `qemu:allocation-depth`, when negotiated.
+    pub fn allocation_depth(&self) -> Option<u32> {
+        self.context_id(META_ALLOCATION_DEPTH)
+    }
+
+    /// Context id of the metadata context called `name`, when negotiated.
+    pub fn context_id(&self, name: &str) -> Option<u32> {
+        self.meta.iter().find(|(_, n)| n == name).map(|(id, _)| *id)
+    }
+
+    /// (id, name) of every negotiated metadata context, as the server listed them.
+    pub fn meta_contexts(&self) -> &[(u32, String)] {
+        &self.meta
     }
 
     /// Cookies in the order their replies completed.
@@ -748,19 +786,67 @@ impl NbdClient {
         Ok(())
     }
 
-    /// `base:allocation` extents (length, flags) from `offset`.
+    /// `base:allocation` extents (length, flags) from `offset`; with another
+    /// single context negotiated instead, that context's extents.
     pub async fn block_status(
         &self,
         offset: u64,
         len: u32,
         req_one: bool,
     ) -> Result<Vec<(u32, u32)>, ClientError> {
+        let mut all = self.block_status_all(offset, len, req_one).await?;
+        let i = self
+            .base_allocation()
+            .and_then(|id| all.iter().position(|(c, _)| *c == id))
+            .unwrap_or(0);
+        Ok(if i < all.len() {
+            all.swap_remove(i).1
+        } else {
+            Vec::new()
+        })
+    }
+
+    /// Extents of one metadata context: (length, flags) from `offset`.
+    pub async fn block_status_of(
+        &self,
+        context: &str,
+        offset: u64,
+        len: u32,
+        req_one: bool,
+    ) -> Result<Vec<(u32, u32)>, ClientError> {
+        let id = self.context_id(context).ok_or_else(|| {
+            ClientError::Io(io::Error::other(format!("{context} was not negotiated")))
+        })?;
+        let all = self.block_status_all(offset, len, req_one).await?;
+        all.into_iter()
+            .find(|(c, _)| *c == id)
+            .map(|(_, e)| e)
+            .ok_or_else(|| ClientError::Io(bad(format!("no block status chunk for {context}"))))
+    }
+
+    /// Every block status chunk of one request: (context id, extents), in
+    /// arrival order. The client checked there is exactly one per negotiated context.
+    pub async fn block_status_all(
+        &self,
+        offset: u64,
+        len: u32,
+        req_one: bool,
+    ) -> Result<Vec<(u32, Vec<(u32, u32)>)>, ClientError> {
         let flags = if req_one { CMD_FLAG_REQ_ONE } else { 0 };
-        Ok(check(
+        let r = check(
             self.request(CMD_BLOCK_STATUS, flags, offset, len, None)
                 .await?,
-        )?
-        .extents)
+        )?;
+        let mut ids: Vec<u32> = r.statuses.iter().map(|(id, _)| *id).collect();
+        ids.sort_unstable();
+        let mut want = self.shared.meta_ids.clone();
+        want.sort_unstable();
+        if ids != want {
+            return Err(ClientError::Io(bad(format!(
+                "block status chunks for contexts {ids:?}, negotiated {want:?}"
+            ))));
+        }
+        Ok(r.statuses)
     }
 
     /// Sends NBD_CMD_DISC and waits for the server to close the connection.
@@ -823,7 +909,7 @@ async fn read_replies(mut r: BufReader<BoxRead>, s: &ClientShared) -> io::Result
                 let p = map
                     .get_mut(&h.cookie)
                     .ok_or_else(|| bad(format!("reply for unknown cookie {}", h.cookie)))?;
-                apply_chunk(p, &h, &payload)?;
+                apply_chunk(p, &h, &payload, &s.meta_ids)?;
                 if done {
                     let p = map.remove(&h.cookie).ok_or_else(|| bad("vanished"))?;
                     drop(map);
@@ -852,7 +938,12 @@ fn complete(s: &ClientShared, p: Pending) {
 }
 
 /// Folds one structured chunk into the pending reply, checking it against the request.
-fn apply_chunk(p: &mut Pending, h: &ChunkHeader, payload: &[u8]) -> io::Result<()> {
+fn apply_chunk(
+    p: &mut Pending,
+    h: &ChunkHeader,
+    payload: &[u8],
+    meta_ids: &[u32],
+) -> io::Result<()> {
     let mut c = Cursor::new(payload);
     let in_request =
         |off: u64, len: u64| off >= p.offset && off + len <= p.offset + u64::from(p.len);
@@ -893,15 +984,27 @@ fn apply_chunk(p: &mut Pending, h: &ChunkHeader, payload: &[u8]) -> io::Result<(
             {
                 return Err(bad("bad BLOCK_STATUS chunk"));
             }
-            p.reply.context_id = c.u32();
+            let id = c.u32().ok_or_else(|| bad("short BLOCK_STATUS chunk"))?;
+            if !meta_ids.contains(&id) {
+                return Err(bad(format!("block status for unknown context id {id}")));
+            }
+            if p.reply.statuses.iter().any(|(c, _)| *c == id) {
+                return Err(bad(format!("two block status chunks for context id {id}")));
+            }
+            let mut extents = Vec::with_capacity(c.remaining() / 8);
             while c.remaining() > 0 {
                 let len = c.u32().ok_or_else(|| bad("short extent"))?;
                 let flags = c.u32().ok_or_else(|| bad("short extent"))?;
                 if len == 0 {
                     return Err(bad("zero-length extent"));
                 }
-                p.reply.extents.push((len, flags));
+                extents.push((len, flags));
             }
+            if p.reply.context_id.is_none() {
+                p.reply.context_id = Some(id);
+                p.reply.extents = extents.clone();
+            }
+            p.reply.statuses.push((id, extents));
             p.reply.chunks.push((h.typ, h.flags, p.offset, 0));
         }
         t if t & REPLY_TYPE_FLAG_ERROR != 0 => {

@@ -25,6 +25,9 @@ pub struct ExportConfig {
     pub backend: Arc<BlockBackend>,
     /// Clients may write; otherwise the export is read-only (`NBD_FLAG_READ_ONLY`).
     pub writable: bool,
+    /// Offer the `qemu:allocation-depth` metadata context (QEMU's
+    /// `block-export-add` `allocation-depth: true`); `base:allocation` is always offered.
+    pub allocation_depth: bool,
 }
 
 struct ExportState {

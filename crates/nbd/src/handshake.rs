@@ -5,7 +5,7 @@
 //! anything is allocated, and every field is parsed with bounds checks.
 
 use std::io;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 
@@ -24,6 +24,9 @@ const MAX_OPTION_DRAIN: u32 = 32 << 20;
 /// Context id given to `base:allocation` by `NBD_OPT_SET_META_CONTEXT`.
 pub(crate) const BASE_ALLOCATION_ID: u32 = 1;
 
+/// Context id given to `qemu:allocation-depth` by `NBD_OPT_SET_META_CONTEXT`.
+pub(crate) const ALLOCATION_DEPTH_ID: u32 = 2;
+
 /// Handshake flags this server offers.
 const SERVER_FLAGS: u16 = FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES;
 
@@ -33,8 +36,24 @@ pub(crate) struct Session {
     pub(crate) attach: AttachGuard,
     /// Structured replies were negotiated.
     pub(crate) structured: bool,
-    /// Context id of `base:allocation` when the client selected it for this export.
+    /// Metadata contexts the client selected for this export.
+    pub(crate) meta: MetaContexts,
+}
+
+/// Metadata contexts selected by `NBD_OPT_SET_META_CONTEXT`, by context id.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct MetaContexts {
+    /// Id of `base:allocation`, when selected.
     pub(crate) base_allocation: Option<u32>,
+    /// Id of `qemu:allocation-depth`, when selected.
+    pub(crate) allocation_depth: Option<u32>,
+}
+
+impl MetaContexts {
+    /// True when no context is selected (BLOCK_STATUS is then invalid).
+    pub(crate) fn is_empty(&self) -> bool {
+        self.base_allocation.is_none() && self.allocation_depth.is_none()
+    }
 }
 
 impl Session {
@@ -80,8 +99,10 @@ struct Haggle {
     fixed: bool,
     no_zeroes: bool,
     structured: bool,
-    /// Export named by the last successful SET_META_CONTEXT, if it selected base:allocation.
-    meta_export: Option<String>,
+    /// Export of the last successful SET_META_CONTEXT and what it selected,
+    /// when it selected anything. Weak: a handshake must not keep a removed
+    /// export alive, and a new export of the same name is another export.
+    meta: Option<(Weak<Export>, MetaContexts)>,
 }
 
 /// What one option leads to.
@@ -118,7 +139,7 @@ where
         fixed: client_flags & FLAG_C_FIXED_NEWSTYLE != 0,
         no_zeroes: client_flags & FLAG_C_NO_ZEROES != 0,
         structured: false,
-        meta_export: None,
+        meta: None,
     };
 
     loop {
@@ -249,14 +270,16 @@ async fn handle_option<W: AsyncWrite + Unpin>(
 
 /// Builds the session for `export` once the client is attached to it.
 fn session(st: &Haggle, attach: AttachGuard) -> Session {
-    let name = &attach.export().config().name;
-    // Contexts only count when negotiated for the export finally chosen.
-    let base_allocation = (st.structured && st.meta_export.as_deref() == Some(name.as_str()))
-        .then_some(BASE_ALLOCATION_ID);
+    // Contexts only count when negotiated for the export finally chosen (as
+    // QEMU, which compares the export itself, not its name).
+    let meta = match &st.meta {
+        Some((e, m)) if st.structured && Weak::ptr_eq(e, &Arc::downgrade(attach.export())) => *m,
+        _ => MetaContexts::default(),
+    };
     Session {
         attach,
         structured: st.structured,
-        base_allocation,
+        meta,
     }
 }
 
@@ -372,7 +395,7 @@ async fn meta_context<W: AsyncWrite + Unpin>(
     let set = opt == OPT_SET_META_CONTEXT;
     if set {
         // A SET replaces the previous selection even when it fails.
-        st.meta_export = None;
+        st.meta = None;
     }
     if !st.structured {
         let msg = "request not valid prior to negotiating structured replies";
@@ -392,30 +415,64 @@ async fn meta_context<W: AsyncWrite + Unpin>(
     let Some((name, queries)) = parsed else {
         return reply(w, opt, REP_ERR_INVALID, b"malformed meta context request").await;
     };
-    if exports.get(name).is_none() {
+    let Some(export) = exports.get(name) else {
         let msg = format!("export '{name}' not present");
         return reply(w, opt, REP_ERR_UNKNOWN, msg.as_bytes()).await;
-    }
-    let base_allocation = if set {
-        // "base:" is a wildcard for LIST only; SET must ignore it.
-        queries.contains(&META_BASE_ALLOCATION)
-    } else {
-        queries.is_empty()
-            || queries
-                .iter()
-                .any(|q| *q == META_BASE_ALLOCATION || *q == "base:")
     };
+    let (base_allocation, allocation_depth) =
+        match_queries(&queries, set, export.config().allocation_depth);
     let mut out = Vec::new();
-    if base_allocation {
-        // LIST replies carry the reserved id 0, as the spec asks.
-        let id = if set { BASE_ALLOCATION_ID } else { 0 };
-        let mut p = id.to_be_bytes().to_vec();
-        p.extend_from_slice(META_BASE_ALLOCATION.as_bytes());
-        push_option_reply(&mut out, opt, REP_META_CONTEXT, &p);
-        if set {
-            st.meta_export = Some(name.to_string());
+    let mut selected = MetaContexts::default();
+    // Same order as QEMU: base:allocation, then qemu:allocation-depth.
+    for (wanted, ctx, id, slot) in [
+        (
+            base_allocation,
+            META_BASE_ALLOCATION,
+            BASE_ALLOCATION_ID,
+            &mut selected.base_allocation,
+        ),
+        (
+            allocation_depth,
+            META_ALLOCATION_DEPTH,
+            ALLOCATION_DEPTH_ID,
+            &mut selected.allocation_depth,
+        ),
+    ] {
+        if !wanted {
+            continue;
         }
+        // LIST replies carry the reserved id 0, as the spec asks.
+        let sent_id = if set { id } else { 0 };
+        let mut p = sent_id.to_be_bytes().to_vec();
+        p.extend_from_slice(ctx.as_bytes());
+        push_option_reply(&mut out, opt, REP_META_CONTEXT, &p);
+        *slot = Some(id);
+    }
+    if set && !selected.is_empty() {
+        st.meta = Some((Arc::downgrade(&export), selected));
     }
     push_option_reply(&mut out, opt, REP_ACK, &[]);
     w.write_all(&out).await
+}
+
+/// Which contexts a LIST or SET query list names, as (`base:allocation`,
+/// `qemu:allocation-depth`). LIST with no queries lists every context, and
+/// takes the namespace wildcards `base:` and `qemu:`; SET takes full names
+/// only. `qemu:allocation-depth` exists only on exports that offer it;
+/// unknown names and namespaces are ignored, as the spec asks.
+fn match_queries(queries: &[&str], set: bool, offer_depth: bool) -> (bool, bool) {
+    if !set && queries.is_empty() {
+        return (true, offer_depth);
+    }
+    let (mut base, mut depth) = (false, false);
+    for q in queries {
+        match *q {
+            META_BASE_ALLOCATION => base = true,
+            "base:" if !set => base = true,
+            META_ALLOCATION_DEPTH => depth = offer_depth,
+            "qemu:" if !set => depth = offer_depth,
+            _ => {}
+        }
+    }
+    (base, depth)
 }

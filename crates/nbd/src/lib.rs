@@ -2,8 +2,10 @@
 //!
 //! This crate owns the NBD wire protocol as `doc/proto.md` of the
 //! NetworkBlockDevice project defines it: fixed newstyle negotiation, simple
-//! and structured replies, `base:allocation` block status, and the listeners
-//! and export table a daemon needs to serve [`livesnap_block::BlockBackend`]s.
+//! and structured replies, `base:allocation` block status (and QEMU's
+//! `qemu:allocation-depth` on exports that enable it, QEMU's
+//! `docs/interop/nbd.rst`), and the listeners and export table a daemon
+//! needs to serve [`livesnap_block::BlockBackend`]s.
 //!
 //! It must not reach into block drivers (only [`livesnap_block::BlockBackend`]
 //! methods), must not know about QMP or jobs, and must never let one client's

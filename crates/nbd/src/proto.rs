@@ -188,14 +188,19 @@ pub const REPLY_TYPE_ERROR: u16 = REPLY_TYPE_FLAG_ERROR | 1;
 /// `NBD_REPLY_TYPE_ERROR_OFFSET`.
 pub const REPLY_TYPE_ERROR_OFFSET: u16 = REPLY_TYPE_FLAG_ERROR | 2;
 
-// ---- base:allocation ----------------------------------------------------------
+// ---- Metadata contexts ---------------------------------------------------------
 
-/// Name of the one metadata context this server offers.
+/// The `base:allocation` context, offered on every export.
 pub const META_BASE_ALLOCATION: &str = "base:allocation";
 /// `NBD_STATE_HOLE` in `base:allocation`.
 pub const STATE_HOLE: u32 = 1 << 0;
 /// `NBD_STATE_ZERO` in `base:allocation`.
 pub const STATE_ZERO: u32 = 1 << 1;
+/// QEMU's `qemu:allocation-depth` context (QEMU `docs/interop/nbd.rst`),
+/// offered on exports that enable it: an extent's whole 32-bit flags value is
+/// the layer of the backing chain that allocates it (0 unallocated, 1 the
+/// exported node, 2 its backing, and so on).
+pub const META_ALLOCATION_DEPTH: &str = "qemu:allocation-depth";
 
 // ---- Error values --------------------------------------------------------------
 

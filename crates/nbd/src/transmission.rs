@@ -17,7 +17,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 
 use crate::conn::ConnControl;
-use crate::handshake::Session;
+use crate::handshake::{MetaContexts, Session};
 use crate::proto::*;
 
 /// Requests of one connection being served at once.
@@ -149,7 +149,7 @@ struct Ctx {
     pool: Arc<BufPool>,
     read_only: bool,
     structured: bool,
-    base_allocation: Option<u32>,
+    meta: MetaContexts,
 }
 
 /// Sends the frames of one reply; the request's budget goes with the last one.
@@ -227,7 +227,7 @@ pub(crate) async fn serve<R, W>(
         pool: pool.clone(),
         read_only: export.read_only(),
         structured: session.structured,
-        base_allocation: session.base_allocation,
+        meta: session.meta,
     });
     let (tx, rx) = mpsc::unbounded_channel();
     let writer = write_loop(writer, rx, pool);
@@ -609,51 +609,88 @@ fn send_segments(mut rep: Replier, cookie: u64, segs: Vec<Seg>) {
     }
 }
 
-/// Answers BLOCK_STATUS for `base:allocation`.
+/// Extents (length, flags) of one metadata context, merging neighbours with equal flags.
+#[derive(Default)]
+struct Extents(Vec<(u32, u32)>);
+
+impl Extents {
+    fn push(&mut self, len: u32, flags: u32) {
+        match self.0.last_mut() {
+            Some(last) if last.1 == flags => last.0 += len,
+            _ => self.0.push((len, flags)),
+        }
+    }
+
+    /// Appends one `NBD_REPLY_TYPE_BLOCK_STATUS` chunk for context `id`.
+    fn encode_chunk(&self, out: &mut Vec<u8>, cookie: u64, id: u32, last: bool) {
+        let flags = if last { REPLY_FLAG_DONE } else { 0 };
+        let payload_len = 4 + 8 * self.0.len() as u32;
+        out.extend_from_slice(&encode_chunk_header(
+            flags,
+            REPLY_TYPE_BLOCK_STATUS,
+            cookie,
+            payload_len,
+        ));
+        out.extend_from_slice(&id.to_be_bytes());
+        for (n, f) in &self.0 {
+            out.extend_from_slice(&n.to_be_bytes());
+            out.extend_from_slice(&f.to_be_bytes());
+        }
+    }
+}
+
+/// Answers BLOCK_STATUS: one chunk per negotiated context (`base:allocation`
+/// first, then `qemu:allocation-depth`, as QEMU), the last one with
+/// `NBD_REPLY_FLAG_DONE`. One lookup serves both contexts, so their extents
+/// cover the same range.
 async fn block_status(ctx: &Ctx, req: &Request) -> Result<Vec<u8>, Fail> {
     validate(ctx, req)?;
-    let Some(id) = ctx.base_allocation else {
+    let meta = ctx.meta;
+    if meta.is_empty() {
         return Err(Fail::new(NBD_EINVAL, "no metadata context was negotiated"));
-    };
+    }
     if req.len == 0 {
         return Err(Fail::new(NBD_EINVAL, "block status of zero length"));
     }
     let req_one = req.flags & CMD_FLAG_REQ_ONE != 0;
     let end = req.offset + u64::from(req.len);
-    let mut extents: Vec<(u32, u32)> = Vec::new();
+    let mut alloc = Extents::default();
+    let mut depth = Extents::default();
     let mut pos = req.offset;
     let mut lookups = 0;
     while pos < end && lookups < MAX_STATUS_LOOKUPS {
         let st = match ctx.backend.block_status(pos, end - pos).await {
             Ok(st) => st,
-            Err(e) if extents.is_empty() => return Err(Fail::io("block status", &e)),
+            Err(e) if lookups == 0 => return Err(Fail::io("block status", &e)),
             // What was found so far is a valid, shorter answer.
             Err(_) => break,
         };
         lookups += 1;
         let n = st.len.min(end - pos) as u32;
         let flags = if st.data { 0 } else { STATE_HOLE } | if st.zero { STATE_ZERO } else { 0 };
-        match extents.last_mut() {
-            Some(last) if last.1 == flags => last.0 += n,
-            _ => extents.push((n, flags)),
-        }
+        alloc.push(n, flags);
+        depth.push(n, st.depth);
         pos += u64::from(n);
         if req_one {
+            // At most one extent per context.
             break;
         }
     }
-    let mut v = Vec::with_capacity(CHUNK_HEADER_LEN + 4 + 8 * extents.len());
-    let payload_len = 4 + 8 * extents.len() as u32;
-    v.extend_from_slice(&encode_chunk_header(
-        REPLY_FLAG_DONE,
-        REPLY_TYPE_BLOCK_STATUS,
-        req.cookie,
-        payload_len,
-    ));
-    v.extend_from_slice(&id.to_be_bytes());
-    for (n, f) in extents {
-        v.extend_from_slice(&n.to_be_bytes());
-        v.extend_from_slice(&f.to_be_bytes());
+    let chunks: Vec<(u32, &Extents)> = [
+        meta.base_allocation.map(|id| (id, &alloc)),
+        meta.allocation_depth.map(|id| (id, &depth)),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    let mut v = Vec::with_capacity(
+        chunks
+            .iter()
+            .map(|(_, e)| CHUNK_HEADER_LEN + 4 + 8 * e.0.len())
+            .sum(),
+    );
+    for (i, (id, e)) in chunks.iter().enumerate() {
+        e.encode_chunk(&mut v, req.cookie, *id, i + 1 == chunks.len());
     }
     Ok(v)
 }

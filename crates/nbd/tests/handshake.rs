@@ -257,6 +257,143 @@ async fn meta_context_for_another_export_does_not_count() {
     assert_eq!(e.code(), Some(NBD_EINVAL));
 }
 
+fn ctx(list: &[(u32, &str)]) -> Vec<(u32, String)> {
+    list.iter().map(|(id, n)| (*id, n.to_string())).collect()
+}
+
+#[tokio::test]
+async fn allocation_depth_context_only_where_enabled() {
+    let f = Fixture::new(0).await;
+    let depth = open_node(&sparse_file(f.dir.path(), "d.img", MIB), true);
+    f.add_depth_node("depth", depth);
+    f.add_file_export("plain", MIB, false);
+    let mut n = Negotiator::connect(&f.addr).await.unwrap();
+    n.structured_reply().await.unwrap().unwrap();
+
+    // LIST: every context with no query, namespace wildcards, full names;
+    // ids are the reserved 0; always base:allocation first, as QEMU.
+    let both = ctx(&[(0, META_BASE_ALLOCATION), (0, META_ALLOCATION_DEPTH)]);
+    let depth_only = ctx(&[(0, META_ALLOCATION_DEPTH)]);
+    for (queries, want) in [
+        (&[][..], both.clone()),
+        (&["qemu:"][..], depth_only.clone()),
+        (&["qemu:allocation-depth"][..], depth_only.clone()),
+        (&["qemu:", "base:"][..], both.clone()),
+        (
+            &["qemu:allocation-depth", "base:allocation"][..],
+            both.clone(),
+        ),
+        (&["qemu:dirty-bitmap:", "qemu:allocation"][..], vec![]),
+        (
+            &["qemu:allocation-depth:x", "QEMU:allocation-depth"][..],
+            vec![],
+        ),
+    ] {
+        let got = n
+            .list_meta_context("depth", queries)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(got, want, "LIST depth {queries:?}");
+    }
+    // An export without allocation-depth lists only base:allocation.
+    for (queries, want) in [
+        (&[][..], ctx(&[(0, META_BASE_ALLOCATION)])),
+        (&["qemu:"][..], vec![]),
+        (&["qemu:allocation-depth"][..], vec![]),
+    ] {
+        let got = n
+            .list_meta_context("plain", queries)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(got, want, "LIST plain {queries:?}");
+    }
+
+    // SET: full names only; each context has its own id.
+    let none = n
+        .set_meta_context("depth", &["qemu:", "base:"])
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(none.is_empty());
+    let none = n
+        .set_meta_context("plain", &["qemu:allocation-depth"])
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(none.is_empty());
+    let only = n
+        .set_meta_context("depth", &["qemu:allocation-depth"])
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(only, ctx(&[(2, META_ALLOCATION_DEPTH)]));
+    let set = n
+        .set_meta_context(
+            "depth",
+            &["qemu:allocation-depth", "base:allocation", "qemu:"],
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        set,
+        ctx(&[(1, META_BASE_ALLOCATION), (2, META_ALLOCATION_DEPTH)])
+    );
+    let (base_id, depth_id) = (set[0].0, set[1].0);
+    assert_ne!(base_id, depth_id);
+    n.go("depth", &[]).await.unwrap().unwrap();
+    let c = n.into_client().unwrap();
+    assert_eq!(c.base_allocation(), Some(base_id));
+    assert_eq!(c.allocation_depth(), Some(depth_id));
+    // A raw file node is its own whole chain: every byte at depth 1.
+    let all = c.block_status_all(0, MIB as u32, false).await.unwrap();
+    assert_eq!(
+        all,
+        vec![
+            (base_id, vec![(MIB as u32, STATE_HOLE | STATE_ZERO)]),
+            (depth_id, vec![(MIB as u32, 1)]),
+        ]
+    );
+    c.disconnect().await.unwrap();
+}
+
+#[tokio::test]
+async fn allocation_depth_needs_the_final_export() {
+    let f = Fixture::new(0).await;
+    let node = open_node(&sparse_file(f.dir.path(), "d.img", MIB), true);
+    f.add_depth_node("depth", node.clone());
+    f.add_file_export("plain", MIB, false);
+
+    // Negotiated for another export: no context counts.
+    let mut n = Negotiator::connect(&f.addr).await.unwrap();
+    n.structured_reply().await.unwrap().unwrap();
+    n.set_meta_context("depth", &[META_ALLOCATION_DEPTH])
+        .await
+        .unwrap()
+        .unwrap();
+    n.go("plain", &[]).await.unwrap().unwrap();
+    let c = n.into_client().unwrap();
+    let e = c.block_status(0, 4096, false).await.unwrap_err();
+    assert_eq!(e.code(), Some(NBD_EINVAL));
+
+    // The export was replaced by one of the same name between SET and GO:
+    // the selection belonged to the old export and does not count either.
+    let mut n = Negotiator::connect(&f.addr).await.unwrap();
+    n.structured_reply().await.unwrap().unwrap();
+    n.set_meta_context("depth", &[META_ALLOCATION_DEPTH])
+        .await
+        .unwrap()
+        .unwrap();
+    f.table.remove("depth").unwrap();
+    f.add_node("depth", node, false, None);
+    n.go("depth", &[]).await.unwrap().unwrap();
+    let c = n.into_client().unwrap();
+    let e = c.block_status(0, 4096, false).await.unwrap_err();
+    assert_eq!(e.code(), Some(NBD_EINVAL));
+}
+
 #[tokio::test]
 async fn tcp_listener_reports_real_port() {
     let dir = tempfile::tempdir().unwrap();
@@ -281,6 +418,7 @@ async fn tcp_listener_reports_real_port() {
             description: None,
             backend: livesnap_block::BlockBackend::new(node),
             writable: true,
+            allocation_depth: false,
         })
         .unwrap();
     let c = livesnap_nbd::NbdClient::connect(&addr, "t").await.unwrap();

@@ -32,6 +32,7 @@ async fn table_add_remove_list() {
         description: None,
         backend: livesnap_block::BlockBackend::new(node.clone()),
         writable: true,
+        allocation_depth: false,
     };
     t.add(cfg("b")).unwrap();
     t.add(cfg("a")).unwrap();

@@ -168,6 +168,179 @@ async fn block_status_reports_allocation() {
     assert_eq!(e.code(), Some(NBD_EINVAL));
 }
 
+const KIB: u64 = 1024;
+const HZ: u32 = STATE_HOLE | STATE_ZERO;
+
+/// A 4 MiB chain's map: data in layers 1 and 2, a zero cluster in layer 2
+/// (allocated there, reads as zero), unallocated everywhere, then layer 3.
+fn chain_map() -> Vec<DepthExtent> {
+    let e = |end: u64, data: bool, zero: bool, depth: u32| DepthExtent {
+        end,
+        data,
+        zero,
+        depth,
+    };
+    vec![
+        e(MIB, true, false, 1),
+        e(3 * MIB / 2, true, false, 2),
+        e(2 * MIB, false, true, 2),
+        e(3 * MIB, false, true, 0),
+        e(4 * MIB, true, false, 3),
+    ]
+}
+
+/// Connects selecting `queries`, for an export called `name`.
+async fn meta_client(f: &Fixture, name: &str, queries: &[&str]) -> NbdClient {
+    NbdClient::connect_with_contexts(&f.addr, name, queries)
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn block_status_allocation_depth() {
+    let f = Fixture::new(0).await;
+    // Lookups answer at most 256 KiB, so extents are merged across lookups.
+    f.add_depth_node("chain", depth_node(chain_map(), 256 * KIB, u64::MAX));
+    let m = |n: u64| (n * MIB / 2) as u32;
+
+    // qemu:allocation-depth alone: one chunk, its id, depths as flags.
+    let c = meta_client(&f, "chain", &[META_ALLOCATION_DEPTH]).await;
+    assert_eq!(c.base_allocation(), None);
+    let depth_id = c.allocation_depth().unwrap();
+    let all = c.block_status_all(0, m(8), false).await.unwrap();
+    assert_eq!(
+        all,
+        vec![(depth_id, vec![(m(2), 1), (m(2), 2), (m(2), 0), (m(2), 3)])]
+    );
+    let r = c.request(CMD_BLOCK_STATUS, 0, 0, m(8), None).await.unwrap();
+    assert_eq!(
+        r.chunks,
+        vec![(REPLY_TYPE_BLOCK_STATUS, REPLY_FLAG_DONE, 0, 0)]
+    );
+    assert_eq!(r.context_id, Some(depth_id));
+    c.disconnect().await.unwrap();
+
+    // Both: one chunk per context, base:allocation first, DONE on the last.
+    let c = meta_client(&f, "chain", &[META_ALLOCATION_DEPTH, META_BASE_ALLOCATION]).await;
+    let (base_id, depth_id) = (c.base_allocation().unwrap(), c.allocation_depth().unwrap());
+    let r = c.request(CMD_BLOCK_STATUS, 0, 0, m(8), None).await.unwrap();
+    assert_eq!(r.error, 0);
+    assert_eq!(
+        r.chunks,
+        vec![
+            (REPLY_TYPE_BLOCK_STATUS, 0, 0, 0),
+            (REPLY_TYPE_BLOCK_STATUS, REPLY_FLAG_DONE, 0, 0)
+        ]
+    );
+    assert_eq!(
+        r.statuses,
+        vec![
+            (base_id, vec![(m(3), 0), (m(3), HZ), (m(2), 0)]),
+            (depth_id, vec![(m(2), 1), (m(2), 2), (m(2), 0), (m(2), 3)]),
+        ]
+    );
+    // The usual helpers pick their context.
+    assert_eq!(
+        c.block_status(0, m(8), false).await.unwrap(),
+        vec![(m(3), 0), (m(3), HZ), (m(2), 0)]
+    );
+    assert_eq!(
+        c.block_status_of(META_ALLOCATION_DEPTH, 0, m(8), false)
+            .await
+            .unwrap(),
+        vec![(m(2), 1), (m(2), 2), (m(2), 0), (m(2), 3)]
+    );
+
+    // An unaligned range inside the map, ending before the export does.
+    let all = c
+        .block_status_all(MIB + 1000, MIB as u32, false)
+        .await
+        .unwrap();
+    let rest = (MIB / 2 - 1000) as u32;
+    assert_eq!(
+        all,
+        vec![
+            (base_id, vec![(rest, 0), (MIB as u32 - rest, HZ)]),
+            (
+                depth_id,
+                vec![(MIB as u32 / 2 + rest, 2), (MIB as u32 / 2 - rest, 0)]
+            ),
+        ]
+    );
+
+    // REQ_ONE: exactly one extent per context, never past the request.
+    let all = c.block_status_all(MIB, m(4), true).await.unwrap();
+    assert_eq!(
+        all,
+        vec![
+            (base_id, vec![(m(1) / 2, 0)]),
+            (depth_id, vec![(m(1) / 2, 2)])
+        ]
+    );
+    let all = c.block_status_all(3 * MIB, 4096, true).await.unwrap();
+    assert_eq!(
+        all,
+        vec![(base_id, vec![(4096, 0)]), (depth_id, vec![(4096, 3)])]
+    );
+
+    // Out of range and zero length are refused as before.
+    let e = c.block_status_all(4 * MIB, 1, false).await.unwrap_err();
+    assert_eq!(e.code(), Some(NBD_EINVAL));
+    let e = c.block_status_all(0, 0, false).await.unwrap_err();
+    assert_eq!(e.code(), Some(NBD_EINVAL));
+    c.disconnect().await.unwrap();
+}
+
+#[tokio::test]
+async fn block_status_lookup_failures_with_two_contexts() {
+    let f = Fixture::new(0).await;
+    f.add_depth_node("chain", depth_node(chain_map(), 256 * KIB, 3 * MIB));
+    let c = meta_client(&f, "chain", &[META_BASE_ALLOCATION, META_ALLOCATION_DEPTH]).await;
+    let (base_id, depth_id) = (c.base_allocation().unwrap(), c.allocation_depth().unwrap());
+
+    // A failure on the first lookup is the request's error: no status chunk at all.
+    let r = c
+        .request(CMD_BLOCK_STATUS, 0, 3 * MIB, 4096, None)
+        .await
+        .unwrap();
+    assert_eq!(r.error, NBD_EIO);
+    assert!(r.statuses.is_empty(), "{:?}", r.statuses);
+    assert_eq!(r.chunks.len(), 1);
+    assert_eq!(r.chunks[0].0, REPLY_TYPE_ERROR);
+    assert_eq!(r.chunks[0].1, REPLY_FLAG_DONE);
+
+    // A later failure shortens the answer, equally for both contexts.
+    let all = c
+        .block_status_all(2 * MIB, 2 * MIB as u32, false)
+        .await
+        .unwrap();
+    assert_eq!(
+        all,
+        vec![
+            (base_id, vec![(MIB as u32, HZ)]),
+            (depth_id, vec![(MIB as u32, 0)])
+        ]
+    );
+    // The connection is still fine.
+    assert_eq!(c.read(0, 4096).await.unwrap(), vec![0; 4096]);
+    c.disconnect().await.unwrap();
+}
+
+#[tokio::test]
+async fn block_status_depth_needs_structured_and_negotiation() {
+    let f = Fixture::new(0).await;
+    f.add_depth_node("chain", depth_node(chain_map(), 256 * KIB, u64::MAX));
+    // Without structured replies no context can be selected: EINVAL.
+    let c = simple_client(&f.addr, "chain").await;
+    let e = c.block_status(0, 4096, false).await.unwrap_err();
+    assert_eq!(e.code(), Some(NBD_EINVAL));
+    // Structured, but SET selected nothing: EINVAL.
+    let c = meta_client(&f, "chain", &["qemu:"]).await;
+    assert!(c.meta_contexts().is_empty());
+    let e = c.block_status(0, 4096, false).await.unwrap_err();
+    assert_eq!(e.code(), Some(NBD_EINVAL));
+}
+
 #[tokio::test]
 async fn pipelined_requests_complete_out_of_order() {
     let f = Fixture::new(0).await;

@@ -708,7 +708,12 @@ impl Inner {
         };
         let bsize = b.size();
         if off >= bsize {
-            return Ok(unallocated);
+            // Past a short backing's end the backing layer answers "zeroes",
+            // so QEMU counts the range as that layer's (allocation depth 2).
+            return Ok(BlockStatus {
+                depth: 2,
+                ..unallocated
+            });
         }
         let st = b.block_status(off, unalloc_len.min(bsize - off)).await?;
         Ok(BlockStatus {

@@ -194,6 +194,8 @@ pub struct ExportRequest {
     pub description: Option<String>,
     /// Whether clients may write.
     pub writable: bool,
+    /// Offer the `qemu:allocation-depth` NBD metadata context.
+    pub allocation_depth: bool,
 }
 
 /// Adds an NBD export; shared by QMP and the command line.
@@ -242,6 +244,7 @@ pub fn add_export(
             description: req.description,
             backend: livesnap_block::BlockBackend::new(node.clone()),
             writable: req.writable,
+            allocation_depth: req.allocation_depth,
         })
         .map_err(generic)?;
     node.add_user(export_user(&req.id));
@@ -281,9 +284,6 @@ pub(super) async fn block_export_add(d: &Arc<Daemon>, mut args: Args) -> Result<
             "Exporting dirty bitmaps is not supported by livesnapd",
         ));
     }
-    if allocation_depth {
-        return Err(generic("allocation-depth is not supported by livesnapd"));
-    }
     let running = d.nbd_server.lock().await.is_some();
     add_export(
         d,
@@ -293,6 +293,7 @@ pub(super) async fn block_export_add(d: &Arc<Daemon>, mut args: Args) -> Result<
             name,
             description,
             writable,
+            allocation_depth,
         },
         running,
     )?;

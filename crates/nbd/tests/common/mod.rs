@@ -105,6 +105,20 @@ impl Fixture {
                 description: description.map(Into::into),
                 backend: BlockBackend::new(node),
                 writable,
+                allocation_depth: false,
+            })
+            .unwrap();
+    }
+
+    /// Adds a read-only export of `node` that offers `qemu:allocation-depth`.
+    pub fn add_depth_node(&self, name: &str, node: Arc<BlockNode>) {
+        self.table
+            .add(ExportConfig {
+                name: name.into(),
+                description: None,
+                backend: BlockBackend::new(node),
+                writable: false,
+                allocation_depth: true,
             })
             .unwrap();
     }
@@ -188,4 +202,82 @@ pub fn test_node(
     let path = sparse_file(dir, name, size);
     let child = open_node(&path, false);
     BlockNode::new(format!("test-{name}"), Box::new(td(child)), false, true)
+}
+
+/// One extent of a [`DepthDriver`]: where it ends, and its status.
+#[derive(Clone, Copy, Debug)]
+pub struct DepthExtent {
+    pub end: u64,
+    pub data: bool,
+    pub zero: bool,
+    pub depth: u32,
+}
+
+/// A read-only driver with a fixed allocation map, as a backing chain would
+/// report it: each lookup answers at most `max_lookup` bytes of one extent,
+/// and lookups at or beyond `fail_from` fail with EIO.
+pub struct DepthDriver {
+    pub map: Vec<DepthExtent>,
+    pub max_lookup: u64,
+    pub fail_from: u64,
+}
+
+impl BlockDriver for DepthDriver {
+    fn format_name(&self) -> &'static str {
+        "depth-test"
+    }
+    fn size(&self) -> u64 {
+        self.map.last().map_or(0, |e| e.end)
+    }
+    fn filename(&self) -> String {
+        "depth-test".into()
+    }
+    fn read(&self, _offset: u64, mut buf: IoBuf) -> IoFuture<'_, IoBuf> {
+        buf.fill(0);
+        Box::pin(async move { Ok(buf) })
+    }
+    fn write(&self, _offset: u64, _buf: IoBuf, _flags: WriteFlags) -> IoFuture<'_, ()> {
+        Box::pin(async { Err(io::Error::from_raw_os_error(libc::EPERM)) })
+    }
+    fn write_zeroes(&self, _offset: u64, _len: u64, _flags: ZeroFlags) -> IoFuture<'_, ()> {
+        Box::pin(async { Err(io::Error::from_raw_os_error(libc::EPERM)) })
+    }
+    fn discard(&self, _offset: u64, _len: u64) -> IoFuture<'_, ()> {
+        Box::pin(async { Err(io::Error::from_raw_os_error(libc::EPERM)) })
+    }
+    fn flush(&self) -> IoFuture<'_, ()> {
+        Box::pin(async { Ok(()) })
+    }
+    fn block_status(&self, offset: u64, len: u64) -> IoFuture<'_, BlockStatus> {
+        Box::pin(async move {
+            if offset >= self.fail_from {
+                return Err(io::Error::from_raw_os_error(libc::EIO));
+            }
+            let e = self
+                .map
+                .iter()
+                .find(|e| offset < e.end)
+                .ok_or_else(|| io::Error::from_raw_os_error(libc::EINVAL))?;
+            Ok(BlockStatus {
+                len: (e.end - offset).min(len).min(self.max_lookup),
+                data: e.data,
+                zero: e.zero,
+                depth: e.depth,
+            })
+        })
+    }
+}
+
+/// A read-only node over a [`DepthDriver`].
+pub fn depth_node(map: Vec<DepthExtent>, max_lookup: u64, fail_from: u64) -> Arc<BlockNode> {
+    BlockNode::new(
+        "depth-test",
+        Box::new(DepthDriver {
+            map,
+            max_lookup,
+            fail_from,
+        }),
+        true,
+        true,
+    )
 }
