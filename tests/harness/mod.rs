@@ -526,3 +526,59 @@ pub fn class_desc(r: &Value) -> (String, String) {
         e["desc"].as_str().unwrap_or_default().to_string(),
     )
 }
+
+/// The QAPI name of a JSON value's type, for shape comparisons.
+pub fn json_type(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "boolean",
+        Value::Number(n) if n.is_f64() => "double",
+        Value::Number(_) => "integer",
+        Value::String(_) => "string",
+        Value::Array(_) => "array",
+        Value::Object(_) => "object",
+    }
+}
+
+/// Where `a` (livesnapd's) and `b` (qsd's) differ in shape: object keys, JSON types, list lengths
+/// (lists are compared element by element). `None` when they agree.
+pub fn shape_diff(a: &Value, b: &Value, path: &str) -> Option<String> {
+    match (a, b) {
+        (Value::Object(x), Value::Object(y)) => {
+            let only_a: Vec<_> = x.keys().filter(|k| !y.contains_key(*k)).collect();
+            let only_b: Vec<_> = y.keys().filter(|k| !x.contains_key(*k)).collect();
+            if !only_a.is_empty() || !only_b.is_empty() {
+                return Some(format!(
+                    "{path}: keys only in livesnapd {only_a:?}, only in qsd {only_b:?}"
+                ));
+            }
+            x.iter()
+                .find_map(|(k, v)| shape_diff(v, &y[k], &format!("{path}.{k}")))
+        }
+        (Value::Array(x), Value::Array(y)) => {
+            if x.len() != y.len() {
+                return Some(format!(
+                    "{path}: {} elements in livesnapd, {} in qsd",
+                    x.len(),
+                    y.len()
+                ));
+            }
+            x.iter()
+                .zip(y)
+                .enumerate()
+                .find_map(|(i, (p, q))| shape_diff(p, q, &format!("{path}[{i}]")))
+        }
+        _ if json_type(a) != json_type(b) => Some(format!(
+            "{path}: {} in livesnapd, {} in qsd",
+            json_type(a),
+            json_type(b)
+        )),
+        _ => None,
+    }
+}
+
+/// QEMU's and livesnapd's names for unnamed nodes: `#block` and digits.
+pub fn is_auto_name(s: &str) -> bool {
+    s.strip_prefix("#block")
+        .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+}

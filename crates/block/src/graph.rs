@@ -54,8 +54,22 @@ impl BlockGraph {
         Ok(())
     }
 
-    /// Adds an opened node.
+    /// Adds an opened node, as the newest.
     pub fn insert(&self, node: Arc<BlockNode>) -> Result<(), GraphError> {
+        self.insert_at(node, usize::MAX)
+    }
+
+    /// Number of nodes: the position a node named now takes in creation
+    /// order, for [`BlockGraph::insert_at`].
+    pub fn position(&self) -> usize {
+        self.nodes.lock().unwrap().len()
+    }
+
+    /// Adds an opened node at position `at` of the creation order (clamped
+    /// to the end). A qcow2 node is named in QEMU before its backing chain
+    /// is opened, so it comes before the backing nodes in the order even
+    /// though it is inserted after them.
+    pub fn insert_at(&self, node: Arc<BlockNode>, at: usize) -> Result<(), GraphError> {
         let mut nodes = self.nodes.lock().unwrap();
         if nodes.iter().any(|n| n.name() == node.name()) {
             return Err(GraphError(format!(
@@ -63,7 +77,8 @@ impl BlockGraph {
                 node.name()
             )));
         }
-        nodes.push(node);
+        let at = at.min(nodes.len());
+        nodes.insert(at, node);
         Ok(())
     }
 
@@ -93,6 +108,21 @@ impl BlockGraph {
         self.nodes.lock().unwrap().retain(|n| n.name() != name);
     }
 
+    /// The nodes that have `child` as a child, with the child's role
+    /// (`file`, `backing`), oldest first.
+    pub fn parents(&self, child: &BlockNode) -> Vec<(Arc<BlockNode>, &'static str)> {
+        let nodes = self.nodes.lock().unwrap();
+        let mut out = Vec::new();
+        for n in nodes.iter() {
+            for c in n.children() {
+                if std::ptr::eq(Arc::as_ptr(&c.node), child) {
+                    out.push((n.clone(), c.role));
+                }
+            }
+        }
+        out
+    }
+
     fn has_parent(nodes: &[Arc<BlockNode>], child: &BlockNode) -> bool {
         nodes.iter().any(|n| {
             n.children()
@@ -113,6 +143,18 @@ impl BlockGraph {
         let node = nodes[pos].clone();
         if !node.users().is_empty() {
             return Err(GraphError(format!("Node {name} is in use")));
+        }
+        // QEMU's op blocker on backing images (the newest parent's).
+        let backing_parent = nodes.iter().rev().find(|n| {
+            n.children()
+                .iter()
+                .any(|c| c.role == "backing" && Arc::ptr_eq(&c.node, &node))
+        });
+        if let Some(parent) = backing_parent {
+            return Err(GraphError(format!(
+                "Node '{name}' is busy: node is used as backing hd of '{}'",
+                parent.name()
+            )));
         }
         if !node.monitor_owned() {
             return Err(GraphError(format!(

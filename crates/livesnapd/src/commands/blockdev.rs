@@ -11,9 +11,10 @@ use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::Arc;
 
+use livesnap_block::qcow2::Header;
 use livesnap_block::{
-    check_chain_depth, read_header_backing, resolve_backing_filename, BlockNode, FileDriver,
-    FileOptions, FormatSpecific, Qcow2Driver, Qcow2Options, RawDriver, RawOptions,
+    check_chain_depth, resolve_backing_filename, BackingRef, BlockNode, FileDriver, FileOptions,
+    FormatSpecific, Qcow2Driver, Qcow2Options, RawDriver, RawOptions,
 };
 use livesnap_qmp::{Args, QmpError};
 use serde_json::{json, Value};
@@ -22,7 +23,7 @@ use super::{empty, id_wellformed};
 use crate::daemon::Daemon;
 
 /// Every driver name of QEMU's `BlockdevDriver` enum; those livesnapd lacks get a clear error.
-const QEMU_DRIVERS: &[&str] = &[
+pub(super) const QEMU_DRIVERS: &[&str] = &[
     "blkdebug",
     "blklogwrites",
     "blkreplay",
@@ -110,8 +111,108 @@ enum DriverOptions {
     Qcow2 {
         file: BlockdevRef,
         backing: BackingOption,
-        l2_cache_size: Option<u64>,
+        cache: Qcow2Cache,
     },
+}
+
+/// The cache options of `BlockdevOptionsQcow2` (QAPI `int`s), checked when
+/// the image opens, as QEMU's `read_cache_sizes` does.
+#[derive(Clone, Copy, Default)]
+struct Qcow2Cache {
+    cache_size: Option<i64>,
+    l2_cache_size: Option<i64>,
+    l2_cache_entry_size: Option<i64>,
+    refcount_cache_size: Option<i64>,
+    cache_clean_interval: Option<i64>,
+    lazy_refcounts: bool,
+}
+
+impl Qcow2Cache {
+    /// QEMU's checks (`qcow2_update_options_prepare`), in its order, for
+    /// an image with `cluster_size` and `version`; returns the L2 cache
+    /// size in bytes, the only one livesnapd uses.
+    fn check(&self, cluster_size: u64, version_3: bool) -> Result<Option<u64>, QmpError> {
+        let sizes = [
+            ("cache-size", self.cache_size),
+            ("l2-cache-size", self.l2_cache_size),
+            ("l2-cache-entry-size", self.l2_cache_entry_size),
+            ("refcount-cache-size", self.refcount_cache_size),
+        ];
+        for (name, v) in sizes {
+            if let Some(v) = v.filter(|v| *v < 0) {
+                return Err(generic(format!(
+                    "Value '{v}' is out of range for parameter '{name}'"
+                )));
+            }
+        }
+        if let Some(combined) = self.cache_size {
+            if self.l2_cache_size.is_some() && self.refcount_cache_size.is_some() {
+                return Err(generic(
+                    "cache-size, l2-cache-size and refcount-cache-size may not be set at the same time",
+                ));
+            }
+            if self.l2_cache_size.is_some_and(|l2| l2 > combined) {
+                return Err(generic("l2-cache-size may not exceed cache-size"));
+            }
+            if self.refcount_cache_size.is_some_and(|r| r > combined) {
+                return Err(generic("refcount-cache-size may not exceed cache-size"));
+            }
+        }
+        let entry = self.l2_cache_entry_size.unwrap_or(cluster_size as i64);
+        if entry < 512 || entry as u64 > cluster_size || !(entry as u64).is_power_of_two() {
+            return Err(generic(format!(
+                "L2 cache entry size must be a power of two between 512 and the cluster size \
+                 ({cluster_size})"
+            )));
+        }
+        // A negative number reads as a huge unsigned one in QEMU.
+        if self
+            .cache_clean_interval
+            .is_some_and(|i| i < 0 || i > u32::MAX as i64)
+        {
+            return Err(generic("Cache clean interval too big"));
+        }
+        if self.lazy_refcounts && !version_3 {
+            return Err(generic(
+                "Lazy refcounts require a qcow2 image with at least qemu 1.1 compatibility level",
+            ));
+        }
+        Ok(self.l2_cache_size.map(|v| v as u64))
+    }
+}
+
+/// QEMU's `Qcow2OverlapCheckMode`.
+const OVERLAP_MODES: &[&str] = &["none", "constant", "cached", "all"];
+
+/// Reads QEMU's `Qcow2OverlapChecks` alternate (a mode or a set of flags);
+/// accepted and ignored.
+fn parse_overlap_check(args: &mut Args) -> Result<(), QmpError> {
+    match args.take_value("overlap-check") {
+        None => Ok(()),
+        Some(Value::String(mode)) if OVERLAP_MODES.contains(&mode.as_str()) => Ok(()),
+        Some(Value::String(mode)) => Err(generic(format!(
+            "Parameter 'overlap-check' does not accept value '{mode}'"
+        ))),
+        Some(Value::Object(map)) => {
+            let mut flags = args.nested("overlap-check", map);
+            flags.opt_enum("template", OVERLAP_MODES)?;
+            for key in [
+                "main-header",
+                "active-l1",
+                "active-l2",
+                "refcount-table",
+                "refcount-block",
+                "snapshot-table",
+                "inactive-l1",
+                "inactive-l2",
+                "bitmap-directory",
+            ] {
+                flags.opt_bool(key)?;
+            }
+            flags.finish()
+        }
+        Some(_) => Err(args.invalid_type("overlap-check", "Qcow2OverlapChecks")),
+    }
 }
 
 impl DriverOptions {
@@ -182,9 +283,10 @@ fn parse_qcow2(args: &mut Args) -> Result<DriverOptions, QmpError> {
         Some(Value::Null) => BackingOption::Null,
         Some(v) => BackingOption::Node(parse_ref_value(args, "backing", v, "BlockdevRefOrNull")?),
     };
-    // Accepted for compatibility and ignored: see docs/qmp.md.
+    // In schema order; all but l2-cache-size accepted for compatibility
+    // and ignored once checked: see docs/qmp.md.
+    let lazy_refcounts = args.opt_bool("lazy-refcounts")?.unwrap_or(false);
     for key in [
-        "lazy-refcounts",
         "pass-discard-request",
         "pass-discard-snapshot",
         "pass-discard-other",
@@ -192,12 +294,15 @@ fn parse_qcow2(args: &mut Args) -> Result<DriverOptions, QmpError> {
     ] {
         args.opt_bool(key)?;
     }
-    args.take_value("overlap-check");
-    args.opt_i64("cache-size")?;
-    let l2_cache_size = args.opt_u64("l2-cache-size")?;
-    args.opt_i64("l2-cache-entry-size")?;
-    args.opt_i64("refcount-cache-size")?;
-    args.opt_i64("cache-clean-interval")?;
+    parse_overlap_check(args)?;
+    let cache = Qcow2Cache {
+        cache_size: args.opt_i64("cache-size")?,
+        l2_cache_size: args.opt_i64("l2-cache-size")?,
+        l2_cache_entry_size: args.opt_i64("l2-cache-entry-size")?,
+        refcount_cache_size: args.opt_i64("refcount-cache-size")?,
+        cache_clean_interval: args.opt_i64("cache-clean-interval")?,
+        lazy_refcounts,
+    };
     if args.take_value("encrypt").is_some() {
         return Err(generic(
             "Encrypted qcow2 images are not supported by livesnapd",
@@ -211,7 +316,7 @@ fn parse_qcow2(args: &mut Args) -> Result<DriverOptions, QmpError> {
     Ok(DriverOptions::Qcow2 {
         file,
         backing,
-        l2_cache_size,
+        cache,
     })
 }
 
@@ -362,6 +467,8 @@ fn open_tree<'a>(
             }
             None => d.graph.auto_name(),
         };
+        // Where the node goes in creation order: here, before any backing node.
+        let mut position = d.graph.position();
         let driver: Box<dyn livesnap_block::BlockDriver> = match &opts.driver {
             DriverOptions::File {
                 filename,
@@ -378,29 +485,35 @@ fn open_tree<'a>(
                 .map_err(generic)?;
                 Box::new(raw)
             }
-            DriverOptions::Qcow2 {
-                backing,
-                l2_cache_size,
-                ..
-            } => {
+            DriverOptions::Qcow2 { backing, cache, .. } => {
                 let file = child.expect("qcow2's file child was resolved above");
-                let backing = open_backing(ctx, &file, backing, cache_direct, chain).await?;
+                // QEMU's order: the image itself (header, tables) is opened and
+                // named first, its backing chain after it (bdrv_open_inherit).
+                // The options are checked against the header, as QEMU does
+                // once it has read it, before anything is written.
+                let header = Header::read(&file, !read_only).await.map_err(generic)?;
+                let l2_cache_size = cache.check(header.cluster_size(), header.version >= 3)?;
                 let q = Qcow2Driver::open_with(
-                    file,
-                    backing,
+                    file.clone(),
+                    None,
                     read_only,
-                    Qcow2Options {
-                        l2_cache_size: *l2_cache_size,
-                    },
+                    Qcow2Options { l2_cache_size },
                 )
                 .await
                 .map_err(generic)?;
+                position = d.graph.position();
+                let header_ref = q.header_backing().cloned();
+                q.set_backing(
+                    open_backing(ctx, &file, header_ref, backing, cache_direct, chain).await?,
+                );
                 Box::new(q)
             }
         };
         let node = BlockNode::new(name.clone(), driver, read_only, monitor_owned);
         node.set_cache_direct(cache_direct);
-        d.graph.insert(node.clone()).map_err(|e| generic(e.0))?;
+        d.graph
+            .insert_at(node.clone(), position)
+            .map_err(|e| generic(e.0))?;
         ctx.created.push(name);
         Ok(node)
     })
@@ -465,6 +578,7 @@ fn open_file(
 async fn open_backing(
     ctx: &mut OpenCtx<'_>,
     file: &Arc<BlockNode>,
+    header_ref: Option<BackingRef>,
     backing: &BackingOption,
     cache_direct: bool,
     mut chain: Vec<PathBuf>,
@@ -478,8 +592,13 @@ async fn open_backing(
     };
     let header_ref = match backing {
         BackingOption::Null => return Ok(None),
-        BackingOption::Node(r) => return open_ref(ctx, r, inherited, chain).await.map(Some),
-        BackingOption::FromHeader => read_header_backing(file).await.map_err(generic)?,
+        BackingOption::Node(r) => {
+            return open_ref(ctx, r, inherited, chain)
+                .await
+                .map(Some)
+                .map_err(|e| generic(format!("Could not open backing file: {}", e.desc)))
+        }
+        BackingOption::FromHeader => header_ref,
     };
     let Some(bref) = header_ref else {
         return Ok(None);
@@ -488,7 +607,8 @@ async fn open_backing(
     let path = resolve_backing_filename(&file.filename(), &bref.filename);
     let here = std::fs::canonicalize(file.filename()).unwrap_or_else(|_| file.filename().into());
     chain.push(here);
-    check_chain_depth(chain.len()).map_err(generic)?;
+    // The images above and this one, plus the backing image about to open.
+    check_chain_depth(chain.len() + 1).map_err(generic)?;
     if let Ok(target) = std::fs::canonicalize(&path) {
         if chain.contains(&target) {
             return Err(generic(format!(
@@ -515,7 +635,7 @@ async fn open_backing(
         "qcow2" => DriverOptions::Qcow2 {
             file: file_opts,
             backing: BackingOption::FromHeader,
-            l2_cache_size: None,
+            cache: Qcow2Cache::default(),
         },
         other => {
             return Err(generic(format!(
@@ -536,12 +656,16 @@ async fn open_backing(
         .map_err(|e| generic(format!("Could not open backing file: {}", e.desc)))
 }
 
-/// `blockdev-add` of options built in-process (external snapshots, the command line).
-pub async fn add_node(d: &Arc<Daemon>, options: Value) -> Result<(), QmpError> {
+/// `blockdev-add` of options built in-process (external snapshots): without
+/// `node-name`, the node gets an automatic name, as QEMU's overlays do.
+pub async fn add_node(d: &Arc<Daemon>, options: Value) -> Result<Arc<BlockNode>, QmpError> {
     let Value::Object(map) = options else {
         return Err(generic("blockdev options must be an object"));
     };
-    blockdev_add(d, Args::new(map)).await.map(|_| ())
+    let mut args = Args::new(map);
+    let opts = parse_options(&mut args)?;
+    args.finish()?;
+    open_root(d, &opts).await
 }
 
 pub(super) async fn blockdev_add(d: &Arc<Daemon>, mut args: Args) -> Result<Value, QmpError> {
@@ -550,21 +674,23 @@ pub(super) async fn blockdev_add(d: &Arc<Daemon>, mut args: Args) -> Result<Valu
     if opts.node_name.is_none() {
         return Err(generic("'node-name' must be specified for the root node"));
     }
+    open_root(d, &opts).await.map(|_| empty())
+}
+
+/// Opens a monitor-owned node and everything below it; a failure removes
+/// every node it had opened, as in QEMU.
+async fn open_root(d: &Arc<Daemon>, opts: &BlockdevOptions) -> Result<Arc<BlockNode>, QmpError> {
     let mut ctx = OpenCtx {
         d,
         created: Vec::new(),
     };
-    let result = open_tree(&mut ctx, &opts, Inherited::default(), true, Vec::new()).await;
-    match result {
-        Ok(_) => Ok(empty()),
-        Err(e) => {
-            // Children opened before the failure go away with it, as in QEMU.
-            for name in ctx.created.iter().rev() {
-                d.graph.discard(name);
-            }
-            Err(e)
+    let result = open_tree(&mut ctx, opts, Inherited::default(), true, Vec::new()).await;
+    if result.is_err() {
+        for name in ctx.created.iter().rev() {
+            d.graph.discard(name);
         }
     }
+    result
 }
 
 pub(super) async fn blockdev_del(d: &Arc<Daemon>, mut args: Args) -> Result<Value, QmpError> {

@@ -33,21 +33,53 @@ fn find(d: &Daemon, name: &str) -> Result<Arc<BlockNode>, QmpError> {
     })
 }
 
+/// QEMU's op blocker on backing images: only the top of a chain can be
+/// snapshotted, a node that is some image's backing is busy (the newest
+/// parent's blocker is the one reported).
+fn check_not_backing(d: &Daemon, node: &BlockNode) -> Result<(), QmpError> {
+    match d
+        .graph
+        .parents(node)
+        .into_iter()
+        .rev()
+        .find(|(_, role)| *role == "backing")
+    {
+        Some((parent, _)) => Err(generic(format!(
+            "Node '{}' is busy: node is used as backing hd of '{}'",
+            node.name(),
+            parent.name()
+        ))),
+        None => Ok(()),
+    }
+}
+
 /// Puts `overlay` on top of `node`: the common part of both commands.
+/// The checks come in the order of QEMU's `external_snapshot_action`.
 async fn append_overlay(
     d: &Arc<Daemon>,
     node: Arc<BlockNode>,
     overlay: Arc<BlockNode>,
 ) -> Result<(), QmpError> {
-    if Arc::ptr_eq(&node, &overlay) {
-        return Err(generic("The overlay cannot be the snapshotted node itself"));
+    check_not_backing(d, &node)?;
+    if !overlay.users().is_empty() || !d.graph.parents(&overlay).is_empty() {
+        return Err(generic("The overlay is already in use"));
     }
     if overlay.backing().is_some() {
         return Err(generic("The overlay already has a backing image"));
     }
-    if !overlay.users().is_empty() {
-        return Err(generic("The overlay is already in use"));
+    if overlay.format_name() != "qcow2" {
+        return Err(generic("The overlay does not support backing images"));
     }
+    if Arc::ptr_eq(&node, &overlay) {
+        return Err(generic(format!(
+            "Making '{}' a backing child of '{}' would create a cycle",
+            node.name(),
+            node.name()
+        )));
+    }
+    // QEMU would attach a read-only overlay (and fail later on a writable
+    // export); livesnapd moves every export onto the overlay, so it must
+    // take writes (docs/qmp.md).
     if overlay.read_only() {
         return Err(generic("The overlay must be writable"));
     }
@@ -85,8 +117,20 @@ async fn append_overlay(
     node.flush()
         .await
         .map_err(|e| generic(format!("Could not flush '{}': {e}", node.name())))?;
-    node.set_read_only();
+    freeze(&node);
     Ok(())
+}
+
+/// Makes `node` read-only with the children it opened inline (QEMU reopens
+/// them read-only with it); backing images are read-only already, and
+/// children added by name keep their own options.
+fn freeze(node: &BlockNode) {
+    node.set_read_only();
+    for c in node.children() {
+        if c.role != "backing" && !c.node.monitor_owned() {
+            freeze(&c.node);
+        }
+    }
 }
 
 pub(super) async fn blockdev_snapshot(d: &Arc<Daemon>, mut args: Args) -> Result<Value, QmpError> {
@@ -112,15 +156,45 @@ pub(super) async fn blockdev_snapshot_sync(
         .opt_enum("mode", &["existing", "absolute-paths"])?
         .unwrap_or_else(|| "absolute-paths".into());
     args.finish()?;
-    let name = node_name.or(device).unwrap_or_default();
-    let node = d
-        .graph
-        .get(&name)
-        .ok_or_else(|| generic(format!("Cannot find device='' nor node-name='{name}'")))?;
-    if format != "qcow2" {
-        return Err(generic(format!(
-            "Snapshot format '{format}' is not supported by livesnapd (only qcow2)"
-        )));
+    // QEMU looks `device` up as a BlockBackend name; livesnapd has none and
+    // takes a node name there too (docs/qmp.md), then `node-name`.
+    let node = device
+        .as_deref()
+        .and_then(|n| d.graph.get(n))
+        .or_else(|| node_name.as_deref().and_then(|n| d.graph.get(n)))
+        .ok_or_else(|| {
+            generic(format!(
+                "Cannot find device='{}' nor node-name='{}'",
+                device.as_deref().unwrap_or(""),
+                node_name.as_deref().unwrap_or("")
+            ))
+        })?;
+    check_not_backing(d, &node)?;
+    // Before the file is created (or truncated).
+    if node_name.is_some() && snapshot_node_name.is_none() {
+        return Err(generic("New overlay node-name missing"));
+    }
+    if let Some(n) = &snapshot_node_name {
+        if d.graph.get(n).is_some() {
+            return Err(generic("New overlay node-name already in use"));
+        }
+    }
+    match format.as_str() {
+        "qcow2" => {}
+        // QEMU's texts: creating a raw overlay fails, an existing one
+        // cannot take a backing file.
+        "raw" if mode == "existing" => {
+            return Err(generic("The overlay does not support backing images"))
+        }
+        "raw" => return Err(generic("Backing file not supported for file format 'raw'")),
+        f if !super::blockdev::QEMU_DRIVERS.contains(&f) => {
+            return Err(generic(format!("Unknown file format '{f}'")))
+        }
+        f => {
+            return Err(generic(format!(
+                "Snapshot format '{f}' is not supported by livesnapd (only qcow2)"
+            )))
+        }
     }
     if mode == "absolute-paths" {
         // The mode's promise: the overlay names its backing by absolute path.
@@ -138,21 +212,16 @@ pub(super) async fn blockdev_snapshot_sync(
         .await
         .map_err(generic)?;
     }
-    let overlay_name = match snapshot_node_name {
-        Some(n) => n,
-        None => d.graph.auto_name(),
-    };
-    super::blockdev::add_node(
-        d,
-        json!({
-            "driver": "qcow2",
-            "node-name": overlay_name,
-            "backing": null,
-            "file": { "driver": "file", "filename": snapshot_file },
-        }),
-    )
-    .await?;
-    let overlay = find(d, &overlay_name)?;
+    let mut options = json!({
+        "driver": "qcow2",
+        "backing": null,
+        "file": { "driver": "file", "filename": snapshot_file },
+    });
+    if let Some(n) = snapshot_node_name {
+        options["node-name"] = json!(n);
+    }
+    let overlay = super::blockdev::add_node(d, options).await?;
+    let overlay_name = overlay.name().to_string();
     if let Err(e) = append_overlay(d, node, overlay).await {
         let _ = d.graph.remove(&overlay_name);
         return Err(e);
