@@ -283,11 +283,8 @@ impl Inner {
     pub(super) async fn write(&self, off: u64, buf: IoBuf, flags: WriteFlags) -> io::Result<bool> {
         let _gate = self.io_gate.read().await;
         let len = buf.len() as u64;
-        // FUA can go straight to the file only when no metadata is pending.
-        let pass_fua = WriteFlags {
-            fua: flags.fua && !self.meta_dirty.load(Ordering::Acquire),
-        };
         let mut changed = false;
+        let mut need_flush = false;
         let mut pos = 0u64;
         let mut buf = Some(buf);
         while pos < len {
@@ -304,7 +301,14 @@ impl Inner {
                     } else {
                         IoBuf::from_slice(&b[pos as usize..(pos + n) as usize])
                     };
-                    self.file.write(host, piece, pass_fua).await?;
+                    // FUA can go straight to the file only when no metadata
+                    // is pending, checked after the lookup: the mapping just
+                    // used may come from a write that finished a moment ago
+                    // (after one this request waited for, or while a flush
+                    // was still writing the L2 tables).
+                    let fua = flags.fua && !self.meta_dirty.load(Ordering::Acquire);
+                    need_flush |= flags.fua && !fua;
+                    self.file.write(host, piece, WriteFlags { fua }).await?;
                     pos += n;
                 }
                 WSeg::Alloc => {
@@ -319,7 +323,7 @@ impl Inner {
                 }
             }
         }
-        Ok(flags.fua && (changed || !pass_fua.fua))
+        Ok(flags.fua && (changed || need_flush))
     }
 
     /// Waits until none of the guest clusters `[first, first + count)` is
@@ -448,9 +452,11 @@ impl Inner {
             return Err(e);
         }
 
-        // Phase 3: point the L2 entries at the new clusters.
+        // Phase 3: point the L2 entries at the new clusters. The flag goes
+        // first: whoever sees a new entry also sees that it is not on disk.
         let mut m = self.meta.lock().await;
         let t = self.ensure_l2(&mut m, l1i).await?;
+        self.meta_dirty.store(true, Ordering::Release);
         for (k, old) in olds.iter().enumerate() {
             match *old {
                 Cluster::Data { host, .. } => m.pending_free.push(Free {
@@ -472,7 +478,6 @@ impl Inner {
             }
             t.set(l2i + k, (host + k as u64 * cs) | COPIED);
         }
-        self.meta_dirty.store(true, Ordering::Release);
         drop(m);
         drop(resv);
         Ok((dlen, written.1))

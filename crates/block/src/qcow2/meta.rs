@@ -566,7 +566,6 @@ impl Inner {
         }
         let frees = {
             let mut m = self.meta.lock().await;
-            self.meta_dirty.store(false, Ordering::Release);
             let r = async {
                 if Self::refblocks_dirty(&m) {
                     self.write_refblocks(&mut m).await?;
@@ -576,6 +575,10 @@ impl Inner {
                     self.file.flush().await?;
                     self.write_dirty_l2(&mut m).await?;
                 }
+                // Only now, with every change made so far written to the file
+                // (changes need the lock this holds), may a FUA write skip the
+                // flush: its own datasync then makes these writes durable too.
+                self.meta_dirty.store(false, Ordering::Release);
                 Ok::<_, io::Error>(std::mem::take(&mut m.pending_free))
             }
             .await;
