@@ -32,21 +32,6 @@ const SCRIPT: &[&str] = &[
     "flush",
 ];
 
-fn qemu_io(target: &str, format: &str, script: &[&str]) -> String {
-    let mut cmd = Command::new("qemu-io");
-    cmd.args(["-f", format]);
-    for c in script {
-        cmd.args(["-c", c]);
-    }
-    cmd.arg(target);
-    let out = run(&mut cmd);
-    assert!(
-        !out.contains("failed") && !out.contains("error"),
-        "qemu-io {target}: {out}"
-    );
-    out
-}
-
 /// `qemu-img compare` of two raw images: Ok when equal, Err(output) otherwise.
 fn qemu_img_compare(a: &str, b: &str) -> Result<(), String> {
     let (st, out, err) =

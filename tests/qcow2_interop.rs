@@ -98,27 +98,6 @@ fn qemu_img(dir: Option<&Path>, args: &[&str]) -> String {
     run(cmd.args(args))
 }
 
-/// Runs `script` with qemu-io on `target`; fails on any error or mismatch.
-fn qemu_io(target: &str, format: &str, script: &[&str]) -> String {
-    qemu_io_opts(target, format, &[], script)
-}
-
-/// [`qemu_io`] with extra options (`-r`: read-only).
-fn qemu_io_opts(target: &str, format: &str, opts: &[&str], script: &[&str]) -> String {
-    let mut cmd = Command::new("qemu-io");
-    cmd.args(["-f", format]).args(opts);
-    for c in script {
-        cmd.args(["-c", c]);
-    }
-    cmd.arg(target);
-    let out = run(&mut cmd);
-    assert!(
-        !out.contains("failed") && !out.contains("error"),
-        "qemu-io {target}: {out}"
-    );
-    out
-}
-
 /// `qemu-img compare`: Ok when the guest-visible contents are equal.
 fn compare(a_fmt: &str, a: &str, b_fmt: &str, b: &str) -> Result<(), String> {
     let (st, out, err) =

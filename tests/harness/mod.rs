@@ -73,6 +73,27 @@ pub fn run_status(cmd: &mut Command) -> (ExitStatus, String, String) {
     )
 }
 
+/// Runs `script` with qemu-io on `target`; fails on any error or mismatch.
+pub fn qemu_io(target: &str, format: &str, script: &[&str]) -> String {
+    qemu_io_opts(target, format, &[], script)
+}
+
+/// [`qemu_io`] with extra options (`-r`: read-only).
+pub fn qemu_io_opts(target: &str, format: &str, opts: &[&str], script: &[&str]) -> String {
+    let mut cmd = Command::new("qemu-io");
+    cmd.args(["-f", format]).args(opts);
+    for c in script {
+        cmd.args(["-c", c]);
+    }
+    cmd.arg(target);
+    let out = run(&mut cmd);
+    assert!(
+        !out.contains("failed") && !out.contains("error"),
+        "qemu-io {target}: {out}"
+    );
+    out
+}
+
 /// Creates a sparse file of `size` bytes.
 pub fn sparse_file(path: &Path, size: u64) {
     std::fs::File::create(path)
