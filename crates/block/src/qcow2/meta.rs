@@ -168,6 +168,20 @@ fn rc_set(order: u32, d: &mut [u8], i: usize, v: u64) {
     }
 }
 
+/// Writes one big-endian u64 (a table entry or header field) into the image file.
+pub(super) async fn write_be64(
+    file: &crate::node::BlockNode,
+    offset: u64,
+    value: u64,
+) -> io::Result<()> {
+    file.write(
+        offset,
+        IoBuf::from_slice(&value.to_be_bytes()),
+        Default::default(),
+    )
+    .await
+}
+
 impl Inner {
     fn cs(&self) -> u64 {
         self.geo.cluster_size
@@ -422,13 +436,7 @@ impl Inner {
             },
         );
         // The block is on disk (and counts itself) before the table points at it.
-        self.file
-            .write(
-                m.reftable_offset + rt as u64 * 8,
-                IoBuf::from_slice(&off.to_be_bytes()),
-                Default::default(),
-            )
-            .await?;
+        write_be64(&self.file, m.reftable_offset + rt as u64 * 8, off).await?;
         m.reftable[rt] = off;
         m.fresh_from = m.fresh_from.max(off + cs);
         Ok(())
@@ -546,13 +554,7 @@ impl Inner {
         // The new table's refcount reaches the file before the L1 entry does.
         self.write_refblocks(m).await?;
         let entry = host | COPIED;
-        self.file
-            .write(
-                self.l1_offset + l1i as u64 * 8,
-                IoBuf::from_slice(&entry.to_be_bytes()),
-                Default::default(),
-            )
-            .await?;
+        write_be64(&self.file, self.l1_offset + l1i as u64 * 8, entry).await?;
         slot.store(entry, Ordering::Release);
         let t = Arc::new(L2Table::from_bytes(host, &vec![0u8; self.cs() as usize]));
         self.cache_insert(m, t.clone()).await?;

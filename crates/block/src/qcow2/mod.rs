@@ -192,13 +192,9 @@ impl Qcow2Driver {
             // Bitmaps are not maintained here: like any program without bitmap
             // support, clear the autoclear bits so QEMU knows they are stale.
             if header.autoclear != 0 {
-                file.write(
-                    header::OFF_AUTOCLEAR,
-                    IoBuf::from_slice(&0u64.to_be_bytes()),
-                    WriteFlags::default(),
-                )
-                .await
-                .map_err(|e| format!("Could not update qcow2 header: {}", os_err(e)))?;
+                meta::write_be64(&file, header::OFF_AUTOCLEAR, 0)
+                    .await
+                    .map_err(|e| format!("Could not update qcow2 header: {}", os_err(e)))?;
             }
             // A partly written last cluster (QEMU writes only what it must) is
             // completed, so every cluster lies wholly inside the file.
