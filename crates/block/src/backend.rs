@@ -19,7 +19,26 @@ pub struct BlockBackend {
     root: RwLock<Arc<BlockNode>>,
     // Held shared by every request, exclusively by a swap: tokio's RwLock
     // queues new requests behind a waiting swap, which is the drain.
-    gate: tokio::sync::RwLock<()>,
+    gate: Arc<tokio::sync::RwLock<()>>,
+}
+
+/// Guest requests on a backend held back (QEMU's drained section): while it
+/// lives no request runs on the backend and new ones wait.
+pub struct BackendHold {
+    backend: Arc<BlockBackend>,
+    _gate: tokio::sync::OwnedRwLockWriteGuard<()>,
+}
+
+impl BackendHold {
+    /// The held backend.
+    pub fn backend(&self) -> &Arc<BlockBackend> {
+        &self.backend
+    }
+
+    /// Puts `new` at the root; held requests go to it once the hold ends.
+    pub fn replace_root(&self, new: Arc<BlockNode>) -> Arc<BlockNode> {
+        std::mem::replace(&mut *self.backend.root.write().unwrap(), new)
+    }
 }
 
 impl BlockBackend {
@@ -27,7 +46,7 @@ impl BlockBackend {
     pub fn new(root: Arc<BlockNode>) -> Arc<BlockBackend> {
         Arc::new(BlockBackend {
             root: RwLock::new(root),
-            gate: tokio::sync::RwLock::new(()),
+            gate: Arc::new(tokio::sync::RwLock::new(())),
         })
     }
 
@@ -55,6 +74,16 @@ impl BlockBackend {
     pub async fn replace_root(&self, new: Arc<BlockNode>) -> Arc<BlockNode> {
         let _drained = self.gate.write().await;
         std::mem::replace(&mut *self.root.write().unwrap(), new)
+    }
+
+    /// Waits until no request runs on the backend and holds new ones back
+    /// until the returned guard is dropped. Callers bound the wait with a timeout.
+    pub async fn hold(self: &Arc<Self>) -> BackendHold {
+        let gate = self.gate.clone().write_owned().await;
+        BackendHold {
+            backend: self.clone(),
+            _gate: gate,
+        }
     }
 
     /// Reads `len` bytes at `offset`.

@@ -1,23 +1,27 @@
 //! The livesnap block layer: a graph of named nodes, each a driver instance
 //! (`file`, `raw`, `qcow2` with backing chains), with request tracking by
-//! range, and image creation ([`create_image`]).
+//! range, dirty bitmaps, write hooks for block jobs, and image creation
+//! ([`create_image`]).
 //!
 //! This crate owns how bytes get to and from images. It knows nothing of NBD,
 //! QMP or block jobs: those layers call [`BlockNode`] methods and never reach
 //! into drivers directly.
 
 pub mod backend;
+pub mod bitmap;
 pub mod buf;
 pub mod create;
 pub mod driver;
 pub mod file;
 pub mod graph;
+pub mod hook;
 pub mod node;
 pub mod qcow2;
 pub mod raw;
 pub mod tracker;
 
-pub use backend::BlockBackend;
+pub use backend::{BackendHold, BlockBackend};
+pub use bitmap::DirtyBitmap;
 pub use buf::IoBuf;
 pub use create::{create_image, CreateOptions, ImageFormat};
 pub use driver::{
@@ -25,6 +29,7 @@ pub use driver::{
 };
 pub use file::{FileDriver, FileOptions};
 pub use graph::{check_node_name, BlockGraph, GraphError};
+pub use hook::{HookedWrite, WriteHook, WriteKind};
 pub use node::BlockNode;
 pub use qcow2::{
     check_chain_depth, read_header_backing, resolve_backing_filename, BackingRef, Qcow2Driver,
@@ -32,3 +37,15 @@ pub use qcow2::{
 };
 pub use raw::{RawDriver, RawOptions};
 pub use tracker::{RequestKind, RequestTracker, TrackedRequest};
+
+/// The text of an OS error without Rust's " (os error N)" suffix, as QEMU prints it.
+pub fn os_error_text(e: &std::io::Error) -> String {
+    match e.raw_os_error() {
+        Some(errno) => {
+            // SAFETY: strerror returns a pointer to a static or thread-local string.
+            let s = unsafe { std::ffi::CStr::from_ptr(libc::strerror(errno)) };
+            s.to_string_lossy().into_owned()
+        }
+        None => e.to_string(),
+    }
+}

@@ -8,7 +8,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use crate::buf::IoBuf;
-use crate::driver::{BlockDriver, BlockStatus, ChildRef, Limits, WriteFlags, ZeroFlags};
+use crate::driver::{BlockDriver, BlockStatus, ChildRef, IoFuture, Limits, WriteFlags, ZeroFlags};
+use crate::hook::{HookList, HookedWrite, WriteHook, WriteKind};
 use crate::tracker::{RequestKind, RequestTracker};
 
 /// A named node of the block graph.
@@ -20,6 +21,9 @@ pub struct BlockNode {
     cache_direct: AtomicBool,
     tracker: RequestTracker,
     users: Mutex<Vec<String>>,
+    // Held shared by every write for its whole duration, exclusively to
+    // change the list: attaching a hook is also a drain of the node's writes.
+    hooks: tokio::sync::RwLock<HookList>,
 }
 
 fn einval() -> io::Error {
@@ -53,6 +57,7 @@ impl BlockNode {
             cache_direct: AtomicBool::new(false),
             tracker: RequestTracker::new(),
             users: Mutex::new(Vec::new()),
+            hooks: tokio::sync::RwLock::new(Vec::new()),
         })
     }
 
@@ -149,6 +154,48 @@ impl BlockNode {
         self.users.lock().unwrap().clone()
     }
 
+    /// Runs `hook` around every later write; returns once every write that
+    /// started without it has finished, so none of them can land unseen.
+    pub async fn add_write_hook(&self, hook: Arc<dyn WriteHook>) {
+        self.hooks.write().await.push(hook);
+    }
+
+    /// Detaches `hook` once the writes running inside it have finished.
+    pub async fn remove_write_hook(&self, hook: &Arc<dyn WriteHook>) {
+        self.hooks.write().await.retain(|h| !Arc::ptr_eq(h, hook));
+    }
+
+    /// Number of attached hooks.
+    pub async fn write_hook_count(&self) -> usize {
+        self.hooks.read().await.len()
+    }
+
+    /// Runs a driver write inside every hook, the oldest outermost.
+    async fn hooked(
+        &self,
+        hooks: &HookList,
+        offset: u64,
+        len: u64,
+        kind: WriteKind,
+        data: Option<IoBuf>,
+        write: IoFuture<'_, ()>,
+    ) -> io::Result<()> {
+        if hooks.is_empty() {
+            return write.await;
+        }
+        let req = HookedWrite {
+            offset,
+            len,
+            kind,
+            data,
+        };
+        let mut fut = write;
+        for h in hooks.iter().rev() {
+            fut = h.intercept(&req, fut);
+        }
+        fut.await
+    }
+
     fn check_range(&self, offset: u64, len: u64) -> io::Result<()> {
         match offset.checked_add(len) {
             Some(end) if end <= self.size() => Ok(()),
@@ -204,12 +251,23 @@ impl BlockNode {
         let len = buf.len() as u64;
         let start = align_down(offset, a);
         let end = align_up(offset + len, a);
+        let hooks = self.hooks.read().await;
         if start == offset && end == offset + len {
             let _req = self
                 .tracker
                 .begin(offset, len, RequestKind::Write, false)
                 .await;
-            return self.driver.write(offset, buf, flags).await;
+            if hooks.is_empty() {
+                return self.driver.write(offset, buf, flags).await;
+            }
+            let data = hooks
+                .iter()
+                .any(|h| h.wants_data())
+                .then(|| IoBuf::from_slice(&buf));
+            let write = self.driver.write(offset, buf, flags);
+            return self
+                .hooked(&hooks, offset, len, WriteKind::Data, data, write)
+                .await;
         }
         // Read-modify-write of the partial blocks; serialised so that two
         // partial writes into one block cannot lose each other's bytes.
@@ -223,7 +281,16 @@ impl BlockNode {
             .await?;
         let skip = (offset - start) as usize;
         padded[skip..skip + buf.len()].copy_from_slice(&buf);
-        self.driver.write(start, padded, flags).await
+        if hooks.is_empty() {
+            return self.driver.write(start, padded, flags).await;
+        }
+        let data = hooks
+            .iter()
+            .any(|h| h.wants_data())
+            .then(|| IoBuf::from_slice(&padded));
+        let write = self.driver.write(start, padded, flags);
+        self.hooked(&hooks, start, end - start, WriteKind::Data, data, write)
+            .await
     }
 
     /// Makes `len` bytes at `offset` read as zeroes.
@@ -245,12 +312,15 @@ impl BlockNode {
             .await?;
         }
         if tail_start > head_end {
+            // Scoped: the head and tail writes take the hook lock themselves.
+            let hooks = self.hooks.read().await;
             let _req = self
                 .tracker
                 .begin(head_end, tail_start - head_end, RequestKind::Write, false)
                 .await;
-            self.driver
-                .write_zeroes(head_end, tail_start - head_end, flags)
+            let len = tail_start - head_end;
+            let write = self.driver.write_zeroes(head_end, len, flags);
+            self.hooked(&hooks, head_end, len, WriteKind::Zeroes, None, write)
                 .await?;
         }
         if offset + len > tail_start {
@@ -274,11 +344,14 @@ impl BlockNode {
         if end <= start {
             return Ok(());
         }
+        let hooks = self.hooks.read().await;
         let _req = self
             .tracker
             .begin(start, end - start, RequestKind::Write, false)
             .await;
-        self.driver.discard(start, end - start).await
+        let write = self.driver.discard(start, end - start);
+        self.hooked(&hooks, start, end - start, WriteKind::Discard, None, write)
+            .await
     }
 
     /// Makes every completed write durable.

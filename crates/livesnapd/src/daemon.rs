@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use livesnap_block::{BlockGraph, BlockNode};
+use livesnap_jobs::JobManager;
 use livesnap_nbd::{Export, ExportTable, NbdServer};
 use livesnap_qmp::EventBus;
 use tokio::sync::watch;
@@ -41,8 +42,13 @@ pub struct Daemon {
     pub nbd_server: tokio::sync::Mutex<Option<NbdServer>>,
     /// Exports by QMP id, oldest first.
     pub exports: Mutex<Vec<Arc<ExportEntry>>>,
+    /// Block jobs and `blockdev-create` jobs.
+    pub jobs: Arc<JobManager>,
     quit: watch::Sender<bool>,
 }
+
+/// How long a graceful shutdown waits for force-cancelled jobs to end.
+pub const JOB_CANCEL_GRACE: Duration = Duration::from_secs(2);
 
 /// How long a graceful shutdown waits for NBD clients' in-flight requests.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
@@ -50,9 +56,14 @@ pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 impl Daemon {
     /// A daemon with an empty graph and no NBD server.
     pub fn new() -> Arc<Daemon> {
+        let events = EventBus::new();
+        let sink = events.clone();
         Arc::new(Daemon {
             graph: BlockGraph::new(),
-            events: EventBus::new(),
+            jobs: JobManager::new(Arc::new(move |name: &str, data| {
+                sink.emit(name, Some(data))
+            })),
+            events,
             nbd_exports: ExportTable::new(),
             nbd_server: tokio::sync::Mutex::new(None),
             exports: Mutex::new(Vec::new()),
@@ -104,6 +115,9 @@ impl Daemon {
 
     /// Graceful stop: no new NBD clients, in-flight requests finish, every node is flushed.
     pub async fn shutdown(self: &Arc<Self>) {
+        // Jobs first: a job's clean-up detaches its write hooks and gives the
+        // exports back their nodes before the last requests are served.
+        self.jobs.cancel_all(JOB_CANCEL_GRACE).await;
         if let Some(server) = self.nbd_server.lock().await.take() {
             if tokio::time::timeout(SHUTDOWN_GRACE, server.shutdown())
                 .await

@@ -13,8 +13,8 @@ use std::sync::Arc;
 
 use livesnap_block::qcow2::Header;
 use livesnap_block::{
-    check_chain_depth, resolve_backing_filename, BackingRef, BlockNode, FileDriver, FileOptions,
-    FormatSpecific, Qcow2Driver, Qcow2Options, RawDriver, RawOptions,
+    check_chain_depth, os_error_text, resolve_backing_filename, BackingRef, BlockNode, FileDriver,
+    FileOptions, FormatSpecific, Qcow2Driver, Qcow2Options, RawDriver, RawOptions,
 };
 use livesnap_qmp::{Args, QmpError};
 use serde_json::{json, Value};
@@ -382,18 +382,6 @@ fn parse_options(args: &mut Args) -> Result<BlockdevOptions, QmpError> {
         force_share,
         driver,
     })
-}
-
-/// The text of an OS error without Rust's " (os error N)" suffix, as QEMU prints it.
-pub fn os_error_text(e: &std::io::Error) -> String {
-    match e.raw_os_error() {
-        Some(errno) => {
-            // SAFETY: strerror returns a pointer to a static or thread-local string.
-            let s = unsafe { std::ffi::CStr::from_ptr(libc::strerror(errno)) };
-            s.to_string_lossy().into_owned()
-        }
-        None => e.to_string(),
-    }
 }
 
 /// A `raw` window bound as QEMU reads it back as a size: negative is out of range.

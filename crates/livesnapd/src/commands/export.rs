@@ -11,9 +11,9 @@ use livesnap_nbd::{ExportConfig, ListenAddr, NbdServer};
 use livesnap_qmp::{Args, QmpError};
 use serde_json::{json, Value};
 
-use super::blockdev::os_error_text;
 use super::{empty, id_wellformed};
 use crate::daemon::{export_user, Daemon, ExportEntry};
+use livesnap_block::os_error_text;
 
 /// QEMU's default `max-connections` for `nbd-server-start` since 10.0.
 pub const DEFAULT_MAX_CONNECTIONS: u32 = 100;

@@ -1,10 +1,16 @@
 //! QMP command dispatch: every command livesnapd implements, by QEMU's name.
 //!
 //! Handlers live next to what they manage: `blockdev` (nodes), `export` (the
-//! NBD server and block exports), `control` (version, command list, quit).
+//! NBD server and block exports), `control` (version, command list, quit),
+//! `job` (the job verbs and queries), `mirror`, `backup` and `create` (the
+//! commands that start each kind of job).
 
+mod backup;
 mod blockdev;
 mod control;
+mod create;
+mod job;
+mod mirror;
 pub use control::{package, QEMU_COMPAT_VERSION};
 pub use export::{parse_listen_addr, start_nbd_server};
 mod export;
@@ -35,6 +41,25 @@ pub const COMMAND_NAMES: &[&str] = &[
     "block-export-add",
     "block-export-del",
     "query-block-exports",
+    "blockdev-mirror",
+    "blockdev-backup",
+    "blockdev-create",
+    "query-jobs",
+    "job-pause",
+    "job-resume",
+    "job-cancel",
+    "job-complete",
+    "job-finalize",
+    "job-dismiss",
+    "query-block-jobs",
+    "block-job-cancel",
+    "block-job-complete",
+    "block-job-pause",
+    "block-job-resume",
+    "block-job-set-speed",
+    "block-job-change",
+    "block-job-finalize",
+    "block-job-dismiss",
 ];
 
 /// The QMP command table of one daemon.
@@ -79,6 +104,25 @@ impl Dispatcher for Commands {
                 "block-export-add" => export::block_export_add(d, args).await,
                 "block-export-del" => export::block_export_del(d, args),
                 "query-block-exports" => export::query_block_exports(d, args),
+                "blockdev-mirror" => mirror::blockdev_mirror(d, args).await,
+                "blockdev-backup" => backup::blockdev_backup(d, args).await,
+                "blockdev-create" => create::blockdev_create(d, args).await,
+                "query-jobs"
+                | "job-pause"
+                | "job-resume"
+                | "job-cancel"
+                | "job-complete"
+                | "job-finalize"
+                | "job-dismiss"
+                | "query-block-jobs"
+                | "block-job-cancel"
+                | "block-job-complete"
+                | "block-job-pause"
+                | "block-job-resume"
+                | "block-job-set-speed"
+                | "block-job-change"
+                | "block-job-finalize"
+                | "block-job-dismiss" => job::dispatch(d, command, args).await,
                 _ => Err(command_not_found(command)),
             }
         })

@@ -1,0 +1,19 @@
+//! Block jobs for livesnap: QEMU's job model ([`job`]), the rate limiter, and
+//! the jobs themselves — mirror, backup with copy-before-write, image
+//! creation.
+//!
+//! This crate owns how data moves between nodes while guests keep writing,
+//! and the state machine QMP sees. It acts on nodes only through
+//! `livesnap_block`'s public API (nodes, backends, write hooks, bitmaps) and
+//! knows nothing of NBD or of the QMP wire: events leave through an
+//! [`job::EventSink`], commands arrive as method calls.
+
+pub mod job;
+pub mod ratelimit;
+
+pub use job::{
+    ErrorVerdict, EventSink, Job, JobCtx, JobDriver, JobError, JobFuture, JobManager, JobOptions,
+    JobStatus, JobType, JobVerb, OnError,
+};
+pub use livesnap_block::os_error_text;
+pub use ratelimit::RateLimit;
