@@ -10,6 +10,10 @@ use crate::node::BlockNode;
 #[error("{0}")]
 pub struct GraphError(pub String);
 
+/// Users whose name starts with this are QEMU op blockers (a job's source)
+/// rather than attached backends: `blockdev-del` reports them as "busy".
+pub const BLOCKER_PREFIX: &str = "blocker: ";
+
 /// All nodes of one daemon.
 #[derive(Default)]
 pub struct BlockGraph {
@@ -141,8 +145,15 @@ impl BlockGraph {
             )));
         };
         let node = nodes[pos].clone();
-        if !node.users().is_empty() {
+        let users = node.users();
+        if users.iter().any(|u| !u.starts_with(BLOCKER_PREFIX)) {
             return Err(GraphError(format!("Node {name} is in use")));
+        }
+        if let Some(reason) = users.first() {
+            return Err(GraphError(format!(
+                "Node '{name}' is busy: {}",
+                &reason[BLOCKER_PREFIX.len()..]
+            )));
         }
         // QEMU's op blocker on backing images (the newest parent's).
         let backing_parent = nodes.iter().rev().find(|n| {

@@ -9,6 +9,7 @@
 
 pub mod backend;
 pub mod bitmap;
+pub mod blkdebug;
 pub mod buf;
 pub mod create;
 pub mod driver;
@@ -22,13 +23,17 @@ pub mod tracker;
 
 pub use backend::{BackendHold, BlockBackend};
 pub use bitmap::DirtyBitmap;
+pub use blkdebug::{BlkdebugDriver, BlkdebugOptions, BlkdebugRules, InjectError, IoType};
 pub use buf::IoBuf;
-pub use create::{create_image, CreateOptions, ImageFormat};
+pub use create::{
+    create_file, create_image, format_qcow2, CreateOptions, FileCreateOptions, ImageFormat,
+    Prealloc, Qcow2CreateOptions,
+};
 pub use driver::{
     BlockDriver, BlockStatus, ChildRef, FormatSpecific, IoFuture, Limits, WriteFlags, ZeroFlags,
 };
 pub use file::{FileDriver, FileOptions};
-pub use graph::{check_node_name, BlockGraph, GraphError};
+pub use graph::{check_node_name, BlockGraph, GraphError, BLOCKER_PREFIX};
 pub use hook::{HookedWrite, WriteHook, WriteKind};
 pub use node::BlockNode;
 pub use qcow2::{

@@ -243,8 +243,54 @@ impl BlockNode {
         Ok(buf)
     }
 
+    /// Reads `len` bytes at `offset` without waiting for overlapping
+    /// serialising requests (see [`RequestTracker::begin_unordered`]): how a
+    /// copy-before-write hook reads the old data of the write it runs in.
+    pub async fn read_unordered(&self, offset: u64, len: usize) -> io::Result<IoBuf> {
+        self.check_range(offset, len as u64)?;
+        let a = self.alignment();
+        let start = align_down(offset, a);
+        let end = align_up(offset + len as u64, a);
+        let _req = self
+            .tracker
+            .begin_unordered(start, end - start, RequestKind::Read);
+        if start == offset && end == offset + len as u64 {
+            return self.driver.read(offset, IoBuf::zeroed(len)).await;
+        }
+        let padded = self
+            .driver
+            .read(start, IoBuf::zeroed((end - start) as usize))
+            .await?;
+        let skip = (offset - start) as usize;
+        Ok(IoBuf::from_slice(&padded[skip..skip + len]))
+    }
+
     /// Writes `buf` at `offset`.
     pub async fn write(&self, offset: u64, buf: IoBuf, flags: WriteFlags) -> io::Result<()> {
+        self.write_ordered(offset, buf, flags, false).await
+    }
+
+    /// Writes `buf` at `offset` as a serialising request (QEMU's
+    /// `BDRV_REQ_SERIALISING`): it waits for overlapping requests on this
+    /// node and later overlapping ones wait for it. A copy-before-write into
+    /// an image whose backing is the disk uses it, so a reader of that image
+    /// never falls through to the disk for a cluster being copied.
+    pub async fn write_serialising(
+        &self,
+        offset: u64,
+        buf: IoBuf,
+        flags: WriteFlags,
+    ) -> io::Result<()> {
+        self.write_ordered(offset, buf, flags, true).await
+    }
+
+    async fn write_ordered(
+        &self,
+        offset: u64,
+        buf: IoBuf,
+        flags: WriteFlags,
+        serialising: bool,
+    ) -> io::Result<()> {
         self.check_writable()?;
         self.check_range(offset, buf.len() as u64)?;
         let a = self.alignment();
@@ -255,7 +301,7 @@ impl BlockNode {
         if start == offset && end == offset + len {
             let _req = self
                 .tracker
-                .begin(offset, len, RequestKind::Write, false)
+                .begin(offset, len, RequestKind::Write, serialising)
                 .await;
             if hooks.is_empty() {
                 return self.driver.write(offset, buf, flags).await;

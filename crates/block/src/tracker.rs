@@ -123,6 +123,27 @@ impl RequestTracker {
         TrackedRequest { tracker: self, id }
     }
 
+    /// Registers a request at once, without waiting for overlapping
+    /// serialising ones. For a copy-before-write hook's reads: the hook runs
+    /// inside the write it protects (a padded write holds a serialising
+    /// request) and orders itself against writes by its own cluster claims.
+    pub fn begin_unordered(&self, offset: u64, len: u64, kind: RequestKind) -> TrackedRequest<'_> {
+        let end = offset.saturating_add(len.max(1));
+        let mut st = self.state.lock().unwrap();
+        let id = st.next_id;
+        st.next_id += 1;
+        st.requests.insert(
+            id,
+            Tracked {
+                offset,
+                end,
+                kind,
+                serialising: false,
+            },
+        );
+        TrackedRequest { tracker: self, id }
+    }
+
     /// Waits until no request that changes data overlaps `[offset, offset + len)`.
     pub async fn wait_range_idle(&self, offset: u64, len: u64) {
         let end = offset.saturating_add(len.max(1));

@@ -152,7 +152,7 @@ fn rc_get(order: u32, d: &[u8], i: usize) -> u64 {
 }
 
 /// Writes the refcount of entry `i` into a refblock's bytes.
-fn rc_set(order: u32, d: &mut [u8], i: usize, v: u64) {
+pub(crate) fn rc_set(order: u32, d: &mut [u8], i: usize, v: u64) {
     match order {
         0..=2 => {
             let bits = 1usize << order;

@@ -25,7 +25,7 @@ pub mod compress;
 pub mod entry;
 pub mod header;
 mod io;
-mod meta;
+pub(crate) mod meta;
 
 use std::collections::HashSet;
 use std::io as stdio;
