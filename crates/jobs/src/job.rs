@@ -195,12 +195,13 @@ impl OnError {
     /// QEMU's enum members, for argument parsing.
     pub const NAMES: &'static [&'static str] = &["report", "ignore", "enospc", "stop", "auto"];
 
-    /// Parses a member of `BlockdevOnError` (`auto` means `report` for jobs).
+    /// Parses a member of `BlockdevOnError`; a job treats `auto` as
+    /// `enospc` (QEMU's `block_job_error_action`).
     pub fn parse(s: &str) -> Option<OnError> {
         Some(match s {
-            "report" | "auto" => OnError::Report,
+            "report" => OnError::Report,
             "ignore" => OnError::Ignore,
-            "enospc" => OnError::Enospc,
+            "enospc" | "auto" => OnError::Enospc,
             "stop" => OnError::Stop,
             _ => return None,
         })
@@ -309,6 +310,18 @@ impl Default for JobOptions {
     }
 }
 
+/// What a cancel leaves to do once the state is updated.
+enum Finish {
+    /// Never started: conclude now.
+    Completed,
+    /// Waiting for finalisation: abort now.
+    Abort,
+    /// Running: wake it so it sees the cancel.
+    Kick,
+    /// Nothing (a soft cancel after the work was done).
+    Nothing,
+}
+
 /// QEMU's `BlockDeviceIoStatus` of a job.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum IoStatus {
@@ -326,6 +339,10 @@ struct State {
     started: bool,
     /// `run` returned; the job waits for finalisation.
     deferred: bool,
+    // prepare/commit/abort have begun: QEMU runs them in one go under the
+    // job lock, here they await, so a second finalize or a late cancel must
+    // not start them again.
+    finalizing: bool,
     cancelled: bool,
     force_cancel: bool,
     complete_requested: bool,
@@ -410,6 +427,7 @@ impl JobManager {
                 busy: false,
                 started: false,
                 deferred: false,
+                finalizing: false,
                 cancelled: false,
                 force_cancel: false,
                 complete_requested: false,
@@ -470,7 +488,7 @@ impl JobManager {
     pub async fn cancel_all(&self, limit: Duration) {
         let jobs = self.jobs();
         for job in &jobs {
-            let _ = job.cancel(true).await;
+            job.cancel_locked_path(true).await;
         }
         let all = async {
             for job in &jobs {
@@ -502,7 +520,10 @@ impl Job {
         self.state.lock().unwrap().status
     }
 
-    fn ctx(self: &Arc<Self>) -> JobCtx {
+    /// The driver's handle on this job; creators use it between
+    /// [`JobManager::create`] and [`Job::start`] (a backup sets its progress
+    /// so that `query-block-jobs` never shows `len` 0 of a job just started).
+    pub fn ctx(self: &Arc<Self>) -> JobCtx {
         JobCtx { job: self.clone() }
     }
 
@@ -571,9 +592,20 @@ impl Job {
         }
         let job = self.clone();
         tokio::spawn(async move {
-            let ctx = job.ctx();
-            ctx.pause_point().await;
-            let ret = job.driver.run(&ctx).await;
+            // The driver runs in a task of its own so that a bug that panics
+            // in it fails the job (and its clean-up runs) instead of leaving
+            // it RUNNING for ever.
+            let worker = job.clone();
+            let ret = tokio::spawn(async move {
+                let ctx = worker.ctx();
+                ctx.pause_point().await;
+                worker.driver.run(&ctx).await
+            })
+            .await
+            .unwrap_or_else(|e| {
+                tracing::error!("job {}: the job's task failed: {e}", job.id);
+                Err(format!("internal error: {e}"))
+            });
             {
                 let mut st = job.state.lock().unwrap();
                 st.ret = ret.err();
@@ -602,7 +634,11 @@ impl Job {
     async fn completed(self: &Arc<Self>) {
         let failed = {
             let mut st = self.state.lock().unwrap();
-            self.update_rc(&mut st)
+            let failed = self.update_rc(&mut st);
+            if failed {
+                st.finalizing = true;
+            }
+            failed
         };
         if failed {
             self.finalize_single().await;
@@ -617,6 +653,8 @@ impl Job {
                 m.insert("type".into(), json!(self.job_type().as_str()));
                 m.insert("id".into(), json!(self.id));
                 self.block_event("BLOCK_JOB_PENDING", m);
+            } else {
+                st.finalizing = true;
             }
             st.auto_finalize
         };
@@ -625,11 +663,13 @@ impl Job {
         }
     }
 
-    /// `prepare`, then commit or abort (QEMU's `job_do_finalize`).
+    /// `prepare`, then commit or abort (QEMU's `job_do_finalize`); the
+    /// caller has set `finalizing`.
     async fn do_finalize(self: &Arc<Self>) {
         let ctx = self.ctx();
-        let ret = self.driver.prepare(&ctx).await;
-        {
+        let prepare = self.state.lock().unwrap().ret.is_none();
+        if prepare {
+            let ret = self.driver.prepare(&ctx).await;
             let mut st = self.state.lock().unwrap();
             if let Err(e) = ret {
                 st.ret.get_or_insert(e);
@@ -713,41 +753,74 @@ impl Job {
     pub async fn cancel(self: &Arc<Self>, force: bool) -> Result<(), JobError> {
         {
             let st = self.state.lock().unwrap();
-            if st.status == JobStatus::Concluded {
-                drop(st);
-                let mut st = self.state.lock().unwrap();
-                self.dismiss_locked(&mut st);
-                return Ok(());
-            }
             self.apply_verb(&st, JobVerb::Cancel)?;
         }
+        self.cancel_locked_path(force).await;
+        Ok(())
+    }
+
+    /// True while the job is paused by `job-pause` or by a `stop` error policy.
+    pub fn user_paused(&self) -> bool {
+        self.state.lock().unwrap().user_paused
+    }
+
+    /// QEMU's `job_cancel_locked`: no verb check, and a CONCLUDED job is
+    /// dismissed (what shutdown wants).
+    async fn cancel_locked_path(self: &Arc<Self>, force: bool) {
+        {
+            let mut st = self.state.lock().unwrap();
+            match st.status {
+                JobStatus::Concluded => {
+                    self.dismiss_locked(&mut st);
+                    return;
+                }
+                JobStatus::Null => return,
+                _ => {}
+            }
+            // Finalisation already under way: QEMU would have run it to the
+            // end before looking at this cancel, so it no longer matters.
+            if st.finalizing {
+                return;
+            }
+        }
         let force = self.driver.cancel(&self.ctx(), force);
-        let (started, deferred, status) = {
+        let finish = {
             let mut st = self.state.lock().unwrap();
             if st.user_paused {
                 st.user_paused = false;
                 st.pause_count -= 1;
                 st.io_status = IoStatus::Ok;
             }
+            if st.finalizing {
+                return;
+            }
             if force || !st.deferred {
                 st.cancelled = true;
                 st.force_cancel |= force;
             }
-            (st.started, st.deferred, st.status)
-        };
-        if !started {
-            self.completed().await;
-        } else if deferred {
-            // Done already: only a force cancel of a job waiting for
-            // finalisation has anything left to abort.
-            let force_cancel = self.state.lock().unwrap().force_cancel;
-            if force_cancel && status == JobStatus::Pending {
-                self.finalize_single().await;
+            if !st.started {
+                st.finalizing = st.force_cancel;
+                Finish::Completed
+            } else if st.deferred {
+                // Done already: only a force cancel of a job waiting for
+                // finalisation has anything left to abort. A job still on
+                // its way to PENDING sees the cancel in `completed`.
+                if st.force_cancel && st.status == JobStatus::Pending {
+                    st.finalizing = true;
+                    Finish::Abort
+                } else {
+                    Finish::Nothing
+                }
+            } else {
+                Finish::Kick
             }
-        } else {
-            self.kick();
+        };
+        match finish {
+            Finish::Completed => self.completed().await,
+            Finish::Abort => self.finalize_single().await,
+            Finish::Kick => self.kick(),
+            Finish::Nothing => {}
         }
-        Ok(())
     }
 
     /// `job-complete` / `block-job-complete`.
@@ -770,9 +843,17 @@ impl Job {
 
     /// `job-finalize` / `block-job-finalize`.
     pub async fn finalize(self: &Arc<Self>) -> Result<(), JobError> {
-        {
-            let st = self.state.lock().unwrap();
+        let running = {
+            let mut st = self.state.lock().unwrap();
             self.apply_verb(&st, JobVerb::Finalize)?;
+            std::mem::replace(&mut st.finalizing, true)
+        };
+        if running {
+            // Another finalize (or a cancel) is doing it: in QEMU the job
+            // would be past PENDING by now, so answer once it is.
+            self.wait_status(|s| !matches!(s, JobStatus::Pending | JobStatus::Aborting))
+                .await;
+            return Ok(());
         }
         self.do_finalize().await;
         Ok(())
@@ -1007,11 +1088,21 @@ impl JobCtx {
 
     /// Sleeps for `d`, waking early on a kick; then a pause point (QEMU's `job_sleep_ns`).
     pub async fn sleep(&self, d: Duration) {
-        if self.is_cancelled() {
+        let mut rx = self.job.kick.subscribe();
+        let pause_now = {
+            let mut st = self.job.state.lock().unwrap();
+            if st.force_cancel {
+                return;
+            }
+            if st.pause_count == 0 {
+                st.busy = false;
+            }
+            st.pause_count > 0
+        };
+        if pause_now {
+            self.pause_point().await;
             return;
         }
-        let mut rx = self.job.kick.subscribe();
-        self.job.state.lock().unwrap().busy = false;
         tokio::select! {
             _ = tokio::time::sleep(d) => {}
             _ = rx.changed() => {}
@@ -1069,11 +1160,13 @@ impl JobCtx {
             _ => {
                 {
                     let mut st = self.job.state.lock().unwrap();
-                    st.io_status = if enospc {
-                        IoStatus::Nospace
-                    } else {
-                        IoStatus::Failed
-                    };
+                    if st.io_status == IoStatus::Ok {
+                        st.io_status = if enospc {
+                            IoStatus::Nospace
+                        } else {
+                            IoStatus::Failed
+                        };
+                    }
                     if !st.user_paused {
                         st.user_paused = true;
                         st.pause_count += 1;

@@ -8,8 +8,15 @@
 //! knows nothing of NBD or of the QMP wire: events leave through an
 //! [`job::EventSink`], commands arrive as method calls.
 
+pub mod backup;
+pub mod block_copy;
+pub mod cbw;
+pub mod create;
 pub mod job;
+pub mod mirror;
+pub mod rangelock;
 pub mod ratelimit;
+pub mod snapshot_access;
 
 pub use job::{
     ErrorVerdict, EventSink, Job, JobCtx, JobDriver, JobError, JobFuture, JobManager, JobOptions,

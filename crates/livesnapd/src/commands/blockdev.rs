@@ -75,7 +75,14 @@ pub(super) const QEMU_DRIVERS: &[&str] = &[
 ];
 
 /// Drivers livesnapd implements.
-const DRIVERS: &[&str] = &["file", "raw", "qcow2"];
+const DRIVERS: &[&str] = &[
+    "file",
+    "raw",
+    "qcow2",
+    "blkdebug",
+    "copy-before-write",
+    "snapshot-access",
+];
 
 /// Longest node name plus one: the size of QEMU's `BlockDriverState.node_name`.
 const NODE_NAME_SIZE: usize = 32;
@@ -112,6 +119,24 @@ enum DriverOptions {
         file: BlockdevRef,
         backing: BackingOption,
         cache: Qcow2Cache,
+    },
+    /// QEMU's `BlockdevOptionsCbw`; `target` is opened inside the driver,
+    /// after the node is named (`cbw_open`).
+    Cbw {
+        file: BlockdevRef,
+        target: BlockdevRef,
+        /// `bitmap` as (node, name): refused when the filter opens.
+        bitmap: Option<(String, String)>,
+        opts: livesnap_jobs::cbw::CbwOptions,
+    },
+    /// QEMU's `snapshot-access` (only `file`).
+    SnapshotAccess {
+        file: BlockdevRef,
+    },
+    /// QEMU opens blkdebug's `image` child inside the driver, after the node is named.
+    Blkdebug {
+        image: BlockdevRef,
+        args: super::blkdebug::BlkdebugArgs,
     },
 }
 
@@ -219,8 +244,11 @@ impl DriverOptions {
     /// The `file` child of a format driver.
     fn file_child(&self) -> Option<&BlockdevRef> {
         match self {
-            DriverOptions::File { .. } => None,
-            DriverOptions::Raw { file, .. } | DriverOptions::Qcow2 { file, .. } => Some(file),
+            DriverOptions::File { .. } | DriverOptions::Blkdebug { .. } => None,
+            DriverOptions::Raw { file, .. }
+            | DriverOptions::Qcow2 { file, .. }
+            | DriverOptions::Cbw { file, .. }
+            | DriverOptions::SnapshotAccess { file } => Some(file),
         }
     }
 }
@@ -320,6 +348,39 @@ fn parse_qcow2(args: &mut Args) -> Result<DriverOptions, QmpError> {
     })
 }
 
+/// Reads QEMU's `BlockdevOptionsCbw` members after `driver` and the common ones.
+fn parse_cbw(args: &mut Args) -> Result<DriverOptions, QmpError> {
+    use livesnap_jobs::cbw::{CbwOptions, OnCbwError};
+    let file = parse_ref(args, "file")?;
+    let target = parse_ref(args, "target")?;
+    let bitmap = match args.opt_object("bitmap")? {
+        None => None,
+        Some(mut b) => {
+            let node = b.req_str("node")?;
+            let name = b.req_str("name")?;
+            b.finish()?;
+            Some((node, name))
+        }
+    };
+    let on_cbw_error = args
+        .opt_enum("on-cbw-error", OnCbwError::NAMES)?
+        .and_then(|s| OnCbwError::parse(&s))
+        .unwrap_or_default();
+    let cbw_timeout = args.opt_u32("cbw-timeout")?.unwrap_or(0);
+    let min_cluster_size = args.opt_u64("min-cluster-size")?.unwrap_or(0);
+    Ok(DriverOptions::Cbw {
+        file,
+        target,
+        bitmap,
+        opts: CbwOptions {
+            on_cbw_error,
+            cbw_timeout,
+            min_cluster_size,
+            discard_source: false,
+        },
+    })
+}
+
 /// Reads one `BlockdevOptions` object; the caller calls `finish`.
 fn parse_options(args: &mut Args) -> Result<BlockdevOptions, QmpError> {
     let driver = args.req_str("driver")?;
@@ -362,6 +423,14 @@ fn parse_options(args: &mut Args) -> Result<BlockdevOptions, QmpError> {
             }
         }
         "qcow2" => parse_qcow2(args)?,
+        "copy-before-write" => parse_cbw(args)?,
+        "snapshot-access" => DriverOptions::SnapshotAccess {
+            file: parse_ref(args, "file")?,
+        },
+        "blkdebug" => DriverOptions::Blkdebug {
+            image: parse_ref(args, "image")?,
+            args: super::blkdebug::parse_options(args)?,
+        },
         _ => {
             let file = parse_ref(args, "file")?;
             let offset = args.opt_i64("offset")?;
@@ -457,6 +526,8 @@ fn open_tree<'a>(
         };
         // Where the node goes in creation order: here, before any backing node.
         let mut position = d.graph.position();
+        let mut blkdebug_rules = None;
+        let mut cbw_state = None;
         let driver: Box<dyn livesnap_block::BlockDriver> = match &opts.driver {
             DriverOptions::File {
                 filename,
@@ -496,15 +567,84 @@ fn open_tree<'a>(
                 );
                 Box::new(q)
             }
+            DriverOptions::Cbw {
+                target,
+                bitmap,
+                opts: cbw_opts,
+                ..
+            } => {
+                let file = child.expect("the filter's file child was resolved above");
+                let target = open_ref(ctx, target, child_inherits, chain).await?;
+                // livesnapd has no named dirty bitmaps (QEMU's lookup texts).
+                if let Some((node, name)) = bitmap {
+                    return Err(generic(match d.graph.get(node) {
+                        None => format!("Node '{node}' not found"),
+                        Some(_) => format!("Dirty bitmap '{name}' not found"),
+                    }));
+                }
+                let cbw = open_cbw(file, target, *cbw_opts).await?;
+                cbw_state = Some(cbw.clone());
+                Box::new(livesnap_jobs::cbw::CbwDriver::new(cbw))
+            }
+            DriverOptions::SnapshotAccess { .. } => {
+                let file = child.expect("snapshot-access's file child was resolved above");
+                Box::new(livesnap_jobs::snapshot_access::SnapshotAccessDriver::open(
+                    file,
+                ))
+            }
+            DriverOptions::Blkdebug { image, args } => {
+                super::blkdebug::check_before_image(args)?;
+                let image = open_ref(ctx, image, child_inherits, chain).await?;
+                let drv = super::blkdebug::open(image, args)?;
+                blkdebug_rules = Some(drv.rules());
+                Box::new(drv)
+            }
         };
         let node = BlockNode::new(name.clone(), driver, read_only, monitor_owned);
         node.set_cache_direct(cache_direct);
-        d.graph
-            .insert_at(node.clone(), position)
-            .map_err(|e| generic(e.0))?;
+        if let Err(e) = d.graph.insert_at(node.clone(), position) {
+            if let Some(cbw) = &cbw_state {
+                cbw.close().await;
+            }
+            return Err(generic(e.0));
+        }
         ctx.created.push(name);
+        if let Some(cbw) = &cbw_state {
+            livesnap_jobs::cbw::register(&node, cbw);
+        }
+        if let Some(rules) = blkdebug_rules {
+            livesnap_block::blkdebug::register(&node, rules);
+        }
         Ok(node)
     })
+}
+
+/// Attaches a copy-before-write filter to `file` (its point in time is now).
+async fn open_cbw(
+    file: Arc<BlockNode>,
+    target: Arc<BlockNode>,
+    opts: livesnap_jobs::cbw::CbwOptions,
+) -> Result<Arc<livesnap_jobs::cbw::Cbw>, QmpError> {
+    // A target that is the disk itself would wait on its own copies.
+    if Arc::ptr_eq(&file, &target) {
+        return Err(generic(
+            "The copy-before-write target must not be the filtered node itself",
+        ));
+    }
+    let drain = super::snapshot::DRAIN_TIMEOUT;
+    match tokio::time::timeout(
+        drain,
+        livesnap_jobs::cbw::Cbw::attach(file.clone(), target, opts),
+    )
+    .await
+    {
+        Ok(r) => r.map_err(|e| generic(format!("Cannot create block-copy-state: {e}"))),
+        Err(_) => Err(generic(format!(
+            "Requests on '{}' did not finish within {} s; filter not added",
+            file.name(),
+            drain.as_secs()
+        ))),
+    }
 }
 
 /// A child given by name, or opened from its inline options.
@@ -675,6 +815,14 @@ async fn open_root(d: &Arc<Daemon>, opts: &BlockdevOptions) -> Result<Arc<BlockN
     let result = open_tree(&mut ctx, opts, Inherited::default(), true, Vec::new()).await;
     if result.is_err() {
         for name in ctx.created.iter().rev() {
+            // A filter opened on the way detaches from its disk again.
+            let cbw = d
+                .graph
+                .get(name)
+                .and_then(|n| livesnap_jobs::cbw::cbw_of(&n));
+            if let Some(cbw) = cbw {
+                cbw.close().await;
+            }
             d.graph.discard(name);
         }
     }
@@ -691,7 +839,14 @@ pub(super) async fn blockdev_del(d: &Arc<Daemon>, mut args: Args) -> Result<Valu
             tracing::warn!("flush of {name} before blockdev-del failed: {e}");
         }
     }
+    let cbw = d
+        .graph
+        .get(&name)
+        .and_then(|n| livesnap_jobs::cbw::cbw_of(&n));
     d.graph.remove(&name).map_err(|e| generic(e.0))?;
+    if let Some(cbw) = cbw {
+        cbw.close().await;
+    }
     Ok(empty())
 }
 
@@ -708,6 +863,9 @@ fn image_info(node: &BlockNode, flat: bool) -> Value {
         "actual-size": actual_size,
         "dirty-flag": false,
     });
+    if let Some(m) = image.as_object_mut().filter(|_| !has_allocated_size(node)) {
+        m.shift_remove("actual-size");
+    }
     if node.format_name() == "file" {
         image["format-specific"] = json!({ "type": "file", "data": {} });
     }
@@ -736,13 +894,29 @@ fn image_info(node: &BlockNode, flat: bool) -> Value {
         if let Some(backing) = node.backing() {
             image["backing-image"] = image_info(&backing, false);
         }
+        if let Some(file) = super::backup::filtered_child(node) {
+            image["backing-image"] = image_info(&file, false);
+        }
     }
     image
 }
 
+/// False when QEMU's `bdrv_get_allocated_file_size` fails for `node`: a
+/// blkdebug node (a protocol driver with a child) anywhere below it.
+fn has_allocated_size(node: &BlockNode) -> bool {
+    node.format_name() != "blkdebug"
+        && node
+            .children()
+            .iter()
+            .filter(|c| matches!(c.role, "file" | "image"))
+            .all(|c| has_allocated_size(&c.node))
+}
+
 /// Number of images below `node` in its backing chain.
 fn backing_depth(node: &BlockNode) -> u64 {
-    node.backing().map_or(0, |b| 1 + backing_depth(&b))
+    node.backing()
+        .or_else(|| super::backup::filtered_child(node))
+        .map_or(0, |b| 1 + backing_depth(&b))
 }
 
 /// QEMU's `BlockDeviceInfo` for one node.
@@ -770,6 +944,7 @@ pub fn node_info(node: &BlockNode, flat: bool) -> Value {
     if let Some(b) = node.backing() {
         info["backing_file"] = json!(b.filename());
     }
+    super::backup::filter_node_info(node, &mut info);
     info
 }
 

@@ -1,15 +1,213 @@
-//! `blockdev-mirror` (QEMU's `qapi/block-core.json`).
+//! `blockdev-mirror` (QEMU's `qapi/block-core.json`, `blockdev.c`), with
+//! livesnap's `copy-mode: auto` and the completion bounds as `x-` members.
 
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
+use std::time::Duration;
 
+use livesnap_block::{BlockBackend, BlockNode, BLOCKER_PREFIX};
+use livesnap_jobs::mirror::{
+    CopyMode, Mirror, MirrorGraph, MirrorOptions, MirrorSync, MirrorTuning, DEFAULT_BUF_SIZE,
+};
+use livesnap_jobs::{JobOptions, OnError};
 use livesnap_qmp::{Args, QmpError};
 use serde_json::Value;
 
-use crate::daemon::Daemon;
+use super::empty;
+use crate::daemon::{export_user, Daemon};
 
-pub(super) async fn blockdev_mirror(d: &Arc<Daemon>, args: Args) -> Result<Value, QmpError> {
-    let _ = (d, args);
-    Err(QmpError::generic(
-        "blockdev-mirror is not implemented yet".to_string(),
-    ))
+/// The daemon's exports, as a mirror sees them (held weakly: jobs live inside the daemon).
+pub struct DaemonGraph(pub Weak<Daemon>);
+
+impl MirrorGraph for DaemonGraph {
+    fn backends_of(&self, node: &Arc<BlockNode>) -> Vec<Arc<BlockBackend>> {
+        let Some(d) = self.0.upgrade() else {
+            return Vec::new();
+        };
+        let exports = d.exports.lock().unwrap();
+        exports
+            .iter()
+            .map(|e| e.nbd.config().backend.clone())
+            .filter(|b| Arc::ptr_eq(&b.root(), node))
+            .collect()
+    }
+
+    fn pivoted(&self, old: &Arc<BlockNode>, new: &Arc<BlockNode>) {
+        let Some(d) = self.0.upgrade() else {
+            return;
+        };
+        for e in d.exports.lock().unwrap().iter() {
+            if Arc::ptr_eq(&e.node(), new) {
+                old.remove_user(&export_user(&e.id));
+                new.add_user(export_user(&e.id));
+            }
+        }
+    }
+}
+
+/// The op blocker a job puts on its source (QEMU's text after "is busy: ").
+pub fn job_blocker(job_type: &str) -> String {
+    format!("{BLOCKER_PREFIX}block device is in use by block job: {job_type}")
+}
+
+/// The user a job registers on its target (a plain "in use").
+pub fn job_user(id: &str) -> String {
+    format!("block job '{id}'")
+}
+
+fn generic(desc: impl Into<String>) -> QmpError {
+    QmpError::generic(desc.into())
+}
+
+/// Reads `on-source-error` / `on-target-error`.
+pub fn opt_on_error(args: &mut Args, key: &str) -> Result<OnError, QmpError> {
+    Ok(args
+        .opt_enum(key, OnError::NAMES)?
+        .and_then(|s| OnError::parse(&s))
+        .unwrap_or_default())
+}
+
+/// Looks a node up by name the way `bdrv_lookup_bs(name, name)` does.
+pub fn lookup_node(d: &Daemon, name: &str) -> Result<Arc<BlockNode>, QmpError> {
+    d.graph.get(name).ok_or_else(|| {
+        generic(format!(
+            "Cannot find device='{name}' nor node-name='{name}'"
+        ))
+    })
+}
+
+/// Job options shared by every block job command.
+pub fn job_options(
+    auto_finalize: Option<bool>,
+    auto_dismiss: Option<bool>,
+    speed: Option<i64>,
+) -> Result<JobOptions, QmpError> {
+    let speed = match speed {
+        Some(s) if s < 0 => {
+            return Err(generic("Parameter 'speed' expects a non-negative value"));
+        }
+        s => s.unwrap_or(0) as u64,
+    };
+    Ok(JobOptions {
+        auto_finalize: auto_finalize.unwrap_or(true),
+        auto_dismiss: auto_dismiss.unwrap_or(true),
+        speed,
+    })
+}
+
+pub(super) async fn blockdev_mirror(d: &Arc<Daemon>, mut args: Args) -> Result<Value, QmpError> {
+    // Members in the schema's order, so the first bad one is the one QEMU names.
+    let job_id = args.opt_str("job-id")?;
+    let device = args.req_str("device")?;
+    let target = args.req_str("target")?;
+    let replaces = args.opt_str("replaces")?;
+    let sync = args.req_enum("sync", &["top", "full", "none", "incremental", "bitmap"])?;
+    let speed = args.opt_i64("speed")?;
+    let granularity = args.opt_u32("granularity")?;
+    let buf_size = args.opt_i64("buf-size")?;
+    let on_source_error = opt_on_error(&mut args, "on-source-error")?;
+    let on_target_error = opt_on_error(&mut args, "on-target-error")?;
+    let filter_node_name = args.opt_str("filter-node-name")?;
+    let copy_mode = args.opt_enum("copy-mode", &["background", "write-blocking", "auto"])?;
+    let auto_finalize = args.opt_bool("auto-finalize")?;
+    let auto_dismiss = args.opt_bool("auto-dismiss")?;
+    // livesnap extensions (docs/qmp.md): the completion bounds and the guest's share.
+    let defaults = MirrorTuning::default();
+    let hold_ms = args.opt_u64("x-completion-hold-ms")?;
+    let attempts = args.opt_u32("x-completion-attempts")?;
+    let patience_ms = args.opt_u64("x-auto-patience-ms")?;
+    let busy_share = args.opt_f64("x-busy-share")?;
+    args.finish()?;
+
+    let source = lookup_node(d, &device)?;
+    let target = lookup_node(d, &target)?;
+    if source.users().iter().any(|u| u.starts_with(BLOCKER_PREFIX)) {
+        return Err(generic("Need a root block node"));
+    }
+    let job_id = job_id.unwrap_or_default();
+    if Arc::ptr_eq(&source, &target) {
+        return Err(generic("Can't mirror node into itself"));
+    }
+    let sync = match sync.as_str() {
+        "full" => MirrorSync::Full,
+        "top" => MirrorSync::Top,
+        "none" => MirrorSync::None,
+        other => {
+            return Err(generic(format!("Sync mode '{other}' not supported")));
+        }
+    };
+    let granularity = match granularity {
+        None => default_granularity(&target),
+        Some(g) if !(512..=64 << 20).contains(&g) => {
+            return Err(generic(
+                "Parameter 'granularity' expects a value in range [512B, 64MB]",
+            ));
+        }
+        Some(g) if !g.is_power_of_two() => {
+            return Err(generic("Parameter 'granularity' expects a power of 2"));
+        }
+        Some(g) => g as u64,
+    };
+    let buf_size = match buf_size {
+        Some(b) if b < 0 => {
+            return Err(generic("Parameter 'buf-size' expects a non-negative value"));
+        }
+        Some(0) | None => DEFAULT_BUF_SIZE,
+        Some(b) => (b as u64).max(granularity),
+    };
+    if filter_node_name.is_some() {
+        return Err(generic(
+            "filter-node-name is not supported by livesnapd (the mirror needs no filter node)",
+        ));
+    }
+    let replaces = match replaces {
+        None => source.clone(),
+        Some(name) => lookup_node(d, &name)?,
+    };
+    let opts = job_options(auto_finalize, auto_dismiss, speed)?;
+    let tuning = MirrorTuning {
+        hold: hold_ms.map(Duration::from_millis).unwrap_or(defaults.hold),
+        attempts: attempts.unwrap_or(defaults.attempts),
+        auto_patience: patience_ms
+            .map(Duration::from_millis)
+            .unwrap_or(defaults.auto_patience),
+        busy_share: busy_share.unwrap_or(defaults.busy_share).clamp(0.05, 1.0),
+    };
+    let copy_mode = copy_mode
+        .as_deref()
+        .and_then(CopyMode::parse)
+        .unwrap_or(CopyMode::Background);
+    d.jobs.check_id(&job_id).map_err(|e| generic(e.0))?;
+    let mirror = Mirror::new(MirrorOptions {
+        source: source.clone(),
+        target: target.clone(),
+        replaces,
+        sync,
+        granularity,
+        buf_size,
+        copy_mode,
+        on_source_error,
+        on_target_error,
+        tuning,
+        graph: Arc::new(DaemonGraph(Arc::downgrade(d))),
+        users: vec![
+            (source.clone(), job_blocker("mirror")),
+            (target.clone(), job_user(&job_id)),
+        ],
+    });
+    source.add_user(job_blocker("mirror"));
+    target.add_user(job_user(&job_id));
+    if let Err(e) = d.jobs.spawn(&job_id, mirror, opts) {
+        source.remove_user(&job_blocker("mirror"));
+        target.remove_user(&job_user(&job_id));
+        return Err(generic(e.0));
+    }
+    Ok(empty())
+}
+
+/// QEMU's default: the target's cluster size, at least 4 KiB, or 64 KiB for formats without clusters.
+fn default_granularity(target: &BlockNode) -> u64 {
+    match target.format_specific() {
+        Some(livesnap_block::FormatSpecific::Qcow2(info)) => info.cluster_size.max(4096),
+        _ => 64 << 10,
+    }
 }

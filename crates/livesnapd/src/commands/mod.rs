@@ -6,6 +6,7 @@
 //! commands that start each kind of job).
 
 mod backup;
+mod blkdebug;
 mod blockdev;
 mod control;
 mod create;
@@ -60,6 +61,7 @@ pub const COMMAND_NAMES: &[&str] = &[
     "block-job-change",
     "block-job-finalize",
     "block-job-dismiss",
+    "x-blkdebug-set-rules",
 ];
 
 /// The QMP command table of one daemon.
@@ -123,6 +125,7 @@ impl Dispatcher for Commands {
                 | "block-job-change"
                 | "block-job-finalize"
                 | "block-job-dismiss" => job::dispatch(d, command, args).await,
+                "x-blkdebug-set-rules" => blkdebug::set_rules(d, args),
                 _ => Err(command_not_found(command)),
             }
         })

@@ -1,0 +1,357 @@
+//! The backup job (QEMU's `block/backup.c`): a copy-before-write filter on
+//! the source keeps the target at the job's start while a background pass
+//! copies everything else, each cluster at most once. There is no
+//! convergence loop: the work is bounded by the disk size.
+//!
+//! The filter ([`Cbw`]) is attached by whoever creates the job, before the
+//! job exists: its attach is the point in time. The job then walks the
+//! pending clusters in large chunks (`x-perf` `max-chunk`, 1 MiB by default)
+//! with up to `max-workers` copies in flight, holes and zeroes becoming
+//! write-zeroes. While the guest is writing (or reading) the source, the pass
+//! takes a bounded share of the time instead: one smaller chunk in flight,
+//! then an idle pause so that copying fills at most `busy_share` of the
+//! time (docs/decisions.md). sync=top first drops the clusters the top layer
+//! does not allocate; sync=none copies nothing in the background and runs
+//! until cancelled, so only what the guest overwrites reaches the target.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc;
+
+use crate::block_copy::{BlockCopy, CopyError, CopyProgress, MAX_CHUNK, MAX_WORKERS};
+use crate::cbw::Cbw;
+use crate::job::{ErrorVerdict, JobCtx, JobDriver, JobFuture, JobType, OnError};
+
+/// QEMU's `MirrorSyncMode` members a backup supports.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BackupSync {
+    /// The whole disk.
+    Full,
+    /// Only what the top layer allocates.
+    Top,
+    /// Only what the guest overwrites while the job runs.
+    None,
+}
+
+/// Chunk size of the background pass while the guest is busy: a guest write
+/// that hits a chunk being copied waits for all of it.
+pub const BUSY_CHUNK: u64 = 256 << 10;
+
+/// Default share of the time the background pass copies while the guest is busy.
+pub const DEFAULT_BUSY_SHARE: f64 = 0.5;
+
+/// Longest idle pause the pass takes at once (it re-checks the guest after).
+const MAX_YIELD: Duration = Duration::from_millis(100);
+
+/// What a backup job does besides the filter.
+#[derive(Clone, Copy, Debug)]
+pub struct BackupOptions {
+    /// What to copy.
+    pub sync: BackupSync,
+    /// Policy for source read errors of the background pass.
+    pub on_source_error: OnError,
+    /// Policy for target write errors of the background pass.
+    pub on_target_error: OnError,
+    /// Background copies in flight while the guest is idle (QEMU's `max-workers`).
+    pub max_workers: usize,
+    /// Largest background copy (QEMU's `max-chunk`; 0 = the default, 1 MiB).
+    pub max_chunk: u64,
+    /// Share of the time the pass may copy while the guest is busy (0 < s <= 1; 1 = never yield).
+    pub busy_share: f64,
+}
+
+impl Default for BackupOptions {
+    fn default() -> Self {
+        BackupOptions {
+            sync: BackupSync::Full,
+            on_source_error: OnError::Report,
+            on_target_error: OnError::Report,
+            max_workers: MAX_WORKERS,
+            max_chunk: 0,
+            busy_share: DEFAULT_BUSY_SHARE,
+        }
+    }
+}
+
+/// Releases what the creator set up around the job (the filter node, node
+/// users), once the job is over.
+pub type Cleanup = Box<dyn FnOnce() + Send>;
+
+/// A `blockdev-backup` job.
+pub struct Backup {
+    cbw: Arc<Cbw>,
+    opts: BackupOptions,
+    cleanup: Mutex<Option<Cleanup>>,
+}
+
+struct JobProgress(JobCtx);
+
+impl CopyProgress for JobProgress {
+    fn work_done(&self, bytes: u64) {
+        self.0.progress_update(bytes);
+    }
+
+    fn set_remaining(&self, bytes: u64) {
+        self.0.progress_set_remaining(bytes);
+    }
+}
+
+impl Backup {
+    /// A job over an attached filter; `cleanup` runs when the job is cleaned up.
+    pub fn new(cbw: Arc<Cbw>, opts: BackupOptions, cleanup: Cleanup) -> Arc<Backup> {
+        Arc::new(Backup {
+            cbw,
+            opts,
+            cleanup: Mutex::new(Some(cleanup)),
+        })
+    }
+
+    /// Sends the copy's progress to the job from now on (before the job
+    /// starts, so its `len` is right from the first query).
+    pub fn attach_progress(&self, ctx: &JobCtx) {
+        self.cbw
+            .copy()
+            .set_progress(Some(Arc::new(JobProgress(ctx.clone()))));
+    }
+
+    /// The filter the job runs over.
+    pub fn cbw(&self) -> &Arc<Cbw> {
+        &self.cbw
+    }
+
+    fn chunk(&self) -> u64 {
+        let cluster = self.cbw.copy().cluster_size();
+        let chunk = cluster.max(MAX_CHUNK);
+        if self.opts.max_chunk == 0 {
+            chunk
+        } else {
+            chunk.min(self.opts.max_chunk).max(cluster)
+        }
+    }
+
+    /// The job's failure if the snapshot was broken (break-snapshot).
+    fn broken(&self) -> Result<(), String> {
+        match self.cbw.snapshot_error() {
+            Some(e) => Err(crate::os_error_text(&e)),
+            None => Ok(()),
+        }
+    }
+
+    /// sync=top: drop what the top layer does not allocate. Copies meanwhile
+    /// check allocation themselves.
+    async fn scan_top(&self, ctx: &JobCtx) -> Result<(), String> {
+        let copy = self.cbw.copy();
+        copy.set_skip_unallocated(true);
+        let mut offset = 0;
+        while offset < copy.len() {
+            if ctx.is_cancelled() {
+                return Ok(());
+            }
+            ctx.pause_point().await;
+            offset = copy
+                .reset_unallocated(offset)
+                .await
+                .map_err(|e| crate::os_error_text(&e))?;
+        }
+        copy.set_skip_unallocated(false);
+        Ok(())
+    }
+
+    /// sync=none: nothing to do but let the filter copy what the guest overwrites.
+    async fn wait_cancel(&self, ctx: &JobCtx) -> Result<(), String> {
+        let mut kicks = ctx.kicks();
+        loop {
+            if ctx.is_cancelled() || ctx.cancel_requested() {
+                return Ok(());
+            }
+            self.broken()?;
+            ctx.pause_point().await;
+            tokio::select! {
+                _ = kicks.changed() => {}
+                _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+            }
+        }
+    }
+
+    async fn on_error(&self, ctx: &JobCtx, e: &CopyError) -> Result<(), String> {
+        let policy = if e.is_read {
+            self.opts.on_source_error
+        } else {
+            self.opts.on_target_error
+        };
+        match ctx.io_error(policy, e.is_read, &e.error).await {
+            ErrorVerdict::Fail(msg) => Err(msg),
+            // The range is pending again: the pass comes back to it.
+            ErrorVerdict::Ignore | ErrorVerdict::Retry => Ok(()),
+        }
+    }
+
+    /// The background pass (QEMU's `backup_loop` over `block_copy_async`).
+    async fn copy_all(&self, ctx: &JobCtx) -> Result<(), String> {
+        let copy: &Arc<BlockCopy> = self.cbw.copy();
+        let (tx, mut rx) = mpsc::unbounded_channel::<(Instant, Result<u64, CopyError>)>();
+        let mut kicks = ctx.kicks();
+        let mut in_flight = 0usize;
+        let mut cursor = 0u64;
+        let mut next_allowed = Instant::now();
+        let share = self.opts.busy_share.clamp(0.01, 1.0);
+        loop {
+            if ctx.is_cancelled() {
+                // Copies still in flight finish (or stall) on their own.
+                return Ok(());
+            }
+            self.broken()?;
+            while let Ok((started, r)) = rx.try_recv() {
+                in_flight -= 1;
+                self.finished(ctx, started, r, share, &mut next_allowed)
+                    .await?;
+            }
+            ctx.pause_point().await;
+            ctx.ratelimit_sleep().await;
+            if ctx.is_cancelled() {
+                return Ok(());
+            }
+            let busy = share < 1.0 && self.cbw.guest_busy();
+            let limit = if busy {
+                1
+            } else {
+                self.opts.max_workers.max(1)
+            };
+            let now = Instant::now();
+            let waiting_share = busy && now < next_allowed;
+            let claim = if in_flight >= limit || waiting_share {
+                None
+            } else {
+                let max = if busy {
+                    self.chunk().min(BUSY_CHUNK.max(copy.cluster_size()))
+                } else {
+                    self.chunk()
+                };
+                copy.claim_next(cursor, max).or_else(|| {
+                    cursor = 0;
+                    copy.claim_next(0, max)
+                })
+            };
+            if let Some(claim) = claim {
+                cursor = claim.end;
+                in_flight += 1;
+                ctx.ratelimit_account(claim.end - claim.start);
+                let tx = tx.clone();
+                let started = Instant::now();
+                copy.spawn_claim(claim, move |r| {
+                    let _ = tx.send((started, r));
+                });
+                continue;
+            }
+            if in_flight == 0 && !waiting_share && copy.pending_bytes() == 0 {
+                // Everything is claimed or copied: wait for the guest's copies too.
+                if self.wait_cbw_copies(ctx).await? {
+                    return Ok(());
+                }
+                continue;
+            }
+            let pause = next_allowed
+                .saturating_duration_since(now)
+                .min(MAX_YIELD)
+                .max(Duration::from_millis(1));
+            tokio::select! {
+                r = rx.recv(), if in_flight > 0 => {
+                    if let Some((started, r)) = r {
+                        in_flight -= 1;
+                        self.finished(ctx, started, r, share, &mut next_allowed).await?;
+                    }
+                }
+                _ = kicks.changed() => {}
+                _ = tokio::time::sleep(pause), if waiting_share || in_flight == 0 => {}
+            }
+        }
+    }
+
+    async fn finished(
+        &self,
+        ctx: &JobCtx,
+        started: Instant,
+        r: Result<u64, CopyError>,
+        share: f64,
+        next_allowed: &mut Instant,
+    ) -> Result<(), String> {
+        match r {
+            Ok(_) => {
+                if share < 1.0 && self.cbw.guest_busy() {
+                    // Idle for what the guest is owed of the time this copy took.
+                    let took = started.elapsed().as_secs_f64();
+                    let idle = took * (1.0 - share) / share;
+                    *next_allowed = Instant::now() + Duration::from_secs_f64(idle.min(1.0));
+                }
+                Ok(())
+            }
+            Err(e) => self.on_error(ctx, &e).await,
+        }
+    }
+
+    /// Waits until copies started by guest writes are done too; then the
+    /// target is complete and is flushed. Returns false when a guest's copy
+    /// failed and left its range pending again (the pass goes on).
+    async fn wait_cbw_copies(&self, ctx: &JobCtx) -> Result<bool, String> {
+        let copy = self.cbw.copy();
+        let mut kicks = ctx.kicks();
+        loop {
+            if ctx.is_cancelled() {
+                return Ok(true);
+            }
+            if copy.is_done() {
+                break;
+            }
+            if copy.pending_bytes() > 0 {
+                return Ok(false);
+            }
+            tokio::select! {
+                _ = copy.wait_idle() => {}
+                _ = kicks.changed() => {}
+            }
+        }
+        self.broken()?;
+        self.cbw
+            .target()
+            .flush()
+            .await
+            .map_err(|e| crate::os_error_text(&e))?;
+        Ok(true)
+    }
+}
+
+impl JobDriver for Backup {
+    fn job_type(&self) -> JobType {
+        JobType::Backup
+    }
+
+    fn run<'a>(&'a self, ctx: &'a JobCtx) -> JobFuture<'a, Result<(), String>> {
+        Box::pin(async move {
+            self.attach_progress(ctx);
+            if self.opts.sync == BackupSync::Top {
+                self.scan_top(ctx).await?;
+            }
+            match self.opts.sync {
+                BackupSync::None => self.wait_cancel(ctx).await,
+                BackupSync::Full | BackupSync::Top => self.copy_all(ctx).await,
+            }
+        })
+    }
+
+    fn cancel(&self, _ctx: &JobCtx, _force: bool) -> bool {
+        // QEMU's backup_cancel: any cancel is a force cancel. Releasing the
+        // filter now frees guest writes waiting on a stalled target.
+        self.cbw.release();
+        true
+    }
+
+    fn clean<'a>(&'a self, _ctx: &'a JobCtx) -> JobFuture<'a, ()> {
+        Box::pin(async move {
+            self.cbw.close().await;
+            if let Some(cleanup) = self.cleanup.lock().unwrap().take() {
+                cleanup();
+            }
+        })
+    }
+}

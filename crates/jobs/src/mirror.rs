@@ -1,0 +1,905 @@
+//! The mirror job (QEMU's `block/mirror.c`), built so that it always finishes.
+//!
+//! A [`WriteHook`] on the source sees every guest write. In `background`
+//! mode it marks the written chunks dirty and the copy loop copies dirty
+//! chunks to the target; in `write-blocking` mode each guest write is also
+//! written to the target before it completes, so the dirty count can only
+//! fall. livesnap's `auto` mode starts in background and switches to
+//! write-blocking when the dirty count stops falling.
+//!
+//! Completion (`job-complete`, or a soft cancel in READY) is bounded: guest
+//! requests on the exports of the source are held for at most
+//! [`MirrorTuning::hold`] while the last dirty chunks are copied; if that is
+//! not enough, the hold ends, the job switches to write-blocking and tries
+//! again, at most [`MirrorTuning::attempts`] times, after which it stays
+//! write-blocking until nothing is dirty (which that mode guarantees) and
+//! takes a final hold that only has to wait for requests already in flight.
+//! The instant the hold is taken is the snapshot's point in time.
+
+use std::io;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use livesnap_block::{
+    BackendHold, BlockBackend, BlockNode, DirtyBitmap, HookedWrite, IoBuf, IoFuture, WriteFlags,
+    WriteHook, WriteKind, ZeroFlags,
+};
+use serde_json::{json, Map, Value};
+use tokio::sync::Notify;
+use tokio::task::JoinSet;
+
+use crate::job::{ErrorVerdict, JobCtx, JobDriver, JobError, JobFuture, JobType, OnError};
+use crate::rangelock::RangeLocks;
+
+/// Largest single copy (QEMU's `MAX_IO_BYTES`).
+pub const MAX_COPY: u64 = 1 << 20;
+/// Most copies in flight (QEMU's `MAX_IN_FLIGHT`).
+pub const MAX_IN_FLIGHT: usize = 16;
+/// Default total of bytes in flight (QEMU's `DEFAULT_MIRROR_BUF_SIZE`).
+pub const DEFAULT_BUF_SIZE: u64 = 16 << 20;
+
+/// QEMU's `MirrorSyncMode` members a mirror accepts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MirrorSync {
+    /// Copy the whole disk.
+    Full,
+    /// Copy only what the top image allocates.
+    Top,
+    /// Copy only what is written from now on.
+    None,
+}
+
+/// QEMU's `MirrorCopyMode`, plus livesnap's `auto`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CopyMode {
+    /// Guest writes mark chunks dirty; the job copies them.
+    Background,
+    /// Guest writes are written to the target too before they complete.
+    WriteBlocking,
+    /// Background until the dirty count stops falling, then write-blocking.
+    Auto,
+}
+
+impl CopyMode {
+    /// QEMU's name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CopyMode::Background => "background",
+            CopyMode::WriteBlocking => "write-blocking",
+            CopyMode::Auto => "auto",
+        }
+    }
+
+    /// Parses a member of `MirrorCopyMode` (with `auto`).
+    pub fn parse(s: &str) -> Option<CopyMode> {
+        Some(match s {
+            "background" => CopyMode::Background,
+            "write-blocking" => CopyMode::WriteBlocking,
+            "auto" => CopyMode::Auto,
+            _ => return None,
+        })
+    }
+}
+
+/// The bounds of completion and of the `auto` mode, and the guest's share.
+#[derive(Clone, Copy, Debug)]
+pub struct MirrorTuning {
+    /// Longest time guest requests are held while the last chunks are
+    /// copied; also the longest a write-blocking guest write waits for its
+    /// copy on the target before it completes anyway (the chunk then counts
+    /// as out of sync until the target write lands).
+    pub hold: Duration,
+    /// Held attempts before the job stays write-blocking until nothing is dirty.
+    pub attempts: u32,
+    /// `auto`: switch to write-blocking once the dirty count has not reached
+    /// a new low (by 5 %) for this long.
+    pub auto_patience: Duration,
+    /// Fraction of the time the job may spend copying while the guest is
+    /// writing (1.0 = no yielding). When the guest is idle the job takes everything.
+    pub busy_share: f64,
+}
+
+impl Default for MirrorTuning {
+    fn default() -> Self {
+        MirrorTuning {
+            hold: Duration::from_millis(200),
+            attempts: 3,
+            auto_patience: Duration::from_millis(1000),
+            busy_share: 0.5,
+        }
+    }
+}
+
+/// How a mirror finds the users it must hold and move: the daemon's exports.
+pub trait MirrorGraph: Send + Sync + 'static {
+    /// The backends (exports) whose root is `node`.
+    fn backends_of(&self, node: &Arc<BlockNode>) -> Vec<Arc<BlockBackend>>;
+    /// Called after the backends of `old` were moved to `new` (bookkeeping of users).
+    fn pivoted(&self, old: &Arc<BlockNode>, new: &Arc<BlockNode>);
+}
+
+/// Everything `blockdev-mirror` decided.
+pub struct MirrorOptions {
+    /// The node copied from.
+    pub source: Arc<BlockNode>,
+    /// The node copied to.
+    pub target: Arc<BlockNode>,
+    /// The node whose place the target takes on completion (default: the source).
+    pub replaces: Arc<BlockNode>,
+    /// What to copy.
+    pub sync: MirrorSync,
+    /// Bytes per dirty bit.
+    pub granularity: u64,
+    /// Most bytes in flight.
+    pub buf_size: u64,
+    /// Copy mode at start.
+    pub copy_mode: CopyMode,
+    /// Policy for source read errors.
+    pub on_source_error: OnError,
+    /// Policy for target write errors.
+    pub on_target_error: OnError,
+    /// Bounds and shares.
+    pub tuning: MirrorTuning,
+    /// Exports to hold and move.
+    pub graph: Arc<dyn MirrorGraph>,
+    /// Users the job registered on nodes (blockers, in-use marks), removed when it ends.
+    pub users: Vec<(Arc<BlockNode>, String)>,
+}
+
+const MODE_BACKGROUND: u8 = 0;
+const MODE_WRITE_BLOCKING: u8 = 1;
+
+/// What the hook and the copy loop share.
+struct Shared {
+    source: Arc<BlockNode>,
+    target: Arc<BlockNode>,
+    bitmap: Mutex<DirtyBitmap>,
+    locks: Arc<RangeLocks>,
+    /// The mode guest writes follow now.
+    mode: AtomicU8,
+    /// Guest writes started in background mode and not yet finished: while
+    /// any runs, the target may lag without the bitmap showing it yet.
+    background_writes: AtomicU64,
+    guest_in_flight: AtomicU64,
+    last_guest_write: Mutex<Instant>,
+    /// Set on a force cancel or at the end: the hook passes writes through.
+    stopped: AtomicBool,
+    stop: Notify,
+    /// Wakes the copy loop when a guest write dirtied something.
+    dirtied: Notify,
+    /// Write-blocking target writes still in flight (the chunks they cover
+    /// are locked and count as in sync only once these land).
+    active_writes: AtomicU64,
+    /// Longest a guest write waits for its copy on the target.
+    target_wait: Duration,
+}
+
+impl Shared {
+    fn write_blocking(&self) -> bool {
+        self.mode.load(Ordering::SeqCst) == MODE_WRITE_BLOCKING
+    }
+
+    fn mark_dirty(&self, offset: u64, len: u64) {
+        self.bitmap.lock().unwrap().set(offset, len);
+        self.dirtied.notify_one();
+    }
+
+    fn dirty_bytes(&self) -> u64 {
+        self.bitmap.lock().unwrap().dirty_bytes()
+    }
+
+    fn guest_busy(&self) -> bool {
+        self.guest_in_flight.load(Ordering::SeqCst) > 0
+            || self.last_guest_write.lock().unwrap().elapsed() < Duration::from_millis(20)
+    }
+
+    /// Writes a guest request's data to the target too (write-blocking mode).
+    async fn mirror_write(&self, req: &HookedWrite) -> io::Result<()> {
+        match req.kind {
+            WriteKind::Data => {
+                let data = req
+                    .data
+                    .as_ref()
+                    .expect("the mirror hook asks for the data");
+                self.target
+                    .write(req.offset, IoBuf::from_slice(data), WriteFlags::default())
+                    .await
+            }
+            WriteKind::Zeroes => {
+                self.target
+                    .write_zeroes(req.offset, req.len, ZeroFlags::default())
+                    .await
+            }
+            // The source's content is now unspecified; zeroes are one valid copy of it.
+            WriteKind::Discard => {
+                self.target
+                    .write_zeroes(
+                        req.offset,
+                        req.len,
+                        ZeroFlags {
+                            may_unmap: true,
+                            ..Default::default()
+                        },
+                    )
+                    .await
+            }
+        }
+    }
+}
+
+/// The hook on the source.
+struct MirrorHook {
+    shared: Arc<Shared>,
+}
+
+impl WriteHook for MirrorHook {
+    fn wants_data(&self) -> bool {
+        true
+    }
+
+    fn intercept<'a>(&'a self, req: &'a HookedWrite, write: IoFuture<'a, ()>) -> IoFuture<'a, ()> {
+        Box::pin(async move {
+            let s = &self.shared;
+            if s.stopped.load(Ordering::SeqCst) {
+                return write.await;
+            }
+            s.guest_in_flight.fetch_add(1, Ordering::SeqCst);
+            let r = if s.write_blocking() {
+                self.write_blocking(req, write).await
+            } else {
+                s.background_writes.fetch_add(1, Ordering::SeqCst);
+                let r = write.await;
+                // After the write landed: a copy that read the chunk before
+                // it did will be redone.
+                s.mark_dirty(req.offset, req.len);
+                s.background_writes.fetch_sub(1, Ordering::SeqCst);
+                r
+            };
+            *s.last_guest_write.lock().unwrap() = Instant::now();
+            s.guest_in_flight.fetch_sub(1, Ordering::SeqCst);
+            r
+        })
+    }
+}
+
+impl MirrorHook {
+    async fn write_blocking(&self, req: &HookedWrite, write: IoFuture<'_, ()>) -> io::Result<()> {
+        let s = &self.shared;
+        let g = s.bitmap.lock().unwrap().granularity();
+        let start = req.offset / g * g;
+        let end = (req.offset + req.len).div_ceil(g) * g;
+        // Serialised against copies of the same chunks, so the target gets
+        // the writes to a chunk in the order the source did.
+        let lock = s.locks.lock(start, end).await;
+        let r = write.await;
+        if r.is_err() {
+            s.mark_dirty(req.offset, req.len);
+            return r;
+        }
+        let stop = s.stop.notified();
+        tokio::pin!(stop);
+        // Registered before the flag is read, so a stop in between still wakes us.
+        stop.as_mut().enable();
+        if s.stopped.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        // The target write runs in a task that keeps the chunks locked until
+        // it lands, so a guest whose write waited `target_wait` can go on
+        // without a late target write ever overtaking a newer one.
+        let owned = HookedWrite {
+            offset: req.offset,
+            len: req.len,
+            kind: req.kind,
+            data: req.data.as_ref().map(|d| IoBuf::from_slice(d)),
+        };
+        s.active_writes.fetch_add(1, Ordering::SeqCst);
+        let shared = s.clone();
+        let mut task = tokio::spawn(async move {
+            let mirrored = shared.mirror_write(&owned).await;
+            match mirrored {
+                Ok(()) => {
+                    // Chunks the write covered whole are now equal on both
+                    // sides; partly covered dirty chunks stay dirty.
+                    let first = owned.offset.div_ceil(g) * g;
+                    let last = (owned.offset + owned.len) / g * g;
+                    if last > first {
+                        shared.bitmap.lock().unwrap().reset(first, last - first);
+                    }
+                }
+                // The guest's write succeeded on the source; the target
+                // catches up through the copy loop, whose error policy applies.
+                Err(_) => shared.mark_dirty(owned.offset, owned.len),
+            }
+            drop(lock);
+            shared.active_writes.fetch_sub(1, Ordering::SeqCst);
+            shared.dirtied.notify_one();
+        });
+        tokio::select! {
+            _ = &mut task => {}
+            _ = tokio::time::sleep(s.target_wait) => {}
+            _ = stop => {}
+        }
+        Ok(())
+    }
+}
+
+/// Marks a chunk dirty again unless its copy finished: a copy that is
+/// aborted half-way (cancel, completion) must not leave its chunk clean.
+struct Redirty {
+    shared: Arc<Shared>,
+    offset: u64,
+    len: u64,
+    armed: bool,
+}
+
+impl Drop for Redirty {
+    fn drop(&mut self) {
+        if self.armed {
+            self.shared.mark_dirty(self.offset, self.len);
+        }
+    }
+}
+
+/// Outcome of one copy.
+struct CopyDone {
+    offset: u64,
+    len: u64,
+    result: Result<(), (bool, io::Error)>,
+    took: Duration,
+}
+
+/// The mirror job.
+pub struct Mirror {
+    opts: MirrorOptions,
+    shared: Arc<Shared>,
+    hook: Arc<dyn WriteHook>,
+    /// The mode asked for (`auto` stays `auto` while the hook's mode moves).
+    requested_mode: Mutex<CopyMode>,
+    actively_synced: AtomicBool,
+    /// Copy throughput estimate in bytes per second, for completion budgets.
+    copy_rate: AtomicU64,
+}
+
+fn in_sync_error(e: io::Error) -> String {
+    crate::os_error_text(&e)
+}
+
+impl Mirror {
+    /// A mirror job; nothing happens until the job runs.
+    pub fn new(opts: MirrorOptions) -> Arc<Mirror> {
+        let size = opts.source.size();
+        let shared = Arc::new(Shared {
+            source: opts.source.clone(),
+            target: opts.target.clone(),
+            bitmap: Mutex::new(DirtyBitmap::new(size, opts.granularity)),
+            locks: RangeLocks::new(),
+            mode: AtomicU8::new(if opts.copy_mode == CopyMode::WriteBlocking {
+                MODE_WRITE_BLOCKING
+            } else {
+                MODE_BACKGROUND
+            }),
+            background_writes: AtomicU64::new(0),
+            guest_in_flight: AtomicU64::new(0),
+            last_guest_write: Mutex::new(Instant::now() - Duration::from_secs(1)),
+            stopped: AtomicBool::new(false),
+            stop: Notify::new(),
+            dirtied: Notify::new(),
+            active_writes: AtomicU64::new(0),
+            target_wait: opts.tuning.hold,
+        });
+        let hook: Arc<dyn WriteHook> = Arc::new(MirrorHook {
+            shared: shared.clone(),
+        });
+        Arc::new(Mirror {
+            requested_mode: Mutex::new(opts.copy_mode),
+            opts,
+            shared,
+            hook,
+            actively_synced: AtomicBool::new(false),
+            copy_rate: AtomicU64::new(0),
+        })
+    }
+
+    fn switch_to_write_blocking(&self) {
+        if self.shared.mode.swap(MODE_WRITE_BLOCKING, Ordering::SeqCst) != MODE_WRITE_BLOCKING {
+            tracing::info!("mirror: switching to write-blocking");
+        }
+    }
+
+    /// Marks what the chosen sync mode has to copy.
+    async fn dirty_init(&self) -> io::Result<()> {
+        let size = self.opts.source.size();
+        match self.opts.sync {
+            MirrorSync::None => {}
+            MirrorSync::Full => self.shared.bitmap.lock().unwrap().set_all(),
+            MirrorSync::Top => {
+                let mut off = 0;
+                while off < size {
+                    let st = self.opts.source.block_status(off, size - off).await?;
+                    if st.depth == 1 {
+                        self.shared.bitmap.lock().unwrap().set(off, st.len);
+                    }
+                    off += st.len;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Takes `[offset, offset+len)` out of the bitmap and returns the copy of
+    /// it to spawn; the chunk becomes dirty again if the copy does not finish.
+    fn start_copy(
+        shared: &Arc<Shared>,
+        offset: u64,
+        len: u64,
+    ) -> impl std::future::Future<Output = CopyDone> + Send + 'static {
+        shared.bitmap.lock().unwrap().reset(offset, len);
+        let redirty = Redirty {
+            shared: shared.clone(),
+            offset,
+            len,
+            armed: true,
+        };
+        let shared = shared.clone();
+        async move {
+            // Moved whole into the future, so dropping the future drops it.
+            let mut redirty = redirty;
+            let done = Self::copy_chunk(shared, offset, len).await;
+            // copy_chunk marks failures dirty itself.
+            redirty.armed = false;
+            done
+        }
+    }
+
+    /// Copies `[offset, offset+len)` from source to target once the range is
+    /// free of guest writes; zero ranges become write-zeroes.
+    async fn copy_chunk(shared: Arc<Shared>, offset: u64, len: u64) -> CopyDone {
+        let started = Instant::now();
+        let _lock = shared.locks.lock(offset, offset + len).await;
+        // Cleared before reading: a guest write racing with the copy marks it again.
+        shared.bitmap.lock().unwrap().reset(offset, len);
+        let result = async {
+            let st = shared
+                .source
+                .block_status(offset, len)
+                .await
+                .map_err(|e| (true, e))?;
+            if st.zero && st.len >= len {
+                return shared
+                    .target
+                    .write_zeroes(
+                        offset,
+                        len,
+                        ZeroFlags {
+                            may_unmap: true,
+                            ..Default::default()
+                        },
+                    )
+                    .await
+                    .map_err(|e| (false, e));
+            }
+            let buf = shared
+                .source
+                .read(offset, len as usize)
+                .await
+                .map_err(|e| (true, e))?;
+            shared
+                .target
+                .write(offset, buf, WriteFlags::default())
+                .await
+                .map_err(|e| (false, e))
+        }
+        .await;
+        if result.is_err() {
+            shared.bitmap.lock().unwrap().set(offset, len);
+        }
+        CopyDone {
+            offset,
+            len,
+            result,
+            took: started.elapsed(),
+        }
+    }
+
+    fn note_rate(&self, len: u64, took: Duration) {
+        let rate = (len as f64 / took.as_secs_f64().max(1e-6)) as u64;
+        let old = self.copy_rate.load(Ordering::Relaxed);
+        let new = if old == 0 { rate } else { (old * 7 + rate) / 8 };
+        self.copy_rate.store(new, Ordering::Relaxed);
+    }
+
+    /// Handles a finished copy; `Err` ends the job.
+    async fn finish_copy(&self, ctx: &JobCtx, done: CopyDone) -> Result<(), String> {
+        match done.result {
+            Ok(()) => {
+                self.note_rate(done.len, done.took);
+                ctx.progress_update(done.len);
+                Ok(())
+            }
+            Err((is_read, e)) => {
+                let policy = if is_read {
+                    self.opts.on_source_error
+                } else {
+                    self.opts.on_target_error
+                };
+                tracing::warn!("mirror: copy of {}+{} failed: {e}", done.offset, done.len);
+                match ctx.io_error(policy, is_read, &e).await {
+                    ErrorVerdict::Fail(msg) => Err(msg),
+                    // The chunk is dirty again and will be retried.
+                    ErrorVerdict::Ignore => {
+                        ctx.sleep(Duration::from_millis(10)).await;
+                        Ok(())
+                    }
+                    ErrorVerdict::Retry => Ok(()),
+                }
+            }
+        }
+    }
+
+    fn update_remaining(&self, ctx: &JobCtx, in_flight: u64) {
+        ctx.progress_set_remaining(self.shared.dirty_bytes() + in_flight);
+    }
+
+    fn want_completion(&self, ctx: &JobCtx) -> bool {
+        ctx.is_ready() && (ctx.complete_requested() || ctx.cancel_requested())
+    }
+
+    /// The copy loop: runs until completion was asked for and done, or the job is cancelled.
+    async fn run_loop(&self, ctx: &JobCtx) -> Result<(), String> {
+        let shared = &self.shared;
+        let mut ops: JoinSet<CopyDone> = JoinSet::new();
+        let mut in_flight_bytes = 0u64;
+        let mut cursor = 0u64;
+        let mut best_dirty = u64::MAX;
+        let mut last_progress = Instant::now();
+        let mut kicks = ctx.kicks();
+        let mut last_log = Instant::now();
+        loop {
+            if ctx.is_cancelled() {
+                ops.abort_all();
+                return Err("Operation canceled".into());
+            }
+            let dirty = shared.dirty_bytes();
+            self.update_remaining(ctx, in_flight_bytes);
+            if last_log.elapsed() >= Duration::from_secs(1) {
+                last_log = Instant::now();
+                tracing::debug!(
+                    "mirror {}: dirty {dirty} in flight {in_flight_bytes} ({} ops) write-blocking {} guest busy {} rate {}",
+                    ctx.id(),
+                    ops.len(),
+                    shared.write_blocking(),
+                    shared.guest_busy(),
+                    self.copy_rate.load(Ordering::Relaxed)
+                );
+            }
+
+            // livesnap's auto mode: write-blocking once background stops gaining.
+            if *self.requested_mode.lock().unwrap() == CopyMode::Auto && !shared.write_blocking() {
+                if best_dirty == u64::MAX || (dirty as u128) * 20 < (best_dirty as u128) * 19 {
+                    best_dirty = dirty;
+                    last_progress = Instant::now();
+                } else if last_progress.elapsed() >= self.opts.tuning.auto_patience
+                    && (!ctx.is_ready() || dirty > self.hold_budget())
+                {
+                    // Before READY only a clean instant counts, however
+                    // little is dirty; after it, a little dirt is what
+                    // completion's hold is for.
+                    self.switch_to_write_blocking();
+                }
+            }
+
+            let clean =
+                dirty == 0 && ops.is_empty() && shared.active_writes.load(Ordering::SeqCst) == 0;
+            if clean && shared.background_writes.load(Ordering::SeqCst) == 0 {
+                if !ctx.is_ready() {
+                    if let Err(e) = self.flush_target(ctx).await {
+                        let verdict = ctx.io_error(self.opts.on_target_error, false, &e).await;
+                        if let ErrorVerdict::Fail(m) = verdict {
+                            return Err(m);
+                        }
+                        continue;
+                    }
+                    if shared.dirty_bytes() == 0 {
+                        if shared.write_blocking() {
+                            self.actively_synced.store(true, Ordering::SeqCst);
+                        }
+                        ctx.set_ready();
+                    }
+                    continue;
+                }
+                if shared.write_blocking() {
+                    self.actively_synced.store(true, Ordering::SeqCst);
+                }
+            }
+            if self.want_completion(ctx) {
+                ops.abort_all();
+                // Aborted copies left their chunks dirty; completion copies them.
+                while let Some(r) = ops.join_next().await {
+                    if let Ok(done) = r {
+                        let _ = self.finish_copy(ctx, done).await;
+                    }
+                }
+                return self.complete_bounded(ctx).await;
+            }
+
+            // Issue copies within the limits; fewer while the guest is busy.
+            let busy = shared.guest_busy() && self.opts.tuning.busy_share < 1.0;
+            let max_ops = if busy { 1 } else { MAX_IN_FLIGHT };
+            let mut issued = false;
+            while ops.len() < max_ops && in_flight_bytes < self.opts.buf_size {
+                if !ctx.ratelimit_delay().is_zero() {
+                    break;
+                }
+                let run = {
+                    let bm = shared.bitmap.lock().unwrap();
+                    bm.next_dirty_run(cursor, MAX_COPY.min(self.opts.buf_size))
+                        .or_else(|| bm.next_dirty_run(0, MAX_COPY.min(self.opts.buf_size)))
+                };
+                let Some((off, len)) = run else { break };
+                // Skip runs a guest write or another copy holds right now.
+                if shared.locks.try_lock(off, off + len).is_none() && !ops.is_empty() {
+                    cursor = off + len;
+                    if cursor >= shared.source.size() {
+                        cursor = 0;
+                    }
+                    break;
+                }
+                cursor = off + len;
+                in_flight_bytes += len;
+                ctx.ratelimit_account(len);
+                ops.spawn(Self::start_copy(shared, off, len));
+                issued = true;
+            }
+
+            // Wait for something to happen.
+            let delay = ctx.ratelimit_delay();
+            tokio::select! {
+                Some(r) = ops.join_next(), if !ops.is_empty() => {
+                    let done = r.map_err(|e| format!("copy task failed: {e}"))?;
+                    in_flight_bytes -= done.len;
+                    let took = done.took;
+                    self.finish_copy(ctx, done).await?;
+                    if busy {
+                        // Yield to the guest: idle for the share the job must not take.
+                        let share = self.opts.tuning.busy_share.clamp(0.05, 1.0);
+                        let idle = took.mul_f64((1.0 - share) / share);
+                        ctx.sleep(idle.min(Duration::from_millis(100))).await;
+                    }
+                }
+                _ = shared.dirtied.notified(), if ops.is_empty() && !issued && delay.is_zero() => {}
+                _ = tokio::time::sleep(delay), if !delay.is_zero() => {}
+                _ = kicks.changed() => {}
+                _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+            }
+            ctx.pause_point().await;
+        }
+    }
+
+    /// Flushes the target; a force cancel interrupts a flush that hangs.
+    async fn flush_target(&self, ctx: &JobCtx) -> io::Result<()> {
+        let mut kicks = ctx.kicks();
+        let flush = self.opts.target.flush();
+        tokio::pin!(flush);
+        loop {
+            tokio::select! {
+                r = &mut flush => return r,
+                _ = kicks.changed() => {
+                    if ctx.is_cancelled() {
+                        return Err(io::Error::from_raw_os_error(libc::ECANCELED));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Bytes that can be copied within half a hold at the measured rate.
+    fn hold_budget(&self) -> u64 {
+        let rate = self.copy_rate.load(Ordering::Relaxed).max(64 << 20);
+        (rate as f64 * self.opts.tuning.hold.as_secs_f64() / 2.0) as u64
+    }
+
+    /// Holds every export of the node being replaced, within `limit`.
+    async fn hold_guests(&self, limit: Duration) -> Option<Vec<BackendHold>> {
+        let backends = self.opts.graph.backends_of(&self.opts.replaces);
+        let deadline = tokio::time::Instant::now() + limit;
+        let mut held = Vec::with_capacity(backends.len());
+        for b in backends {
+            match tokio::time::timeout_at(deadline, b.hold()).await {
+                Ok(h) => held.push(h),
+                Err(_) => return None,
+            }
+        }
+        Some(held)
+    }
+
+    /// Copies every dirty chunk now, at full speed; `Ok(false)` if `deadline` passed first.
+    async fn copy_all_dirty(
+        &self,
+        ctx: &JobCtx,
+        deadline: tokio::time::Instant,
+    ) -> Result<bool, String> {
+        let mut ops: JoinSet<CopyDone> = JoinSet::new();
+        let mut kicks = ctx.kicks();
+        loop {
+            while ops.len() < MAX_IN_FLIGHT {
+                let run = self
+                    .shared
+                    .bitmap
+                    .lock()
+                    .unwrap()
+                    .next_dirty_run(0, MAX_COPY);
+                let Some((off, len)) = run else { break };
+                ops.spawn(Self::start_copy(&self.shared, off, len));
+            }
+            if ops.is_empty() {
+                if self.shared.active_writes.load(Ordering::SeqCst) == 0 {
+                    return Ok(true);
+                }
+                // Mirrored guest writes still landing: wait, then look again.
+                tokio::select! {
+                    _ = self.shared.dirtied.notified() => {}
+                    _ = tokio::time::sleep(Duration::from_millis(1)) => {}
+                    _ = tokio::time::sleep_until(deadline) => return Ok(false),
+                }
+                continue;
+            }
+            tokio::select! {
+                Some(r) = ops.join_next() => {
+                    let done = r.map_err(|e| format!("copy task failed: {e}"))?;
+                    self.finish_copy(ctx, done).await?;
+                }
+                _ = tokio::time::sleep_until(deadline) => {
+                    ops.abort_all();
+                    while ops.join_next().await.is_some() {}
+                    return Ok(false);
+                }
+                _ = kicks.changed() => {}
+            }
+            if ctx.is_cancelled() {
+                ops.abort_all();
+                return Err("Operation canceled".into());
+            }
+        }
+    }
+
+    /// Finishes the job within the documented bound: see the module doc.
+    async fn complete_bounded(&self, ctx: &JobCtx) -> Result<(), String> {
+        let tuning = self.opts.tuning;
+        let mut attempt = 0u32;
+        loop {
+            if ctx.is_cancelled() {
+                return Err("Operation canceled".into());
+            }
+            let dirty = self.shared.dirty_bytes();
+            let must_finish = attempt >= tuning.attempts;
+            // Too much to copy in one hold: converge write-blocking first.
+            if dirty > self.hold_budget() || (must_finish && dirty > 0) {
+                self.switch_to_write_blocking();
+                let deadline = tokio::time::Instant::now() + tuning.hold;
+                self.copy_all_dirty(ctx, deadline).await?;
+                if !must_finish {
+                    attempt += 1;
+                }
+                continue;
+            }
+            let Some(holds) = self.hold_guests(tuning.hold).await else {
+                self.switch_to_write_blocking();
+                attempt += 1;
+                continue;
+            };
+            let deadline = tokio::time::Instant::now() + tuning.hold;
+            let done = self.copy_all_dirty(ctx, deadline).await?;
+            if !done || self.shared.dirty_bytes() != 0 {
+                drop(holds);
+                self.switch_to_write_blocking();
+                attempt += 1;
+                continue;
+            }
+            if let Err(e) = self.flush_target(ctx).await {
+                drop(holds);
+                match ctx.io_error(self.opts.on_target_error, false, &e).await {
+                    ErrorVerdict::Fail(m) => return Err(m),
+                    _ => continue,
+                }
+            }
+            // The point in time. From here the source's writes are no longer mirrored.
+            self.shared.stopped.store(true, Ordering::SeqCst);
+            self.shared.stop.notify_waiters();
+            let pivot = ctx.complete_requested() && !ctx.cancel_requested();
+            if pivot {
+                for h in &holds {
+                    h.replace_root(self.opts.target.clone());
+                }
+                self.opts
+                    .graph
+                    .pivoted(&self.opts.replaces, &self.opts.target);
+            }
+            drop(holds);
+            ctx.progress_set_remaining(0);
+            return Ok(());
+        }
+    }
+
+    /// Stops mirroring guest writes and releases any of them waiting on the target.
+    fn stop_hook(&self) {
+        self.shared.stopped.store(true, Ordering::SeqCst);
+        self.shared.stop.notify_waiters();
+    }
+}
+
+impl JobDriver for Mirror {
+    fn job_type(&self) -> JobType {
+        JobType::Mirror
+    }
+
+    fn run<'a>(&'a self, ctx: &'a JobCtx) -> JobFuture<'a, Result<(), String>> {
+        Box::pin(async move {
+            if self.opts.target.size() != self.opts.source.size() {
+                return Err("Source and target image have different sizes".into());
+            }
+            // Attaching drains the source's writes: none can land unseen after this.
+            self.opts.source.add_write_hook(self.hook.clone()).await;
+            self.dirty_init().await.map_err(in_sync_error)?;
+            self.update_remaining(ctx, 0);
+            self.run_loop(ctx).await
+        })
+    }
+
+    fn complete(&self, _ctx: &JobCtx) -> Result<(), JobError> {
+        Ok(())
+    }
+
+    fn cancel(&self, ctx: &JobCtx, force: bool) -> bool {
+        // Before READY any cancel is a force cancel (QEMU's mirror_cancel).
+        let force = force || !ctx.is_ready();
+        if force {
+            self.stop_hook();
+        }
+        force
+    }
+
+    fn clean<'a>(&'a self, _ctx: &'a JobCtx) -> JobFuture<'a, ()> {
+        Box::pin(async move {
+            self.stop_hook();
+            self.opts.source.remove_write_hook(&self.hook).await;
+            for (node, user) in &self.opts.users {
+                node.remove_user(user);
+            }
+        })
+    }
+
+    fn change(&self, _ctx: &JobCtx, options: &Map<String, Value>) -> Result<(), JobError> {
+        let Some(mode) = options.get("copy-mode") else {
+            return Ok(());
+        };
+        let mode = mode
+            .as_str()
+            .and_then(CopyMode::parse)
+            .ok_or_else(|| JobError("Invalid parameter 'copy-mode'".into()))?;
+        let mut requested = self.requested_mode.lock().unwrap();
+        if *requested == mode {
+            return Ok(());
+        }
+        match mode {
+            CopyMode::WriteBlocking => {
+                *requested = mode;
+                self.switch_to_write_blocking();
+                Ok(())
+            }
+            other => Err(JobError(format!(
+                "Change to copy mode '{}' is not implemented",
+                other.as_str()
+            ))),
+        }
+    }
+
+    fn block_job_info(&self) -> Map<String, Value> {
+        let mut m = Map::new();
+        m.insert(
+            "actively-synced".into(),
+            json!(self.actively_synced.load(Ordering::SeqCst)),
+        );
+        m
+    }
+}

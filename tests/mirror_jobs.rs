@@ -1,0 +1,389 @@
+//! blockdev-mirror on livesnapd under concurrent writers: the target is a
+//! point-in-time copy for every copy mode, with soft cancel and with
+//! complete; and the seed's sequence (Nova: background mirror polled to
+//! READY, then cancel or complete while the guest keeps writing) ends within
+//! the documented bound.
+
+mod harness;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use harness::pit::{
+    add_image_node, check_source_complete, prefill, read_export, read_image, release_node,
+    scenario_mirror_cancel, scenario_mirror_complete, verify_point_in_time, wait_job_event, Layout,
+    PitDaemon, PitOpts, WriterOpts, Writers,
+};
+use harness::{run, Livesnapd, Qmp};
+use serde_json::json;
+
+const DISK: u64 = 64 << 20;
+
+fn raw_disk(dir: &Path, name: &str, size: u64) -> PathBuf {
+    let p = dir.join(name);
+    run(std::process::Command::new("qemu-img")
+        .args(["create", "-q", "-f", "raw"])
+        .arg(&p)
+        .arg(size.to_string()));
+    p
+}
+
+fn qcow2_disk(dir: &Path, name: &str, size: u64) -> PathBuf {
+    let p = dir.join(name);
+    run(std::process::Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(&p)
+        .arg(size.to_string()));
+    p
+}
+
+/// Runs both mirror scenarios (soft cancel, then complete) on a fresh daemon.
+fn pit_mirror(mode: &'static str, source_format: &str, target_format: &str, rate: Option<f64>) {
+    let scratch = tempfile::tempdir().unwrap();
+    let image = match source_format {
+        "raw" => raw_disk(scratch.path(), "disk.raw", DISK),
+        _ => qcow2_disk(scratch.path(), "disk.qcow2", DISK),
+    };
+    let extra: Vec<&str> = match source_format {
+        "raw" => vec![],
+        _ => vec!["--format", "qcow2"],
+    };
+    let d = Livesnapd::with_image(&image, &extra);
+    let mut qmp = d.qmp();
+    let mut o = PitOpts::new(DISK);
+    o.mirror_mode = mode;
+    o.target_format = target_format.into();
+    o.writers = WriterOpts {
+        rate,
+        ..WriterOpts::default()
+    };
+    if let Some(rate) = rate {
+        // About a second of writes before the job and after the point in time.
+        o.warmup = rate as u64;
+        o.after = rate as u64;
+    }
+    let mut pd = PitDaemon {
+        qmp: &mut qmp,
+        url: d.url().to_string(),
+        node: "disk".into(),
+        // A qcow2 source read behind the daemon's back misses cached tables.
+        source_file: (source_format == "raw").then(|| (image.clone(), "raw".to_string())),
+        dir: scratch.path().to_path_buf(),
+    };
+    let r = scenario_mirror_cancel(&mut pd, &o);
+    eprintln!("{mode} {source_format}->{target_format}: {r}");
+    assert!(r.during_job > 0, "no write raced the mirror: {r}");
+    let r = scenario_mirror_complete(&mut pd, &o);
+    eprintln!("{mode} {source_format}->{target_format}: {r}");
+}
+
+#[test]
+fn write_blocking_mirror_is_point_in_time_raw() {
+    for _ in 0..3 {
+        pit_mirror("write-blocking", "raw", "raw", None);
+    }
+}
+
+#[test]
+fn auto_mirror_is_point_in_time_raw_and_qcow2() {
+    for _ in 0..2 {
+        pit_mirror("auto", "raw", "raw", None);
+    }
+    pit_mirror("auto", "raw", "qcow2", None);
+    pit_mirror("auto", "qcow2", "qcow2", None);
+}
+
+#[test]
+fn background_mirror_is_point_in_time_with_paced_writers() {
+    // Background mode converges only when the guest dirties slower than the
+    // job copies (each 4 KiB write dirties a 64 KiB chunk): paced writers let
+    // it reach READY, and the completion still has writes racing it.
+    for _ in 0..2 {
+        pit_mirror("background", "raw", "raw", Some(400.0));
+    }
+    pit_mirror("background", "raw", "qcow2", Some(400.0));
+}
+
+/// A correctness bound, not a speed target: the documented bound is
+/// `attempts × hold` (0.6 s by default) plus copying what was dirty; QEMU
+/// never ends in this sequence. The margin absorbs a loaded CI machine; the
+/// measured times (well under a second) are printed and reported in
+/// docs/benchmarks.md.
+const COMPLETION_BOUND: Duration = Duration::from_secs(5);
+
+/// Polls `query-block-jobs` until the job is READY, as Nova does.
+fn poll_until_ready(qmp: &mut Qmp, job: &str, timeout: Duration) {
+    let start = Instant::now();
+    loop {
+        let jobs = qmp.ok("query-block-jobs", json!({}));
+        let j = jobs
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|j| j["device"] == job)
+            .unwrap_or_else(|| panic!("job {job} vanished: {jobs}"));
+        if j["ready"] == true {
+            return;
+        }
+        assert!(
+            start.elapsed() < timeout,
+            "no READY within {timeout:?}: {j}"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+/// The seed's sequence on O_DIRECT images: a background mirror polled to
+/// READY, the guest writing at full speed, then the end command. Returns
+/// how long the end took.
+fn seed_sequence(end: &str) -> Duration {
+    let scratch = tempfile::tempdir().unwrap();
+    let image = raw_disk(scratch.path(), "disk.raw", DISK);
+    let d = Livesnapd::with_image(&image, &["--cache-direct"]);
+    let mut qmp = d.qmp();
+    let layout = Layout::new(4096, DISK / 4096, 4, 0x5eed);
+    prefill(d.url(), &layout);
+    let target = scratch.path().join("target.raw");
+    add_image_node(&mut qmp, "target", &target, "raw", DISK);
+    qmp.ok(
+        "blockdev-mirror",
+        json!({"job-id": "nova", "device": "disk", "target": "target", "sync": "full",
+               "copy-mode": "background"}),
+    );
+    poll_until_ready(&mut qmp, "nova", Duration::from_secs(30));
+    // The event came too; the end is judged by the events after it.
+    wait_job_event(&mut qmp, "nova", "BLOCK_JOB_READY", Duration::from_secs(5));
+    // Now the guest writes as fast as it can, as in the measurements where
+    // QEMU's cancel never returned.
+    let w = Writers::start(&[d.url()], &layout, &WriterOpts::default());
+    w.wait_acked(3000, Duration::from_secs(30));
+    let t0 = Instant::now();
+    if end == "cancel" {
+        qmp.ok("block-job-cancel", json!({"device": "nova"}));
+    } else {
+        qmp.ok("block-job-complete", json!({"device": "nova"}));
+    }
+    let (_, t1) = wait_job_event(
+        &mut qmp,
+        "nova",
+        "BLOCK_JOB_COMPLETED",
+        Duration::from_secs(30),
+    );
+    let took = t1 - t0;
+    w.wait_acked(w.acked() + 2000, Duration::from_secs(30));
+    let log = w.stop();
+    log.assert_no_failures();
+    assert!(
+        log.sent_between(t0, t1) > 0 || took < Duration::from_millis(5),
+        "the guest did not keep writing during the completion"
+    );
+    if end == "cancel" {
+        release_node(&mut qmp, "target", Duration::from_secs(10));
+        let copy = read_image(&target, "raw");
+        let r = verify_point_in_time(&log, &copy, t0, t1)
+            .unwrap_or_else(|e| panic!("target after the soft cancel: {e}"));
+        eprintln!("seed sequence, soft cancel: {took:?}; {r}");
+        let now = read_export(d.url(), DISK);
+        check_source_complete(&log, &now).expect("the source keeps every acknowledged write");
+    } else {
+        // The export now writes to the target; the old source is frozen at the pivot.
+        let now = read_export(d.url(), DISK);
+        check_source_complete(&log, &now).expect("the pivoted disk keeps every acknowledged write");
+        check_source_complete(&log, &read_image(&target, "raw"))
+            .expect("the target file holds every acknowledged write");
+        let old = read_image(&image, "raw");
+        let r = verify_point_in_time(&log, &old, t0, t1)
+            .unwrap_or_else(|e| panic!("source left behind by the pivot: {e}"));
+        eprintln!("seed sequence, complete: {took:?}; {r}");
+    }
+    took
+}
+
+#[test]
+fn seed_sequence_soft_cancel_ends_within_bound() {
+    for _ in 0..2 {
+        let took = seed_sequence("cancel");
+        assert!(took < COMPLETION_BOUND, "soft cancel took {took:?}");
+    }
+}
+
+#[test]
+fn seed_sequence_complete_ends_within_bound() {
+    for _ in 0..2 {
+        let took = seed_sequence("complete");
+        assert!(took < COMPLETION_BOUND, "job-complete took {took:?}");
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Faults on the target, through the blkdebug filter.
+
+/// A daemon exporting a prefilled raw disk, a blkdebug target over a raw
+/// file with `rule`, and writers running; returns them with the layout.
+struct FaultRig {
+    _scratch: tempfile::TempDir,
+    d: Livesnapd,
+    qmp: Qmp,
+    writers: Option<Writers>,
+}
+
+fn fault_rig(rule: serde_json::Value) -> FaultRig {
+    let scratch = tempfile::tempdir().unwrap();
+    let image = raw_disk(scratch.path(), "disk.raw", 16 << 20);
+    let d = Livesnapd::with_image(&image, &[]);
+    let mut qmp = d.qmp();
+    let layout = Layout::new(4096, (16 << 20) / 4096, 2, 0xfa17);
+    prefill(d.url(), &layout);
+    let target = raw_disk(scratch.path(), "target.raw", 16 << 20);
+    qmp.ok(
+        "blockdev-add",
+        json!({"driver": "raw", "node-name": "target",
+               "file": {"driver": "blkdebug", "node-name": "faulty", "inject-error": [rule],
+                        "image": {"driver": "file", "filename": target.to_str().unwrap()}}}),
+    );
+    let writers = Writers::start(
+        &[d.url()],
+        &layout,
+        &WriterOpts {
+            rate: Some(2000.0),
+            ..WriterOpts::default()
+        },
+    );
+    writers.wait_acked(200, Duration::from_secs(30));
+    FaultRig {
+        _scratch: scratch,
+        d,
+        qmp,
+        writers: Some(writers),
+    }
+}
+
+impl FaultRig {
+    /// Stops the writers: none failed, and the disk holds every acknowledged write.
+    fn guest_lost_nothing(&mut self) {
+        let w = self.writers.take().unwrap();
+        w.wait_acked(w.acked() + 200, Duration::from_secs(30));
+        let log = w.stop();
+        log.assert_no_failures();
+        let now = read_export(self.d.url(), 16 << 20);
+        check_source_complete(&log, &now).expect("the guest lost an acknowledged write");
+    }
+
+    fn mirror(&mut self, extra: serde_json::Value) {
+        // `auto` by default: it starts in background, so the copy loop, where
+        // the error policies apply, meets the fault first (a guest's mirrored
+        // write would absorb a `once` rule by marking its chunk dirty again),
+        // and it still converges under the writers.
+        let mut args = json!({"job-id": "m", "device": "disk", "target": "target",
+                              "sync": "full", "copy-mode": "auto"});
+        args.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        self.qmp.ok("blockdev-mirror", args);
+    }
+
+    /// The next event about job `m` other than status changes.
+    fn next_job_event(&mut self) -> serde_json::Value {
+        loop {
+            let ev = self
+                .qmp
+                .event(Duration::from_secs(20))
+                .expect("an event about the job");
+            if ev["event"] != "JOB_STATUS_CHANGE" {
+                return ev;
+            }
+        }
+    }
+}
+
+#[test]
+fn target_eio_with_report_fails_the_job_and_the_guest_goes_on() {
+    let mut r = fault_rig(json!({"event": "write_aio", "iotype": "write", "errno": 5}));
+    r.mirror(json!({"on-target-error": "report"}));
+    let ev = r.next_job_event();
+    assert_eq!(ev["event"], "BLOCK_JOB_ERROR", "{ev}");
+    assert_eq!(ev["data"]["operation"], "write");
+    assert_eq!(ev["data"]["action"], "report");
+    let ev = r.next_job_event();
+    assert_eq!(ev["event"], "BLOCK_JOB_COMPLETED", "{ev}");
+    assert_eq!(ev["data"]["error"], "Input/output error", "{ev}");
+    r.guest_lost_nothing();
+    // The source node is free again.
+    assert!(r
+        .qmp
+        .ok("query-block-jobs", json!({}))
+        .as_array()
+        .unwrap()
+        .is_empty());
+}
+
+#[test]
+fn target_eio_once_with_ignore_and_stop_recovers() {
+    for policy in ["ignore", "stop"] {
+        let mut r =
+            fault_rig(json!({"event": "write_aio", "iotype": "write", "errno": 5, "once": true}));
+        r.mirror(json!({"on-target-error": policy}));
+        let ev = r.next_job_event();
+        assert_eq!(ev["event"], "BLOCK_JOB_ERROR", "{policy}: {ev}");
+        assert_eq!(ev["data"]["action"], policy, "{ev}");
+        if policy == "stop" {
+            let jobs = r.qmp.ok("query-block-jobs", json!({}));
+            assert_eq!(jobs[0]["io-status"], "failed", "{jobs}");
+            assert_eq!(jobs[0]["paused"], true, "{jobs}");
+            r.qmp.ok("block-job-resume", json!({"device": "m"}));
+        }
+        let ev = r.next_job_event();
+        assert_eq!(ev["event"], "BLOCK_JOB_READY", "{policy}: {ev}");
+        r.qmp.ok("block-job-cancel", json!({"device": "m"}));
+        let ev = r.next_job_event();
+        assert_eq!(ev["event"], "BLOCK_JOB_COMPLETED", "{policy}: {ev}");
+        assert!(ev["data"].get("error").is_none(), "{ev}");
+        r.guest_lost_nothing();
+    }
+}
+
+#[test]
+fn enospc_policy_stops_on_enospc_and_reports_eio() {
+    let mut r =
+        fault_rig(json!({"event": "write_aio", "iotype": "write", "errno": 28, "once": true}));
+    r.mirror(json!({"on-target-error": "enospc"}));
+    let ev = r.next_job_event();
+    assert_eq!(ev["data"]["action"], "stop", "{ev}");
+    let jobs = r.qmp.ok("query-block-jobs", json!({}));
+    assert_eq!(jobs[0]["io-status"], "nospace", "{jobs}");
+    r.qmp
+        .ok("block-job-cancel", json!({"device": "m", "force": true}));
+    assert_eq!(r.next_job_event()["event"], "BLOCK_JOB_CANCELLED");
+    r.guest_lost_nothing();
+
+    let mut r = fault_rig(json!({"event": "write_aio", "iotype": "write", "errno": 5}));
+    r.mirror(json!({"on-target-error": "enospc"}));
+    let ev = r.next_job_event();
+    assert_eq!(ev["data"]["action"], "report", "{ev}");
+    assert_eq!(r.next_job_event()["event"], "BLOCK_JOB_COMPLETED");
+    r.guest_lost_nothing();
+}
+
+#[test]
+fn force_cancel_with_a_stalled_target_returns_within_a_second() {
+    // The target hangs on every write: copies and the guest's mirrored
+    // writes (write-blocking) wait on it until the cancel.
+    let mut r = fault_rig(json!({"event": "write_aio", "iotype": "write", "x-stall": true}));
+    r.mirror(json!({"copy-mode": "write-blocking"}));
+    std::thread::sleep(Duration::from_millis(500));
+    let t0 = Instant::now();
+    r.qmp
+        .ok("block-job-cancel", json!({"device": "m", "force": true}));
+    let (_, t1) = wait_job_event(
+        &mut r.qmp,
+        "m",
+        "BLOCK_JOB_CANCELLED",
+        Duration::from_secs(5),
+    );
+    assert!(
+        t1 - t0 < Duration::from_secs(1),
+        "force cancel took {:?}",
+        t1 - t0
+    );
+    r.guest_lost_nothing();
+}
