@@ -1,26 +1,17 @@
-//! livesnapd: a storage daemon that serves block nodes over NBD and is managed
-//! over a QMP socket speaking QEMU's schema.
-//!
-//! This crate only wires the layers together (graph, NBD, QMP, command line)
-//! and implements the QMP commands; it must not implement image formats or
-//! protocol framing itself.
-
-mod cli;
-mod commands;
-mod daemon;
+//! The `livesnapd` command: parses the command line, sets up logging and
+//! signals, and runs the daemon of the `livesnapd` library.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::{CommandFactory, Parser};
-use livesnap_qmp::{Args, Dispatcher, Greeting, QmpServer};
-use serde_json::{json, Value};
 use tokio::signal::unix::{signal, Signal, SignalKind};
 
-use cli::{Cli, DEMO_DIR, DEMO_SIZE};
-use commands::Commands;
-use daemon::Daemon;
+use livesnapd::cli::{Cli, DEMO_DIR, DEMO_SIZE};
+use livesnapd::commands::{self, Commands};
+use livesnapd::daemon::Daemon;
+use livesnapd::{bind_qmp, export_image, nbd_uri, ImageExport};
 
 /// Allocations below this come from malloc's heap instead of fresh mmaps.
 ///
@@ -64,18 +55,6 @@ fn main() -> ExitCode {
     }
 }
 
-/// Runs a QMP command from the command line, so start-up takes the same path as a monitor.
-async fn qmp(commands: &Commands, name: &str, args: Value) -> anyhow::Result<()> {
-    let Value::Object(map) = args else {
-        unreachable!("arguments are an object")
-    };
-    commands
-        .call(name, Args::new(map))
-        .await
-        .map(|_| ())
-        .map_err(|e| anyhow::anyhow!("{name}: {}", e.desc))
-}
-
 /// Creates the sparse demo image unless it exists.
 fn ensure_demo_image(path: &Path) -> anyhow::Result<()> {
     if path.exists() {
@@ -108,30 +87,18 @@ async fn run(mut cli: Cli) -> anyhow::Result<()> {
     let mut nbd_server = None;
     if let Some(image) = &cli.image {
         let nbd = cli.nbd.clone().unwrap_or_else(|| "127.0.0.1:10809".into());
-        let addr = commands::parse_listen_addr(&nbd).map_err(|e| anyhow::anyhow!("--nbd: {e}"))?;
-        qmp(
+        let local = export_image(
+            &daemon,
             &commands,
-            "blockdev-add",
-            json!({
-                "driver": cli.format(), "node-name": "disk", "read-only": cli.read_only,
-                "file": {
-                    "driver": "file", "node-name": "disk-file",
-                    "filename": image.to_string_lossy(),
-                    "cache": { "direct": cli.cache_direct },
-                },
-            }),
-        )
-        .await?;
-        let local = commands::start_nbd_server(&daemon, &addr, cli.max_connections)
-            .await
-            .map_err(|e| anyhow::anyhow!("{}", e.desc))?;
-        qmp(
-            &commands,
-            "block-export-add",
-            json!({
-                "type": "nbd", "id": "export0", "node-name": "disk",
-                "name": cli.export_name(), "writable": !cli.read_only,
-            }),
+            image,
+            cli.format(),
+            &nbd,
+            ImageExport {
+                export_name: cli.export_name(),
+                read_only: cli.read_only,
+                cache_direct: cli.cache_direct,
+                max_connections: cli.max_connections,
+            },
         )
         .await?;
         nbd_url = Some(nbd_uri(&local, cli.export_name()));
@@ -145,19 +112,7 @@ async fn run(mut cli: Cli) -> anyhow::Result<()> {
     }
 
     let qmp_server = match &cli.qmp {
-        Some(path) => Some(
-            QmpServer::bind(
-                path,
-                Greeting {
-                    qemu: commands::QEMU_COMPAT_VERSION,
-                    package: commands::package(),
-                },
-                commands.clone() as Arc<dyn Dispatcher>,
-                daemon.events.clone(),
-            )
-            .await
-            .map_err(|e| anyhow::anyhow!("cannot create QMP socket {}: {e}", path.display()))?,
-        ),
+        Some(path) => Some(bind_qmp(&daemon, &commands, path).await?),
         None => None,
     };
 
@@ -169,14 +124,6 @@ async fn run(mut cli: Cli) -> anyhow::Result<()> {
     }
     daemon.shutdown().await;
     Ok(())
-}
-
-/// The NBD URI of an export on a listener reported by the NBD server.
-fn nbd_uri(local: &str, export: &str) -> String {
-    match local.strip_prefix("unix:") {
-        Some(path) => format!("nbd+unix:///{export}?socket={path}"),
-        None => format!("nbd://{local}/{export}"),
-    }
 }
 
 fn print_banner(cli: &Cli, nbd_url: Option<&str>, nbd_server: Option<&str>) {

@@ -148,6 +148,28 @@ impl QmpClient {
         }
     }
 
+    /// The next event (queued or new): `Ok(None)` after `timeout`, an error
+    /// when the connection is gone, so a caller that must not wait on a dead
+    /// endpoint can tell the two apart. Cancel-safe: dropping the future
+    /// loses no message.
+    pub async fn wait_event(&mut self, timeout: Duration) -> io::Result<Option<Value>> {
+        if let Some(e) = self.events.pop_front() {
+            return Ok(Some(e));
+        }
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            match tokio::time::timeout_at(deadline, self.read_more()).await {
+                Ok(Ok(())) => {
+                    if let Some(e) = self.events.pop_front() {
+                        return Ok(Some(e));
+                    }
+                }
+                Ok(Err(e)) => return Err(e),
+                Err(_) => return Ok(None),
+            }
+        }
+    }
+
     /// Events received so far and not yet taken.
     pub fn take_events(&mut self) -> Vec<Value> {
         self.events.drain(..).collect()

@@ -1,0 +1,506 @@
+//! `livesnap demo`: the seed problem and its fix, in one command.
+//!
+//! Starts a livesnapd inside this process on a fresh demo disk, and a
+//! guest-like writer that writes faster than the copy may go. Then runs the
+//! classic Nova algorithm (a background mirror, polled every 0.5 s until
+//! `cur == end`, then an abort) under a short deadline and shows that it does
+//! not finish; then takes a live snapshot with `livesnap snapshot` and checks
+//! it against the writer's log: the copy must be exactly the disk after one
+//! request N, with N inside the snapshot's point-in-time window. Everything
+//! (daemon, writer, files) is removed at the end.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use livesnap_block::{create_image, CreateOptions, ImageFormat};
+use livesnap_nbd::client::NbdClient;
+use livesnap_qmp::QmpClient;
+use serde_json::{json, Value};
+
+use crate::error::{Failure, Kind, Result};
+use crate::signals::Interrupt;
+use crate::snapshot::{self, MethodArg};
+use crate::target::CreateVia;
+use crate::units::{bytes, monotonic_ns};
+
+/// Bytes per record: one record per 4 KiB block.
+const BLOCK: u64 = 4096;
+/// Record magic.
+const MAGIC: &[u8; 8] = b"LSDEMO01";
+/// Request n writes block `n * STRIDE mod blocks`: with a power-of-two block
+/// count any odd stride visits every block once per `blocks` requests, so the
+/// blocks a request dirties are spread over the whole disk.
+const STRIDE: u64 = 2_654_435_761;
+
+/// What `livesnap demo` was asked.
+pub struct DemoOptions {
+    /// Demo disk size (rounded down to a power of two of 4 KiB blocks).
+    pub size: u64,
+    /// Job speed limit in bytes per second, for both Nova's mirror and the snapshot.
+    pub speed: u64,
+    /// How long the Nova algorithm is given.
+    pub nova_deadline: Duration,
+    /// Where to put the files (default: a fresh temporary directory).
+    pub dir: Option<PathBuf>,
+}
+
+fn block_of(n: u64, blocks: u64) -> u64 {
+    n.wrapping_mul(STRIDE) & (blocks - 1)
+}
+
+/// The first request that writes block `b` (the inverse of [`block_of`] on one period).
+fn first_request(b: u64, blocks: u64) -> u64 {
+    // STRIDE is odd, so it has an inverse modulo any power of two (Newton's iteration).
+    let mut inv: u64 = STRIDE;
+    for _ in 0..6 {
+        inv = inv.wrapping_mul(2u64.wrapping_sub(STRIDE.wrapping_mul(inv)));
+    }
+    b.wrapping_mul(inv) & (blocks - 1)
+}
+
+fn record(n: u64, block: u64) -> Vec<u8> {
+    let mut r = vec![0u8; BLOCK as usize];
+    for (i, chunk) in r.chunks_mut(32).enumerate() {
+        chunk[..8].copy_from_slice(MAGIC);
+        chunk[8..16].copy_from_slice(&n.to_le_bytes());
+        chunk[16..24].copy_from_slice(&block.to_le_bytes());
+        let check = n ^ block.rotate_left(32) ^ (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        chunk[24..32].copy_from_slice(&check.to_le_bytes());
+    }
+    r
+}
+
+/// Which request block `b` holds: `Ok(None)` for never written (zeroes).
+fn decode(data: &[u8], b: u64) -> std::result::Result<Option<u64>, String> {
+    if data.iter().all(|&x| x == 0) {
+        return Ok(None);
+    }
+    let n = u64::from_le_bytes(data[8..16].try_into().unwrap());
+    if data != record(n, b).as_slice() {
+        return Err(format!("block {b} holds garbage or a torn write"));
+    }
+    Ok(Some(n))
+}
+
+/// One request of the writer: monotonic send and acknowledgement times.
+#[derive(Clone, Copy)]
+struct Sent {
+    sent_ns: u64,
+    acked_ns: u64,
+}
+
+/// The guest-like writer: one NBD connection, one request at a time, so the
+/// disk after request N is a well-defined state.
+struct Writer {
+    stop: Arc<AtomicBool>,
+    log: Arc<Mutex<Vec<Sent>>>,
+    task: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+impl Writer {
+    async fn start(nbd_addr: &str, blocks: u64) -> Result<Writer> {
+        let client = NbdClient::connect(nbd_addr, "disk")
+            .await
+            .map_err(|e| Failure::endpoint(format!("demo writer cannot connect: {e}")))?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (stop2, log2) = (stop.clone(), log.clone());
+        let task = tokio::spawn(async move {
+            let mut n = 0u64;
+            while !stop2.load(Ordering::Relaxed) {
+                let b = block_of(n, blocks);
+                let data = record(n, b);
+                let sent_ns = monotonic_ns();
+                client
+                    .write(b * BLOCK, &data, false)
+                    .await
+                    .map_err(|e| std::io::Error::other(e.to_string()))?;
+                log2.lock().unwrap().push(Sent {
+                    sent_ns,
+                    acked_ns: monotonic_ns(),
+                });
+                n += 1;
+            }
+            client
+                .flush()
+                .await
+                .map_err(|e| std::io::Error::other(e.to_string()))?;
+            Ok(())
+        });
+        Ok(Writer { stop, log, task })
+    }
+
+    fn count(&self) -> usize {
+        self.log.lock().unwrap().len()
+    }
+
+    /// Writes per second over the last `over`.
+    async fn rate(&self, over: Duration) -> f64 {
+        let a = self.count();
+        tokio::time::sleep(over).await;
+        (self.count() - a) as f64 / over.as_secs_f64()
+    }
+
+    async fn stop(self) -> Result<Vec<Sent>> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.task
+            .await
+            .map_err(|e| Failure::endpoint(format!("demo writer: {e}")))?
+            .map_err(|e| Failure::endpoint(format!("demo writer: {e}")))?;
+        let log = self.log.lock().unwrap().clone();
+        Ok(log)
+    }
+}
+
+/// Finds N such that `image` is exactly the disk after request N.
+fn find_request(image: &[u8], blocks: u64) -> std::result::Result<Option<u64>, String> {
+    let mut latest: Option<u64> = None;
+    let mut limit = u64::MAX;
+    for b in 0..blocks {
+        let data = &image[(b * BLOCK) as usize..((b + 1) * BLOCK) as usize];
+        let held = decode(data, b)?;
+        if let Some(n) = held {
+            if block_of(n, blocks) != b {
+                return Err(format!(
+                    "block {b} holds request {n}, which wrote another block"
+                ));
+            }
+            latest = Some(latest.map_or(n, |l| l.max(n)));
+        }
+        // The next request to this block must come after N.
+        let next = held.map_or(first_request(b, blocks), |n| n + blocks);
+        limit = limit.min(next);
+    }
+    match latest {
+        None => Ok(None),
+        Some(n) if n < limit => Ok(Some(n)),
+        Some(n) => Err(format!(
+            "the copy mixes instants: it holds request {n}, but misses request {limit}, written before it"
+        )),
+    }
+}
+
+async fn qmp_ok(q: &mut QmpClient, cmd: &str, args: Value) -> Result<Value> {
+    q.execute(cmd, Some(args))
+        .await
+        .map_err(|e| Failure::endpoint(format!("{cmd}: {e}")))?
+        .map_err(|e| Failure::endpoint(format!("{cmd}: {}", e.desc)))
+}
+
+/// Creates a sparse raw image.
+async fn create_raw(path: &Path, size: u64) -> Result<()> {
+    create_image(&CreateOptions {
+        filename: path.to_string_lossy().into_owned(),
+        format: ImageFormat::Raw,
+        size: Some(size),
+        cluster_size: None,
+        backing_file: None,
+        backing_format: None,
+    })
+    .await
+    .map_err(|e| Failure::endpoint(format!("cannot create {}: {e}", path.display())))
+}
+
+/// The classic Nova algorithm: mirror, poll every 0.5 s until `cur == end`,
+/// then abort. Returns true if it finished before `deadline`.
+async fn nova(
+    q: &mut QmpClient,
+    dir: &Path,
+    size: u64,
+    speed: u64,
+    deadline: Duration,
+) -> Result<bool> {
+    let copy = dir.join("nova-copy.raw");
+    create_raw(&copy, size).await?;
+    qmp_ok(
+        q,
+        "blockdev-add",
+        json!({"driver": "raw", "node-name": "nova-copy",
+               "file": {"driver": "file", "filename": copy.to_string_lossy()}}),
+    )
+    .await?;
+    // libvirt's block copy: a background-mode mirror.
+    qmp_ok(
+        q,
+        "blockdev-mirror",
+        json!({"job-id": "nova", "device": "disk", "target": "nova-copy", "sync": "full",
+               "speed": speed}),
+    )
+    .await?;
+    let start = Instant::now();
+    let mut finished = false;
+    let mut last_print = Instant::now() - Duration::from_secs(2);
+    while start.elapsed() < deadline {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let jobs = qmp_ok(q, "query-block-jobs", json!({})).await?;
+        let Some(j) = jobs
+            .as_array()
+            .and_then(|a| a.iter().find(|j| j["device"] == "nova"))
+        else {
+            break;
+        };
+        let (cur, end) = (
+            j["offset"].as_u64().unwrap_or(0),
+            j["len"].as_u64().unwrap_or(0),
+        );
+        if last_print.elapsed() >= Duration::from_secs(1) {
+            last_print = Instant::now();
+            println!(
+                "  nova: {:>4.1}s  cur {:>10}  end {:>10}  ({} behind)",
+                start.elapsed().as_secs_f64(),
+                cur,
+                end,
+                bytes(end.saturating_sub(cur))
+            );
+        }
+        if cur == end && j["ready"] == true {
+            // Nova's blockJobAbort: a soft cancel, then wait for the end.
+            qmp_ok(q, "block-job-cancel", json!({"device": "nova"})).await?;
+            finished = wait_gone(q, "nova", deadline.saturating_sub(start.elapsed())).await?;
+            break;
+        }
+    }
+    if !finished {
+        // Clean up what Nova left: a force cancel ends the job at once.
+        let _ = q
+            .execute(
+                "block-job-cancel",
+                Some(json!({"device": "nova", "force": true})),
+            )
+            .await;
+        wait_gone(q, "nova", Duration::from_secs(10)).await?;
+    }
+    let _ = q
+        .execute("blockdev-del", Some(json!({"node-name": "nova-copy"})))
+        .await;
+    let _ = std::fs::remove_file(&copy);
+    Ok(finished)
+}
+
+/// Waits until job `id` is no longer listed; false if `limit` passed first.
+async fn wait_gone(q: &mut QmpClient, id: &str, limit: Duration) -> Result<bool> {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        let jobs = qmp_ok(q, "query-jobs", json!({})).await?;
+        if !jobs
+            .as_array()
+            .is_some_and(|a| a.iter().any(|j| j["id"] == id))
+        {
+            return Ok(true);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(false)
+}
+
+/// Runs the demo.
+pub async fn run(opts: &DemoOptions) -> Result<()> {
+    let temp;
+    let dir = match &opts.dir {
+        Some(d) => {
+            std::fs::create_dir_all(d)
+                .map_err(|e| Failure::usage(format!("cannot create {}: {e}", d.display())))?;
+            d.clone()
+        }
+        None => {
+            temp = tempdir()?;
+            temp.clone()
+        }
+    };
+    let result = run_in(opts, &dir).await;
+    if opts.dir.is_none() {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    result
+}
+
+fn tempdir() -> Result<PathBuf> {
+    let base = std::env::temp_dir();
+    for i in 0..100u32 {
+        let d = base.join(format!("livesnap-demo-{}-{i}", std::process::id()));
+        if std::fs::create_dir(&d).is_ok() {
+            return Ok(d);
+        }
+    }
+    Err(Failure::usage("cannot create a temporary directory"))
+}
+
+async fn run_in(opts: &DemoOptions, dir: &Path) -> Result<()> {
+    // The largest power of two of blocks that fits (see STRIDE).
+    let fit = (opts.size / BLOCK).max(2);
+    let blocks = 1u64 << (63 - fit.leading_zeros());
+    let size = blocks * BLOCK;
+    let disk = dir.join("disk.raw");
+    create_raw(&disk, size).await?;
+    let qmp_path = dir.join("qmp.sock");
+    let nbd_path = dir.join("nbd.sock");
+    println!(
+        "livesnap demo: a {} disk served by an embedded livesnapd",
+        bytes(size)
+    );
+    println!("  QMP {}   NBD {}", qmp_path.display(), nbd_path.display());
+    let daemon = livesnapd::Embedded::start(&disk, "raw", &nbd_path, &qmp_path)
+        .await
+        .map_err(|e| Failure::endpoint(format!("cannot start livesnapd: {e}")))?;
+    let outcome = demo_steps(opts, dir, size, blocks, &nbd_path, &qmp_path).await;
+    daemon.stop().await;
+    outcome
+}
+
+async fn demo_steps(
+    opts: &DemoOptions,
+    dir: &Path,
+    size: u64,
+    blocks: u64,
+    nbd_path: &Path,
+    qmp_path: &Path,
+) -> Result<()> {
+    let writer = Writer::start(&format!("unix:{}", nbd_path.display()), blocks).await?;
+    let rate = writer.rate(Duration::from_millis(500)).await;
+    println!(
+        "\nA guest writes 4 KiB records all over the disk: {:.0} writes/s, dirtying {}/s of 64 KiB chunks;",
+        rate,
+        bytes((rate * 65536.0) as u64)
+    );
+    println!("the copy may go at {}/s.", bytes(opts.speed));
+
+    println!(
+        "\n1. The classic Nova algorithm (mirror, poll every 0.5 s until cur == end, then abort), given {}s:",
+        opts.nova_deadline.as_secs()
+    );
+    let mut q = QmpClient::connect(qmp_path)
+        .await
+        .map_err(|e| Failure::endpoint(format!("cannot connect to {}: {e}", qmp_path.display())))?;
+    let nova_done = nova(&mut q, dir, size, opts.speed, opts.nova_deadline).await?;
+    if nova_done {
+        println!(
+            "  Nova finished this time (the guest slowed down); under heavier writes it may not."
+        );
+    } else {
+        println!(
+            "  Nova is still polling after {}s: the mirror never converged, and its abort would wait for ever.",
+            opts.nova_deadline.as_secs()
+        );
+        println!("  (the demo force-cancelled the job and removed the copy)");
+    }
+
+    println!("\n2. livesnap snapshot (copy-before-write backup: point in time at the start):");
+    let target = dir.join("snapshot.raw");
+    let sopts = snapshot::Options {
+        qmp: qmp_path.to_path_buf(),
+        disk: "disk".into(),
+        target: target.clone(),
+        format: ImageFormat::Raw,
+        shallow: false,
+        method: MethodArg::Backup,
+        deadline: Duration::from_secs(600),
+        speed: Some(opts.speed),
+        freeze: None,
+        freeze_hold: Duration::from_secs(10),
+        cbw_timeout: 30,
+        create_via: CreateVia::Auto,
+        copy_mode: None,
+        target_blkdebug: None,
+        quiet: true,
+    };
+    let started = Instant::now();
+    let before = writer.count();
+    let report = snapshot::run(&sopts, Interrupt::install()).await?;
+    let took = started.elapsed();
+    let during = writer.count() - before;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let log = writer.stop().await?;
+    println!(
+        "  done in {:.1}s; the guest kept writing: {} writes while it ran ({:.0} writes/s).",
+        took.as_secs_f64(),
+        during,
+        during as f64 / took.as_secs_f64().max(1e-3)
+    );
+
+    println!("\n3. Checking the snapshot against the writer's log:");
+    let image = std::fs::read(&target)
+        .map_err(|e| Failure::job(format!("cannot read {}: {e}", target.display())))?;
+    let (w0, w1) = (report.window.0.mono_ns, report.window.1.mono_ns);
+    // Requests certainly in the copy: acknowledged before the window opened;
+    // possibly in it: sent before it closed.
+    let lo = log.iter().take_while(|s| s.acked_ns < w0).count() as u64;
+    let hi = log.iter().take_while(|s| s.sent_ns < w1).count() as u64;
+    let n = find_request(&image, blocks).map_err(|e| {
+        Failure::new(
+            Kind::Job,
+            format!("the snapshot is not a point-in-time copy: {e}"),
+        )
+    })?;
+    let n_done = n.map_or(0, |n| n + 1);
+    if n_done < lo || n_done > hi {
+        return Err(Failure::new(
+            Kind::Job,
+            format!(
+                "the snapshot is the disk after {n_done} requests, outside its window [{lo}, {hi}]"
+            ),
+        ));
+    }
+    let disk_now = find_request(&read_file(&dir.join("disk.raw"))?, blocks)
+        .map_err(|e| Failure::new(Kind::Job, format!("the disk itself is inconsistent: {e}")))?;
+    if disk_now.map_or(0, |n| n + 1) != log.len() as u64 {
+        return Err(Failure::new(
+            Kind::Job,
+            format!(
+                "the disk lost acknowledged writes: it holds {disk_now:?}, {} were acknowledged",
+                log.len()
+            ),
+        ));
+    }
+    println!(
+        "  the snapshot is exactly the disk after request #{n_done} (window: requests {lo}..{hi});"
+    );
+    println!(
+        "  the disk itself holds all {} acknowledged writes. Point in time: verified.",
+        log.len()
+    );
+    let _ = std::fs::remove_file(&target);
+    Ok(())
+}
+
+fn read_file(p: &Path) -> Result<Vec<u8>> {
+    std::fs::read(p).map_err(|e| Failure::job(format!("cannot read {}: {e}", p.display())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn first_request_inverts_block_of() {
+        for blocks in [2u64, 64, 4096, 1 << 16] {
+            for b in (0..blocks).step_by((blocks / 16).max(1) as usize) {
+                assert_eq!(block_of(first_request(b, blocks), blocks), b);
+            }
+        }
+    }
+
+    #[test]
+    fn find_request_accepts_one_instant_and_rejects_a_mix() {
+        let blocks = 16u64;
+        let mut disk = vec![0u8; (blocks * BLOCK) as usize];
+        let mut states = Vec::new();
+        for n in 0..40u64 {
+            let b = block_of(n, blocks);
+            disk[(b * BLOCK) as usize..((b + 1) * BLOCK) as usize].copy_from_slice(&record(n, b));
+            states.push(disk.clone());
+        }
+        assert_eq!(find_request(&states[5], blocks), Ok(Some(5)));
+        assert_eq!(find_request(&states[39], blocks), Ok(Some(39)));
+        // Block of request 30 from the later state, the rest from state 20.
+        let mut mixed = states[20].clone();
+        let b = block_of(30, blocks);
+        mixed[(b * BLOCK) as usize..((b + 1) * BLOCK) as usize]
+            .copy_from_slice(&states[39][(b * BLOCK) as usize..((b + 1) * BLOCK) as usize]);
+        assert!(find_request(&mixed, blocks).is_err());
+        let mut torn = states[10].clone();
+        torn[100] ^= 1;
+        assert!(find_request(&torn, blocks).is_err());
+    }
+}

@@ -1,0 +1,457 @@
+//! `livesnap`: takes a live snapshot of a running VM's disk through any QMP
+//! endpoint (livesnapd, qemu-storage-daemon, qemu-system-*), and the verbs
+//! an operator needs around it (jobs, cancel, watch, nodes, create, info).
+//!
+//! This crate owns the orchestration only: it speaks QMP (and the guest
+//! agent's protocol) and never touches a disk's data itself. It must end by
+//! its deadline, never leave a node, job or partial file behind on failure,
+//! never pivot the source onto the copy (`job-complete`), and never send a
+//! soft cancel before READY.
+
+mod demo;
+mod disk;
+mod endpoint;
+mod error;
+mod progress;
+mod qga;
+mod report;
+mod schema;
+mod signals;
+mod snapshot;
+mod target;
+mod units;
+mod verbs;
+mod wait;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use livesnap_block::ImageFormat;
+
+use crate::endpoint::{Endpoint, CONNECT_TIMEOUT};
+use crate::error::{Failure, EXIT_CODES_HELP};
+use crate::signals::Interrupt;
+use crate::snapshot::{CopyMode, MethodArg};
+use crate::target::CreateVia;
+use crate::wait::Clock;
+
+const EXAMPLES: &str = "\
+Examples:
+  # snapshot node 'disk' of a livesnapd or qemu-storage-daemon to a qcow2 file
+  livesnap snapshot --qmp /run/livesnapd.sock disk /backup/vm1.qcow2
+
+  # a qemu-system VM started with -drive id=drive0: only its top layer, at most 5 minutes
+  livesnap snapshot --qmp /run/vm1.qmp drive0 /backup/vm1-delta.qcow2 --shallow --deadline 5m
+
+  # mirror method, 100 MiB/s, guest filesystems frozen around the instant, JSON report
+  livesnap snapshot --qmp /run/vm1.qmp drive0 /backup/vm1.raw --format raw \\
+      --method mirror --speed 100M --freeze /run/vm1-qga.sock --json
+
+  # see the problem livesnap solves, and the fix, in about 30 seconds
+  livesnap demo
+
+  livesnap jobs --qmp /run/vm1.qmp
+  livesnap watch --qmp /run/vm1.qmp
+  livesnap create /images/new.qcow2 --format qcow2 --size 20G";
+
+#[derive(Parser)]
+#[command(
+    name = "livesnap",
+    version,
+    about = "Live disk snapshots of running VMs through QMP, bounded by a deadline",
+    after_help = format!("{EXAMPLES}\n\n{EXIT_CODES_HELP}"),
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum FormatArg {
+    Qcow2,
+    Raw,
+}
+
+impl From<FormatArg> for ImageFormat {
+    fn from(f: FormatArg) -> ImageFormat {
+        match f {
+            FormatArg::Qcow2 => ImageFormat::Qcow2,
+            FormatArg::Raw => ImageFormat::Raw,
+        }
+    }
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum MethodChoice {
+    /// copy-before-write backup: point in time at the start, work bounded by the disk size
+    Backup,
+    /// mirror to READY, then a soft cancel: point in time at the cancel
+    Mirror,
+    /// the best the endpoint supports (backup where it exists)
+    Auto,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum CopyModeChoice {
+    /// every guest write also goes to the target, from the start
+    WriteBlocking,
+    /// livesnapd only: background, write-blocking once it stops converging
+    Auto,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum CreateChoice {
+    /// blockdev-create where the endpoint has it, else locally
+    Auto,
+    /// always blockdev-create (the endpoint creates the file)
+    Qmp,
+    /// always here, with livesnap's own image writer
+    Local,
+}
+
+fn duration_arg(s: &str) -> Result<Duration, String> {
+    units::parse_duration(s)
+}
+
+fn size_arg(s: &str) -> Result<u64, String> {
+    units::parse_size(s)
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Take a live snapshot of DISK into the new image TARGET
+    #[command(after_help = format!("\
+The point in time: backup = the disk as it was when the job started (between
+the command and its reply); mirror = the disk when the soft cancel took effect
+(between the cancel and BLOCK_JOB_COMPLETED). Progress goes to stderr (a bar on
+a terminal, a line per second otherwise); the report goes to stdout. On the
+deadline, an error or SIGINT/SIGTERM the job is force-cancelled, the target's
+nodes and file are removed and the source is left as it was; the clean-up
+itself is bounded (about 20 s).
+
+{EXIT_CODES_HELP}"))]
+    Snapshot {
+        /// QMP socket of the endpoint (livesnapd, qemu-storage-daemon, qemu-system-*)
+        #[arg(long)]
+        qmp: PathBuf,
+        /// The disk: a node name, or a drive/device id (query-block)
+        disk: String,
+        /// The new image (must not exist)
+        target: PathBuf,
+        /// Target image format
+        #[arg(long, value_enum, default_value = "qcow2")]
+        format: FormatArg,
+        /// Copy only the top layer; the target's backing file is the source's
+        #[arg(long)]
+        shallow: bool,
+        /// Which job takes the snapshot
+        #[arg(long, value_enum, default_value = "backup")]
+        method: MethodChoice,
+        /// The whole operation must end by then (e.g. 30s, 10m, 1h)
+        #[arg(long, value_parser = duration_arg, default_value = "10m")]
+        deadline: Duration,
+        /// Job speed limit in bytes per second (e.g. 100M)
+        #[arg(long, value_parser = size_arg)]
+        speed: Option<u64>,
+        /// Print the final report as one JSON object
+        #[arg(long)]
+        json: bool,
+        /// No progress output
+        #[arg(long, short)]
+        quiet: bool,
+        /// qemu-guest-agent socket: freeze the guest's filesystems around the instant
+        #[arg(long, value_name = "QGA_SOCKET")]
+        freeze: Option<PathBuf>,
+        /// The longest the guest may stay frozen; it is thawed then whatever happens
+        #[arg(long, value_parser = duration_arg, default_value = "10s")]
+        freeze_hold: Duration,
+        /// Backup: a copy-before-write slower than this many seconds breaks the
+        /// snapshot instead of stalling the guest (where the endpoint supports it)
+        #[arg(long, default_value_t = 30)]
+        cbw_timeout: u32,
+        /// Mirror copy mode (default: the best the endpoint has: livesnapd's
+        /// auto, else background switched to write-blocking, else write-blocking)
+        #[arg(long, value_enum)]
+        copy_mode: Option<CopyModeChoice>,
+        /// Where the target image is created
+        #[arg(long, value_enum, default_value = "auto")]
+        create_via: CreateChoice,
+        /// Test hook: JSON list of blkdebug inject-error rules under the target
+        #[arg(long, hide = true)]
+        x_target_blkdebug: Option<String>,
+    },
+    /// List the endpoint's jobs
+    Jobs {
+        /// QMP socket of the endpoint
+        #[arg(long)]
+        qmp: PathBuf,
+        /// Print JSON
+        #[arg(long)]
+        json: bool,
+    },
+    /// Cancel a job (a soft cancel only in READY; --force abandons it)
+    Cancel {
+        /// QMP socket of the endpoint
+        #[arg(long)]
+        qmp: PathBuf,
+        /// Job id
+        job: String,
+        /// Abandon the job now, whatever its state
+        #[arg(long)]
+        force: bool,
+        /// How long to wait for the job's end event
+        #[arg(long, value_parser = duration_arg, default_value = "30s")]
+        wait: Duration,
+    },
+    /// Stream the endpoint's events until interrupted
+    Watch {
+        /// QMP socket of the endpoint
+        #[arg(long)]
+        qmp: PathBuf,
+        /// Print each event as the endpoint's JSON
+        #[arg(long)]
+        json: bool,
+        /// Stop after this many events
+        #[arg(long)]
+        count: Option<u64>,
+        /// Stop after this long
+        #[arg(long = "for", value_parser = duration_arg)]
+        for_: Option<Duration>,
+    },
+    /// Show the block graph: nodes, devices and exports
+    Nodes {
+        /// QMP socket of the endpoint
+        #[arg(long)]
+        qmp: PathBuf,
+        /// Print JSON
+        #[arg(long)]
+        json: bool,
+    },
+    /// Create a local raw or qcow2 image
+    Create {
+        /// The new image
+        path: PathBuf,
+        /// Image format
+        #[arg(long, value_enum)]
+        format: FormatArg,
+        /// Virtual size (e.g. 20G); with --backing, default the backing file's
+        #[arg(long, value_parser = size_arg)]
+        size: Option<u64>,
+        /// Backing file (qcow2 only)
+        #[arg(long, requires = "backing_format")]
+        backing: Option<String>,
+        /// Format of the backing file (formats are never probed)
+        #[arg(long, requires = "backing")]
+        backing_format: Option<String>,
+        /// qcow2 cluster size (default 64K)
+        #[arg(long, value_parser = size_arg)]
+        cluster_size: Option<u64>,
+    },
+    /// The seed problem and its fix: an embedded livesnapd, a busy guest,
+    /// Nova's algorithm (which does not finish), then a verified live snapshot
+    Demo {
+        /// Size of the demo disk
+        #[arg(long, value_parser = size_arg, default_value = "64M")]
+        size: u64,
+        /// Copy speed for both Nova's mirror and the snapshot
+        #[arg(long, value_parser = size_arg, default_value = "16M")]
+        speed: u64,
+        /// How long Nova's algorithm is given
+        #[arg(long, value_parser = duration_arg, default_value = "10s")]
+        nova_deadline: Duration,
+        /// Keep the demo's files in this directory (default: a temporary one, removed)
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
+    /// Show what the endpoint is and which snapshot methods it supports
+    Info {
+        /// QMP socket of the endpoint
+        #[arg(long)]
+        qmp: PathBuf,
+        /// Print JSON
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+async fn connect(qmp: &std::path::Path) -> Result<Endpoint, Failure> {
+    Endpoint::connect(qmp, CONNECT_TIMEOUT).await
+}
+
+async fn run(cmd: Cmd) -> Result<(), (Failure, bool)> {
+    match cmd {
+        Cmd::Snapshot {
+            qmp,
+            disk,
+            target,
+            format,
+            shallow,
+            method,
+            deadline,
+            speed,
+            json,
+            quiet,
+            freeze,
+            freeze_hold,
+            cbw_timeout,
+            copy_mode,
+            create_via,
+            x_target_blkdebug,
+        } => {
+            let blkdebug = match x_target_blkdebug {
+                Some(s) => Some(
+                    serde_json::from_str(&s)
+                        .map_err(|e| (Failure::usage(format!("--x-target-blkdebug: {e}")), json))?,
+                ),
+                None => None,
+            };
+            let opts = snapshot::Options {
+                qmp,
+                disk,
+                target,
+                format: format.into(),
+                shallow,
+                method: match method {
+                    MethodChoice::Backup => MethodArg::Backup,
+                    MethodChoice::Mirror => MethodArg::Mirror,
+                    MethodChoice::Auto => MethodArg::Auto,
+                },
+                deadline,
+                speed,
+                freeze,
+                freeze_hold,
+                cbw_timeout,
+                copy_mode: copy_mode.map(|m| match m {
+                    CopyModeChoice::WriteBlocking => CopyMode::WriteBlocking,
+                    CopyModeChoice::Auto => CopyMode::Auto,
+                }),
+                create_via: match create_via {
+                    CreateChoice::Auto => CreateVia::Auto,
+                    CreateChoice::Qmp => CreateVia::Qmp,
+                    CreateChoice::Local => CreateVia::Local,
+                },
+                target_blkdebug: blkdebug,
+                quiet,
+            };
+            match snapshot::run(&opts, Interrupt::install()).await {
+                Ok(r) => {
+                    if json {
+                        println!("{}", r.to_json());
+                    } else if !quiet {
+                        print!("{}", r.human());
+                    }
+                    Ok(())
+                }
+                Err(f) => Err((f, json)),
+            }
+        }
+        Cmd::Jobs { qmp, json } => {
+            let mut ep = connect(&qmp).await.map_err(|f| (f, json))?;
+            verbs::jobs::run(&mut ep, json).await.map_err(|f| (f, json))
+        }
+        Cmd::Cancel {
+            qmp,
+            job,
+            force,
+            wait,
+        } => {
+            let mut ep = connect(&qmp).await.map_err(|f| (f, false))?;
+            let mut clock = Clock::new(wait, Interrupt::install());
+            verbs::cancel::run(&mut ep, &mut clock, &job, force)
+                .await
+                .map_err(|f| (f, false))
+        }
+        Cmd::Watch {
+            qmp,
+            json,
+            count,
+            for_,
+        } => {
+            let mut ep = connect(&qmp).await.map_err(|f| (f, false))?;
+            // Without --for, only a signal, --count or the endpoint ends it.
+            let limit = for_.unwrap_or(Duration::from_secs(100 * 365 * 86400));
+            let mut clock = Clock::new(limit, Interrupt::install());
+            verbs::watch::run(&mut ep, &mut clock, json, count)
+                .await
+                .map_err(|f| (f, false))
+        }
+        Cmd::Nodes { qmp, json } => {
+            let mut ep = connect(&qmp).await.map_err(|f| (f, json))?;
+            verbs::nodes::run(&mut ep, json)
+                .await
+                .map_err(|f| (f, json))
+        }
+        Cmd::Create {
+            path,
+            format,
+            size,
+            backing,
+            backing_format,
+            cluster_size,
+        } => verbs::create::run(
+            &path,
+            format.into(),
+            size,
+            backing.zip(backing_format),
+            cluster_size,
+        )
+        .await
+        .map_err(|f| (f, false)),
+        Cmd::Demo {
+            size,
+            speed,
+            nova_deadline,
+            dir,
+        } => demo::run(&demo::DemoOptions {
+            size,
+            speed,
+            nova_deadline,
+            dir,
+        })
+        .await
+        .map_err(|f| (f, false)),
+        Cmd::Info { qmp, json } => {
+            let mut ep = connect(&qmp).await.map_err(|f| (f, json))?;
+            verbs::info::run(&mut ep, json).await.map_err(|f| (f, json))
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            // --help and --version are not failures; usage errors are code 1.
+            return if e.use_stderr() {
+                ExitCode::from(1)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
+    // Several threads: `livesnap demo` runs a whole daemon in this process.
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("livesnap: cannot start the runtime: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match rt.block_on(run(cli.cmd)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err((f, json)) => {
+            if json {
+                println!("{}", report::failure_json(&f));
+            }
+            eprintln!("livesnap: {}", f.reason);
+            ExitCode::from(f.kind.code())
+        }
+    }
+}

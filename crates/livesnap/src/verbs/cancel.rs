@@ -1,0 +1,98 @@
+//! `livesnap cancel JOB [--force]`. A soft cancel is refused here unless
+//! the job is READY: before READY QEMU turns it into a force cancel, so the
+//! copy would be abandoned while the operator believed it would finish.
+
+use crate::endpoint::{str_of, Endpoint};
+use crate::error::{Failure, Kind, Result};
+use crate::verbs::jobs;
+use crate::wait::{Clock, Waited};
+use serde_json::{json, Value};
+
+/// Runs `livesnap cancel`; waits at most `clock`'s deadline for the job's end event.
+pub async fn run(ep: &mut Endpoint, clock: &mut Clock, job: &str, force: bool) -> Result<()> {
+    let all = jobs::list(ep).await?;
+    let Some(j) = all.iter().find(|j| str_of(j, "id") == job) else {
+        let ids: Vec<&str> = all.iter().map(|j| str_of(j, "id")).collect();
+        return Err(Failure::usage(format!(
+            "no job '{job}' (jobs: {})",
+            if ids.is_empty() {
+                "none".into()
+            } else {
+                ids.join(", ")
+            }
+        )));
+    };
+    let status = str_of(j, "status").to_string();
+    let is_block_job = !j["speed"].is_null();
+    if !force && status != "ready" {
+        return Err(Failure::usage(format!(
+            "job '{job}' is {status}, not ready: a soft cancel before READY is a force cancel in QEMU (the copy is abandoned, not finished); use --force to abandon it"
+        )));
+    }
+    if !force && !is_block_job {
+        return Err(Failure::usage(format!(
+            "job '{job}' is not a block job; job-cancel is always forceful: use --force"
+        )));
+    }
+    let r = if is_block_job {
+        ep.call("block-job-cancel", json!({"device": job, "force": force}))
+            .await?
+    } else {
+        ep.call("job-cancel", json!({"id": job})).await?
+    };
+    r.map_err(|e| Failure::endpoint(format!("cancel {job}: {}", e.desc)))?;
+    let ev = wait_end(ep, clock, job, is_block_job).await?;
+    let d = &ev["data"];
+    match str_of(&ev, "event") {
+        "BLOCK_JOB_COMPLETED" if d.get("error").is_some() => Err(Failure::job(format!(
+            "job '{job}' ended with an error: {}",
+            str_of(d, "error")
+        ))),
+        "BLOCK_JOB_COMPLETED" => {
+            println!(
+                "job '{job}' completed (soft cancel in READY: the target is a point-in-time copy)"
+            );
+            Ok(())
+        }
+        "BLOCK_JOB_CANCELLED" => {
+            println!("job '{job}' cancelled");
+            Ok(())
+        }
+        _ => {
+            println!("job '{job}' ended");
+            Ok(())
+        }
+    }
+}
+
+/// The event that ends `job`.
+async fn wait_end(ep: &mut Endpoint, clock: &mut Clock, job: &str, block: bool) -> Result<Value> {
+    loop {
+        let ev = match clock.next_event(ep, clock.deadline).await {
+            Ok(Waited::Event(ev)) => ev,
+            Ok(Waited::Tick) => continue,
+            Err(f) if f.kind == Kind::Deadline => {
+                return Err(Failure::new(
+                    Kind::Deadline,
+                    format!(
+                        "job '{job}' did not end within {}",
+                        crate::units::duration(clock.limit)
+                    ),
+                ))
+            }
+            Err(f) => return Err(f),
+        };
+        let d = &ev["data"];
+        let name = str_of(&ev, "event");
+        let about = str_of(d, "device") == job || str_of(d, "id") == job;
+        // A block job's end event carries its outcome; other jobs only change status.
+        let end = if block {
+            name == "BLOCK_JOB_COMPLETED" || name == "BLOCK_JOB_CANCELLED"
+        } else {
+            name == "JOB_STATUS_CHANGE" && matches!(str_of(d, "status"), "concluded" | "null")
+        };
+        if about && end {
+            return Ok(ev);
+        }
+    }
+}

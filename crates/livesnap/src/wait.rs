@@ -1,0 +1,88 @@
+//! Waiting on the endpoint's events under the operation's deadline and the
+//! operator's interrupt: every wait ends by one of the three.
+
+use std::time::Duration;
+
+use serde_json::Value;
+use tokio::time::Instant;
+
+use crate::endpoint::Endpoint;
+use crate::error::{Failure, Kind, Result};
+use crate::signals::Interrupt;
+
+/// The bounds of one operation.
+pub struct Clock {
+    /// When the operation must be over.
+    pub deadline: Instant,
+    /// The deadline as given, for messages.
+    pub limit: Duration,
+    /// SIGINT/SIGTERM.
+    pub interrupt: Interrupt,
+}
+
+/// What a wait ended with.
+#[derive(Debug)]
+pub enum Waited {
+    /// An event arrived.
+    Event(Value),
+    /// The wait's own `until` passed first.
+    Tick,
+}
+
+impl Clock {
+    /// A clock whose deadline is `limit` from now.
+    pub fn new(limit: Duration, interrupt: Interrupt) -> Clock {
+        Clock {
+            deadline: Instant::now() + limit,
+            limit,
+            interrupt,
+        }
+    }
+
+    /// The failure for an expired deadline.
+    pub fn expired(&self) -> Failure {
+        Failure::new(
+            Kind::Deadline,
+            format!("deadline of {} expired", crate::units::duration(self.limit)),
+        )
+    }
+
+    /// Time left before the deadline.
+    pub fn left(&self) -> Duration {
+        self.deadline.saturating_duration_since(Instant::now())
+    }
+
+    /// Fails if the deadline passed or a signal arrived.
+    pub fn check(&self) -> Result<()> {
+        if let Some(sig) = self.interrupt.fired() {
+            return Err(interrupted(sig));
+        }
+        if Instant::now() >= self.deadline {
+            return Err(self.expired());
+        }
+        Ok(())
+    }
+
+    /// The next event, or [`Waited::Tick`] at `until`; the deadline and a
+    /// signal end the wait with a failure.
+    pub async fn next_event(&mut self, ep: &mut Endpoint, until: Instant) -> Result<Waited> {
+        self.check()?;
+        let stop = until.min(self.deadline);
+        let left = stop.saturating_duration_since(Instant::now());
+        let r = tokio::select! {
+            biased;
+            sig = self.interrupt.wait() => return Err(interrupted(sig)),
+            r = ep.event(left) => r?,
+        };
+        match r {
+            Some(ev) => Ok(Waited::Event(ev)),
+            None if Instant::now() >= self.deadline => Err(self.expired()),
+            None => Ok(Waited::Tick),
+        }
+    }
+}
+
+/// The failure for a signal.
+pub fn interrupted(sig: &str) -> Failure {
+    Failure::new(Kind::Interrupted, format!("interrupted by {sig}"))
+}

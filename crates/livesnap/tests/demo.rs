@@ -1,0 +1,60 @@
+//! `livesnap demo`, the README's first command, run as CI runs it.
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+#[test]
+fn demo_shows_nova_stuck_and_a_verified_snapshot() {
+    let start = Instant::now();
+    let out = Command::new(env!("CARGO_BIN_EXE_livesnap"))
+        .args([
+            "demo",
+            "--size",
+            "32M",
+            "--speed",
+            "8M",
+            "--nova-deadline",
+            "4s",
+        ])
+        .output()
+        .expect("run livesnap demo");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "demo failed ({}):\n{stdout}\n{stderr}",
+        out.status
+    );
+    // Nova's loop must not have converged: the writer dirties far more than
+    // 8 MiB/s, so a background mirror at that speed never reaches cur == end.
+    assert!(
+        stdout.contains("Nova is still polling after 4s"),
+        "Nova's algorithm finished, so the demo shows nothing:\n{stdout}"
+    );
+    assert!(
+        stdout.contains("Point in time: verified."),
+        "no verified snapshot:\n{stdout}"
+    );
+    assert!(start.elapsed() < Duration::from_secs(120));
+    // Nothing left behind: the demo's temporary directory is gone.
+    let leftovers: Vec<_> = std::fs::read_dir(std::env::temp_dir())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with(&format!("livesnap-demo-{}-", child_pid_hint(&stdout)))
+        })
+        .collect();
+    assert!(leftovers.is_empty(), "demo left {leftovers:?}");
+}
+
+/// The demo prints its directory (`.../livesnap-demo-PID-N/qmp.sock`); the PID is in it.
+fn child_pid_hint(stdout: &str) -> String {
+    stdout
+        .split("livesnap-demo-")
+        .nth(1)
+        .and_then(|s| s.split('-').next())
+        .unwrap_or("none")
+        .to_string()
+}
