@@ -8,6 +8,7 @@
 #![allow(dead_code)]
 
 pub mod pit;
+pub mod vm;
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
