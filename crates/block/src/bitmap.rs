@@ -97,6 +97,12 @@ impl DirtyBitmap {
         (first..end).any(|c| self.test(c))
     }
 
+    /// True when every chunk touching `[offset, offset+len)` is dirty.
+    pub fn all(&self, offset: u64, len: u64) -> bool {
+        let (first, end) = self.chunk_range(offset, len);
+        first < end && (first..end).all(|c| self.test(c))
+    }
+
     /// True when the chunk holding byte `offset` is dirty.
     pub fn get(&self, offset: u64) -> bool {
         offset < self.size && self.test(offset / self.granularity)
@@ -182,6 +188,7 @@ mod tests {
         b.set(63 * 512, 3 * 512);
         assert_eq!(b.next_dirty_run(0, u64::MAX), Some((63 * 512, 3 * 512)));
         assert!(b.any(65 * 512, 1) && !b.any(66 * 512, 512));
+        assert!(b.all(63 * 512, 3 * 512) && !b.all(63 * 512, 4 * 512));
         b.set(999 * 512, 512);
         assert_eq!(b.next_dirty_run(66 * 512, u64::MAX), Some((999 * 512, 512)));
     }

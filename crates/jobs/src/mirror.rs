@@ -245,7 +245,12 @@ impl WriteHook for MirrorHook {
                 return write.await;
             }
             s.guest_in_flight.fetch_add(1, Ordering::SeqCst);
-            let r = if s.write_blocking() {
+            // Write-blocking only where the target is in sync: a chunk still
+            // dirty will be copied whole anyway (QEMU's active mirror does
+            // the same), so a write there costs the guest nothing extra and
+            // the dirty count still cannot grow.
+            let in_sync_somewhere = !s.bitmap.lock().unwrap().all(req.offset, req.len);
+            let r = if s.write_blocking() && in_sync_somewhere {
                 self.write_blocking(req, write).await
             } else {
                 s.background_writes.fetch_add(1, Ordering::SeqCst);
@@ -270,23 +275,22 @@ impl MirrorHook {
         let start = req.offset / g * g;
         let end = (req.offset + req.len).div_ceil(g) * g;
         // Serialised against copies of the same chunks, so the target gets
-        // the writes to a chunk in the order the source did.
+        // the writes to a chunk in the order the source did; held until both
+        // writes have landed.
         let lock = s.locks.lock(start, end).await;
-        let r = write.await;
-        if r.is_err() {
-            s.mark_dirty(req.offset, req.len);
-            return r;
-        }
         let stop = s.stop.notified();
         tokio::pin!(stop);
         // Registered before the flag is read, so a stop in between still wakes us.
         stop.as_mut().enable();
         if s.stopped.load(Ordering::SeqCst) {
-            return Ok(());
+            drop(lock);
+            return write.await;
         }
-        // The target write runs in a task that keeps the chunks locked until
-        // it lands, so a guest whose write waited `target_wait` can go on
-        // without a late target write ever overtaking a newer one.
+        // The target write starts at once, alongside the source write (the
+        // guest waits for the slower of the two, not their sum), in a task
+        // that keeps the chunks locked until it lands: a guest whose copy
+        // takes longer than `target_wait` goes on without a late target
+        // write ever overtaking a newer one.
         let owned = HookedWrite {
             offset: req.offset,
             len: req.len,
@@ -294,27 +298,34 @@ impl MirrorHook {
             data: req.data.as_ref().map(|d| IoBuf::from_slice(d)),
         };
         s.active_writes.fetch_add(1, Ordering::SeqCst);
+        let (source_done, source_result) = tokio::sync::oneshot::channel::<bool>();
         let shared = s.clone();
         let mut task = tokio::spawn(async move {
             let mirrored = shared.mirror_write(&owned).await;
-            match mirrored {
-                Ok(()) => {
-                    // Chunks the write covered whole are now equal on both
-                    // sides; partly covered dirty chunks stay dirty.
-                    let first = owned.offset.div_ceil(g) * g;
-                    let last = (owned.offset + owned.len) / g * g;
-                    if last > first {
-                        shared.bitmap.lock().unwrap().reset(first, last - first);
-                    }
+            let source_ok = source_result.await.unwrap_or(false);
+            if mirrored.is_ok() && source_ok {
+                // Chunks the write covered whole are now equal on both
+                // sides; partly covered dirty chunks stay dirty.
+                let first = owned.offset.div_ceil(g) * g;
+                let last = (owned.offset + owned.len) / g * g;
+                if last > first {
+                    shared.bitmap.lock().unwrap().reset(first, last - first);
                 }
-                // The guest's write succeeded on the source; the target
-                // catches up through the copy loop, whose error policy applies.
-                Err(_) => shared.mark_dirty(owned.offset, owned.len),
+            } else {
+                // A failed source write leaves its range unspecified, a
+                // failed target write leaves it stale: the copy loop (whose
+                // error policy applies) copies it again.
+                shared.mark_dirty(owned.offset, owned.len);
             }
             drop(lock);
             shared.active_writes.fetch_sub(1, Ordering::SeqCst);
             shared.dirtied.notify_one();
         });
+        let r = write.await;
+        let _ = source_done.send(r.is_ok());
+        if r.is_err() {
+            return r;
+        }
         tokio::select! {
             _ = &mut task => {}
             _ = tokio::time::sleep(s.target_wait) => {}
@@ -359,6 +370,8 @@ pub struct Mirror {
     actively_synced: AtomicBool,
     /// Copy throughput estimate in bytes per second, for completion budgets.
     copy_rate: AtomicU64,
+    /// What the sync mode marked dirty at the start (the first pass).
+    initial_dirty: AtomicU64,
 }
 
 fn in_sync_error(e: io::Error) -> String {
@@ -398,6 +411,7 @@ impl Mirror {
             hook,
             actively_synced: AtomicBool::new(false),
             copy_rate: AtomicU64::new(0),
+            initial_dirty: AtomicU64::new(0),
         })
     }
 
@@ -591,7 +605,16 @@ impl Mirror {
 
             let clean =
                 dirty == 0 && ops.is_empty() && shared.active_writes.load(Ordering::SeqCst) == 0;
-            if clean && shared.background_writes.load(Ordering::SeqCst) == 0 {
+            let clean = clean && shared.background_writes.load(Ordering::SeqCst) == 0;
+            // `auto` is READY once what is dirty fits in one completion hold:
+            // its completion is bounded, so waiting for a clean instant
+            // (QEMU's READY) would only push the guest into write-blocking.
+            let auto = *self.requested_mode.lock().unwrap() == CopyMode::Auto;
+            // Only after the first pass, though: READY tells users the bulk
+            // of the copy is done.
+            let first_pass_done = ctx.progress().0 >= self.initial_dirty.load(Ordering::Relaxed);
+            let settled = |dirty: u64| auto && first_pass_done && dirty <= self.hold_budget();
+            if clean || (settled(dirty) && !ctx.is_ready()) {
                 if !ctx.is_ready() {
                     if let Err(e) = self.flush_target(ctx).await {
                         let verdict = ctx.io_error(self.opts.on_target_error, false, &e).await;
@@ -600,8 +623,9 @@ impl Mirror {
                         }
                         continue;
                     }
-                    if shared.dirty_bytes() == 0 {
-                        if shared.write_blocking() {
+                    let dirty = shared.dirty_bytes();
+                    if dirty == 0 || settled(dirty) {
+                        if dirty == 0 && shared.write_blocking() {
                             self.actively_synced.store(true, Ordering::SeqCst);
                         }
                         ctx.set_ready();
@@ -841,6 +865,8 @@ impl JobDriver for Mirror {
             // Attaching drains the source's writes: none can land unseen after this.
             self.opts.source.add_write_hook(self.hook.clone()).await;
             self.dirty_init().await.map_err(in_sync_error)?;
+            self.initial_dirty
+                .store(self.shared.dirty_bytes(), Ordering::Relaxed);
             self.update_remaining(ctx, 0);
             self.run_loop(ctx).await
         })
