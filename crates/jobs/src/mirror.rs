@@ -323,9 +323,7 @@ impl MirrorHook {
         });
         let r = write.await;
         let _ = source_done.send(r.is_ok());
-        if r.is_err() {
-            return r;
-        }
+        r?;
         tokio::select! {
             _ = &mut task => {}
             _ = tokio::time::sleep(s.target_wait) => {}
