@@ -10,21 +10,60 @@
 pub mod pit;
 pub mod vm;
 
+use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::mpsc;
+use std::sync::{mpsc, OnceLock};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
 /// How long a daemon may take to come up.
-const START_TIMEOUT: Duration = Duration::from_secs(30);
+pub const START_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Path of the livesnapd binary under test.
-pub fn livesnapd_bin() -> &'static str {
-    env!("CARGO_BIN_EXE_livesnapd")
+/// Path of the livesnapd binary under test: Cargo's own in livesnapd's tests.
+/// Cargo gives a test only its own package's binaries, so the livesnap CLI's
+/// tests get one built next to the CLI: `cargo build -p livesnapd` once (a
+/// no-op when it is fresh, e.g. under `cargo test --workspace`) into the same
+/// target directory and profile.
+pub fn livesnapd_bin() -> &'static Path {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    match (
+        option_env!("CARGO_BIN_EXE_livesnapd"),
+        option_env!("CARGO_BIN_EXE_livesnap"),
+    ) {
+        (Some(bin), _) => Path::new(bin),
+        (None, Some(cli)) => BUILT.get_or_init(|| build_livesnapd(Path::new(cli))),
+        (None, None) => panic!("livesnapd is found only from livesnapd's and livesnap's tests"),
+    }
+}
+
+/// Builds livesnapd beside the livesnap CLI `cli`; returns its path.
+fn build_livesnapd(cli: &Path) -> PathBuf {
+    let profile_dir = cli.parent().expect("binary directory");
+    let bin = profile_dir.join("livesnapd");
+    let target_dir = profile_dir.parent().expect("target directory");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    cmd.args(["build", "-q", "-p", "livesnapd", "--bin", "livesnapd"])
+        .arg("--target-dir")
+        .arg(target_dir)
+        .current_dir(env!("CARGO_MANIFEST_DIR"));
+    if profile_dir.file_name().is_some_and(|n| n == "release") {
+        cmd.arg("--release");
+    }
+    match cmd.status() {
+        Ok(s) if s.success() => {}
+        r => assert!(
+            bin.is_file(),
+            "cannot build livesnapd ({r:?}) and {} does not exist: run `cargo build -p livesnapd`",
+            bin.display()
+        ),
+    }
+    bin
 }
 
 /// Fails the test unless `name` is on PATH; names the Debian package to install.
@@ -117,6 +156,8 @@ pub fn wait_until(timeout: Duration, what: &str, mut ready: impl FnMut() -> bool
 pub struct Qmp {
     rt: tokio::runtime::Runtime,
     client: livesnap_qmp::QmpClient,
+    /// How long a command may wait for its reply (`None`: no bound).
+    reply_limit: Option<Duration>,
 }
 
 impl Qmp {
@@ -129,7 +170,17 @@ impl Qmp {
         let client = rt
             .block_on(livesnap_qmp::QmpClient::connect(path))
             .unwrap_or_else(|e| panic!("QMP connect to {}: {e}", path.display()));
-        Qmp { rt, client }
+        Qmp {
+            rt,
+            client,
+            reply_limit: None,
+        }
+    }
+
+    /// Panics when a command's reply takes longer than `limit`.
+    pub fn with_reply_limit(mut self, limit: Duration) -> Qmp {
+        self.reply_limit = Some(limit);
+        self
     }
 
     /// The greeting the server sent.
@@ -140,10 +191,15 @@ impl Qmp {
     /// Runs a command: Ok(return value) or Err((class, desc)).
     pub fn execute(&mut self, cmd: &str, args: Value) -> Result<Value, (String, String)> {
         let args = if args.is_null() { None } else { Some(args) };
-        let r = self
-            .rt
-            .block_on(self.client.execute(cmd, args))
-            .unwrap_or_else(|e| panic!("QMP {cmd}: connection failed: {e}"));
+        let reply = self.client.execute(cmd, args);
+        let r = match self.reply_limit {
+            None => self.rt.block_on(reply),
+            Some(limit) => self
+                .rt
+                .block_on(async { tokio::time::timeout(limit, reply).await })
+                .unwrap_or_else(|_| panic!("QMP {cmd}: no reply within {} s", limit.as_secs())),
+        }
+        .unwrap_or_else(|e| panic!("QMP {cmd}: connection failed: {e}"));
         r.map_err(|e| (e.class.to_string(), e.desc))
     }
 
@@ -163,6 +219,26 @@ impl Qmp {
     /// The next event, waiting at most `timeout`.
     pub fn event(&mut self, timeout: Duration) -> Option<Value> {
         self.rt.block_on(self.client.next_event(timeout))
+    }
+
+    /// Names of all nodes.
+    pub fn node_names(&mut self) -> BTreeSet<String> {
+        self.list_field("query-named-block-nodes", "node-name")
+    }
+
+    /// Ids of all jobs.
+    pub fn job_ids(&mut self) -> Vec<String> {
+        self.list_field("query-jobs", "id")
+    }
+
+    /// String field `field` of every element `query` returns.
+    fn list_field<C: FromIterator<String>>(&mut self, query: &str, field: &str) -> C {
+        self.ok(query, Value::Null)
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e[field].as_str().unwrap().to_string())
+            .collect()
     }
 }
 
@@ -416,12 +492,23 @@ pub fn run_within(cmd: &mut Command, limit: Duration) -> (ExitStatus, String, St
             require_tool(prog);
         }
     }
-    let mut child = cmd
+    let child = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    wait_within(child, limit).unwrap_or_else(|_| panic!("{cmd:?} did not finish within {limit:?}"))
+}
+
+/// Waits for a spawned child, reading its piped stdout and stderr (a pipe
+/// taken already reads as empty): (status, stdout, stderr). After `limit`
+/// the child is killed and reaped, and the error is the thread still
+/// reading its stderr.
+pub fn wait_within(
+    mut child: Child,
+    limit: Duration,
+) -> Result<(ExitStatus, String, String), JoinHandle<String>> {
     let drain = |r: Option<Box<dyn std::io::Read + Send>>| {
         std::thread::spawn(move || {
             let mut s = Vec::new();
@@ -441,11 +528,25 @@ pub fn run_within(cmd: &mut Command, limit: Duration) -> (ExitStatus, String, St
         if start.elapsed() > limit {
             let _ = child.kill();
             let _ = child.wait();
-            panic!("{cmd:?} did not finish within {limit:?}");
+            return Err(err);
         }
         std::thread::sleep(Duration::from_millis(10));
     };
-    (status, out.join().unwrap(), err.join().unwrap())
+    Ok((status, out.join().unwrap(), err.join().unwrap()))
+}
+
+/// CLOCK_MONOTONIC in nanoseconds: the clock `livesnap --json` reports its
+/// point-in-time window in (and Rust's `Instant` reads on Linux), so the
+/// two can be compared.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes into the timespec we own.
+    let r = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    assert_eq!(r, 0, "clock_gettime");
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 /// How long a `RawQmp` waits for any one read or write.

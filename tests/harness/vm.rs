@@ -26,7 +26,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use super::{run_within, Qmp};
+use super::{monotonic_ns, run_within, Qmp};
 
 /// Bytes per guest request, and per record block on the disk.
 pub const BLOCK: usize = 4096;
@@ -999,19 +999,6 @@ impl Drop for Vm {
     fn drop(&mut self) {
         self.kill();
     }
-}
-
-/// CLOCK_MONOTONIC in nanoseconds: the clock `livesnap --json` reports its
-/// point-in-time window in, so the two can be compared.
-pub fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes into the timespec we own.
-    let r = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    assert_eq!(r, 0, "clock_gettime");
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 /// One look at the guest's progress: the serial file was read between

@@ -5,15 +5,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 /// Parses a duration: a number with an optional unit `ms`, `s`, `m`, `h`
 /// (default seconds), e.g. `10m`, `2s`, `1.5s`, `500ms`.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let t = s.trim();
-    let split = t
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let n: f64 = num
-        .parse()
-        .map_err(|_| format!("invalid duration '{s}' (examples: 30s, 10m, 1h, 500ms)"))?;
-    let secs = match unit.trim() {
+    let (n, unit) = number_and_unit(s, "duration", "30s, 10m, 1h, 500ms")?;
+    let secs = match unit {
         "" | "s" | "sec" => n,
         "ms" => n / 1000.0,
         "m" | "min" => n * 60.0,
@@ -33,15 +26,8 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 /// Parses a byte count: a number with an optional binary suffix `K`, `M`,
 /// `G`, `T` (also `KiB`, `k`, ...), as `qemu-img` reads sizes, e.g. `64M`.
 pub fn parse_size(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    let split = t
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let n: f64 = num
-        .parse()
-        .map_err(|_| format!("invalid size '{s}' (examples: 512M, 10G, 4096)"))?;
-    let unit = unit.trim().trim_end_matches("/s");
+    let (n, unit) = number_and_unit(s, "size", "512M, 10G, 4096")?;
+    let unit = unit.trim_end_matches("/s");
     let mult: u64 = match unit.to_ascii_lowercase().as_str() {
         "" | "b" => 1,
         "k" | "kb" | "kib" => 1 << 10,
@@ -57,6 +43,20 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         ));
     }
     Ok(v as u64)
+}
+
+/// Splits `s` into its leading decimal number and the unit after it
+/// (trimmed); the error names `what` and gives `examples`.
+fn number_and_unit<'a>(s: &'a str, what: &str, examples: &str) -> Result<(f64, &'a str), String> {
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("invalid {what} '{s}' (examples: {examples})"))?;
+    Ok((n, unit.trim()))
 }
 
 /// `1.5 GiB`-style text.

@@ -13,8 +13,8 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::scenarios::{assert_nothing_left, before, CLI_LIMIT};
-use common::{livesnap, mono_ns, spawn_livesnap, wait_out, Daemon, Kind};
+use common::scenarios::{assert_nothing_left, before, snapshot_args, CLI_LIMIT};
+use common::{livesnap, monotonic_ns, spawn_livesnap, wait_out, Daemon, Kind};
 use serde_json::{json, Value};
 
 const MIB: u64 = 1 << 20;
@@ -106,7 +106,7 @@ fn serve(conn: UnixStream, freeze: Freeze, log: &Mutex<Vec<Entry>>, pid: &Atomic
         }
         let line = String::from_utf8(std::mem::take(&mut pending)).unwrap();
         let req: Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{line}: {e}"));
-        let received = mono_ns();
+        let received = monotonic_ns();
         let command = req["execute"].as_str().unwrap().to_string();
         let reply = match command.as_str() {
             "guest-sync-delimited" => {
@@ -126,7 +126,7 @@ fn serve(conn: UnixStream, freeze: Freeze, log: &Mutex<Vec<Entry>>, pid: &Atomic
             "guest-fsfreeze-thaw" => json!({"return": 2}),
             _ => json!({"error": {"class": "CommandNotFound", "desc": "unknown"}}),
         };
-        let replied = mono_ns();
+        let replied = monotonic_ns();
         log.lock().unwrap().push(Entry {
             command: command.clone(),
             received,
@@ -151,24 +151,15 @@ fn daemon(kind: Kind) -> Daemon {
     d
 }
 
-fn snapshot_args<'a>(
+fn freeze_args<'a>(
     d: &'a Daemon,
     q: &'a FakeQga,
     target: &'a str,
     method: &'a str,
 ) -> Vec<&'a str> {
-    vec![
-        "snapshot",
-        "--qmp",
-        d.cli_sock.to_str().unwrap(),
-        "disk",
-        target,
-        "--method",
-        method,
-        "--freeze",
-        q.sock(),
-        "--json",
-    ]
+    let mut a = snapshot_args(d, target, method);
+    a.extend(["--freeze", q.sock(), "--json"]);
+    a
 }
 
 fn freeze_covers_the_instant(kind: Kind, method: &str) {
@@ -176,7 +167,7 @@ fn freeze_covers_the_instant(kind: Kind, method: &str) {
     let q = FakeQga::start(Freeze::Ok);
     let target = d.path("t.qcow2");
     let out = livesnap(
-        &snapshot_args(&d, &q, target.to_str().unwrap(), method),
+        &freeze_args(&d, &q, target.to_str().unwrap(), method),
         CLI_LIMIT,
     )
     .expect(0);
@@ -239,7 +230,7 @@ fn failed_freeze_fails_the_snapshot_and_thaws() {
         let b = before(&d);
         let target = d.path(&format!("fail-{method}.qcow2"));
         let out = livesnap(
-            &snapshot_args(&d, &q, target.to_str().unwrap(), method),
+            &freeze_args(&d, &q, target.to_str().unwrap(), method),
             CLI_LIMIT,
         )
         .expect(6);
@@ -270,7 +261,7 @@ fn hung_freeze_is_bounded_and_thawed() {
     let q = FakeQga::start(Freeze::Hang(Duration::from_secs(3)));
     let b = before(&d);
     let target = d.path("hang.qcow2");
-    let mut args = snapshot_args(&d, &q, target.to_str().unwrap(), "backup");
+    let mut args = freeze_args(&d, &q, target.to_str().unwrap(), "backup");
     args.extend(["--freeze-hold", "1s"]);
     let start = std::time::Instant::now();
     let out = livesnap(&args, CLI_LIMIT).expect(6);
@@ -303,7 +294,7 @@ fn sigint_while_frozen_thaws_and_cleans_up() {
         let q = FakeQga::start(Freeze::OkThenSigint);
         let b = before(&d);
         let target = d.path(&format!("int-{method}.qcow2"));
-        let mut args = snapshot_args(&d, &q, target.to_str().unwrap(), method);
+        let mut args = freeze_args(&d, &q, target.to_str().unwrap(), method);
         // Slow enough that the job is still running when the signal lands.
         args.extend(["--speed", "1M"]);
         if method == "mirror" {

@@ -6,25 +6,20 @@
 mod common;
 
 use common::scenarios::*;
-use common::{Daemon, Kind};
-
-const MIB: u64 = 1 << 20;
+use common::Kind;
 
 #[test]
 fn backup_raw_target_is_point_in_time() {
-    let d = Daemon::raw(Kind::Qsd, 32 * MIB);
-    let r = pit_snapshot(&d, "backup", "raw", 32 * MIB, &["--speed", "24M"]);
+    let r = pit_snapshot(Kind::Qsd, "backup", "raw", &["--speed", "24M"]);
     assert_eq!(r["target"]["created_via"], "blockdev-create", "{r}");
 }
 
 #[test]
 fn backup_qcow2_target_created_locally_is_point_in_time() {
-    let d = Daemon::raw(Kind::Qsd, 32 * MIB);
     let r = pit_snapshot(
-        &d,
+        Kind::Qsd,
         "backup",
         "qcow2",
-        32 * MIB,
         &["--speed", "24M", "--create-via", "local"],
     );
     assert_eq!(r["target"]["created_via"], "local", "{r}");
@@ -34,8 +29,7 @@ fn backup_qcow2_target_created_locally_is_point_in_time() {
 fn mirror_qcow2_target_is_point_in_time() {
     // A speed limit below the writers' rate: a background mirror would not
     // converge; livesnap switches it to write-blocking (block-job-change).
-    let d = Daemon::raw(Kind::Qsd, 32 * MIB);
-    let r = pit_snapshot(&d, "mirror", "qcow2", 32 * MIB, &["--speed", "16M"]);
+    let r = pit_snapshot(Kind::Qsd, "mirror", "qcow2", &["--speed", "16M"]);
     assert!(
         r["copy_mode"].as_str().unwrap().contains("write-blocking"),
         "{r}"
@@ -44,8 +38,7 @@ fn mirror_qcow2_target_is_point_in_time() {
 
 #[test]
 fn mirror_raw_target_is_point_in_time() {
-    let d = Daemon::raw(Kind::Qsd, 32 * MIB);
-    pit_snapshot(&d, "mirror", "raw", 32 * MIB, &[]);
+    pit_snapshot(Kind::Qsd, "mirror", "raw", &[]);
 }
 
 #[test]
@@ -60,23 +53,17 @@ fn shallow_mirror_copies_only_the_top_layer() {
 
 #[test]
 fn deadline_leaves_nothing_behind() {
-    let d = Daemon::raw(Kind::Qsd, 64 * MIB);
-    deadline_expires(&d, "backup");
-    deadline_expires(&d, "mirror");
+    deadline_expires(Kind::Qsd);
 }
 
 #[test]
 fn sigint_leaves_nothing_behind() {
-    let d = Daemon::raw(Kind::Qsd, 64 * MIB);
-    sigint(&d, "backup");
-    sigint(&d, "mirror");
+    sigint(Kind::Qsd);
 }
 
 #[test]
 fn failing_target_leaves_nothing_behind() {
     // No writers: QEMU's backup fails the guest's write when the target
     // fails (break-guest-write), which is not what this test is about.
-    let d = Daemon::raw(Kind::Qsd, 16 * MIB);
-    failing_target(&d, "backup", false);
-    failing_target(&d, "mirror", false);
+    failing_target(Kind::Qsd, false);
 }

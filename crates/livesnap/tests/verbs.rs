@@ -7,6 +7,7 @@ use std::io::{BufRead, BufReader};
 use std::process::Command;
 use std::time::Duration;
 
+use common::pit::add_image_node;
 use common::{livesnap, run, spawn_livesnap, wait_out, Daemon, Kind, Qmp};
 use serde_json::{json, Value};
 
@@ -23,7 +24,7 @@ fn slow_job(d: &Daemon, q: &mut Qmp, kind: &str, id: &str) {
     let data = vec![0x5au8; 16 * MIB as usize];
     std::fs::write(&d.image, &data).unwrap();
     let target = d.path(&format!("{id}.raw"));
-    d.add_image(q, &format!("{id}-tgt"), &target, "raw", 16 * MIB);
+    add_image_node(q, &format!("{id}-tgt"), &target, "raw", 16 * MIB);
     let mut args = json!({"job-id": id, "device": "disk", "target": format!("{id}-tgt"),
                           "sync": "full", "speed": MIB});
     if kind == "mirror" {
@@ -90,7 +91,7 @@ fn jobs_and_cancel(kind: Kind) {
     let d = Daemon::raw(kind, 4 * MIB);
     let mut q = d.qmp();
     let target = d.path("m.raw");
-    d.add_image(&mut q, "m-tgt", &target, "raw", 4 * MIB);
+    add_image_node(&mut q, "m-tgt", &target, "raw", 4 * MIB);
     q.ok(
         "blockdev-mirror",
         json!({"job-id": "m", "device": "disk", "target": "m-tgt", "sync": "full"}),

@@ -14,8 +14,9 @@ use super::pit::{
     check_source_complete, initial_image, prefill, read_export, read_image, verify_point_in_time,
     Layout, WriterOpts, Writers,
 };
-use super::{livesnap, run, spawn_livesnap, wait_out, window_of, Daemon, Out};
+use super::{livesnap, run, spawn_livesnap, wait_out, window_of, Daemon, Kind, Out};
 
+const MIB: u64 = 1 << 20;
 /// Bound of one CLI run in these tests.
 pub const CLI_LIMIT: Duration = Duration::from_secs(120);
 /// Bound of waits on writers.
@@ -52,8 +53,8 @@ pub fn assert_nothing_left(d: &Daemon, b: &Before, target: &Path) {
     );
 }
 
-/// The snapshot arguments every scenario uses.
-fn args<'a>(d: &'a Daemon, target: &'a str, method: &'a str, format: &'a str) -> Vec<&'a str> {
+/// `livesnap snapshot` of the daemon's disk to `target` with `method`.
+pub fn snapshot_args<'a>(d: &'a Daemon, target: &'a str, method: &'a str) -> Vec<&'a str> {
     vec![
         "snapshot",
         "--qmp",
@@ -62,17 +63,25 @@ fn args<'a>(d: &'a Daemon, target: &'a str, method: &'a str, format: &'a str) ->
         target,
         "--method",
         method,
-        "--format",
-        format,
     ]
 }
 
-/// `livesnap snapshot` while 4 writers keep writing self-describing blocks
-/// over NBD: the target must equal the disk at one instant inside the
-/// window the JSON report names, the disk must keep every acknowledged
-/// write, and the disk at the end must not pass as a copy from the window
-/// (so the writes after it give the check teeth). Returns the report.
-pub fn pit_snapshot(d: &Daemon, method: &str, format: &str, size: u64, extra: &[&str]) -> Value {
+/// The snapshot arguments every scenario here uses.
+fn args<'a>(d: &'a Daemon, target: &'a str, method: &'a str, format: &'a str) -> Vec<&'a str> {
+    let mut a = snapshot_args(d, target, method);
+    a.extend(["--format", format]);
+    a
+}
+
+/// `livesnap snapshot` of a 32 MiB raw disk on a fresh `kind` daemon while
+/// 4 writers keep writing self-describing blocks over NBD: the target must
+/// equal the disk at one instant inside the window the JSON report names,
+/// the disk must keep every acknowledged write, and the disk at the end must
+/// not pass as a copy from the window (so the writes after it give the check
+/// teeth). Returns the report.
+pub fn pit_snapshot(kind: Kind, method: &str, format: &str, extra: &[&str]) -> Value {
+    let size = 32 * MIB;
+    let d = &Daemon::raw(kind, size);
     let layout = Layout::new(4096, size / 4096, 4, 0x5eed ^ size);
     prefill(&d.url, &layout);
     let b = before(d);
@@ -117,14 +126,28 @@ pub fn pit_snapshot(d: &Daemon, method: &str, format: &str, size: u64, extra: &[
     report
 }
 
+/// Runs `scenario` for backup, then mirror, on one fresh `kind` daemon
+/// with a raw disk of `size` bytes.
+fn each_method(kind: Kind, size: u64, scenario: impl Fn(&Daemon, &str)) {
+    let d = Daemon::raw(kind, size);
+    for method in ["backup", "mirror"] {
+        scenario(&d, method);
+    }
+}
+
 /// Reads the raw disk file's bytes (the daemon has it open; raw data is
 /// read through the page cache it writes to).
 fn disk_bytes(d: &Daemon) -> Vec<u8> {
     std::fs::read(&d.image).unwrap()
 }
 
-/// A job too slow for its deadline: exit code 4, nothing left, the disk unchanged.
-pub fn deadline_expires(d: &Daemon, method: &str) {
+/// For each method on a fresh `kind` daemon, a job too slow for its
+/// deadline: exit code 4, nothing left, the disk unchanged.
+pub fn deadline_expires(kind: Kind) {
+    each_method(kind, 64 * MIB, deadline_expires_with);
+}
+
+fn deadline_expires_with(d: &Daemon, method: &str) {
     let disk = disk_bytes(d);
     let b = before(d);
     let target = d.path(&format!("deadline-{method}.qcow2"));
@@ -150,8 +173,13 @@ pub fn deadline_expires(d: &Daemon, method: &str) {
     assert!(disk_bytes(d) == disk, "the source changed");
 }
 
-/// SIGINT while the job runs: exit code 5, nothing left, the disk unchanged.
-pub fn sigint(d: &Daemon, method: &str) {
+/// For each method on a fresh `kind` daemon, SIGINT while the job runs:
+/// exit code 5, nothing left, the disk unchanged.
+pub fn sigint(kind: Kind) {
+    each_method(kind, 64 * MIB, sigint_with);
+}
+
+fn sigint_with(d: &Daemon, method: &str) {
     let disk = disk_bytes(d);
     let b = before(d);
     let target = d.path(&format!("sigint-{method}.raw"));
@@ -184,9 +212,16 @@ pub fn sigint(d: &Daemon, method: &str) {
     assert!(disk_bytes(d) == disk, "the source changed");
 }
 
-/// Every write to the target fails (a blkdebug node under it): exit code 3,
-/// nothing left. With `writers`, guest writes go on meanwhile and none may fail.
-pub fn failing_target(d: &Daemon, method: &str, writers: bool) {
+/// For each method on a fresh `kind` daemon, every write to the target
+/// fails (a blkdebug node under it): exit code 3, nothing left. With
+/// `writers`, guest writes go on meanwhile and none may fail.
+pub fn failing_target(kind: Kind, writers: bool) {
+    each_method(kind, 16 * MIB, |d, method| {
+        failing_target_with(d, method, writers)
+    });
+}
+
+fn failing_target_with(d: &Daemon, method: &str, writers: bool) {
     let layout = Layout::new(4096, 8 << 20 >> 12, 4, 0xfa11);
     // Data to copy: jobs skip what reads as zeroes, which would never touch the target.
     prefill(&d.url, &layout);
@@ -223,7 +258,7 @@ pub fn failing_target(d: &Daemon, method: &str, writers: bool) {
 /// A qcow2 disk over a raw backing file (`--shallow`): the target holds only
 /// the top layer, names the same backing file, is point-in-time through it,
 /// and allocates nothing where the top layer has nothing.
-pub fn shallow(kind: super::Kind, method: &str, extra: &[&str]) {
+pub fn shallow(kind: Kind, method: &str, extra: &[&str]) {
     const SIZE: u64 = 32 << 20;
     const WRITTEN: u64 = 8 << 20;
     let dir = tempfile::tempdir().unwrap();
