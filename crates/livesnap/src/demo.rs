@@ -380,7 +380,7 @@ async fn demo_steps(
         );
     } else {
         println!(
-            "  Nova is still polling after {}s: the mirror never converged, and its abort would wait for ever.",
+            "  Nova is still polling after {}s: cur never reaches end under these writes, so Nova never gets to its abort and waits for ever.",
             opts.nova_deadline.as_secs()
         );
         println!("  (the demo force-cancelled the job and removed the copy)");
