@@ -9,7 +9,7 @@
 //! data to a mirror target). Attaching and detaching a hook waits until no
 //! write is in flight on the node, so a job knows exactly which writes it saw.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use crate::buf::IoBuf;
 use crate::driver::IoFuture;
@@ -34,14 +34,33 @@ pub struct HookedWrite {
     pub len: u64,
     /// Write, write-zeroes or discard.
     pub kind: WriteKind,
-    /// A copy of the data of a [`WriteKind::Data`] request, when a hook set
-    /// [`WriteHook::wants_data`].
-    pub data: Option<IoBuf>,
+    /// A copy of the data of a [`WriteKind::Data`] request, when a hook
+    /// wanted it ([`WriteHook::wants_data`]); a hook takes it with
+    /// [`HookedWrite::take_data`], so it is copied once whoever uses it.
+    pub data: Mutex<Option<IoBuf>>,
+}
+
+impl HookedWrite {
+    /// A request as a hook sees it.
+    pub fn new(offset: u64, len: u64, kind: WriteKind, data: Option<IoBuf>) -> HookedWrite {
+        HookedWrite {
+            offset,
+            len,
+            kind,
+            data: Mutex::new(data),
+        }
+    }
+
+    /// Takes the copy of the data, if there is one and no hook took it yet.
+    pub fn take_data(&self) -> Option<IoBuf> {
+        self.data.lock().unwrap().take()
+    }
 }
 
 /// Something that runs around every write reaching a node's driver.
 pub trait WriteHook: Send + Sync + 'static {
-    /// True when [`HookedWrite::data`] must be filled (costs a copy of every write).
+    /// True when [`HookedWrite::data`] must be filled (costs a copy of the
+    /// write); asked before each write, so it may change as the hook's state does.
     fn wants_data(&self) -> bool {
         false
     }

@@ -183,12 +183,7 @@ impl BlockNode {
         if hooks.is_empty() {
             return write.await;
         }
-        let req = HookedWrite {
-            offset,
-            len,
-            kind,
-            data,
-        };
+        let req = HookedWrite::new(offset, len, kind, data);
         let mut fut = write;
         for h in hooks.iter().rev() {
             fut = h.intercept(&req, fut);

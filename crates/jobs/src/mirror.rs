@@ -22,7 +22,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use livesnap_block::{
-    BackendHold, BlockBackend, BlockNode, DirtyBitmap, HookedWrite, IoBuf, IoFuture, WriteFlags,
+    BackendHold, BlockBackend, BlockNode, DirtyBitmap, HookedWrite, IoFuture, WriteFlags,
     WriteHook, WriteKind, ZeroFlags,
 };
 use serde_json::{json, Map, Value};
@@ -195,15 +195,14 @@ impl Shared {
     }
 
     /// Writes a guest request's data to the target too (write-blocking mode).
-    async fn mirror_write(&self, req: &HookedWrite) -> io::Result<()> {
+    async fn mirror_write(&self, req: HookedWrite) -> io::Result<()> {
         match req.kind {
             WriteKind::Data => {
                 let data = req
-                    .data
-                    .as_ref()
-                    .expect("the mirror hook asks for the data");
+                    .take_data()
+                    .expect("write-blocking is only taken with the data");
                 self.target
-                    .write(req.offset, IoBuf::from_slice(data), WriteFlags::default())
+                    .write(req.offset, data, WriteFlags::default())
                     .await
             }
             WriteKind::Zeroes => {
@@ -235,7 +234,9 @@ struct MirrorHook {
 
 impl WriteHook for MirrorHook {
     fn wants_data(&self) -> bool {
-        true
+        // Only write-blocking copies guest data to the target; background
+        // mode must not pay a copy of every guest write.
+        self.shared.write_blocking() && !self.shared.stopped.load(Ordering::SeqCst)
     }
 
     fn intercept<'a>(&'a self, req: &'a HookedWrite, write: IoFuture<'a, ()>) -> IoFuture<'a, ()> {
@@ -250,8 +251,20 @@ impl WriteHook for MirrorHook {
             // the same), so a write there costs the guest nothing extra and
             // the dirty count still cannot grow.
             let in_sync_somewhere = !s.bitmap.lock().unwrap().all(req.offset, req.len);
-            let r = if s.write_blocking() && in_sync_somewhere {
-                self.write_blocking(req, write).await
+            let mut mirrored = None;
+            if s.write_blocking() && in_sync_somewhere {
+                let data = match req.kind {
+                    WriteKind::Data => req.take_data(),
+                    _ => None,
+                };
+                // No copy of the data when the mode switched after the node
+                // asked: this one write takes the background path.
+                if req.kind != WriteKind::Data || data.is_some() {
+                    mirrored = Some(HookedWrite::new(req.offset, req.len, req.kind, data));
+                }
+            }
+            let r = if let Some(copy) = mirrored {
+                self.write_blocking(copy, write).await
             } else {
                 s.background_writes.fetch_add(1, Ordering::SeqCst);
                 let r = write.await;
@@ -269,7 +282,7 @@ impl WriteHook for MirrorHook {
 }
 
 impl MirrorHook {
-    async fn write_blocking(&self, req: &HookedWrite, write: IoFuture<'_, ()>) -> io::Result<()> {
+    async fn write_blocking(&self, req: HookedWrite, write: IoFuture<'_, ()>) -> io::Result<()> {
         let s = &self.shared;
         let g = s.bitmap.lock().unwrap().granularity();
         let start = req.offset / g * g;
@@ -291,23 +304,18 @@ impl MirrorHook {
         // that keeps the chunks locked until it lands: a guest whose copy
         // takes longer than `target_wait` goes on without a late target
         // write ever overtaking a newer one.
-        let owned = HookedWrite {
-            offset: req.offset,
-            len: req.len,
-            kind: req.kind,
-            data: req.data.as_ref().map(|d| IoBuf::from_slice(d)),
-        };
+        let (offset, len) = (req.offset, req.len);
         s.active_writes.fetch_add(1, Ordering::SeqCst);
         let (source_done, source_result) = tokio::sync::oneshot::channel::<bool>();
         let shared = s.clone();
         let mut task = tokio::spawn(async move {
-            let mirrored = shared.mirror_write(&owned).await;
+            let mirrored = shared.mirror_write(req).await;
             let source_ok = source_result.await.unwrap_or(false);
             if mirrored.is_ok() && source_ok {
                 // Chunks the write covered whole are now equal on both
                 // sides; partly covered dirty chunks stay dirty.
-                let first = owned.offset.div_ceil(g) * g;
-                let last = (owned.offset + owned.len) / g * g;
+                let first = offset.div_ceil(g) * g;
+                let last = (offset + len) / g * g;
                 if last > first {
                     shared.bitmap.lock().unwrap().reset(first, last - first);
                 }
@@ -315,7 +323,7 @@ impl MirrorHook {
                 // A failed source write leaves its range unspecified, a
                 // failed target write leaves it stale: the copy loop (whose
                 // error policy applies) copies it again.
-                shared.mark_dirty(owned.offset, owned.len);
+                shared.mark_dirty(offset, len);
             }
             drop(lock);
             shared.active_writes.fetch_sub(1, Ordering::SeqCst);
