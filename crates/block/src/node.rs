@@ -298,17 +298,7 @@ impl BlockNode {
                 .tracker
                 .begin(offset, len, RequestKind::Write, serialising)
                 .await;
-            if hooks.is_empty() {
-                return self.driver.write(offset, buf, flags).await;
-            }
-            let data = hooks
-                .iter()
-                .any(|h| h.wants_data())
-                .then(|| IoBuf::from_slice(&buf));
-            let write = self.driver.write(offset, buf, flags);
-            return self
-                .hooked(&hooks, offset, len, WriteKind::Data, data, write)
-                .await;
+            return self.write_hooked(&hooks, offset, buf, flags).await;
         }
         // Read-modify-write of the partial blocks; serialised so that two
         // partial writes into one block cannot lose each other's bytes.
@@ -322,15 +312,28 @@ impl BlockNode {
             .await?;
         let skip = (offset - start) as usize;
         padded[skip..skip + buf.len()].copy_from_slice(&buf);
+        self.write_hooked(&hooks, start, padded, flags).await
+    }
+
+    /// The driver write of an aligned data request, inside the hooks (with a
+    /// copy of the data for the hooks that want one).
+    async fn write_hooked(
+        &self,
+        hooks: &HookList,
+        offset: u64,
+        buf: IoBuf,
+        flags: WriteFlags,
+    ) -> io::Result<()> {
         if hooks.is_empty() {
-            return self.driver.write(start, padded, flags).await;
+            return self.driver.write(offset, buf, flags).await;
         }
+        let len = buf.len() as u64;
         let data = hooks
             .iter()
             .any(|h| h.wants_data())
-            .then(|| IoBuf::from_slice(&padded));
-        let write = self.driver.write(start, padded, flags);
-        self.hooked(&hooks, start, end - start, WriteKind::Data, data, write)
+            .then(|| IoBuf::from_slice(&buf));
+        let write = self.driver.write(offset, buf, flags);
+        self.hooked(hooks, offset, len, WriteKind::Data, data, write)
             .await
     }
 
