@@ -156,9 +156,14 @@ pub fn wait_until(timeout: Duration, what: &str, mut ready: impl FnMut() -> bool
 pub struct Qmp {
     rt: tokio::runtime::Runtime,
     client: livesnap_qmp::QmpClient,
-    /// How long a command may wait for its reply (`None`: no bound).
-    reply_limit: Option<Duration>,
+    path: PathBuf,
+    /// How long a command may wait for its reply.
+    reply_limit: Duration,
 }
+
+/// How long a command may wait for its reply unless a test says otherwise:
+/// a hung daemon fails the test with a diagnosis instead of stalling CI.
+pub const DEFAULT_REPLY_LIMIT: Duration = Duration::from_secs(120);
 
 impl Qmp {
     /// Connects to a QMP socket and negotiates capabilities.
@@ -173,14 +178,40 @@ impl Qmp {
         Qmp {
             rt,
             client,
-            reply_limit: None,
+            path: path.to_path_buf(),
+            reply_limit: DEFAULT_REPLY_LIMIT,
         }
     }
 
     /// Panics when a command's reply takes longer than `limit`.
     pub fn with_reply_limit(mut self, limit: Duration) -> Qmp {
-        self.reply_limit = Some(limit);
+        self.reply_limit = limit;
         self
+    }
+
+    /// What a second monitor sees when this one got no reply: tells a hung
+    /// daemon from a lost reply on this connection.
+    fn diagnose_missing_reply(&mut self) -> String {
+        let path = self.path.clone();
+        let other = self.rt.block_on(async {
+            let c = tokio::time::timeout(Duration::from_secs(5), async {
+                let mut c = livesnap_qmp::QmpClient::connect(&path).await?;
+                c.execute("query-jobs", None).await
+            })
+            .await;
+            match c {
+                Ok(Ok(Ok(v))) => format!("a second monitor got query-jobs = {v}"),
+                Ok(Ok(Err(e))) => format!("a second monitor got an error: {}", e.desc),
+                Ok(Err(e)) => format!("a second monitor failed: {e}"),
+                Err(_) => "a second monitor got no answer within 5 s either".to_string(),
+            }
+        });
+        let late = self
+            .rt
+            .block_on(self.client.next_event(Duration::from_secs(5)))
+            .map(|e| format!("; then this monitor received {e}"))
+            .unwrap_or_default();
+        format!("{other}{late}")
     }
 
     /// The greeting the server sent.
@@ -191,13 +222,17 @@ impl Qmp {
     /// Runs a command: Ok(return value) or Err((class, desc)).
     pub fn execute(&mut self, cmd: &str, args: Value) -> Result<Value, (String, String)> {
         let args = if args.is_null() { None } else { Some(args) };
+        let limit = self.reply_limit;
         let reply = self.client.execute(cmd, args);
-        let r = match self.reply_limit {
-            None => self.rt.block_on(reply),
-            Some(limit) => self
-                .rt
-                .block_on(async { tokio::time::timeout(limit, reply).await })
-                .unwrap_or_else(|_| panic!("QMP {cmd}: no reply within {} s", limit.as_secs())),
+        let r = self
+            .rt
+            .block_on(async { tokio::time::timeout(limit, reply).await });
+        let r = match r {
+            Ok(r) => r,
+            Err(_) => {
+                let why = self.diagnose_missing_reply();
+                panic!("QMP {cmd}: no reply within {} s; {why}", limit.as_secs())
+            }
         }
         .unwrap_or_else(|e| panic!("QMP {cmd}: connection failed: {e}"));
         r.map_err(|e| (e.class.to_string(), e.desc))
