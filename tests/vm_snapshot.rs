@@ -435,3 +435,79 @@ fn find_request_is_exact() {
         assert_eq!(out.as_bytes(), &g.record(n)[..64], "n={n}");
     }
 }
+
+/// qemu-system with a `-blockdev` disk and writers going through QEMU's own
+/// NBD export of it: `livesnap snapshot` on node `disk0` must give the disk
+/// at one instant inside the window its report gives, and lose no write.
+#[test]
+fn qemu_system_blockdev_disk_snapshot_under_writers() {
+    use harness::pit::{
+        check_source_complete, prefill, verify_point_in_time, Layout, WriterOpts, Writers,
+    };
+    let work = tempfile::tempdir().unwrap();
+    let disk = work.path().join("disk.raw");
+    sparse_file(&disk, DISK);
+    let vm = Vm::start(
+        VmDisk::Blockdev {
+            path: &disk,
+            format: "raw",
+        },
+        Boot::Paused,
+    );
+    let sock = work.path().join("nbd.sock");
+    {
+        // QEMU serves one monitor client at a time: this one goes before the CLI comes.
+        let mut qmp = vm.qmp();
+        qmp.ok(
+            "nbd-server-start",
+            json!({"addr": {"type": "unix", "data": {"path": sock.to_str().unwrap()}}}),
+        );
+        qmp.ok(
+            "block-export-add",
+            json!({"type": "nbd", "id": "w", "node-name": "disk0", "writable": true}),
+        );
+    }
+    let url = format!("nbd+unix:///disk0?socket={}", sock.display());
+    let layout = Layout::new(4096, DISK / 4096, 4, 0xb10c);
+    prefill(&url, &layout);
+    let w = Writers::start(
+        &[&url],
+        &layout,
+        &WriterOpts {
+            rate: Some(2000.0),
+            ..WriterOpts::default()
+        },
+    );
+    w.wait_acked(500, JOB_TIMEOUT);
+    let target = work.path().join("snap.raw");
+    let (status, stdout, stderr) = run_within(
+        Command::new(livesnap_bin())
+            .args(["snapshot", "--qmp"])
+            .arg(&vm.qmp_path)
+            .arg("disk0")
+            .arg(&target)
+            .args(["--format", "raw", "--json", "--quiet", "--speed", "8M"]),
+        JOB_TIMEOUT + Duration::from_secs(30),
+    );
+    assert!(
+        status.success(),
+        "livesnap snapshot failed: {stdout}\n{stderr}"
+    );
+    let report: Value = serde_json::from_str(stdout.trim()).expect("a JSON report");
+    let pit = &report["point_in_time"];
+    let t0 = harness::instant_of(pit["start_monotonic_ns"].as_u64().expect("window start"));
+    let t1 = harness::instant_of(pit["end_monotonic_ns"].as_u64().expect("window end"));
+    w.wait_acked(w.acked() + 500, JOB_TIMEOUT);
+    let log = w.stop();
+    log.assert_no_failures();
+    let copy = std::fs::read(&target).unwrap();
+    let r = verify_point_in_time(&log, &copy, t0, t1)
+        .unwrap_or_else(|e| panic!("snapshot of qemu-system's -blockdev disk: {e}"));
+    eprintln!("qemu-system -blockdev, livesnap snapshot: {r}");
+    assert!(
+        log.sent_between(t1, Instant::now()) > 0,
+        "no write raced the copy"
+    );
+    check_source_complete(&log, &read_export(&url, DISK))
+        .expect("the disk keeps every acknowledged write");
+}

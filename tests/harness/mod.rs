@@ -584,6 +584,17 @@ pub fn monotonic_ns() -> u64 {
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
+/// This process's `Instant` for a CLOCK_MONOTONIC reading of another
+/// process on this machine.
+pub fn instant_of(ns: u64) -> Instant {
+    let (i, m) = (Instant::now(), monotonic_ns());
+    if ns >= m {
+        i + Duration::from_nanos(ns - m)
+    } else {
+        i - Duration::from_nanos(m - ns)
+    }
+}
+
 /// How long a `RawQmp` waits for any one read or write.
 pub const QMP_WAIT: Duration = Duration::from_secs(10);
 

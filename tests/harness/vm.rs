@@ -811,7 +811,9 @@ impl Vm {
                 ));
                 cmd.arg("-blockdev")
                     .arg(format!("driver={format},file=disk0-file,node-name=disk0"));
-                cmd.args(["-device", "virtio-blk-pci,drive=disk0,id=vd0"]);
+                // share-rw: a test may write through QEMU's own NBD export of
+                // the node while the device is attached.
+                cmd.args(["-device", "virtio-blk-pci,drive=disk0,id=vd0,share-rw=on"]);
                 ("disk0", "vd0")
             }
         };

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-pub use harness::{monotonic_ns, pit, run, Qmp};
+pub use harness::{instant_of, monotonic_ns, pit, run, Qmp};
 use harness::{wait_until, wait_within, Livesnapd, Qsd, START_TIMEOUT};
 
 /// How long the test's QMP commands may wait for their reply.
@@ -201,17 +201,6 @@ pub fn wait_out(child: Child, limit: Duration) -> Out {
     };
     eprintln!("[livesnap stderr]\n{}", o.stderr);
     o
-}
-
-/// This process's `Instant` for a CLOCK_MONOTONIC reading of another
-/// process on this machine.
-pub fn instant_of(ns: u64) -> Instant {
-    let (i, m) = (Instant::now(), monotonic_ns());
-    if ns >= m {
-        i + Duration::from_nanos(ns - m)
-    } else {
-        i - Duration::from_nanos(m - ns)
-    }
 }
 
 /// The report's point-in-time window as `Instant`s, widened by 1 ms on each
