@@ -19,6 +19,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+// Each test binary uses a different subset of these.
+#[allow(unused_imports)]
 pub use harness::{instant_of, monotonic_ns, pit, run, Qmp};
 use harness::{wait_until, wait_within, Livesnapd, Qsd, START_TIMEOUT};
 
