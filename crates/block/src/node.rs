@@ -216,15 +216,44 @@ impl BlockNode {
 
     /// Reads `buf.len()` bytes at `offset` into `buf` and gives it back.
     pub async fn read_into(&self, offset: u64, buf: IoBuf) -> io::Result<IoBuf> {
-        let len = buf.len();
-        self.check_range(offset, len as u64)?;
-        let a = self.alignment();
-        let start = align_down(offset, a);
-        let end = align_up(offset + len as u64, a);
+        self.check_range(offset, buf.len() as u64)?;
+        let (start, end) = self.aligned(offset, buf.len() as u64);
         let _req = self
             .tracker
             .begin(start, end - start, RequestKind::Read, false)
             .await;
+        self.read_aligned(offset, buf, start, end).await
+    }
+
+    /// Reads `len` bytes at `offset` without waiting for overlapping
+    /// serialising requests (see [`RequestTracker::begin_unordered`]): how a
+    /// copy-before-write hook reads the old data of the write it runs in.
+    pub async fn read_unordered(&self, offset: u64, len: usize) -> io::Result<IoBuf> {
+        self.check_range(offset, len as u64)?;
+        let (start, end) = self.aligned(offset, len as u64);
+        let _req = self
+            .tracker
+            .begin_unordered(start, end - start, RequestKind::Read);
+        self.read_aligned(offset, IoBuf::zeroed(len), start, end)
+            .await
+    }
+
+    /// `[offset, offset+len)` widened to the driver's alignment.
+    fn aligned(&self, offset: u64, len: u64) -> (u64, u64) {
+        let a = self.alignment();
+        (align_down(offset, a), align_up(offset + len, a))
+    }
+
+    /// The driver read of `buf` at `offset`, through a padded buffer over
+    /// `[start, end)` when the request is not aligned.
+    async fn read_aligned(
+        &self,
+        offset: u64,
+        buf: IoBuf,
+        start: u64,
+        end: u64,
+    ) -> io::Result<IoBuf> {
+        let len = buf.len();
         if start == offset && end == offset + len as u64 {
             return self.driver.read(offset, buf).await;
         }
@@ -236,28 +265,6 @@ impl BlockNode {
         let mut buf = buf;
         buf.copy_from_slice(&padded[skip..skip + len]);
         Ok(buf)
-    }
-
-    /// Reads `len` bytes at `offset` without waiting for overlapping
-    /// serialising requests (see [`RequestTracker::begin_unordered`]): how a
-    /// copy-before-write hook reads the old data of the write it runs in.
-    pub async fn read_unordered(&self, offset: u64, len: usize) -> io::Result<IoBuf> {
-        self.check_range(offset, len as u64)?;
-        let a = self.alignment();
-        let start = align_down(offset, a);
-        let end = align_up(offset + len as u64, a);
-        let _req = self
-            .tracker
-            .begin_unordered(start, end - start, RequestKind::Read);
-        if start == offset && end == offset + len as u64 {
-            return self.driver.read(offset, IoBuf::zeroed(len)).await;
-        }
-        let padded = self
-            .driver
-            .read(start, IoBuf::zeroed((end - start) as usize))
-            .await?;
-        let skip = (offset - start) as usize;
-        Ok(IoBuf::from_slice(&padded[skip..skip + len]))
     }
 
     /// Writes `buf` at `offset`.
@@ -288,10 +295,8 @@ impl BlockNode {
     ) -> io::Result<()> {
         self.check_writable()?;
         self.check_range(offset, buf.len() as u64)?;
-        let a = self.alignment();
         let len = buf.len() as u64;
-        let start = align_down(offset, a);
-        let end = align_up(offset + len, a);
+        let (start, end) = self.aligned(offset, len);
         let hooks = self.hooks.read().await;
         if start == offset && end == offset + len {
             let _req = self

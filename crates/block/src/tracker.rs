@@ -96,28 +96,20 @@ impl RequestTracker {
         kind: RequestKind,
         serialising: bool,
     ) -> TrackedRequest<'_> {
-        let end = offset.saturating_add(len.max(1));
+        let req = Tracked {
+            offset,
+            end: offset.saturating_add(len.max(1)),
+            kind,
+            serialising,
+        };
         let id = self
             .wait_until(
                 |st| {
                     !st.requests
                         .values()
-                        .any(|r| r.overlaps(offset, end) && (r.serialising || serialising))
+                        .any(|r| r.overlaps(req.offset, req.end) && (r.serialising || serialising))
                 },
-                |st| {
-                    let id = st.next_id;
-                    st.next_id += 1;
-                    st.requests.insert(
-                        id,
-                        Tracked {
-                            offset,
-                            end,
-                            kind,
-                            serialising,
-                        },
-                    );
-                    id
-                },
+                |st| Self::register(st, req),
             )
             .await;
         TrackedRequest { tracker: self, id }
@@ -128,23 +120,23 @@ impl RequestTracker {
     /// inside the write it protects (a padded write holds a serialising
     /// request) and orders itself against writes by its own cluster claims.
     pub fn begin_unordered(&self, offset: u64, len: u64, kind: RequestKind) -> TrackedRequest<'_> {
-        let end = offset.saturating_add(len.max(1));
-        let mut st = self.state.lock().unwrap();
-        let id = st.next_id;
-        st.next_id += 1;
-        st.requests.insert(
-            id,
-            Tracked {
-                offset,
-                end,
-                kind,
-                serialising: false,
-            },
-        );
+        let req = Tracked {
+            offset,
+            end: offset.saturating_add(len.max(1)),
+            kind,
+            serialising: false,
+        };
+        let id = Self::register(&mut self.state.lock().unwrap(), req);
         TrackedRequest { tracker: self, id }
     }
 
-    /// Waits until no request that changes data overlaps `[offset, offset + len)`.
+    fn register(st: &mut State, req: Tracked) -> u64 {
+        let id = st.next_id;
+        st.next_id += 1;
+        st.requests.insert(id, req);
+        id
+    }
+
     pub async fn wait_range_idle(&self, offset: u64, len: u64) {
         let end = offset.saturating_add(len.max(1));
         self.wait_until(
