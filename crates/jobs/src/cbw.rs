@@ -19,9 +19,9 @@
 //! (or, with `cbw-timeout`, slow) copy does to the guest write.
 
 use std::io;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use livesnap_block::{
     BlockDriver, BlockNode, BlockStatus, ChildRef, DirtyBitmap, HookedWrite, IoBuf, IoFuture,
@@ -29,6 +29,7 @@ use livesnap_block::{
 };
 
 use crate::block_copy::{BlockCopy, BlockCopyOptions, CopyError};
+use crate::guest::GuestActivity;
 
 /// QEMU's `OnCbwError`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -67,28 +68,9 @@ pub struct CbwOptions {
     pub discard_source: bool,
 }
 
-/// How long a guest counts as busy after its last write (a writer at queue
-/// depth 1 has gaps between requests that are not idleness).
-const BUSY_HOLD: Duration = Duration::from_millis(20);
-
 /// How long [`Cbw::close`] lets copies in flight finish before it gives up
 /// on them and releases the guest writes waiting for them.
 pub const CLOSE_GRACE: Duration = Duration::from_secs(1);
-
-/// Guest writes seen by the hook: whether the guest is busy right now.
-struct GuestActivity {
-    in_flight: AtomicUsize,
-    last: Mutex<Instant>,
-}
-
-struct InFlight<'a>(&'a GuestActivity);
-
-impl Drop for InFlight<'_> {
-    fn drop(&mut self) {
-        *self.0.last.lock().unwrap() = Instant::now();
-        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
-    }
-}
 
 /// The state of one copy-before-write filter, shared by its node, its hook
 /// on `file`, a backup job and snapshot readers.
@@ -115,8 +97,7 @@ impl WriteHook for CbwHook {
             let Some(cbw) = self.0.upgrade() else {
                 return write.await;
             };
-            cbw.guest.in_flight.fetch_add(1, Ordering::SeqCst);
-            let _busy = InFlight(&cbw.guest);
+            let _busy = cbw.guest.write_started();
             cbw.before_write(req).await?;
             write.await
         })
@@ -151,10 +132,7 @@ impl Cbw {
             released: AtomicBool::new(false),
             snapshot_error: Mutex::new(None),
             access: Mutex::new(access),
-            guest: GuestActivity {
-                in_flight: AtomicUsize::new(0),
-                last: Mutex::new(Instant::now() - BUSY_HOLD * 2),
-            },
+            guest: GuestActivity::new(),
         });
         let hook: Arc<dyn WriteHook> = Arc::new(CbwHook(Arc::downgrade(&cbw)));
         *cbw.hook.lock().unwrap() = Some(hook.clone());
@@ -241,9 +219,7 @@ impl Cbw {
     /// True while the guest writes to `file` (or did within the last few
     /// milliseconds), or reads from it: a background copy should yield.
     pub fn guest_busy(&self) -> bool {
-        if self.guest.in_flight.load(Ordering::SeqCst) > 0
-            || self.guest.last.lock().unwrap().elapsed() < BUSY_HOLD
-        {
+        if self.guest.busy() {
             return true;
         }
         // Requests on `file` that are not this engine's own reads are the guest's.

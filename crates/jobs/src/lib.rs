@@ -12,6 +12,7 @@ pub mod backup;
 pub mod block_copy;
 pub mod cbw;
 pub mod create;
+pub mod guest;
 pub mod job;
 pub mod mirror;
 pub mod rangelock;

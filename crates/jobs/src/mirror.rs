@@ -29,6 +29,7 @@ use serde_json::{json, Map, Value};
 use tokio::sync::Notify;
 use tokio::task::JoinSet;
 
+use crate::guest::GuestActivity;
 use crate::job::{ErrorVerdict, JobCtx, JobDriver, JobError, JobFuture, JobType, OnError};
 use crate::rangelock::RangeLocks;
 
@@ -161,8 +162,7 @@ struct Shared {
     /// Guest writes started in background mode and not yet finished: while
     /// any runs, the target may lag without the bitmap showing it yet.
     background_writes: AtomicU64,
-    guest_in_flight: AtomicU64,
-    last_guest_write: Mutex<Instant>,
+    guest: GuestActivity,
     /// Set on a force cancel or at the end: the hook passes writes through.
     stopped: AtomicBool,
     stop: Notify,
@@ -187,11 +187,6 @@ impl Shared {
 
     fn dirty_bytes(&self) -> u64 {
         self.bitmap.lock().unwrap().dirty_bytes()
-    }
-
-    fn guest_busy(&self) -> bool {
-        self.guest_in_flight.load(Ordering::SeqCst) > 0
-            || self.last_guest_write.lock().unwrap().elapsed() < Duration::from_millis(20)
     }
 
     /// Writes a guest request's data to the target too (write-blocking mode).
@@ -245,7 +240,7 @@ impl WriteHook for MirrorHook {
             if s.stopped.load(Ordering::SeqCst) {
                 return write.await;
             }
-            s.guest_in_flight.fetch_add(1, Ordering::SeqCst);
+            let _busy = s.guest.write_started();
             // Write-blocking only where the target is in sync: a chunk still
             // dirty will be copied whole anyway (QEMU's active mirror does
             // the same), so a write there costs the guest nothing extra and
@@ -274,8 +269,6 @@ impl WriteHook for MirrorHook {
                 s.background_writes.fetch_sub(1, Ordering::SeqCst);
                 r
             };
-            *s.last_guest_write.lock().unwrap() = Instant::now();
-            s.guest_in_flight.fetch_sub(1, Ordering::SeqCst);
             r
         })
     }
@@ -380,10 +373,6 @@ pub struct Mirror {
     initial_dirty: AtomicU64,
 }
 
-fn in_sync_error(e: io::Error) -> String {
-    crate::os_error_text(&e)
-}
-
 impl Mirror {
     /// A mirror job; nothing happens until the job runs.
     pub fn new(opts: MirrorOptions) -> Arc<Mirror> {
@@ -399,8 +388,7 @@ impl Mirror {
                 MODE_BACKGROUND
             }),
             background_writes: AtomicU64::new(0),
-            guest_in_flight: AtomicU64::new(0),
-            last_guest_write: Mutex::new(Instant::now() - Duration::from_secs(1)),
+            guest: GuestActivity::new(),
             stopped: AtomicBool::new(false),
             stop: Notify::new(),
             dirtied: Notify::new(),
@@ -589,7 +577,7 @@ impl Mirror {
                     ctx.id(),
                     ops.len(),
                     shared.write_blocking(),
-                    shared.guest_busy(),
+                    shared.guest.busy(),
                     self.copy_rate.load(Ordering::Relaxed)
                 );
             }
@@ -654,7 +642,7 @@ impl Mirror {
             }
 
             // Issue copies within the limits; fewer while the guest is busy.
-            let busy = shared.guest_busy() && self.opts.tuning.busy_share < 1.0;
+            let busy = shared.guest.busy() && self.opts.tuning.busy_share < 1.0;
             let max_ops = if busy { 1 } else { MAX_IN_FLIGHT };
             let mut issued = false;
             while ops.len() < max_ops && in_flight_bytes < self.opts.buf_size {
@@ -870,7 +858,9 @@ impl JobDriver for Mirror {
             }
             // Attaching drains the source's writes: none can land unseen after this.
             self.opts.source.add_write_hook(self.hook.clone()).await;
-            self.dirty_init().await.map_err(in_sync_error)?;
+            self.dirty_init()
+                .await
+                .map_err(|e| crate::os_error_text(&e))?;
             self.initial_dirty
                 .store(self.shared.dirty_bytes(), Ordering::Relaxed);
             self.update_remaining(ctx, 0);
