@@ -21,14 +21,17 @@ pub struct BlockGraph {
     next_auto: Mutex<u64>,
 }
 
-/// Checks a user-given node name as QEMU's `id_wellformed` does.
+/// QEMU's `id_wellformed()`, for node names, export and job ids: a letter,
+/// then letters, digits, '-', '.' and '_'.
+pub fn id_wellformed(id: &str) -> bool {
+    let mut chars = id.chars();
+    chars.next().is_some_and(|c| c.is_ascii_alphabetic())
+        && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'))
+}
+
+/// Checks a user-given node name as QEMU does: well formed, under 32 bytes.
 pub fn check_node_name(name: &str) -> Result<(), GraphError> {
-    let ok = name.len() < 32
-        && name.chars().next().is_some_and(|c| c.is_ascii_alphabetic())
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.' || c == '_');
-    if ok {
+    if name.len() < 32 && id_wellformed(name) {
         Ok(())
     } else {
         Err(GraphError(format!("Invalid node-name: '{name}'")))

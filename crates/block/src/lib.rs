@@ -33,7 +33,7 @@ pub use driver::{
     BlockDriver, BlockStatus, ChildRef, FormatSpecific, IoFuture, Limits, WriteFlags, ZeroFlags,
 };
 pub use file::{FileDriver, FileOptions};
-pub use graph::{check_node_name, BlockGraph, GraphError, BLOCKER_PREFIX};
+pub use graph::{check_node_name, id_wellformed, BlockGraph, GraphError, BLOCKER_PREFIX};
 pub use hook::{HookedWrite, WriteHook, WriteKind};
 pub use node::BlockNode;
 pub use qcow2::{

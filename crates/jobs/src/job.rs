@@ -16,6 +16,8 @@ use std::time::Duration;
 use serde_json::{json, Map, Value};
 use tokio::sync::watch;
 
+use livesnap_block::id_wellformed;
+
 use crate::ratelimit::RateLimit;
 
 /// A boxed future returned by job drivers.
@@ -379,13 +381,6 @@ pub struct JobCtx {
 pub struct JobManager {
     jobs: Mutex<Vec<Arc<Job>>>,
     events: EventSink,
-}
-
-/// QEMU's `id_wellformed()`.
-fn id_wellformed(id: &str) -> bool {
-    let mut chars = id.chars();
-    chars.next().is_some_and(|c| c.is_ascii_alphabetic())
-        && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'))
 }
 
 impl JobManager {

@@ -25,6 +25,7 @@ use livesnap_qmp::{Args, Dispatcher, ErrorClass, QmpError};
 use serde_json::Value;
 
 use crate::daemon::Daemon;
+use livesnap_block::id_wellformed;
 
 /// Every command this dispatcher answers, in `query-commands` order.
 pub const COMMAND_NAMES: &[&str] = &[
@@ -139,12 +140,4 @@ impl Dispatcher for Commands {
 /// `{}`: what QEMU returns for commands without a result.
 fn empty() -> Value {
     Value::Object(Default::default())
-}
-
-/// QEMU's `id_wellformed()`, for node names and export ids: a letter, then
-/// letters, digits, '-', '.' and '_' (no length limit here).
-fn id_wellformed(id: &str) -> bool {
-    let mut chars = id.chars();
-    chars.next().is_some_and(|c| c.is_ascii_alphabetic())
-        && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'))
 }
