@@ -16,9 +16,9 @@ use std::time::{Duration, Instant};
 
 use livesnap_block::{create_image, CreateOptions, ImageFormat};
 use livesnap_nbd::client::NbdClient;
-use livesnap_qmp::QmpClient;
-use serde_json::{json, Value};
+use serde_json::json;
 
+use crate::endpoint::{Endpoint, CONNECT_TIMEOUT};
 use crate::error::{Failure, Kind, Result};
 use crate::signals::Interrupt;
 use crate::snapshot::{self, MethodArg};
@@ -182,13 +182,6 @@ fn find_request(image: &[u8], blocks: u64) -> std::result::Result<Option<u64>, S
     }
 }
 
-async fn qmp_ok(q: &mut QmpClient, cmd: &str, args: Value) -> Result<Value> {
-    q.execute(cmd, Some(args))
-        .await
-        .map_err(|e| Failure::endpoint(format!("{cmd}: {e}")))?
-        .map_err(|e| Failure::endpoint(format!("{cmd}: {}", e.desc)))
-}
-
 /// Creates a sparse raw image.
 async fn create_raw(path: &Path, size: u64) -> Result<()> {
     create_image(&CreateOptions {
@@ -206,7 +199,7 @@ async fn create_raw(path: &Path, size: u64) -> Result<()> {
 /// The classic Nova algorithm: mirror, poll every 0.5 s until `cur == end`,
 /// then abort. Returns true if it finished before `deadline`.
 async fn nova(
-    q: &mut QmpClient,
+    q: &mut Endpoint,
     dir: &Path,
     size: u64,
     speed: u64,
@@ -214,16 +207,14 @@ async fn nova(
 ) -> Result<bool> {
     let copy = dir.join("nova-copy.raw");
     create_raw(&copy, size).await?;
-    qmp_ok(
-        q,
+    q.must(
         "blockdev-add",
         json!({"driver": "raw", "node-name": "nova-copy",
                "file": {"driver": "file", "filename": copy.to_string_lossy()}}),
     )
     .await?;
     // libvirt's block copy: a background-mode mirror.
-    qmp_ok(
-        q,
+    q.must(
         "blockdev-mirror",
         json!({"job-id": "nova", "device": "disk", "target": "nova-copy", "sync": "full",
                "speed": speed}),
@@ -234,7 +225,7 @@ async fn nova(
     let mut last_print = Instant::now() - Duration::from_secs(2);
     while start.elapsed() < deadline {
         tokio::time::sleep(Duration::from_millis(500)).await;
-        let jobs = qmp_ok(q, "query-block-jobs", json!({})).await?;
+        let jobs = q.must("query-block-jobs", json!({})).await?;
         let Some(j) = jobs
             .as_array()
             .and_then(|a| a.iter().find(|j| j["device"] == "nova"))
@@ -257,7 +248,8 @@ async fn nova(
         }
         if cur == end && j["ready"] == true {
             // Nova's blockJobAbort: a soft cancel, then wait for the end.
-            qmp_ok(q, "block-job-cancel", json!({"device": "nova"})).await?;
+            q.must("block-job-cancel", json!({"device": "nova"}))
+                .await?;
             finished = wait_gone(q, "nova", deadline.saturating_sub(start.elapsed())).await?;
             break;
         }
@@ -265,25 +257,22 @@ async fn nova(
     if !finished {
         // Clean up what Nova left: a force cancel ends the job at once.
         let _ = q
-            .execute(
-                "block-job-cancel",
-                Some(json!({"device": "nova", "force": true})),
-            )
+            .call("block-job-cancel", json!({"device": "nova", "force": true}))
             .await;
         wait_gone(q, "nova", Duration::from_secs(10)).await?;
     }
     let _ = q
-        .execute("blockdev-del", Some(json!({"node-name": "nova-copy"})))
+        .call("blockdev-del", json!({"node-name": "nova-copy"}))
         .await;
     let _ = std::fs::remove_file(&copy);
     Ok(finished)
 }
 
 /// Waits until job `id` is no longer listed; false if `limit` passed first.
-async fn wait_gone(q: &mut QmpClient, id: &str, limit: Duration) -> Result<bool> {
+async fn wait_gone(q: &mut Endpoint, id: &str, limit: Duration) -> Result<bool> {
     let start = Instant::now();
     while start.elapsed() < limit {
-        let jobs = qmp_ok(q, "query-jobs", json!({})).await?;
+        let jobs = q.must("query-jobs", json!({})).await?;
         if !jobs
             .as_array()
             .is_some_and(|a| a.iter().any(|j| j["id"] == id))
@@ -370,9 +359,7 @@ async fn demo_steps(
         "\n1. The classic Nova algorithm (mirror, poll every 0.5 s until cur == end, then abort), given {}s:",
         opts.nova_deadline.as_secs()
     );
-    let mut q = QmpClient::connect(qmp_path)
-        .await
-        .map_err(|e| Failure::endpoint(format!("cannot connect to {}: {e}", qmp_path.display())))?;
+    let mut q = Endpoint::connect(qmp_path, CONNECT_TIMEOUT).await?;
     let nova_done = nova(&mut q, dir, size, opts.speed, opts.nova_deadline).await?;
     if nova_done {
         println!(
