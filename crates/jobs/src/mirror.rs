@@ -587,12 +587,12 @@ impl Mirror {
                 if best_dirty == u64::MAX || (dirty as u128) * 20 < (best_dirty as u128) * 19 {
                     best_dirty = dirty;
                     last_progress = Instant::now();
-                } else if last_progress.elapsed() >= self.opts.tuning.auto_patience
-                    && (!ctx.is_ready() || dirty > self.hold_budget())
-                {
-                    // Before READY only a clean instant counts, however
-                    // little is dirty; after it, a little dirt is what
-                    // completion's hold is for.
+                } else if last_progress.elapsed() >= self.opts.tuning.auto_patience && dirty > 0 {
+                    // Also in READY: completion's hold would cope with a
+                    // little dirt, but a caller that waits for
+                    // `offset == len` before it completes (Nova, libvirt)
+                    // needs the job to get clean, which only write-blocking
+                    // guarantees under a busy guest.
                     self.switch_to_write_blocking();
                 }
             }

@@ -73,6 +73,13 @@ pub struct Cli {
     #[arg(long, value_name = "N", default_value_t = 100)]
     pub max_connections: u32,
 
+    /// Copy mode of a blockdev-mirror that names none. `auto` (livesnapd's
+    /// default) converges under any guest load, so a caller that polls for
+    /// READY and then cancels always ends; `background` is QEMU's default.
+    #[arg(long, value_name = "MODE", default_value = "auto",
+          value_parser = ["auto", "background", "write-blocking"])]
+    pub default_copy_mode: String,
+
     /// Demo only: keep the demo image and QMP socket in DIR instead of
     /// /tmp/livesnap-demo (tests use it, with `--nbd 127.0.0.1:0`, so they
     /// never touch a developer's running demo).

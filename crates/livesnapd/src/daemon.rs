@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use livesnap_block::{BlockGraph, BlockNode};
+use livesnap_jobs::mirror::CopyMode;
 use livesnap_jobs::JobManager;
 use livesnap_nbd::{Export, ExportTable, NbdServer};
 use livesnap_qmp::EventBus;
@@ -44,7 +45,27 @@ pub struct Daemon {
     pub exports: Mutex<Vec<Arc<ExportEntry>>>,
     /// Block jobs and `blockdev-create` jobs.
     pub jobs: Arc<JobManager>,
+    /// What the command line set for the whole process.
+    pub settings: Settings,
     quit: watch::Sender<bool>,
+}
+
+/// Daemon-wide choices made on the command line.
+#[derive(Clone, Copy, Debug)]
+pub struct Settings {
+    /// The copy mode of a `blockdev-mirror` that names none. QEMU's is
+    /// `background`, which may never converge under guest writes; livesnapd's
+    /// is `auto`, so callers that poll for READY and then cancel (Nova's
+    /// loop) end (docs/qmp.md).
+    pub mirror_copy_mode: CopyMode,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            mirror_copy_mode: CopyMode::Auto,
+        }
+    }
 }
 
 /// How long a graceful shutdown waits for force-cancelled jobs to end.
@@ -54,8 +75,13 @@ pub const JOB_CANCEL_GRACE: Duration = Duration::from_secs(2);
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
 impl Daemon {
-    /// A daemon with an empty graph and no NBD server.
+    /// A daemon with an empty graph, no NBD server and the default settings.
     pub fn new() -> Arc<Daemon> {
+        Daemon::with_settings(Settings::default())
+    }
+
+    /// A daemon with an empty graph, no NBD server and `settings`.
+    pub fn with_settings(settings: Settings) -> Arc<Daemon> {
         let events = EventBus::new();
         let sink = events.clone();
         Arc::new(Daemon {
@@ -67,6 +93,7 @@ impl Daemon {
             nbd_exports: ExportTable::new(),
             nbd_server: tokio::sync::Mutex::new(None),
             exports: Mutex::new(Vec::new()),
+            settings,
             quit: watch::channel(false).0,
         })
     }

@@ -8,9 +8,10 @@ use std::sync::Arc;
 use clap::{CommandFactory, Parser};
 use tokio::signal::unix::{signal, Signal, SignalKind};
 
+use livesnap_jobs::mirror::CopyMode;
 use livesnapd::cli::{Cli, DEMO_DIR, DEMO_SIZE};
 use livesnapd::commands::{self, Commands};
-use livesnapd::daemon::Daemon;
+use livesnapd::daemon::{Daemon, Settings};
 use livesnapd::{bind_qmp, export_image, nbd_uri, ImageExport};
 
 /// Allocations below this come from malloc's heap instead of fresh mmaps.
@@ -80,7 +81,9 @@ async fn run(mut cli: Cli) -> anyhow::Result<()> {
         cli.image = Some(image);
         cli.qmp = Some(dir.join("qmp.sock"));
     }
-    let daemon = Daemon::new();
+    let daemon = Daemon::with_settings(Settings {
+        mirror_copy_mode: CopyMode::parse(&cli.default_copy_mode).unwrap_or(CopyMode::Auto),
+    });
     let commands = Commands::new(daemon.clone());
 
     let mut nbd_url = None;

@@ -175,7 +175,7 @@ pub(super) async fn blockdev_mirror(d: &Arc<Daemon>, mut args: Args) -> Result<V
     let copy_mode = copy_mode
         .as_deref()
         .and_then(CopyMode::parse)
-        .unwrap_or(CopyMode::Background);
+        .unwrap_or(d.settings.mirror_copy_mode);
     d.jobs.check_id(&job_id).map_err(|e| generic(e.0))?;
     let mirror = Mirror::new(MirrorOptions {
         source: source.clone(),
