@@ -1,9 +1,11 @@
-//! `livesnap`: takes a live snapshot of a running VM's disk through any QMP
-//! endpoint (livesnapd, qemu-storage-daemon, qemu-system-*), and the verbs
-//! an operator needs around it (jobs, cancel, watch, nodes, create, info).
+//! `livesnap`: takes a live snapshot of a running VM's disk through any
+//! endpoint people run — a QMP socket (livesnapd, qemu-storage-daemon,
+//! qemu-system-*) or libvirt's API for libvirt-managed domains — and the
+//! verbs an operator needs around it (jobs, cancel, watch, nodes, create,
+//! info).
 //!
-//! This crate owns the orchestration only: it speaks QMP (and the guest
-//! agent's protocol) and never touches a disk's data itself. It must end by
+//! This crate owns the orchestration only: it speaks QMP, libvirt's API and
+//! the guest agent's protocol, and never touches a disk's data itself. It must end by
 //! its deadline, never leave a node, job or partial file behind on failure,
 //! never pivot the source onto the copy (`job-complete`), and never send a
 //! soft cancel before READY.
@@ -12,6 +14,8 @@ mod demo;
 mod disk;
 mod endpoint;
 mod error;
+#[cfg(feature = "libvirt")]
+mod libvirt;
 mod progress;
 mod qga;
 mod report;
@@ -33,7 +37,7 @@ use livesnap_block::ImageFormat;
 use crate::endpoint::{Endpoint, CONNECT_TIMEOUT};
 use crate::error::{Failure, EXIT_CODES_HELP};
 use crate::signals::Interrupt;
-use crate::snapshot::{CopyMode, MethodArg};
+use crate::snapshot::{CopyMode, EndpointArg, FreezeArg, MethodArg};
 use crate::target::CreateVia;
 use crate::wait::Clock;
 
@@ -54,13 +58,18 @@ Examples:
 
   livesnap jobs --qmp /run/vm1.qmp
   livesnap watch --qmp /run/vm1.qmp
-  livesnap create /images/new.qcow2 --format qcow2 --size 20G";
+  livesnap create /images/new.qcow2 --format qcow2 --size 20G
+
+  # a libvirt-managed VM (OpenStack, virt-manager...): disk vda, top layer only
+  livesnap snapshot --libvirt instance-0000002a vda /backup/delta.qcow2 --shallow \\
+      --method mirror --deadline 5m --json
+  livesnap jobs --libvirt instance-0000002a";
 
 #[derive(Parser)]
 #[command(
     name = "livesnap",
     version,
-    about = "Live disk snapshots of running VMs through QMP, bounded by a deadline",
+    about = "Live disk snapshots of running VMs through QMP or libvirt, bounded by a deadline",
     after_help = format!("{EXAMPLES}\n\n{EXIT_CODES_HELP}"),
 )]
 struct Cli {
@@ -111,6 +120,39 @@ enum CreateChoice {
     Local,
 }
 
+/// Where the disk is: a QMP socket, or a libvirt domain.
+#[derive(clap::Args, Clone)]
+struct EndpointOpts {
+    /// QMP socket of the endpoint (livesnapd, qemu-storage-daemon, qemu-system-*)
+    #[arg(
+        long,
+        value_name = "SOCKET",
+        conflicts_with = "libvirt",
+        required_unless_present = "libvirt"
+    )]
+    qmp: Option<PathBuf>,
+    /// A libvirt-managed domain (name, UUID or id), through libvirt's API
+    #[arg(long, value_name = "DOMAIN")]
+    libvirt: Option<String>,
+    /// libvirt URI [default: $LIBVIRT_DEFAULT_URI, else qemu:///system]
+    #[arg(long, value_name = "URI", requires = "libvirt")]
+    connect: Option<String>,
+}
+
+impl EndpointOpts {
+    fn endpoint(&self) -> EndpointArg {
+        match (&self.qmp, &self.libvirt) {
+            (Some(q), _) => EndpointArg::Qmp(q.clone()),
+            (None, Some(d)) => EndpointArg::Libvirt {
+                domain: d.clone(),
+                uri: self.connect.clone(),
+            },
+            // clap requires one of the two.
+            (None, None) => EndpointArg::Qmp(PathBuf::new()),
+        }
+    }
+}
+
 fn duration_arg(s: &str) -> Result<Duration, String> {
     units::parse_duration(s)
 }
@@ -133,10 +175,10 @@ itself is bounded (about 20 s).
 
 {EXIT_CODES_HELP}"))]
     Snapshot {
-        /// QMP socket of the endpoint (livesnapd, qemu-storage-daemon, qemu-system-*)
-        #[arg(long)]
-        qmp: PathBuf,
-        /// The disk: a node name, or a drive/device id (query-block)
+        #[command(flatten)]
+        at: EndpointOpts,
+        /// The disk: a node name or a drive/device id (--qmp); a target name
+        /// (vda) or source path (--libvirt)
         disk: String,
         /// The new image (must not exist)
         target: PathBuf,
@@ -161,9 +203,11 @@ itself is bounded (about 20 s).
         /// No progress output
         #[arg(long, short)]
         quiet: bool,
-        /// qemu-guest-agent socket: freeze the guest's filesystems around the instant
-        #[arg(long, value_name = "QGA_SOCKET")]
-        freeze: Option<PathBuf>,
+        /// Freeze the guest's filesystems around the instant: with --qmp through
+        /// qemu-guest-agent's socket QGA_SOCKET; with --libvirt through libvirt's
+        /// agent (no value: write --freeze after TARGET or before another option)
+        #[arg(long, value_name = "QGA_SOCKET", num_args = 0..=1)]
+        freeze: Option<Option<PathBuf>>,
         /// The longest the guest may stay frozen; it is thawed then whatever happens
         #[arg(long, value_parser = duration_arg, default_value = "10s")]
         freeze_hold: Duration,
@@ -184,19 +228,18 @@ itself is bounded (about 20 s).
     },
     /// List the endpoint's jobs
     Jobs {
-        /// QMP socket of the endpoint
-        #[arg(long)]
-        qmp: PathBuf,
+        #[command(flatten)]
+        at: EndpointOpts,
         /// Print JSON
         #[arg(long)]
         json: bool,
     },
     /// Cancel a job (a soft cancel only in READY; --force abandons it)
     Cancel {
-        /// QMP socket of the endpoint
-        #[arg(long)]
-        qmp: PathBuf,
-        /// Job id
+        #[command(flatten)]
+        at: EndpointOpts,
+        /// Job id (--libvirt: the disk of a block job, e.g. vda, or `backup`
+        /// for the domain's backup job)
         job: String,
         /// Abandon the job now, whatever its state
         #[arg(long)]
@@ -207,9 +250,8 @@ itself is bounded (about 20 s).
     },
     /// Stream the endpoint's events until interrupted
     Watch {
-        /// QMP socket of the endpoint
-        #[arg(long)]
-        qmp: PathBuf,
+        #[command(flatten)]
+        at: EndpointOpts,
         /// Print each event as the endpoint's JSON
         #[arg(long)]
         json: bool,
@@ -267,9 +309,8 @@ itself is bounded (about 20 s).
     },
     /// Show what the endpoint is and which snapshot methods it supports
     Info {
-        /// QMP socket of the endpoint
-        #[arg(long)]
-        qmp: PathBuf,
+        #[command(flatten)]
+        at: EndpointOpts,
         /// Print JSON
         #[arg(long)]
         json: bool,
@@ -280,10 +321,48 @@ async fn connect(qmp: &std::path::Path) -> Result<Endpoint, Failure> {
     Endpoint::connect(qmp, CONNECT_TIMEOUT).await
 }
 
+/// A verb's endpoint, connected.
+enum Conn {
+    Qmp(Box<Endpoint>),
+    #[cfg(feature = "libvirt")]
+    Libvirt(libvirt::Libvirt),
+}
+
+async fn open(at: &EndpointOpts) -> Result<Conn, Failure> {
+    match at.endpoint() {
+        EndpointArg::Qmp(q) => Ok(Conn::Qmp(Box::new(connect(&q).await?))),
+        #[cfg(feature = "libvirt")]
+        EndpointArg::Libvirt { domain, uri } => {
+            let uri = libvirt::resolve_uri(uri.as_deref());
+            Ok(Conn::Libvirt(
+                libvirt::Libvirt::open(&uri, &domain, CONNECT_TIMEOUT).await?,
+            ))
+        }
+        #[cfg(not(feature = "libvirt"))]
+        EndpointArg::Libvirt { .. } => Err(snapshot::without_libvirt()),
+    }
+}
+
+/// `--freeze [QGA_SOCKET]` for the endpoint: a socket with --qmp, none with --libvirt.
+fn freeze_arg(f: Option<Option<PathBuf>>, libvirt: bool) -> Result<Option<FreezeArg>, Failure> {
+    match f {
+        None => Ok(None),
+        Some(Some(p)) if libvirt => Err(Failure::usage(format!(
+            "with --libvirt, --freeze takes no QGA_SOCKET (libvirt owns the guest agent), but `{}` was read as one: write --freeze after TARGET",
+            p.display()
+        ))),
+        Some(Some(p)) => Ok(Some(FreezeArg::Qga(p))),
+        Some(None) if libvirt => Ok(Some(FreezeArg::Endpoint)),
+        Some(None) => Err(Failure::usage(
+            "--freeze needs the guest agent's socket with --qmp: --freeze QGA_SOCKET",
+        )),
+    }
+}
+
 async fn run(cmd: Cmd) -> Result<(), (Failure, bool)> {
     match cmd {
         Cmd::Snapshot {
-            qmp,
+            at,
             disk,
             target,
             format,
@@ -307,8 +386,9 @@ async fn run(cmd: Cmd) -> Result<(), (Failure, bool)> {
                 ),
                 None => None,
             };
+            let freeze = freeze_arg(freeze, at.libvirt.is_some()).map_err(|f| (f, json))?;
             let opts = snapshot::Options {
-                qmp,
+                endpoint: at.endpoint(),
                 disk,
                 target,
                 format: format.into(),
@@ -347,35 +427,50 @@ async fn run(cmd: Cmd) -> Result<(), (Failure, bool)> {
                 Err(f) => Err((f, json)),
             }
         }
-        Cmd::Jobs { qmp, json } => {
-            let mut ep = connect(&qmp).await.map_err(|f| (f, json))?;
-            verbs::jobs::run(&mut ep, json).await.map_err(|f| (f, json))
+        Cmd::Jobs { at, json } => {
+            let r = match open(&at).await {
+                Ok(Conn::Qmp(mut ep)) => verbs::jobs::run(&mut ep, json).await,
+                #[cfg(feature = "libvirt")]
+                Ok(Conn::Libvirt(lv)) => verbs::jobs::run_libvirt(&lv, json).await,
+                Err(f) => Err(f),
+            };
+            r.map_err(|f| (f, json))
         }
         Cmd::Cancel {
-            qmp,
+            at,
             job,
             force,
             wait,
         } => {
-            let mut ep = connect(&qmp).await.map_err(|f| (f, false))?;
             let mut clock = Clock::new(wait, Interrupt::install());
-            verbs::cancel::run(&mut ep, &mut clock, &job, force)
-                .await
-                .map_err(|f| (f, false))
+            let r = match open(&at).await {
+                Ok(Conn::Qmp(mut ep)) => verbs::cancel::run(&mut ep, &mut clock, &job, force).await,
+                #[cfg(feature = "libvirt")]
+                Ok(Conn::Libvirt(mut lv)) => {
+                    verbs::cancel::run_libvirt(&mut lv, &mut clock, &job, force).await
+                }
+                Err(f) => Err(f),
+            };
+            r.map_err(|f| (f, false))
         }
         Cmd::Watch {
-            qmp,
+            at,
             json,
             count,
             for_,
         } => {
-            let mut ep = connect(&qmp).await.map_err(|f| (f, false))?;
             // Without --for, only a signal, --count or the endpoint ends it.
             let limit = for_.unwrap_or(Duration::from_secs(100 * 365 * 86400));
             let mut clock = Clock::new(limit, Interrupt::install());
-            verbs::watch::run(&mut ep, &mut clock, json, count)
-                .await
-                .map_err(|f| (f, false))
+            let r = match open(&at).await {
+                Ok(Conn::Qmp(mut ep)) => verbs::watch::run(&mut ep, &mut clock, json, count).await,
+                #[cfg(feature = "libvirt")]
+                Ok(Conn::Libvirt(mut lv)) => {
+                    verbs::watch::run_libvirt(&mut lv, &mut clock, json, count).await
+                }
+                Err(f) => Err(f),
+            };
+            r.map_err(|f| (f, false))
         }
         Cmd::Nodes { qmp, json } => {
             let mut ep = connect(&qmp).await.map_err(|f| (f, json))?;
@@ -412,9 +507,14 @@ async fn run(cmd: Cmd) -> Result<(), (Failure, bool)> {
         })
         .await
         .map_err(|f| (f, false)),
-        Cmd::Info { qmp, json } => {
-            let mut ep = connect(&qmp).await.map_err(|f| (f, json))?;
-            verbs::info::run(&mut ep, json).await.map_err(|f| (f, json))
+        Cmd::Info { at, json } => {
+            let r = match open(&at).await {
+                Ok(Conn::Qmp(mut ep)) => verbs::info::run(&mut ep, json).await,
+                #[cfg(feature = "libvirt")]
+                Ok(Conn::Libvirt(lv)) => verbs::info::run_libvirt(&lv, json).await,
+                Err(f) => Err(f),
+            };
+            r.map_err(|f| (f, json))
         }
     }
 }

@@ -58,6 +58,23 @@ pub fn node_prefix() -> String {
     format!("livesnap-{}", std::process::id())
 }
 
+/// Creates the image here, with livesnap's own image writer (the layout
+/// `qemu-img create` makes).
+pub async fn create_local(spec: &TargetSpec) -> Result<()> {
+    let path = spec.path.to_string_lossy().into_owned();
+    let opts = CreateOptions {
+        filename: path.clone(),
+        format: spec.format,
+        size: Some(spec.size),
+        cluster_size: None,
+        backing_file: spec.backing.as_ref().map(|b| b.0.clone()),
+        backing_format: spec.backing.as_ref().map(|b| b.1.clone()),
+    };
+    create_image(&opts)
+        .await
+        .map_err(|e| Failure::endpoint(format!("creating {path}: {e}")))
+}
+
 /// Creates the image and adds its nodes. On failure, whatever was already
 /// added is listed in `added` (and the file may exist) for the caller's
 /// clean-up.
@@ -99,17 +116,7 @@ pub async fn create(
         )
         .await?;
     } else {
-        let opts = CreateOptions {
-            filename: path.clone(),
-            format: spec.format,
-            size: Some(spec.size),
-            cluster_size: None,
-            backing_file: spec.backing.as_ref().map(|b| b.0.clone()),
-            backing_format: spec.backing.as_ref().map(|b| b.1.clone()),
-        };
-        create_image(&opts)
-            .await
-            .map_err(|e| Failure::endpoint(format!("creating {path}: {e}")))?;
+        create_local(spec).await?;
     }
     add(
         ep,

@@ -1,6 +1,7 @@
 //! Waiting on the endpoint's events under the operation's deadline and the
 //! operator's interrupt: every wait ends by one of the three.
 
+use std::future::Future;
 use std::time::Duration;
 
 use serde_json::Value;
@@ -22,9 +23,9 @@ pub struct Clock {
 
 /// What a wait ended with.
 #[derive(Debug)]
-pub enum Waited {
+pub enum Waited<E = Value> {
     /// An event arrived.
-    Event(Value),
+    Event(E),
     /// The wait's own `until` passed first.
     Tick,
 }
@@ -63,16 +64,30 @@ impl Clock {
         Ok(())
     }
 
-    /// The next event, or [`Waited::Tick`] at `until`; the deadline and a
-    /// signal end the wait with a failure.
+    /// The next QMP event, or [`Waited::Tick`] at `until`; the deadline and
+    /// a signal end the wait with a failure.
     pub async fn next_event(&mut self, ep: &mut Endpoint, until: Instant) -> Result<Waited> {
+        self.next(until, |left| ep.event(left)).await
+    }
+
+    /// The next event of any source: `wait(left)` yields one, or `None`
+    /// once `left` has passed; [`Waited::Tick`] at `until`; the deadline and
+    /// a signal end the wait with a failure.
+    pub async fn next<E, F>(
+        &mut self,
+        until: Instant,
+        wait: impl FnOnce(Duration) -> F,
+    ) -> Result<Waited<E>>
+    where
+        F: Future<Output = Result<Option<E>>>,
+    {
         self.check()?;
         let stop = until.min(self.deadline);
         let left = stop.saturating_duration_since(Instant::now());
         let r = tokio::select! {
             biased;
             sig = self.interrupt.wait() => return Err(interrupted(sig)),
-            r = ep.event(left) => r?,
+            r = wait(left) => r?,
         };
         match r {
             Some(ev) => Ok(Waited::Event(ev)),

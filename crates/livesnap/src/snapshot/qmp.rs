@@ -1,20 +1,21 @@
-//! `livesnap snapshot`: the orchestration. Creates the target, runs a
-//! backup or mirror job, follows it by its events (never by polling), fixes
-//! the point in time, removes the target's nodes and reports. On a deadline,
-//! an error event or a signal it force-cancels the job, removes the nodes and
-//! the partial file, and leaves the source as it was.
-//!
-//! It never sends `job-complete` (a snapshot must not pivot the source onto
-//! the copy) and never a soft cancel before READY (QEMU treats that as a
-//! force cancel: the copy would be abandoned, not finished).
+//! `livesnap snapshot` through QMP (livesnapd, qemu-storage-daemon,
+//! qemu-system-*): creates the target, runs a backup or mirror job, follows
+//! it by its events (never by polling), fixes the point in time, removes the
+//! target's nodes and reports. On a deadline, an error event or a signal it
+//! force-cancels the job, removes the nodes and the partial file, and
+//! leaves the source as it was.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
-use livesnap_block::ImageFormat;
 use serde_json::{json, Value};
 use tokio::time::Instant;
 
+use super::quiesce::{Agent, Freezer};
+use super::{
+    during, failure_after_cleanup, new_target_path, remove_target_file, CopyMode, FreezeArg,
+    MethodArg, Options,
+};
 use crate::disk::{self, Disk};
 use crate::endpoint::{str_of, Caps, Endpoint, CONNECT_TIMEOUT};
 use crate::error::{Failure, Kind, Result};
@@ -22,75 +23,9 @@ use crate::progress::{Progress, Sample, LINE_INTERVAL};
 use crate::qga::Qga;
 use crate::report::{Quiesce, Report};
 use crate::signals::Interrupt;
-use crate::target::{self, CreateVia, TargetSpec};
+use crate::target::{self, TargetSpec};
 use crate::units::{bytes, duration, Stamp};
 use crate::wait::{Clock, Waited};
-
-/// Which job takes the snapshot.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum MethodArg {
-    /// Copy-before-write backup: point in time at the start.
-    Backup,
-    /// Mirror, then a soft cancel in READY: point in time at the cancel.
-    Mirror,
-    /// The best the endpoint supports.
-    Auto,
-}
-
-/// A mirror copy mode the operator may ask for; a plain background mirror
-/// is not among them (it may never converge).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum CopyMode {
-    /// Every guest write also goes to the target, from the start.
-    WriteBlocking,
-    /// livesnapd's: background, write-blocking once it stops converging.
-    Auto,
-}
-
-impl CopyMode {
-    /// QEMU's name.
-    pub fn name(self) -> &'static str {
-        match self {
-            CopyMode::WriteBlocking => "write-blocking",
-            CopyMode::Auto => "auto",
-        }
-    }
-}
-
-/// Everything `livesnap snapshot` was asked.
-#[derive(Clone, Debug)]
-pub struct Options {
-    /// QMP socket.
-    pub qmp: PathBuf,
-    /// Node name or drive/device id.
-    pub disk: String,
-    /// Target image path.
-    pub target: PathBuf,
-    /// Target format.
-    pub format: ImageFormat,
-    /// Only the top layer, backed by the source's backing file.
-    pub shallow: bool,
-    /// Method.
-    pub method: MethodArg,
-    /// The whole operation's bound.
-    pub deadline: Duration,
-    /// Job speed limit, bytes per second.
-    pub speed: Option<u64>,
-    /// qemu-guest-agent socket, to freeze around the instant.
-    pub freeze: Option<PathBuf>,
-    /// The longest the guest may stay frozen.
-    pub freeze_hold: Duration,
-    /// Backup `cbw-timeout` in seconds, where the endpoint takes it.
-    pub cbw_timeout: u32,
-    /// Where the target is created.
-    pub create_via: CreateVia,
-    /// Mirror copy mode, when not the best the endpoint has.
-    pub copy_mode: Option<CopyMode>,
-    /// Test hook: `inject-error` rules for a blkdebug node under the target.
-    pub target_blkdebug: Option<Value>,
-    /// No progress output.
-    pub quiet: bool,
-}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Method {
@@ -132,8 +67,6 @@ const CANCEL_WAIT: Duration = Duration::from_secs(10);
 const GONE_WAIT: Duration = Duration::from_secs(5);
 /// Connecting and syncing with the guest agent.
 const QGA_CONNECT: Duration = Duration::from_secs(5);
-/// A thaw's answer.
-const THAW_TIMEOUT: Duration = Duration::from_secs(5);
 
 fn decide(caps: &Caps, opts: &Options, disk: &Disk) -> Result<Plan> {
     let sync = if opts.shallow && disk.backing.is_some() {
@@ -233,55 +166,39 @@ struct State {
     file_created: bool,
     /// The job was started and has not been seen to end.
     job_running: Option<String>,
-    /// The job's end was seen but it may not be dismissed yet.
-    job_ended: Option<String>,
-    /// When the guest was frozen, and how many filesystems.
-    frozen: Option<(Stamp, u64)>,
-    /// Set once the guest was thawed: (frozen count, frozen ms, in time).
-    quiesce: Option<Quiesce>,
     notes: Vec<String>,
 }
 
-/// Appends where it happened to a deadline or interrupt reason.
-fn during(f: Failure, what: &str) -> Failure {
-    match f.kind {
-        Kind::Deadline | Kind::Interrupted => {
-            Failure::new(f.kind, format!("{} while {what}", f.reason))
-        }
-        _ => f,
-    }
+/// How the job ended: the point-in-time window and what delimits it.
+struct Outcome {
+    window: (Stamp, Stamp),
+    end_event: Value,
+    defined_by: &'static str,
+    copy_mode: Option<String>,
+    switched: bool,
 }
 
-fn absolute(p: &Path) -> Result<PathBuf> {
-    let abs = if p.is_absolute() {
-        p.to_path_buf()
-    } else {
-        std::env::current_dir()
-            .map_err(|e| Failure::usage(format!("current directory: {e}")))?
-            .join(p)
-    };
-    let parent = abs.parent().unwrap_or(Path::new("/"));
-    if !parent.is_dir() {
-        return Err(Failure::usage(format!(
-            "target directory {} does not exist",
-            parent.display()
-        )));
-    }
-    Ok(abs)
+/// One snapshot through QMP: what every step reads and updates.
+struct Run<'a> {
+    ep: Endpoint,
+    clock: Clock,
+    progress: Progress,
+    opts: &'a Options,
+    disk: Disk,
+    plan: Plan,
+    spec: TargetSpec,
+    freezer: Freezer,
+    st: State,
+    job: String,
 }
 
-/// Runs `livesnap snapshot`.
-pub async fn run(opts: &Options, interrupt: Interrupt) -> Result<Report> {
+/// Runs `livesnap snapshot` against the QMP socket `qmp`.
+pub async fn run(qmp: &Path, opts: &Options, interrupt: Interrupt) -> Result<Report> {
     let started = Stamp::now();
-    let mut clock = Clock::new(opts.deadline, interrupt);
-    let mut progress = Progress::new(opts.quiet);
-    if opts.shallow && opts.format == ImageFormat::Raw {
-        return Err(Failure::usage(
-            "--shallow needs a qcow2 target: a raw image has no backing file",
-        ));
-    }
-    let path = absolute(&opts.target)?;
-    let mut ep = Endpoint::connect(&opts.qmp, CONNECT_TIMEOUT.min(clock.left())).await?;
+    let clock = Clock::new(opts.deadline, interrupt);
+    let progress = Progress::new(opts.quiet);
+    let path = new_target_path(&opts.target)?;
+    let mut ep = Endpoint::connect(qmp, CONNECT_TIMEOUT.min(clock.left())).await?;
     clock.check()?;
     let disk = disk::resolve(&mut ep, &opts.disk).await?;
     if disk.size == 0 {
@@ -309,18 +226,17 @@ pub async fn run(opts: &Options, interrupt: Interrupt) -> Result<Report> {
             opts.disk
         ));
     }
-    if path.symlink_metadata().is_ok() {
-        return Err(Failure::usage(format!(
-            "target {} exists; livesnap never overwrites a file",
-            path.display()
-        )));
-    }
-    let mut qga = match &opts.freeze {
-        Some(p) => Some(
+    let agent = match &opts.freeze {
+        Some(FreezeArg::Qga(p)) => Some(Agent::Qga(Box::new(
             Qga::connect(p, QGA_CONNECT)
                 .await
                 .map_err(|e| Failure::new(Kind::GuestAgent, e))?,
-        ),
+        ))),
+        Some(FreezeArg::Endpoint) => {
+            return Err(Failure::usage(
+                "--freeze needs the guest agent's socket (QGA_SOCKET) with --qmp",
+            ))
+        }
         None => None,
     };
     let spec = TargetSpec {
@@ -330,233 +246,267 @@ pub async fn run(opts: &Options, interrupt: Interrupt) -> Result<Report> {
         backing,
         blkdebug: opts.target_blkdebug.clone(),
     };
-    let mut st = State::default();
-    let r = body(
-        &mut ep,
-        &mut clock,
-        &mut progress,
+    let mut run = Run {
+        ep,
+        clock,
+        progress,
         opts,
-        &disk,
-        &plan,
-        &spec,
-        qga.as_mut(),
-        &mut st,
-    )
-    .await;
-    match r {
+        disk,
+        plan,
+        spec,
+        freezer: Freezer::new(agent, opts.freeze_hold),
+        st: State::default(),
+        job: format!("{}-job", target::node_prefix()),
+    };
+    match run.snapshot().await {
         Ok(mut report) => {
-            progress.finish();
+            run.progress.finish();
             report.started = started;
             report.finished = Stamp::now();
             Ok(report)
         }
         Err(f) => {
-            progress.note(&format!("livesnap: {}; cleaning up", f.reason));
-            let (left, cancelled) = cleanup(&mut ep, &mut st, qga.as_mut(), &path).await;
-            progress.finish();
-            let mut reason = f.reason;
-            if cancelled {
-                reason += "; job force-cancelled";
-            }
-            if left.is_empty() {
-                reason += if st.file_created {
-                    ", target removed, source untouched"
-                } else {
-                    ", source untouched"
-                };
-            } else {
-                reason += &format!("; LEFT BEHIND: {}", left.join(", "));
-            }
-            Err(Failure::new(f.kind, reason))
+            run.progress
+                .note(&format!("livesnap: {}; cleaning up", f.reason));
+            let (left, cancelled) = run.cleanup(&path).await;
+            run.progress.finish();
+            Err(failure_after_cleanup(
+                f,
+                cancelled.then_some("job force-cancelled"),
+                &left,
+                run.st.file_created,
+            ))
         }
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn body(
-    ep: &mut Endpoint,
-    clock: &mut Clock,
-    progress: &mut Progress,
-    opts: &Options,
-    disk: &Disk,
-    plan: &Plan,
-    spec: &TargetSpec,
-    mut qga: Option<&mut Qga>,
-    st: &mut State,
-) -> Result<Report> {
-    let method_name = match plan.method {
-        Method::Backup => "backup",
-        Method::Mirror => "mirror",
-    };
-    progress.note(&format!(
-        "livesnap: {} ({}, {}) -> {} by {}{} (sync={}), deadline {}",
-        opts.disk,
-        disk.node,
-        bytes(disk.size),
-        spec.path.display(),
-        method_name,
-        plan.copy_mode
-            .map(|m| format!(" copy-mode={m}"))
-            .unwrap_or_default(),
-        plan.sync,
-        duration(opts.deadline)
-    ));
-    clock.check()?;
-    st.file_created = true;
-    let target = target::create(ep, clock, spec, opts.create_via, &mut st.added)
+impl Run<'_> {
+    fn method_name(&self) -> &'static str {
+        match self.plan.method {
+            Method::Backup => "backup",
+            Method::Mirror => "mirror",
+        }
+    }
+
+    /// Creates the target, runs the job to its end and reports.
+    async fn snapshot(&mut self) -> Result<Report> {
+        self.progress.note(&format!(
+            "livesnap: {} ({}, {}) -> {} by {}{} (sync={}), deadline {}",
+            self.opts.disk,
+            self.disk.node,
+            bytes(self.disk.size),
+            self.spec.path.display(),
+            self.method_name(),
+            self.plan
+                .copy_mode
+                .map(|m| format!(" copy-mode={m}"))
+                .unwrap_or_default(),
+            self.plan.sync,
+            duration(self.opts.deadline)
+        ));
+        self.clock.check()?;
+        self.st.file_created = true;
+        let target = target::create(
+            &mut self.ep,
+            &mut self.clock,
+            &self.spec,
+            self.opts.create_via,
+            &mut self.st.added,
+        )
         .await
         .map_err(|f| during(f, "creating the target"))?;
-    clock
-        .check()
-        .map_err(|f| during(f, "creating the target"))?;
-    let job = format!("{}-job", target::node_prefix());
-    let mut args = json!({
-        "job-id": job, "device": disk.node, "target": target.node, "sync": plan.sync,
-    });
-    if let Some(s) = opts.speed {
-        args["speed"] = json!(s);
+        self.clock
+            .check()
+            .map_err(|f| during(f, "creating the target"))?;
+        let mut args = json!({
+            "job-id": self.job, "device": self.disk.node, "target": target.node,
+            "sync": self.plan.sync,
+        });
+        if let Some(s) = self.opts.speed {
+            args["speed"] = json!(s);
+        }
+        let outcome = match self.plan.method {
+            Method::Backup => self.backup(args).await?,
+            Method::Mirror => self.mirror(args).await?,
+        };
+        self.st.job_running = None;
+        self.remove_target_nodes().await?;
+        Ok(self.report(outcome, target.created_via))
     }
-    let mut copy_mode = plan.copy_mode.map(String::from);
-    let mut watch = JobWatch::new(&job, plan);
-    let (window, end_event, defined_by) = match plan.method {
-        Method::Backup => {
-            if plan.cbw {
-                args["on-cbw-error"] = json!("break-snapshot");
-                args["cbw-timeout"] = json!(opts.cbw_timeout);
-            }
-            freeze(qga.as_deref_mut(), st, opts.freeze_hold).await?;
-            let t0 = Stamp::now();
-            progress.start(disk.size);
-            st.job_running = Some(job.clone());
-            let r = command_frozen(
-                ep,
-                clock,
-                qga.as_deref_mut(),
-                st,
-                opts.freeze_hold,
+
+    /// blockdev-backup: the point in time is between the command and its reply.
+    async fn backup(&mut self, mut args: Value) -> Result<Outcome> {
+        if self.plan.cbw {
+            args["on-cbw-error"] = json!("break-snapshot");
+            args["cbw-timeout"] = json!(self.opts.cbw_timeout);
+        }
+        let mut watch = JobWatch::new(&self.job, &self.plan);
+        self.freezer.freeze().await?;
+        let t0 = Stamp::now();
+        self.progress.start(self.disk.size);
+        self.st.job_running = Some(self.job.clone());
+        let interrupt = self.clock.interrupt.clone();
+        let r = self
+            .freezer
+            .while_frozen(
+                &interrupt,
                 "blockdev-backup",
-                args,
+                self.ep.call("blockdev-backup", args),
             )
             .await;
-            let t1 = Stamp::now();
-            thaw(qga.as_deref_mut(), st, true).await;
-            if let Err(e) = r? {
-                st.job_running = None;
-                return Err(Failure::endpoint(format!("blockdev-backup: {}", e.desc)));
-            }
-            progress.note("livesnap: point in time fixed (backup started); copying");
-            let end = watch
-                .wait(ep, clock, progress, None, None, Want::Completed, st)
-                .await
-                .map_err(|f| during(f, "the backup job ran"))?;
-            ((t0, t1), end, "blockdev-backup command to its reply")
+        let t1 = Stamp::now();
+        self.freezer.thaw(true).await;
+        if let Err(e) = r? {
+            self.st.job_running = None;
+            return Err(Failure::endpoint(format!("blockdev-backup: {}", e.desc)));
         }
-        Method::Mirror => {
-            if let Some(m) = plan.copy_mode {
-                args["copy-mode"] = json!(m);
-            }
-            st.job_running = Some(job.clone());
-            progress.start(disk.size);
-            if let Err(e) = ep.call("blockdev-mirror", args).await? {
-                st.job_running = None;
-                return Err(Failure::endpoint(format!("blockdev-mirror: {}", e.desc)));
-            }
-            watch
-                .wait(ep, clock, progress, None, None, Want::Ready, st)
-                .await
-                .map_err(|f| during(f, "waiting for the mirror to reach READY"))?;
-            // QEMU's soft cancel in a background mirror waits for a clean
-            // instant that busy guests may never give it.
-            if plan.switch_at_ready && !watch.switched {
-                watch
-                    .switch(ep, progress, "in READY, before the soft cancel")
-                    .await?;
-            }
-            if watch.switched {
-                copy_mode = Some(format!(
-                    "{}, then write-blocking",
-                    plan.copy_mode.unwrap_or("")
-                ));
-            }
-            freeze(qga.as_deref_mut(), st, opts.freeze_hold).await?;
-            let t0 = Stamp::now();
-            let hold = st.frozen.map(|_| Instant::now() + opts.freeze_hold);
-            ep.must("block-job-cancel", json!({"device": job, "force": false}))
-                .await?;
-            let end = watch
-                .wait(
-                    ep,
-                    clock,
-                    progress,
-                    qga.as_deref_mut(),
-                    hold,
-                    Want::CompletedAfterCancel,
-                    st,
-                )
-                .await;
-            let t1 = Stamp::now();
-            thaw(qga, st, true).await;
-            let end = end.map_err(|f| during(f, "the mirror finished its soft cancel"))?;
-            (
-                (t0, t1),
-                end,
-                "soft block-job-cancel sent to BLOCK_JOB_COMPLETED received",
+        self.progress
+            .note("livesnap: point in time fixed (backup started); copying");
+        let end_event = watch
+            .wait(
+                &mut self.ep,
+                &mut self.clock,
+                &mut self.progress,
+                Want::Completed,
             )
-        }
-    };
-    st.job_running = None;
-    st.job_ended = Some(job.clone());
-    wait_gone(ep, &job).await;
-    let left = target::remove_nodes(
-        ep,
-        &st.added.iter().rev().cloned().collect::<Vec<_>>(),
-        GONE_WAIT,
-    )
-    .await;
-    if !left.is_empty() {
-        // The copy is complete, but a node still has the file open: keep it.
-        st.added.clear();
-        st.file_created = false;
-        return Err(Failure::endpoint(format!(
-            "snapshot {} complete but could not remove {}",
-            spec.path.display(),
-            left.join(", ")
-        )));
+            .await
+            .map_err(|f| during(f, "the backup job ran"))?;
+        Ok(Outcome {
+            window: (t0, t1),
+            end_event,
+            defined_by: "blockdev-backup command to its reply",
+            copy_mode: None,
+            switched: false,
+        })
     }
-    st.added.clear();
-    st.job_ended = None;
-    let data = &end_event["data"];
-    let guest_effect = guest_effect(plan, opts, watch.switched, st.quiesce.as_ref());
-    Ok(Report {
-        method: method_name,
-        copy_mode,
-        sync: plan.sync,
-        disk: opts.disk.clone(),
-        node: disk.node.clone(),
-        driver: disk.driver.clone(),
-        file: disk.filename.clone(),
-        device: disk.device.clone(),
-        size: disk.size,
-        target: spec.path.to_string_lossy().into_owned(),
-        format: spec.format.name(),
-        backing: spec.backing.as_ref().map(|b| b.0.clone()),
-        created_via: target.created_via,
-        job_id: job,
-        window,
-        window_defined_by: defined_by,
-        bytes_copied: data["offset"].as_u64().unwrap_or(0),
-        bytes_total: data["len"].as_u64().unwrap_or(0),
-        started: window.0,
-        finished: window.1,
-        quiesce: st.quiesce.clone(),
-        guest_effect,
-        endpoint: format!(
-            "{}.{}.{} {}",
-            ep.caps.version.0, ep.caps.version.1, ep.caps.version.2, ep.caps.package
-        ),
-        why: plan.why.clone(),
-        notes: std::mem::take(&mut st.notes),
-    })
+
+    /// blockdev-mirror to READY, then a soft cancel: the point in time is
+    /// between the cancel and BLOCK_JOB_COMPLETED.
+    async fn mirror(&mut self, mut args: Value) -> Result<Outcome> {
+        if let Some(m) = self.plan.copy_mode {
+            args["copy-mode"] = json!(m);
+        }
+        let mut watch = JobWatch::new(&self.job, &self.plan);
+        self.st.job_running = Some(self.job.clone());
+        self.progress.start(self.disk.size);
+        if let Err(e) = self.ep.call("blockdev-mirror", args).await? {
+            self.st.job_running = None;
+            return Err(Failure::endpoint(format!("blockdev-mirror: {}", e.desc)));
+        }
+        watch
+            .wait(
+                &mut self.ep,
+                &mut self.clock,
+                &mut self.progress,
+                Want::Ready,
+            )
+            .await
+            .map_err(|f| during(f, "waiting for the mirror to reach READY"))?;
+        // QEMU's soft cancel in a background mirror waits for a clean
+        // instant that busy guests may never give it.
+        if self.plan.switch_at_ready && !watch.switched {
+            watch
+                .switch(
+                    &mut self.ep,
+                    &mut self.progress,
+                    "in READY, before the soft cancel",
+                )
+                .await?;
+        }
+        let copy_mode = match self.plan.copy_mode {
+            Some(m) if watch.switched => Some(format!("{m}, then write-blocking")),
+            m => m.map(String::from),
+        };
+        self.freezer.freeze().await?;
+        let t0 = Stamp::now();
+        self.ep
+            .must(
+                "block-job-cancel",
+                json!({"device": self.job, "force": false}),
+            )
+            .await?;
+        let interrupt = self.clock.interrupt.clone();
+        let end = self
+            .freezer
+            .while_frozen(
+                &interrupt,
+                "the soft cancel",
+                watch.wait(
+                    &mut self.ep,
+                    &mut self.clock,
+                    &mut self.progress,
+                    Want::CompletedAfterCancel,
+                ),
+            )
+            .await;
+        let t1 = Stamp::now();
+        self.freezer.thaw(true).await;
+        let end_event = end.map_err(|f| during(f, "the mirror finished its soft cancel"))?;
+        Ok(Outcome {
+            window: (t0, t1),
+            end_event,
+            defined_by: "soft block-job-cancel sent to BLOCK_JOB_COMPLETED received",
+            copy_mode,
+            switched: watch.switched,
+        })
+    }
+
+    /// After the job's end: waits (bounded) for it to be dismissed, then
+    /// removes the target's nodes (which flushes a qcow2 target).
+    async fn remove_target_nodes(&mut self) -> Result<()> {
+        wait_gone(&mut self.ep, &self.job).await;
+        let nodes: Vec<String> = self.st.added.iter().rev().cloned().collect();
+        let left = target::remove_nodes(&mut self.ep, &nodes, GONE_WAIT).await;
+        self.st.added.clear();
+        if !left.is_empty() {
+            // The copy is complete, but a node still has the file open: keep it.
+            self.st.file_created = false;
+            return Err(Failure::endpoint(format!(
+                "snapshot {} complete but could not remove {}",
+                self.spec.path.display(),
+                left.join(", ")
+            )));
+        }
+        Ok(())
+    }
+
+    fn report(&mut self, o: Outcome, created_via: &'static str) -> Report {
+        let data = &o.end_event["data"];
+        let guest_effect = guest_effect(&self.plan, self.opts, o.switched, self.freezer.quiesce());
+        let mut notes = std::mem::take(&mut self.st.notes);
+        notes.extend(self.freezer.take_notes());
+        let caps = &self.ep.caps;
+        Report {
+            method: self.method_name(),
+            copy_mode: o.copy_mode,
+            sync: self.plan.sync,
+            disk: self.opts.disk.clone(),
+            node: self.disk.node.clone(),
+            driver: self.disk.driver.clone(),
+            file: self.disk.filename.clone(),
+            device: self.disk.device.clone(),
+            size: self.disk.size,
+            target: self.spec.path.to_string_lossy().into_owned(),
+            format: self.spec.format.name(),
+            backing: self.spec.backing.as_ref().map(|b| b.0.clone()),
+            created_via,
+            job_id: self.job.clone(),
+            window: o.window,
+            window_defined_by: o.defined_by,
+            bytes_copied: data["offset"].as_u64().unwrap_or(0),
+            bytes_total: data["len"].as_u64().unwrap_or(0),
+            started: o.window.0,
+            finished: o.window.1,
+            quiesce: self.freezer.quiesce().cloned(),
+            guest_effect,
+            endpoint: format!(
+                "{}.{}.{} {}",
+                caps.version.0, caps.version.1, caps.version.2, caps.package
+            ),
+            why: self.plan.why.clone(),
+            notes,
+        }
+    }
 }
 
 fn guest_effect(plan: &Plan, opts: &Options, switched: bool, q: Option<&Quiesce>) -> String {
@@ -579,82 +529,6 @@ fn guest_effect(plan: &Plan, opts: &Options, switched: bool, q: Option<&Quiesce>
         );
     }
     s
-}
-
-/// Freezes the guest (when asked), bounded by `hold`.
-async fn freeze(qga: Option<&mut Qga>, st: &mut State, hold: Duration) -> Result<()> {
-    let Some(q) = qga else {
-        return Ok(());
-    };
-    match q.freeze(hold).await {
-        Ok(n) => {
-            st.frozen = Some((Stamp::now(), n));
-            Ok(())
-        }
-        Err(e) => {
-            // A freeze that timed out may still happen: the thaw follows it.
-            st.frozen = Some((Stamp::now(), 0));
-            thaw(Some(q), st, false).await;
-            st.quiesce = None;
-            Err(Failure::new(
-                Kind::GuestAgent,
-                format!("freezing the guest failed: {e}"),
-            ))
-        }
-    }
-}
-
-/// Thaws the guest if it is frozen; a failed thaw is noted, not fatal.
-async fn thaw(qga: Option<&mut Qga>, st: &mut State, in_time: bool) {
-    let (Some(q), Some((since, n))) = (qga, st.frozen.take()) else {
-        return;
-    };
-    let r = q.thaw(THAW_TIMEOUT).await;
-    let frozen_ms = since.instant.elapsed().as_secs_f64() * 1e3;
-    if let Err(e) = r {
-        st.notes
-            .push(format!("thaw failed, the guest may still be frozen: {e}"));
-        eprintln!("livesnap: WARNING: thaw failed, the guest may still be frozen: {e}");
-    }
-    st.quiesce = Some(Quiesce {
-        filesystems: n,
-        frozen_ms,
-        covered_point_in_time: in_time,
-    });
-}
-
-/// Runs a command while the guest is frozen: past `hold` the guest is
-/// thawed early (the command still completes, the snapshot is then not
-/// quiesced), and a signal thaws at once.
-#[allow(clippy::too_many_arguments)]
-async fn command_frozen(
-    ep: &mut Endpoint,
-    clock: &mut Clock,
-    mut qga: Option<&mut Qga>,
-    st: &mut State,
-    hold: Duration,
-    command: &str,
-    args: Value,
-) -> Result<std::result::Result<Value, livesnap_qmp::QmpError>> {
-    if st.frozen.is_none() {
-        return ep.call(command, args).await;
-    }
-    let hold_end = Instant::now() + hold;
-    let mut interrupt = clock.interrupt.clone();
-    let fut = ep.call(command, args);
-    tokio::pin!(fut);
-    loop {
-        tokio::select! {
-            r = &mut fut => return r,
-            _ = tokio::time::sleep_until(hold_end), if st.frozen.is_some() => {
-                thaw(qga.as_deref_mut(), st, false).await;
-                st.notes.push(format!("{command} took longer than --freeze-hold {}: the guest was thawed before the point in time was fixed", duration(hold)));
-            }
-            _ = interrupt.wait(), if st.frozen.is_some() => {
-                thaw(qga.as_deref_mut(), st, false).await;
-            }
-        }
-    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -694,38 +568,23 @@ impl JobWatch {
         str_of(d, "device") == self.job || str_of(d, "id") == self.job
     }
 
-    /// Waits for `want`; any other ending of the job is a failure. With
-    /// `hold`, the guest is thawed when it passes.
-    #[allow(clippy::too_many_arguments)]
+    /// Waits for `want`; any other ending of the job is a failure.
     async fn wait(
         &mut self,
         ep: &mut Endpoint,
         clock: &mut Clock,
         progress: &mut Progress,
-        mut qga: Option<&mut Qga>,
-        hold: Option<Instant>,
         want: Want,
-        st: &mut State,
     ) -> Result<Value> {
         let sampling = progress.enabled() || self.switch.is_some();
         let mut next_tick = Instant::now() + LINE_INTERVAL;
         loop {
-            let mut until = if sampling { next_tick } else { clock.deadline };
-            let hold_pending = hold.filter(|_| st.frozen.is_some());
-            if let Some(h) = hold_pending {
-                until = until.min(h);
-            }
+            let until = if sampling { next_tick } else { clock.deadline };
             let ev = match clock.next_event(ep, until).await? {
                 Waited::Event(ev) => ev,
                 Waited::Tick => {
-                    let now = Instant::now();
-                    if hold_pending.is_some_and(|h| now >= h) {
-                        // The hold is the guest's bound, the job goes on.
-                        thaw(qga.as_deref_mut(), st, false).await;
-                        st.notes.push("the soft cancel took longer than --freeze-hold: the guest was thawed before the point in time was fixed".into());
-                    }
-                    if sampling && now >= next_tick {
-                        next_tick = now + LINE_INTERVAL;
+                    if sampling && Instant::now() >= next_tick {
+                        next_tick = Instant::now() + LINE_INTERVAL;
                         self.sample(ep, progress, want).await?;
                     }
                     continue;
@@ -866,98 +725,94 @@ async fn wait_gone(ep: &mut Endpoint, job: &str) {
 
 /// After a failure: thaw, force-cancel the job and wait (bounded) for it to
 /// go, remove the nodes, delete the partial file. Returns what is left.
-async fn cleanup(
-    ep: &mut Endpoint,
-    st: &mut State,
-    qga: Option<&mut Qga>,
-    path: &Path,
-) -> (Vec<String>, bool) {
-    thaw(qga, st, false).await;
-    let end = Instant::now() + CLEANUP_BUDGET;
-    let mut left = Vec::new();
-    // A timed-out command may have left the connection unusable.
-    let alive = matches!(
-        ep.call_within("query-version", Value::Null, Duration::from_secs(5))
-            .await,
-        Ok(Ok(_))
-    );
-    if !alive {
-        if let Err(f) = ep.reconnect(Duration::from_secs(5)).await {
-            let mut what: Vec<String> = st.added.iter().map(|n| format!("node {n}")).collect();
-            if let Some(j) = &st.job_running {
-                what.push(format!("job {j}"));
+impl Run<'_> {
+    async fn cleanup(&mut self, path: &Path) -> (Vec<String>, bool) {
+        self.freezer.thaw(false).await;
+        let (ep, st) = (&mut self.ep, &mut self.st);
+        let end = Instant::now() + CLEANUP_BUDGET;
+        let mut left = Vec::new();
+        // A timed-out command may have left the connection unusable.
+        let alive = matches!(
+            ep.call_within("query-version", Value::Null, Duration::from_secs(5))
+                .await,
+            Ok(Ok(_))
+        );
+        if !alive {
+            if let Err(f) = ep.reconnect(Duration::from_secs(5)).await {
+                let mut what: Vec<String> = st.added.iter().map(|n| format!("node {n}")).collect();
+                if let Some(j) = &st.job_running {
+                    what.push(format!("job {j}"));
+                }
+                what.push(format!("({})", f.reason));
+                return (what, false);
             }
-            what.push(format!("({})", f.reason));
-            return (what, false);
         }
-    }
-    let mut cancelled = false;
-    if let Some(job) = st.job_running.take() {
-        match ep
-            .call("block-job-cancel", json!({"device": job, "force": true}))
-            .await
-        {
-            Ok(Ok(_)) => {
-                cancelled = true;
-                let until = Instant::now() + CANCEL_WAIT;
-                let mut gone = false;
-                while let Ok(Some(ev)) = ep
-                    .event(until.saturating_duration_since(Instant::now()))
-                    .await
-                {
-                    let d = &ev["data"];
-                    let about = str_of(d, "device") == job || str_of(d, "id") == job;
-                    let name = str_of(&ev, "event");
-                    if about
-                        && (name == "BLOCK_JOB_CANCELLED"
-                            || name == "BLOCK_JOB_COMPLETED"
-                            || (name == "JOB_STATUS_CHANGE" && str_of(d, "status") == "null"))
+        let mut cancelled = false;
+        if let Some(job) = st.job_running.take() {
+            match ep
+                .call("block-job-cancel", json!({"device": job, "force": true}))
+                .await
+            {
+                Ok(Ok(_)) => {
+                    cancelled = true;
+                    let until = Instant::now() + CANCEL_WAIT;
+                    let mut gone = false;
+                    while let Ok(Some(ev)) = ep
+                        .event(until.saturating_duration_since(Instant::now()))
+                        .await
                     {
-                        gone = true;
-                        break;
+                        let d = &ev["data"];
+                        let about = str_of(d, "device") == job || str_of(d, "id") == job;
+                        let name = str_of(&ev, "event");
+                        if about
+                            && (name == "BLOCK_JOB_CANCELLED"
+                                || name == "BLOCK_JOB_COMPLETED"
+                                || (name == "JOB_STATUS_CHANGE" && str_of(d, "status") == "null"))
+                        {
+                            gone = true;
+                            break;
+                        }
+                    }
+                    if !gone {
+                        left.push(format!(
+                            "job {job} (did not end within {} of a force cancel)",
+                            duration(CANCEL_WAIT)
+                        ));
                     }
                 }
-                if !gone {
-                    left.push(format!(
-                        "job {job} (did not end within {} of a force cancel)",
-                        duration(CANCEL_WAIT)
-                    ));
-                }
-            }
-            // Already gone (it failed or ended by itself).
-            Ok(Err(_)) => {}
-            Err(f) => left.push(format!("job {job} ({})", f.reason)),
-        }
-    }
-    st.job_ended = None;
-    let budget = end
-        .saturating_duration_since(Instant::now())
-        .max(Duration::from_secs(1));
-    let nodes: Vec<String> = st.added.iter().rev().cloned().collect();
-    let nodes_left = target::remove_nodes(ep, &nodes, budget).await;
-    st.added.clear();
-    let kept = !nodes_left.is_empty();
-    left.extend(nodes_left);
-    if st.file_created {
-        if kept {
-            left.push(format!("file {} (a node still uses it)", path.display()));
-        } else if path.symlink_metadata().is_ok() {
-            if let Err(e) = std::fs::remove_file(path) {
-                left.push(format!("file {} ({e})", path.display()));
+                // Already gone (it failed or ended by itself).
+                Ok(Err(_)) => {}
+                Err(f) => left.push(format!("job {job} ({})", f.reason)),
             }
         }
+        let budget = end
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_secs(1));
+        let nodes: Vec<String> = st.added.iter().rev().cloned().collect();
+        let nodes_left = target::remove_nodes(ep, &nodes, budget).await;
+        st.added.clear();
+        let kept = !nodes_left.is_empty();
+        left.extend(nodes_left);
+        if st.file_created {
+            if kept {
+                left.push(format!("file {} (a node still uses it)", path.display()));
+            } else {
+                left.extend(remove_target_file(path));
+            }
+        }
+        (left, cancelled)
     }
-    (left, cancelled)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use livesnap_block::ImageFormat;
     use serde_json::json;
 
     fn opts(method: MethodArg) -> Options {
         Options {
-            qmp: "q".into(),
+            endpoint: super::super::EndpointArg::Qmp("q".into()),
             disk: "disk".into(),
             target: "t".into(),
             format: ImageFormat::Qcow2,
@@ -969,7 +824,7 @@ mod tests {
             freeze_hold: Duration::from_secs(10),
             cbw_timeout: 30,
             copy_mode: None,
-            create_via: CreateVia::Auto,
+            create_via: crate::target::CreateVia::Auto,
             target_blkdebug: None,
             quiet: true,
         }

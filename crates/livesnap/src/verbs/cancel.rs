@@ -96,3 +96,89 @@ async fn wait_end(ep: &mut Endpoint, clock: &mut Clock, job: &str, block: bool) 
         }
     }
 }
+
+/// Runs `livesnap cancel --libvirt DOMAIN JOB`: JOB is a disk with a block
+/// job (`vda`), aborted asynchronously (a soft cancel, so refused before
+/// READY without `--force`), or the domain job by its operation (`backup`),
+/// aborted with `virDomainAbortJob` (always forceful: `--force` needed).
+#[cfg(feature = "libvirt")]
+pub async fn run_libvirt(
+    lv: &mut crate::libvirt::Libvirt,
+    clock: &mut Clock,
+    job: &str,
+    force: bool,
+) -> Result<()> {
+    use crate::libvirt::DomainEvent;
+    let all = jobs::list_libvirt(lv).await?;
+    let Some(j) = all.iter().find(|j| str_of(j, "id") == job) else {
+        let ids: Vec<&str> = all.iter().map(|j| str_of(j, "id")).collect();
+        return Err(Failure::usage(format!(
+            "domain {} has no job '{job}' (jobs: {})",
+            lv.name,
+            if ids.is_empty() {
+                "none".into()
+            } else {
+                ids.join(", ")
+            }
+        )));
+    };
+    let block = str_of(j, "type") != "domain job";
+    let state = str_of(j, "status").to_string();
+    if block && !force && state != "ready" {
+        return Err(Failure::usage(format!(
+            "job '{job}' is {state}, not ready: aborting it before READY abandons the copy; use --force to abandon it"
+        )));
+    }
+    if !block && !force {
+        return Err(Failure::usage(format!(
+            "job '{job}' is the domain's {job} job; aborting it abandons it: use --force"
+        )));
+    }
+    if block {
+        lv.block_job_abort_async(job).await?;
+    } else {
+        lv.abort_job().await?;
+    }
+    loop {
+        let events = &mut lv.events;
+        let ev = match clock
+            .next(
+                clock.deadline,
+                |left| async move { Ok(events.next(left).await) },
+            )
+            .await
+        {
+            Ok(Waited::Event(ev)) => ev,
+            Ok(Waited::Tick) => continue,
+            Err(f) if f.kind == Kind::Deadline => {
+                return Err(Failure::new(
+                    Kind::Deadline,
+                    format!(
+                        "job '{job}' did not end within {}",
+                        crate::units::duration(clock.limit)
+                    ),
+                ))
+            }
+            Err(f) => return Err(f),
+        };
+        match ev.event {
+            DomainEvent::BlockJob { disk, status, .. } if block && disk == job => {
+                let s = crate::libvirt::block_job_status(status);
+                match s {
+                    "ready" => continue,
+                    "failed" => return Err(Failure::job(format!("job '{job}' failed"))),
+                    _ if state == "ready" => {
+                        println!("job '{job}' ended (aborted in READY: the target is a point-in-time copy)");
+                    }
+                    _ => println!("job '{job}' cancelled"),
+                }
+                return Ok(());
+            }
+            DomainEvent::JobCompleted { .. } if !block => {
+                println!("job '{job}' aborted");
+                return Ok(());
+            }
+            _ => {}
+        }
+    }
+}

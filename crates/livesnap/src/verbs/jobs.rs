@@ -55,13 +55,54 @@ pub async fn list(ep: &mut Endpoint) -> Result<Vec<Value>> {
 /// Runs `livesnap jobs`.
 pub async fn run(ep: &mut Endpoint, json_out: bool) -> Result<()> {
     let jobs = list(ep).await?;
+    print_jobs(&jobs, json_out);
+    Ok(())
+}
+
+/// A libvirt domain's jobs in the same shape: its domain job (a backup) by
+/// operation name, and each disk's block job by the disk's target name.
+#[cfg(feature = "libvirt")]
+pub async fn list_libvirt(lv: &crate::libvirt::Libvirt) -> Result<Vec<Value>> {
+    use crate::libvirt::{block_job_kind, job_type};
+    let mut out = Vec::new();
+    let j = lv.job_stats(false).await?;
+    if j.kind != virt_sys::VIR_DOMAIN_JOB_NONE as i32 {
+        let (done, total) = j.progress();
+        out.push(json!({
+            "id": j.operation().unwrap_or("job"), "type": "domain job",
+            "status": job_type(j.kind), "offset": done, "len": total,
+            "speed": null, "ready": null, "actively-synced": null, "error": null,
+        }));
+    }
+    for d in lv.disks().await? {
+        if let Some(b) = lv.block_job_info(&d.target).await? {
+            let ready = d.mirror_ready;
+            out.push(json!({
+                "id": d.target, "type": block_job_kind(b.kind),
+                "status": if ready { "ready" } else { "running" },
+                "offset": b.cur, "len": b.end, "speed": b.bandwidth, "ready": ready,
+                "actively-synced": null, "error": null,
+            }));
+        }
+    }
+    Ok(out)
+}
+
+/// Runs `livesnap jobs --libvirt`.
+#[cfg(feature = "libvirt")]
+pub async fn run_libvirt(lv: &crate::libvirt::Libvirt, json_out: bool) -> Result<()> {
+    print_jobs(&list_libvirt(lv).await?, json_out);
+    Ok(())
+}
+
+fn print_jobs(jobs: &[Value], json_out: bool) {
     if json_out {
-        println!("{}", Value::Array(jobs));
-        return Ok(());
+        println!("{}", Value::Array(jobs.to_vec()));
+        return;
     }
     if jobs.is_empty() {
         println!("no jobs");
-        return Ok(());
+        return;
     }
     let rows = jobs
         .iter()
@@ -98,5 +139,4 @@ pub async fn run(ep: &mut Endpoint, json_out: bool) -> Result<()> {
         "{}",
         table(&["ID", "TYPE", "STATUS", "PROGRESS", "SPEED"], rows)
     );
-    Ok(())
 }

@@ -60,6 +60,43 @@ pub async fn run(
     }
 }
 
+/// Runs `livesnap watch --libvirt`: the domain's libvirt events, in the
+/// same lines (or QMP-shaped JSON) as QMP's.
+#[cfg(feature = "libvirt")]
+pub async fn run_libvirt(
+    lv: &mut crate::libvirt::Libvirt,
+    clock: &mut Clock,
+    json_out: bool,
+    count: Option<u64>,
+) -> Result<()> {
+    let mut shown = 0u64;
+    let mut out = std::io::stdout();
+    eprintln!("livesnap: watching domain {} (Ctrl-C to stop)", lv.name);
+    loop {
+        if count.is_some_and(|c| shown >= c) {
+            return Ok(());
+        }
+        let events = &mut lv.events;
+        let ev = match clock
+            .next(
+                clock.deadline,
+                |left| async move { Ok(events.next(left).await) },
+            )
+            .await
+        {
+            Ok(Waited::Event(ev)) => ev.to_json(),
+            Ok(Waited::Tick) => continue,
+            Err(f) if matches!(f.kind, Kind::Deadline | Kind::Interrupted) => return Ok(()),
+            Err(f) => return Err(f),
+        };
+        let line = if json_out { ev.to_string() } else { human(&ev) };
+        if writeln!(out, "{line}").and_then(|()| out.flush()).is_err() {
+            return Ok(());
+        }
+        shown += 1;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
