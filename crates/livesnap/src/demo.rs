@@ -1,13 +1,17 @@
 //! `livesnap demo`: the seed problem and its fix, in one command.
 //!
 //! Starts a livesnapd inside this process on a fresh demo disk, and a
-//! guest-like writer that writes faster than the copy may go. Then runs the
-//! classic Nova algorithm (a background mirror, polled every 0.5 s until
-//! `cur == end`, then an abort) under a short deadline and shows that it does
-//! not finish; then takes a live snapshot with `livesnap snapshot` and checks
-//! it against the writer's log: the copy must be exactly the disk after one
-//! request N, with N inside the snapshot's point-in-time window. Everything
-//! (daemon, writer, files) is removed at the end.
+//! guest-like writer that writes faster than the copy may go. Then:
+//! 1. the classic Nova algorithm (a mirror polled every 0.5 s until `cur ==
+//!    end`, then an abort) on a background mirror, QEMU's default: under a
+//!    short deadline it does not finish;
+//! 2. the same loop, unchanged, with livesnapd's default copy mode: it ends,
+//!    its abort within the completion bound, and its copy is checked;
+//! 3. a live snapshot with `livesnap snapshot`, checked the same way.
+//!
+//! Each copy is checked against the writer's log: it must be exactly the
+//! disk after one request N, with N inside its point-in-time window.
+//! Everything (daemon, writer, files) is removed at the end.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -21,7 +25,7 @@ use serde_json::json;
 use crate::endpoint::{Endpoint, CONNECT_TIMEOUT};
 use crate::error::{Failure, Kind, Result};
 use crate::signals::Interrupt;
-use crate::snapshot::{self, MethodArg};
+use crate::snapshot::{self, EndpointArg, MethodArg};
 use crate::target::CreateVia;
 use crate::units::{bytes, monotonic_ns};
 
@@ -136,6 +140,20 @@ impl Writer {
         self.log.lock().unwrap().len()
     }
 
+    /// The log so far.
+    fn log(&self) -> Vec<Sent> {
+        self.log.lock().unwrap().clone()
+    }
+
+    /// A request sent after `ns` has been acknowledged.
+    fn sent_after(&self, ns: u64) -> bool {
+        self.log
+            .lock()
+            .unwrap()
+            .last()
+            .is_some_and(|s| s.sent_ns > ns)
+    }
+
     /// Writes per second over the last `over`.
     async fn rate(&self, over: Duration) -> f64 {
         let a = self.count();
@@ -196,15 +214,36 @@ async fn create_raw(path: &Path, size: u64) -> Result<()> {
     .map_err(|e| Failure::endpoint(format!("cannot create {}: {e}", path.display())))
 }
 
-/// The classic Nova algorithm: mirror, poll every 0.5 s until `cur == end`,
-/// then abort. Returns true if it finished before `deadline`.
+/// What Nova's loop did.
+struct NovaRun {
+    /// It saw `cur == end` and its abort ended the job.
+    finished: bool,
+    /// From the mirror command to the end (or to the deadline).
+    took: Duration,
+    /// The abort's window (CLOCK_MONOTONIC ns): the copy is the disk at one
+    /// instant in it.
+    window: Option<(u64, u64)>,
+    /// The copy, kept when it finished (the caller checks and removes it).
+    copy: PathBuf,
+}
+
+/// Nova's live-snapshot loop on livesnapd: a mirror (`copy_mode`: none, as
+/// Nova through libvirt sends, or QEMU's `background`), `query-block-jobs`
+/// every 0.5 s until `cur == end` and READY, then its abort (a soft
+/// `block-job-cancel`), all within `deadline`.
 async fn nova(
     q: &mut Endpoint,
     dir: &Path,
     size: u64,
     speed: u64,
+    copy_mode: Option<&str>,
     deadline: Duration,
-) -> Result<bool> {
+) -> Result<NovaRun> {
+    // A job id of its own per run: the events of an earlier run may still be queued.
+    let job = match copy_mode {
+        Some(m) => format!("nova-{m}"),
+        None => "nova".to_string(),
+    };
     let copy = dir.join("nova-copy.raw");
     create_raw(&copy, size).await?;
     q.must(
@@ -213,22 +252,21 @@ async fn nova(
                "file": {"driver": "file", "filename": copy.to_string_lossy()}}),
     )
     .await?;
-    // libvirt's block copy: a background-mode mirror.
-    q.must(
-        "blockdev-mirror",
-        json!({"job-id": "nova", "device": "disk", "target": "nova-copy", "sync": "full",
-               "speed": speed}),
-    )
-    .await?;
+    let mut args = json!({"job-id": job, "device": "disk", "target": "nova-copy",
+                          "sync": "full", "speed": speed});
+    if let Some(m) = copy_mode {
+        args["copy-mode"] = json!(m);
+    }
+    q.must("blockdev-mirror", args).await?;
     let start = Instant::now();
-    let mut finished = false;
+    let mut window = None;
     let mut last_print = Instant::now() - Duration::from_secs(2);
     while start.elapsed() < deadline {
         tokio::time::sleep(Duration::from_millis(500)).await;
         let jobs = q.must("query-block-jobs", json!({})).await?;
         let Some(j) = jobs
             .as_array()
-            .and_then(|a| a.iter().find(|j| j["device"] == "nova"))
+            .and_then(|a| a.iter().find(|j| j["device"] == job.as_str()))
         else {
             break;
         };
@@ -246,26 +284,55 @@ async fn nova(
                 bytes(end.saturating_sub(cur))
             );
         }
-        if cur == end && j["ready"] == true {
+        if end != 0 && cur == end && j["ready"] == true {
             // Nova's blockJobAbort: a soft cancel, then wait for the end.
-            q.must("block-job-cancel", json!({"device": "nova"}))
+            let t0 = monotonic_ns();
+            q.must("block-job-cancel", json!({ "device": job }))
                 .await?;
-            finished = wait_gone(q, "nova", deadline.saturating_sub(start.elapsed())).await?;
+            let left = deadline.saturating_sub(start.elapsed());
+            if wait_end(q, &job, left).await? {
+                window = Some((t0, monotonic_ns()));
+            }
             break;
         }
     }
-    if !finished {
+    let took = start.elapsed();
+    if window.is_none() {
         // Clean up what Nova left: a force cancel ends the job at once.
         let _ = q
-            .call("block-job-cancel", json!({"device": "nova", "force": true}))
+            .call("block-job-cancel", json!({"device": job, "force": true}))
             .await;
-        wait_gone(q, "nova", Duration::from_secs(10)).await?;
     }
+    wait_gone(q, &job, Duration::from_secs(10)).await?;
     let _ = q
         .call("blockdev-del", json!({"node-name": "nova-copy"}))
         .await;
-    let _ = std::fs::remove_file(&copy);
-    Ok(finished)
+    if window.is_none() {
+        let _ = std::fs::remove_file(&copy);
+    }
+    Ok(NovaRun {
+        finished: window.is_some(),
+        took,
+        window,
+        copy,
+    })
+}
+
+/// Waits for job `id`'s BLOCK_JOB_COMPLETED; false if it ended otherwise
+/// or `limit` passed first.
+async fn wait_end(q: &mut Endpoint, id: &str, limit: Duration) -> Result<bool> {
+    let until = Instant::now() + limit;
+    while let Some(ev) = q.event(until.saturating_duration_since(Instant::now())).await? {
+        if ev["data"]["device"] != id {
+            continue;
+        }
+        match ev["event"].as_str() {
+            Some("BLOCK_JOB_COMPLETED") => return Ok(ev["data"].get("error").is_none()),
+            Some("BLOCK_JOB_CANCELLED") => return Ok(false),
+            _ => {}
+        }
+    }
+    Ok(false)
 }
 
 /// Waits until job `id` is no longer listed; false if `limit` passed first.
@@ -338,6 +405,43 @@ async fn run_in(opts: &DemoOptions, dir: &Path) -> Result<()> {
     outcome
 }
 
+/// Checks `image` against the writer's log: it must be exactly the disk
+/// after one request whose number lies inside the window `(w0, w1)`
+/// (CLOCK_MONOTONIC ns). Returns (that request, the window's bounds).
+async fn verify(
+    writer: &Writer,
+    image: &[u8],
+    blocks: u64,
+    (w0, w1): (u64, u64),
+    what: &str,
+) -> Result<(u64, u64, u64)> {
+    // Every request sent before the window closed must be in the log: the
+    // writer has one in flight at a time, so wait for one sent after it.
+    let until = Instant::now() + Duration::from_secs(30);
+    while !writer.sent_after(w1) {
+        if Instant::now() >= until {
+            return Err(Failure::job("the demo writer stopped writing"));
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let log = writer.log();
+    // Requests certainly in the copy: acknowledged before the window opened;
+    // possibly in it: sent before it closed.
+    let lo = log.iter().take_while(|s| s.acked_ns < w0).count() as u64;
+    let hi = log.iter().take_while(|s| s.sent_ns < w1).count() as u64;
+    let n = find_request(image, blocks).map_err(|e| {
+        Failure::new(Kind::Job, format!("{what} is not a point-in-time copy: {e}"))
+    })?;
+    let n_done = n.map_or(0, |n| n + 1);
+    if n_done < lo || n_done > hi {
+        return Err(Failure::new(
+            Kind::Job,
+            format!("{what} is the disk after {n_done} requests, outside its window [{lo}, {hi}]"),
+        ));
+    }
+    Ok((n_done, lo, hi))
+}
+
 async fn demo_steps(
     opts: &DemoOptions,
     dir: &Path,
@@ -354,29 +458,59 @@ async fn demo_steps(
         bytes((rate * 65536.0) as u64)
     );
     println!("the copy may go at {}/s.", bytes(opts.speed));
+    let mut q = Endpoint::connect(qmp_path, CONNECT_TIMEOUT).await?;
 
     println!(
-        "\n1. The classic Nova algorithm (mirror, poll every 0.5 s until cur == end, then abort), given {}s:",
+        "\n1. Nova's algorithm (mirror, poll every 0.5 s until cur == end, then abort) on a\n   background mirror, QEMU's default copy mode, given {}s:",
         opts.nova_deadline.as_secs()
     );
-    let mut q = Endpoint::connect(qmp_path, CONNECT_TIMEOUT).await?;
-    let nova_done = nova(&mut q, dir, size, opts.speed, opts.nova_deadline).await?;
-    if nova_done {
+    let classic = nova(&mut q, dir, size, opts.speed, Some("background"), opts.nova_deadline).await?;
+    let classic_line = if classic.finished {
+        let _ = std::fs::remove_file(&classic.copy);
         println!(
             "  Nova finished this time (the guest slowed down); under heavier writes it may not."
         );
+        format!("finished after {:.1}s this time", classic.took.as_secs_f64())
     } else {
         println!(
             "  Nova is still polling after {}s: cur never reaches end under these writes, so Nova never gets to its abort and waits for ever.",
             opts.nova_deadline.as_secs()
         );
         println!("  (the demo force-cancelled the job and removed the copy)");
-    }
+        format!(
+            "still polling after {}s (Nova would poll for ever)",
+            opts.nova_deadline.as_secs()
+        )
+    };
 
-    println!("\n2. livesnap snapshot (copy-before-write backup: point in time at the start):");
+    // Nova's loop needs a whole first pass at the speed limit, then a
+    // clean instant: give it three passes' worth, at least its deadline.
+    let pass = Duration::from_secs_f64(size as f64 / opts.speed.max(1) as f64);
+    let limit = opts.nova_deadline.max(pass * 3);
+    println!(
+        "\n2. The same loop, unchanged (no copy-mode, as Nova sends it), on livesnapd's default\n   (copy-mode auto: write-blocking once the copy stops gaining), given {}s:",
+        limit.as_secs()
+    );
+    let ours = nova(&mut q, dir, size, opts.speed, None, limit).await?;
+    let Some(window) = ours.window else {
+        return Err(Failure::job(format!(
+            "Nova's loop did not end on livesnapd's default within {}s",
+            limit.as_secs()
+        )));
+    };
+    let image = read_file(&ours.copy)?;
+    let _ = std::fs::remove_file(&ours.copy);
+    let (n, lo, hi) = verify(&writer, &image, blocks, window, "Nova's copy").await?;
+    let end_ms = (window.1 - window.0) as f64 / 1e6;
+    println!(
+        "  Nova saw cur == end after {:.1}s; its abort ended in {end_ms:.0} ms. The copy is exactly\n  the disk after request #{n} (the abort's window: requests {lo}..{hi}). Point in time: verified.",
+        ours.took.as_secs_f64()
+    );
+
+    println!("\n3. livesnap snapshot (copy-before-write backup: point in time at the start):");
     let target = dir.join("snapshot.raw");
     let sopts = snapshot::Options {
-        qmp: qmp_path.to_path_buf(),
+        endpoint: EndpointArg::Qmp(qmp_path.to_path_buf()),
         disk: "disk".into(),
         target: target.clone(),
         format: ImageFormat::Raw,
@@ -397,38 +531,28 @@ async fn demo_steps(
     let report = snapshot::run(&sopts, Interrupt::install()).await?;
     let took = started.elapsed();
     let during = writer.count() - before;
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let log = writer.stop().await?;
     println!(
         "  done in {:.1}s; the guest kept writing: {} writes while it ran ({:.0} writes/s).",
         took.as_secs_f64(),
         during,
         during as f64 / took.as_secs_f64().max(1e-3)
     );
+    let image = read_file(&target)?;
+    let _ = std::fs::remove_file(&target);
+    let (m, lo, hi) = verify(
+        &writer,
+        &image,
+        blocks,
+        (report.window.0.mono_ns, report.window.1.mono_ns),
+        "the snapshot",
+    )
+    .await?;
+    println!(
+        "  the snapshot is exactly the disk after request #{m} (window: requests {lo}..{hi}). Point in time: verified."
+    );
 
-    println!("\n3. Checking the snapshot against the writer's log:");
-    let image = std::fs::read(&target)
-        .map_err(|e| Failure::job(format!("cannot read {}: {e}", target.display())))?;
-    let (w0, w1) = (report.window.0.mono_ns, report.window.1.mono_ns);
-    // Requests certainly in the copy: acknowledged before the window opened;
-    // possibly in it: sent before it closed.
-    let lo = log.iter().take_while(|s| s.acked_ns < w0).count() as u64;
-    let hi = log.iter().take_while(|s| s.sent_ns < w1).count() as u64;
-    let n = find_request(&image, blocks).map_err(|e| {
-        Failure::new(
-            Kind::Job,
-            format!("the snapshot is not a point-in-time copy: {e}"),
-        )
-    })?;
-    let n_done = n.map_or(0, |n| n + 1);
-    if n_done < lo || n_done > hi {
-        return Err(Failure::new(
-            Kind::Job,
-            format!(
-                "the snapshot is the disk after {n_done} requests, outside its window [{lo}, {hi}]"
-            ),
-        ));
-    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let log = writer.stop().await?;
     let disk_now = find_request(&read_file(&dir.join("disk.raw"))?, blocks)
         .map_err(|e| Failure::new(Kind::Job, format!("the disk itself is inconsistent: {e}")))?;
     if disk_now.map_or(0, |n| n + 1) != log.len() as u64 {
@@ -441,13 +565,18 @@ async fn demo_steps(
         ));
     }
     println!(
-        "  the snapshot is exactly the disk after request #{n_done} (window: requests {lo}..{hi});"
-    );
-    println!(
-        "  the disk itself holds all {} acknowledged writes. Point in time: verified.",
+        "\nThe disk itself holds all {} acknowledged writes. In short:",
         log.len()
     );
-    let _ = std::fs::remove_file(&target);
+    println!("  Nova's loop, background mirror (QEMU's default):  {classic_line}");
+    println!(
+        "  the same loop on livesnapd's default:             ended after {:.1}s (abort {end_ms:.0} ms), point in time verified",
+        ours.took.as_secs_f64()
+    );
+    println!(
+        "  livesnap snapshot:                                ended after {:.1}s, point in time verified",
+        took.as_secs_f64()
+    );
     Ok(())
 }
 
