@@ -19,7 +19,9 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use harness::pit::{add_image_node, read_export, read_export_at, release_node, wait_job_event};
-use harness::vm::{Boot, GuestOpts, Vm, VmDisk, BLOCK, BOOT_TIMEOUT, INIT_SH};
+use harness::vm::{
+    check_final, check_snapshot, Boot, GuestOpts, Taken, Vm, VmDisk, BLOCK, BOOT_TIMEOUT, INIT_SH,
+};
 use harness::{qemu_io, run, run_within, sparse_file, Livesnapd, Qmp};
 use serde_json::{json, Value};
 
@@ -32,6 +34,7 @@ fn writer(tag: u32) -> GuestOpts {
     GuestOpts {
         tag,
         blocks: 64,
+        base: 0,
         stride: 64,
         max: 0,
     }
@@ -50,23 +53,6 @@ fn tag() -> u32 {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap();
     (t.subsec_nanos() ^ std::process::id().rotate_left(16)) | 1
-}
-
-/// What a snapshot taken under the running guest showed.
-#[derive(Debug)]
-struct Taken {
-    /// What took it.
-    how: &'static str,
-    /// Newest request the guest had reported before the snapshot command.
-    r0: u64,
-    /// Newest reported right after the command's reply.
-    r1: u64,
-    /// Newest reported when the copy was complete.
-    r_done: u64,
-    /// When the command was sent, relative to the VM's start.
-    at: Duration,
-    /// Command to completion.
-    took: Duration,
 }
 
 /// Boots the writer, lets it cycle through every block once, and returns
@@ -99,6 +85,7 @@ fn backup(vm: &Vm, qmp: &mut Qmp, device: &str, target: &Path) -> Taken {
     release_node(qmp, "snap0", JOB_TIMEOUT);
     Taken {
         how: "blockdev-backup",
+        r_start: r0,
         r0,
         r1,
         r_done,
@@ -107,55 +94,11 @@ fn backup(vm: &Vm, qmp: &mut Qmp, device: &str, target: &Path) -> Taken {
     }
 }
 
-/// The snapshot is exactly the disk after request N with r0 <= N <= r1 + 1,
-/// and the guest wrote during the copy (or the check would not tell a
-/// point-in-time copy from one that followed the guest). Returns N.
-fn check_snapshot(g: &GuestOpts, image: &[u8], t: &Taken) -> u64 {
+/// The snapshot file, which must have the disk's size.
+fn read_sized(path: &Path) -> Vec<u8> {
+    let image = std::fs::read(path).unwrap();
     assert_eq!(image.len() as u64, DISK, "snapshot size");
-    let n = g
-        .find_request(image)
-        .unwrap_or_else(|e| panic!("the snapshot is not the disk after any one request: {e}"))
-        .expect("the snapshot holds the guest's writes");
-    eprintln!(
-        "vm_snapshot: {} snapshot is the disk after request {n}; guest had written {} before, \
-         {} at the end of the window, {} at completion; started {:.1} s after qemu, took {:.2} s",
-        t.how,
-        t.r0,
-        t.r1,
-        t.r_done,
-        t.at.as_secs_f64(),
-        t.took.as_secs_f64()
-    );
-    assert!(
-        t.r0 <= n && n <= t.r1 + 1,
-        "the {} snapshot is the disk after request {n}, but the guest had written {} before \
-         its window and sent at most {} by its end",
-        t.how,
-        t.r0,
-        t.r1 + 1
-    );
-    assert!(
-        t.r_done >= t.r1 + u64::from(g.blocks / 4),
-        "the guest wrote only {} requests during the copy ({} blocks): too few to tell a \
-         point-in-time copy from one that followed the guest",
-        t.r_done - t.r1,
-        g.blocks
-    );
-    n
-}
-
-/// The disk as the guest left it when killed holds every request it
-/// reported: it is the disk after its last report, or after the one request
-/// in flight at the kill.
-fn check_final(g: &GuestOpts, image: &[u8], last: u64) {
-    let n = g
-        .find_request(image)
-        .unwrap_or_else(|e| panic!("the disk after the VM was killed: {e}"))
-        .expect("the disk holds the guest's writes");
-    assert!(
-        n == last || n == last + 1,
-        "the disk is at request {n} after the VM was killed, but the guest had reported {last}"
-    );
+    image
 }
 
 /// The `livesnap` CLI, built beside livesnapd (`cargo test --workspace`
@@ -195,20 +138,11 @@ fn cli_snapshot(vm: &Vm, qmp_path: &Path, device: &str, target: &Path) -> Taken 
         .unwrap_or_else(|e| panic!("livesnap --json printed no JSON object ({e}): {out}"));
     assert_eq!(report["result"], "ok", "{report}");
     assert_eq!(report["method"], "backup", "{report}");
-    let pit = &report["point_in_time"];
-    let (w0, w1) = (
-        pit["start_monotonic_ns"].as_u64().expect("window start"),
-        pit["end_monotonic_ns"].as_u64().expect("window end"),
-    );
-    assert!(w0 <= w1, "{report}");
-    watch.wait_past(w1, WRITE_TIMEOUT);
-    let r0 = watch
-        .done_by(w0)
-        .expect("the guest had written before the window");
-    let r1 = watch.sent_by(w1).unwrap() - 1;
+    let (r0, r1) = watch.bracket(&report, WRITE_TIMEOUT);
     drop(watch);
     Taken {
         how: "livesnap",
+        r_start: r0,
         r0,
         r1,
         r_done: vm.last_written().unwrap(),
@@ -264,11 +198,11 @@ fn livesnapd_snapshots_of_a_running_vm() {
     let mut qmp = d.qmp();
     let t = backup(&vm, &mut qmp, "disk", &target);
     drop(qmp);
-    let n = check_snapshot(&g, &std::fs::read(&target).unwrap(), &t);
+    let n = check_snapshot(&g, &read_sized(&target), &t);
 
     let target = work.path().join("cli.raw");
     let t = cli_snapshot(&vm, &d.qmp_path, "disk", &target);
-    let m = check_snapshot(&g, &std::fs::read(&target).unwrap(), &t);
+    let m = check_snapshot(&g, &read_sized(&target), &t);
     assert!(m > n, "the second snapshot is not later than the first");
 
     plain_copy_is_refused(&mut vm, &g, |at| read_export_at(d.url(), at, BLOCK as u64));
@@ -307,11 +241,11 @@ fn qemu_system_snapshots_of_its_own_disk() {
     let mut qmp = vm.qmp();
     let t = backup(&vm, &mut qmp, "drive0", &target);
     drop(qmp);
-    let n = check_snapshot(&g, &std::fs::read(&target).unwrap(), &t);
+    let n = check_snapshot(&g, &read_sized(&target), &t);
 
     let target = work.path().join("cli.raw");
     let t = cli_snapshot(&vm, &vm.qmp_path.clone(), "drive0", &target);
-    let m = check_snapshot(&g, &std::fs::read(&target).unwrap(), &t);
+    let m = check_snapshot(&g, &read_sized(&target), &t);
     assert!(m > n, "the second snapshot is not later than the first");
 
     vm.kill();
@@ -380,6 +314,7 @@ fn find_request_is_exact() {
     let g = GuestOpts {
         tag: 0x1234_5678,
         blocks: 4,
+        base: 0,
         stride: 2,
         max: 0,
     };

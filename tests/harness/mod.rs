@@ -7,6 +7,8 @@
 
 #![allow(dead_code)]
 
+pub mod disk;
+pub mod libvirt;
 pub mod pit;
 pub mod vm;
 

@@ -66,7 +66,7 @@ const MODULES: &[(&str, bool)] = &[
 /// (speculation mitigations, TSC refinement, crypto self-tests, probing
 /// of three UARTs that do not exist); `printk.devkmsg=on` lifts the rate limit
 /// on the guest's progress lines.
-const CMDLINE: &str = "console=ttyS0 quiet panic=-1 rdinit=/init printk.devkmsg=on \
+pub const CMDLINE: &str = "console=ttyS0 quiet panic=-1 rdinit=/init printk.devkmsg=on \
                        mitigations=off tsc=reliable no_timer_check lpj=5000000 \
                        8250.nr_uarts=1 cryptomgr.notests";
 
@@ -556,8 +556,11 @@ pub struct GuestOpts {
     pub tag: u32,
     /// Number of record blocks; request n goes to block `n % blocks`.
     pub blocks: u32,
+    /// Where the records start, in 4 KiB units: what lies before is not
+    /// the guest's (a test may put data there) and is not checked.
+    pub base: u32,
     /// Distance between record blocks, in 4 KiB units: block b is at byte
-    /// `b * stride * 4096`. Spreading them puts each in its own job cluster,
+    /// `(base + b * stride) * 4096`. Spreading them puts each in its own job cluster,
     /// so a background copy reaches some only after the guest rewrote them.
     pub stride: u32,
     /// Requests before the guest powers off; 0 for until it is killed.
@@ -565,14 +568,22 @@ pub struct GuestOpts {
 }
 
 impl GuestOpts {
-    /// The disk size the records span (the disk may be larger; the rest stays zero).
+    /// The writer's kernel arguments (init.sh reads them).
+    pub fn kernel_args(&self) -> String {
+        format!(
+            "lstag={} lsblocks={} lsbase={} lsstride={} lsmax={}",
+            self.tag, self.blocks, self.base, self.stride, self.max
+        )
+    }
+
+    /// The disk size the records reach (the disk may be larger; the rest stays zero).
     pub fn disk_bytes(&self) -> u64 {
-        u64::from(self.blocks) * u64::from(self.stride) * BLOCK as u64
+        (u64::from(self.base) + u64::from(self.blocks) * u64::from(self.stride)) * BLOCK as u64
     }
 
     /// Byte offset of record block `b`.
     pub fn offset(&self, b: u32) -> u64 {
-        u64::from(b) * u64::from(self.stride) * BLOCK as u64
+        (u64::from(self.base) + u64::from(b) * u64::from(self.stride)) * BLOCK as u64
     }
 
     /// The request whose record block `b` holds after request `n`: the last
@@ -672,8 +683,8 @@ impl GuestOpts {
                 ));
             }
         }
-        // Outside the record blocks the guest never writes.
-        let mut at = 0usize;
+        // Outside the record blocks (past `base`) the guest never writes.
+        let mut at = self.offset(0) as usize;
         for b in 0..=self.blocks {
             let end = if b == self.blocks {
                 image.len()
@@ -824,10 +835,8 @@ impl Vm {
                 let a = guest_assets();
                 cmd.arg("-kernel").arg(&a.kernel);
                 cmd.arg("-initrd").arg(&a.initrd);
-                cmd.arg("-append").arg(format!(
-                    "{CMDLINE} lstag={} lsblocks={} lsstride={} lsmax={}",
-                    g.tag, g.blocks, g.stride, g.max
-                ));
+                cmd.arg("-append")
+                    .arg(format!("{CMDLINE} {}", g.kernel_args()));
                 Some(g)
             }
             Boot::Paused => {
@@ -873,42 +882,29 @@ impl Vm {
         Qmp::connect(&self.qmp_path)
     }
 
+    /// The serial console.
+    pub fn console(&self) -> Console {
+        Console {
+            path: self.serial_path.clone(),
+        }
+    }
+
     /// The serial console so far.
     pub fn serial(&self) -> String {
-        std::fs::read(&self.serial_path)
-            .map(|b| String::from_utf8_lossy(&b).into_owned())
-            .unwrap_or_default()
+        self.console().text()
     }
 
-    /// The guest's own complete lines ("livesnap-guest: " stripped), oldest
-    /// first. QEMU writes the console a byte at a time, and a line cut short
-    /// ("wrote 1" of "wrote 12") would understate the guest's progress.
+    /// The guest's own complete lines (see [`Console::guest_lines`]).
     pub fn guest_lines(&self) -> Vec<String> {
-        let serial = self.serial();
-        let end = serial.rfind('\n').map_or(0, |i| i + 1);
-        serial[..end]
-            .lines()
-            .filter_map(|l| {
-                l.split_once("livesnap-guest: ")
-                    .map(|(_, m)| m.trim().to_string())
-            })
-            .collect()
+        self.console().guest_lines()
     }
 
-    /// The newest request the guest reported written. Reading it at instant t
-    /// bounds the disk's state at t: request `k` is on the disk (its write
-    /// returned before the line was printed) and no request past `k + 1` has
-    /// been sent (the guest prints "wrote k+1" before sending k+2). Panics if
-    /// the guest reported a failure.
+    /// The newest request the guest reported written (see
+    /// [`Console::last_written`]). Panics if the guest reported a failure.
     pub fn last_written(&self) -> Option<u64> {
-        let lines = self.guest_lines();
-        if let Some(f) = lines.iter().find(|l| l.starts_with("FAILED")) {
-            panic!("the guest failed: {f}\n{}", self.diagnostics());
-        }
-        lines
-            .iter()
-            .rev()
-            .find_map(|l| l.strip_prefix("wrote ")?.parse().ok())
+        self.console()
+            .last_written()
+            .unwrap_or_else(|f| panic!("the guest failed: {f}\n{}", self.diagnostics()))
     }
 
     /// Waits until the guest is about to write (its modules loaded and
@@ -986,13 +982,10 @@ impl Vm {
 
     /// QEMU's output and the end of the serial console, for failure messages.
     pub fn diagnostics(&self) -> String {
-        let serial = self.serial();
-        let tail: Vec<&str> = serial.lines().rev().take(30).collect();
-        let tail: Vec<&str> = tail.into_iter().rev().collect();
         format!(
             "--- qemu output ---\n{}\n--- serial console (last 30 lines) ---\n{}",
             std::fs::read_to_string(&self.log_path).unwrap_or_default(),
-            tail.join("\n")
+            self.console().tail(30)
         )
     }
 }
@@ -1027,9 +1020,69 @@ pub struct ProgressWatch {
 impl Vm {
     /// Starts following the serial console (see [`ProgressWatch`]).
     pub fn watch_progress(&self) -> ProgressWatch {
+        self.console().watch()
+    }
+}
+
+/// The writer guest's serial console, as a file QEMU writes (qemu-system's
+/// `-serial file:`, libvirt's `<serial type='file'>`).
+#[derive(Clone, Debug)]
+pub struct Console {
+    /// The file.
+    pub path: PathBuf,
+}
+
+impl Console {
+    /// Everything so far.
+    pub fn text(&self) -> String {
+        std::fs::read(&self.path)
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .unwrap_or_default()
+    }
+
+    /// The last `n` lines, for failure messages.
+    pub fn tail(&self, n: usize) -> String {
+        let text = self.text();
+        let lines: Vec<&str> = text.lines().rev().take(n).collect();
+        lines.into_iter().rev().collect::<Vec<_>>().join("\n")
+    }
+
+    /// The guest's own complete lines ("livesnap-guest: " stripped), oldest
+    /// first. QEMU writes the console a byte at a time, and a line cut short
+    /// ("wrote 1" of "wrote 12") would understate the guest's progress.
+    pub fn guest_lines(&self) -> Vec<String> {
+        let serial = self.text();
+        let end = serial.rfind('\n').map_or(0, |i| i + 1);
+        serial[..end]
+            .lines()
+            .filter_map(|l| {
+                l.split_once("livesnap-guest: ")
+                    .map(|(_, m)| m.trim().to_string())
+            })
+            .collect()
+    }
+
+    /// The newest request the guest reported written. Reading it at instant
+    /// t bounds the disk's state at t: request `k` is on the disk (its write
+    /// returned before the line was printed) and no request past `k + 1` has
+    /// been sent (the guest prints "wrote k+1" before sending k+2). The
+    /// guest's own failure line, if it reported one, is the error.
+    pub fn last_written(&self) -> Result<Option<u64>, String> {
+        let lines = self.guest_lines();
+        if let Some(f) = lines.iter().find(|l| l.starts_with("FAILED")) {
+            return Err(f.clone());
+        }
+        Ok(lines
+            .iter()
+            .rev()
+            .find_map(|l| l.strip_prefix("wrote ")?.parse().ok()))
+    }
+
+    /// Starts following the console (see [`ProgressWatch`]).
+    pub fn watch(&self) -> ProgressWatch {
         let samples = Arc::new(Mutex::new(Vec::new()));
         let stop = Arc::new(AtomicBool::new(false));
-        let mut file = std::fs::File::open(&self.serial_path).unwrap();
+        let mut file = std::fs::File::open(&self.path).unwrap();
         let (s, st) = (samples.clone(), stop.clone());
         let thread = std::thread::spawn(move || {
             let (mut buf, mut last) = (Vec::new(), None);
@@ -1102,5 +1155,98 @@ impl Drop for ProgressWatch {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Checking snapshots of the writer's disk.
+
+/// What a snapshot taken under the running guest showed.
+#[derive(Debug)]
+pub struct Taken {
+    /// What took it.
+    pub how: &'static str,
+    /// Newest request the guest had reported when the snapshot was started.
+    pub r_start: u64,
+    /// Newest request the guest had reported before the snapshot's window.
+    pub r0: u64,
+    /// Newest reported right after the command's reply.
+    pub r1: u64,
+    /// Newest reported when the copy was complete.
+    pub r_done: u64,
+    /// When the command was sent, relative to the guest's start.
+    pub at: Duration,
+    /// Command to completion.
+    pub took: Duration,
+}
+
+/// The snapshot is exactly the disk after request N with r0 <= N <= r1 + 1,
+/// and the guest wrote during the copy (or the check would not tell a
+/// point-in-time copy from one that followed the guest). Returns N.
+pub fn check_snapshot(g: &GuestOpts, image: &[u8], t: &Taken) -> u64 {
+    let n = g
+        .find_request(image)
+        .unwrap_or_else(|e| panic!("the snapshot is not the disk after any one request: {e}"))
+        .expect("the snapshot holds the guest's writes");
+    eprintln!(
+        "vm: {} snapshot is the disk after request {n}; guest had written {} before, \
+         {} at the end of the window, {} at completion; started {:.1} s after qemu, took {:.2} s",
+        t.how,
+        t.r0,
+        t.r1,
+        t.r_done,
+        t.at.as_secs_f64(),
+        t.took.as_secs_f64()
+    );
+    assert!(
+        t.r0 <= n && n <= t.r1 + 1,
+        "the {} snapshot is the disk after request {n}, but the guest had written {} before \
+         its window and sent at most {} by its end",
+        t.how,
+        t.r0,
+        t.r1 + 1
+    );
+    // A backup copies after its instant, a mirror before it: either way
+    // the guest must have written while the job copied.
+    let raced = (t.r_done - t.r1).max(t.r0 - t.r_start);
+    assert!(
+        raced >= u64::from(g.blocks / 4),
+        "the guest wrote only {raced} requests while the job copied ({} blocks): too few to \
+         tell a point-in-time copy from one that followed the guest",
+        g.blocks
+    );
+    n
+}
+
+/// The disk as the guest left it when killed holds every request it
+/// reported: it is the disk after its last report, or after the one request
+/// in flight at the kill.
+pub fn check_final(g: &GuestOpts, image: &[u8], last: u64) {
+    let n = g
+        .find_request(image)
+        .unwrap_or_else(|e| panic!("the disk after the VM was killed: {e}"))
+        .expect("the disk holds the guest's writes");
+    assert!(
+        n == last || n == last + 1,
+        "the disk is at request {n} after the VM was killed, but the guest had reported {last}"
+    );
+}
+
+impl ProgressWatch {
+    /// The requests a `livesnap --json` report's point-in-time window
+    /// allows: (surely on the disk when it opened, at most sent when it
+    /// closed), as this watch saw the guest's progress around it.
+    pub fn bracket(&self, report: &serde_json::Value, timeout: Duration) -> (u64, u64) {
+        let pit = &report["point_in_time"];
+        let (w0, w1) = (
+            pit["start_monotonic_ns"].as_u64().expect("window start"),
+            pit["end_monotonic_ns"].as_u64().expect("window end"),
+        );
+        assert!(w0 <= w1, "{report}");
+        self.wait_past(w1, timeout);
+        let r0 = self
+            .done_by(w0)
+            .expect("the guest had written before the window");
+        (r0, self.sent_by(w1).unwrap() - 1)
     }
 }

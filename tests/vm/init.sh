@@ -2,7 +2,7 @@
 # Guest init for tests/vm_snapshot.rs (packed by tests/harness/vm.rs).
 #
 # Writes request n = 0, 1, 2, ... as one 4 KiB O_DIRECT write of record n to
-# record block b = n mod $lsblocks, at 4 KiB unit b * $lsstride of /dev/vda,
+# record block b = n mod $lsblocks, at 4 KiB unit $lsbase + b * $lsstride of /dev/vda,
 # strictly one at a time, so the disk after request N is known exactly: block
 # b holds the last n <= N with n mod $lsblocks = b (zeros before its first
 # write), and nothing else is ever written. After each write returns it
@@ -13,6 +13,7 @@
 # Kernel arguments (handed to init as environment variables):
 #   lstag     run tag (decimal, < 2^32) written into every record
 #   lsblocks  number of 4 KiB blocks the records cycle through
+#   lsbase    4 KiB unit of record block 0 (what lies before is not the guest's)
 #   lsstride  distance between record blocks, in 4 KiB units
 #   lsmax     stop after this many requests and power off (0: until powered off)
 
@@ -46,12 +47,13 @@ done
 
 tag=${lstag:-0}
 blocks=${lsblocks:-64}
+base=${lsbase:-0}
 stride=${lsstride:-1}
 max=${lsmax:-0}
 # A 64-byte line, 64 times per 4 KiB block: magic, tag, n, block, and a
 # pattern of all three (tests/harness/vm.rs GuestOpts::record).
 fmt='LSNPVM01 %08x n=%010d b=%06d p=%08x ............\n'
-say "ready tag=$tag blocks=$blocks stride=$stride max=$max"
+say "ready tag=$tag blocks=$blocks base=$base stride=$stride max=$max"
 
 n=0
 while [ "$max" -eq 0 ] || [ $n -lt "$max" ]; do
@@ -61,7 +63,7 @@ while [ "$max" -eq 0 ] || [ $n -lt "$max" ]; do
 	a="$a $a"; a="$a $a"; a="$a $a"; a="$a $a"; a="$a $a"; a="$a $a"
 	# shellcheck disable=SC2086 # the 256 words are the point
 	printf "$fmt" $a >/tmp/rec
-	dd if=/tmp/rec of=/dev/vda bs=4096 count=1 seek=$((b * stride)) oflag=direct conv=notrunc 2>/tmp/dd.err ||
+	dd if=/tmp/rec of=/dev/vda bs=4096 count=1 seek=$((base + b * stride)) oflag=direct conv=notrunc 2>/tmp/dd.err ||
 		die "dd request $n: $(cat /tmp/dd.err)"
 	say "wrote $n"
 	n=$((n + 1))
