@@ -287,8 +287,7 @@ async fn nova(
         if end != 0 && cur == end && j["ready"] == true {
             // Nova's blockJobAbort: a soft cancel, then wait for the end.
             let t0 = monotonic_ns();
-            q.must("block-job-cancel", json!({ "device": job }))
-                .await?;
+            q.must("block-job-cancel", json!({ "device": job })).await?;
             let left = deadline.saturating_sub(start.elapsed());
             if wait_end(q, &job, left).await? {
                 window = Some((t0, monotonic_ns()));
@@ -322,7 +321,10 @@ async fn nova(
 /// or `limit` passed first.
 async fn wait_end(q: &mut Endpoint, id: &str, limit: Duration) -> Result<bool> {
     let until = Instant::now() + limit;
-    while let Some(ev) = q.event(until.saturating_duration_since(Instant::now())).await? {
+    while let Some(ev) = q
+        .event(until.saturating_duration_since(Instant::now()))
+        .await?
+    {
         if ev["data"]["device"] != id {
             continue;
         }
@@ -430,7 +432,10 @@ async fn verify(
     let lo = log.iter().take_while(|s| s.acked_ns < w0).count() as u64;
     let hi = log.iter().take_while(|s| s.sent_ns < w1).count() as u64;
     let n = find_request(image, blocks).map_err(|e| {
-        Failure::new(Kind::Job, format!("{what} is not a point-in-time copy: {e}"))
+        Failure::new(
+            Kind::Job,
+            format!("{what} is not a point-in-time copy: {e}"),
+        )
     })?;
     let n_done = n.map_or(0, |n| n + 1);
     if n_done < lo || n_done > hi {
@@ -464,13 +469,24 @@ async fn demo_steps(
         "\n1. Nova's algorithm (mirror, poll every 0.5 s until cur == end, then abort) on a\n   background mirror, QEMU's default copy mode, given {}s:",
         opts.nova_deadline.as_secs()
     );
-    let classic = nova(&mut q, dir, size, opts.speed, Some("background"), opts.nova_deadline).await?;
+    let classic = nova(
+        &mut q,
+        dir,
+        size,
+        opts.speed,
+        Some("background"),
+        opts.nova_deadline,
+    )
+    .await?;
     let classic_line = if classic.finished {
         let _ = std::fs::remove_file(&classic.copy);
         println!(
             "  Nova finished this time (the guest slowed down); under heavier writes it may not."
         );
-        format!("finished after {:.1}s this time", classic.took.as_secs_f64())
+        format!(
+            "finished after {:.1}s this time",
+            classic.took.as_secs_f64()
+        )
     } else {
         println!(
             "  Nova is still polling after {}s: cur never reaches end under these writes, so Nova never gets to its abort and waits for ever.",
