@@ -10,8 +10,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use harness::pit::{
-    add_image_node, check_source_complete, prefill, read_export, read_image, release_node,
-    scenario_mirror_cancel, scenario_mirror_complete, verify_point_in_time, wait_job_event, Layout,
+    add_image_node, check_source_complete, end_mirror_checked, prefill, read_export,
+    scenario_mirror_cancel, scenario_mirror_complete, wait_job_event, Layout, MirrorEnd, MirrorRig,
     PitDaemon, PitOpts, WriterOpts, Writers,
 };
 use harness::{run, Livesnapd, Qmp};
@@ -136,7 +136,7 @@ fn poll_until_ready(qmp: &mut Qmp, job: &str, timeout: Duration) {
 /// The seed's sequence on O_DIRECT images: a background mirror polled to
 /// READY, the guest writing at full speed, then the end command. Returns
 /// how long the end took.
-fn seed_sequence(end: &str) -> Duration {
+fn seed_sequence(end: MirrorEnd) -> Duration {
     let scratch = tempfile::tempdir().unwrap();
     let image = raw_disk(scratch.path(), "disk.raw", DISK);
     let d = Livesnapd::with_image(&image, &["--cache-direct"]);
@@ -157,52 +157,20 @@ fn seed_sequence(end: &str) -> Duration {
     // QEMU's cancel never returned.
     let w = Writers::start(&[d.url()], &layout, &WriterOpts::default());
     w.wait_acked(3000, Duration::from_secs(30));
-    let t0 = Instant::now();
-    if end == "cancel" {
-        qmp.ok("block-job-cancel", json!({"device": "nova"}));
-    } else {
-        qmp.ok("block-job-complete", json!({"device": "nova"}));
-    }
-    let (_, t1) = wait_job_event(
-        &mut qmp,
-        "nova",
-        "BLOCK_JOB_COMPLETED",
-        Duration::from_secs(30),
-    );
-    let took = t1 - t0;
-    w.wait_acked(w.acked() + 2000, Duration::from_secs(30));
-    let log = w.stop();
-    log.assert_no_failures();
-    assert!(
-        log.sent_between(t0, t1) > 0 || took < Duration::from_millis(5),
-        "the guest did not keep writing during the completion"
-    );
-    if end == "cancel" {
-        release_node(&mut qmp, "target", Duration::from_secs(10));
-        let copy = read_image(&target, "raw");
-        let r = verify_point_in_time(&log, &copy, t0, t1)
-            .unwrap_or_else(|e| panic!("target after the soft cancel: {e}"));
-        eprintln!("seed sequence, soft cancel: {took:?}; {r}");
-        let now = read_export(d.url(), DISK);
-        check_source_complete(&log, &now).expect("the source keeps every acknowledged write");
-    } else {
-        // The export now writes to the target; the old source is frozen at the pivot.
-        let now = read_export(d.url(), DISK);
-        check_source_complete(&log, &now).expect("the pivoted disk keeps every acknowledged write");
-        check_source_complete(&log, &read_image(&target, "raw"))
-            .expect("the target file holds every acknowledged write");
-        let old = read_image(&image, "raw");
-        let r = verify_point_in_time(&log, &old, t0, t1)
-            .unwrap_or_else(|e| panic!("source left behind by the pivot: {e}"));
-        eprintln!("seed sequence, complete: {took:?}; {r}");
-    }
-    took
+    let mut rig = MirrorRig {
+        qmp: &mut qmp,
+        url: d.url(),
+        job: "nova",
+        target: ("target", &target),
+        source: Some(&image),
+    };
+    end_mirror_checked(&mut rig, end, w)
 }
 
 #[test]
 fn seed_sequence_soft_cancel_ends_within_bound() {
     for _ in 0..2 {
-        let took = seed_sequence("cancel");
+        let took = seed_sequence(MirrorEnd::Cancel);
         assert!(took < COMPLETION_BOUND, "soft cancel took {took:?}");
     }
 }
@@ -210,7 +178,7 @@ fn seed_sequence_soft_cancel_ends_within_bound() {
 #[test]
 fn seed_sequence_complete_ends_within_bound() {
     for _ in 0..2 {
-        let took = seed_sequence("complete");
+        let took = seed_sequence(MirrorEnd::Complete);
         assert!(took < COMPLETION_BOUND, "job-complete took {took:?}");
     }
 }

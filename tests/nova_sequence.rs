@@ -15,8 +15,8 @@ use std::time::{Duration, Instant};
 
 use harness::disk::{DiskDaemon, Kind};
 use harness::pit::{
-    add_image_node, check_source_complete, prefill, read_export, read_image, release_node,
-    verify_point_in_time, wait_job_event, Layout, WriterOpts, Writers,
+    add_image_node, end_mirror_checked, prefill, wait_job_event, Layout, MirrorEnd, MirrorRig,
+    WriterOpts, Writers,
 };
 use harness::{sparse_file, Qmp};
 use serde_json::json;
@@ -114,8 +114,8 @@ fn start(kind: Kind, format: &str) -> (DiskDaemon, Qmp, Layout, Writers, std::pa
     (d, qmp, layout, w, target)
 }
 
-/// The whole sequence on livesnapd; `end` is `cancel` (Nova) or `complete` (a pivot).
-fn livesnapd_sequence(format: &str, end: &str) {
+/// The whole sequence on livesnapd, ended by a soft cancel (Nova) or a pivot (libvirt's).
+fn livesnapd_sequence(format: &str, end: MirrorEnd) {
     let (d, mut qmp, _layout, w, target) = start(Kind::Livesnapd, format);
     let p = poll_like_nova(&mut qmp, "nova", CONVERGE_LIMIT);
     let waited = p.converged.unwrap_or_else(|| {
@@ -126,69 +126,37 @@ fn livesnapd_sequence(format: &str, end: &str) {
     });
     // The READY event came too; the end is judged by the events after it.
     wait_job_event(&mut qmp, "nova", "BLOCK_JOB_READY", Duration::from_secs(10));
-    let before = w.acked();
-    let t0 = Instant::now();
-    if end == "cancel" {
-        qmp.ok("block-job-cancel", json!({"device": "nova"}));
-    } else {
-        qmp.ok("block-job-complete", json!({"device": "nova"}));
-    }
-    let (_, t1) = wait_job_event(
-        &mut qmp,
-        "nova",
-        "BLOCK_JOB_COMPLETED",
-        Duration::from_secs(60),
-    );
-    let took = t1 - t0;
-    w.wait_acked(w.acked() + 2000, Duration::from_secs(60));
-    let log = w.stop();
-    log.assert_no_failures();
-    assert!(
-        log.acked() as u64 > before,
-        "the writers did not go on after the end"
-    );
     eprintln!(
-        "livesnapd {format} {end}: Nova's loop saw offset == len after {waited:?} ({} polls, {}); the {end} ended in {took:?}",
+        "livesnapd {format} {end:?}: Nova's loop saw offset == len after {waited:?} ({} polls, {})",
         p.polls, p.last
     );
+    let mut rig = MirrorRig {
+        qmp: &mut qmp,
+        url: &d.url,
+        job: "nova",
+        target: ("copy", &target),
+        source: (format == "raw").then_some(d.image.as_path()),
+    };
+    let took = end_mirror_checked(&mut rig, end, w);
     assert!(
         took < END_BOUND,
-        "the {end} took {took:?}, over the bound {END_BOUND:?}"
+        "the {end:?} took {took:?}, over the bound {END_BOUND:?}"
     );
-    if end == "cancel" {
-        release_node(&mut qmp, "copy", Duration::from_secs(10));
-        let copy = read_image(&target, "raw");
-        let r = verify_point_in_time(&log, &copy, t0, t1)
-            .unwrap_or_else(|e| panic!("the copy after Nova's abort: {e}"));
-        eprintln!("  point in time: {r}");
-        check_source_complete(&log, &read_export(&d.url, DISK))
-            .expect("the disk keeps every acknowledged write");
-    } else {
-        // The export writes to the copy now; the old image is frozen at the pivot.
-        check_source_complete(&log, &read_export(&d.url, DISK))
-            .expect("the pivoted disk keeps every acknowledged write");
-        if format == "raw" {
-            let old = read_image(&d.image, "raw");
-            let r = verify_point_in_time(&log, &old, t0, t1)
-                .unwrap_or_else(|e| panic!("the image left behind by the pivot: {e}"));
-            eprintln!("  point in time of the old image: {r}");
-        }
-    }
 }
 
 #[test]
 fn nova_loop_with_default_arguments_ends_raw() {
-    livesnapd_sequence("raw", "cancel");
+    livesnapd_sequence("raw", MirrorEnd::Cancel);
 }
 
 #[test]
 fn nova_loop_with_default_arguments_ends_qcow2() {
-    livesnapd_sequence("qcow2", "cancel");
+    livesnapd_sequence("qcow2", MirrorEnd::Cancel);
 }
 
 #[test]
 fn libvirt_pivot_with_default_arguments_ends() {
-    livesnapd_sequence("raw", "complete");
+    livesnapd_sequence("raw", MirrorEnd::Complete);
 }
 
 /// The same loop against qemu-storage-daemon, for the record: a background

@@ -20,7 +20,8 @@ use std::time::{Duration, Instant};
 
 use harness::pit::{add_image_node, read_export, read_export_at, release_node, wait_job_event};
 use harness::vm::{
-    check_final, check_snapshot, Boot, GuestOpts, Taken, Vm, VmDisk, BLOCK, BOOT_TIMEOUT, INIT_SH,
+    check_final, check_snapshot, run_tag, Boot, GuestOpts, Taken, Vm, VmDisk, BLOCK, BOOT_TIMEOUT,
+    INIT_SH,
 };
 use harness::{qemu_io, run, run_within, sparse_file, Livesnapd, Qmp};
 use serde_json::{json, Value};
@@ -46,14 +47,6 @@ const DISK: u64 = 16 * MIB;
 const SPEED: u64 = 4 * MIB;
 const JOB_TIMEOUT: Duration = Duration::from_secs(60);
 const WRITE_TIMEOUT: Duration = Duration::from_secs(60);
-
-/// A run tag of its own for each VM, so no record of another run passes.
-fn tag() -> u32 {
-    let t = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap();
-    (t.subsec_nanos() ^ std::process::id().rotate_left(16)) | 1
-}
 
 /// Boots the writer, lets it cycle through every block once, and returns
 /// the boot time.
@@ -184,7 +177,7 @@ fn livesnapd_snapshots_of_a_running_vm() {
     sparse_file(&disk, DISK);
     let d = Livesnapd::with_image(&disk, &[]);
     let socket = d.dir.path().join("nbd.sock");
-    let g = writer(tag());
+    let g = writer(run_tag());
     let mut vm = Vm::start(
         VmDisk::Nbd {
             socket: &socket,
@@ -225,7 +218,7 @@ fn qemu_system_snapshots_of_its_own_disk() {
     let work = tempfile::tempdir().unwrap();
     let disk = work.path().join("disk.raw");
     sparse_file(&disk, DISK);
-    let g = writer(tag());
+    let g = writer(run_tag());
     let mut vm = Vm::start(
         VmDisk::Drive {
             path: &disk,

@@ -14,8 +14,8 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use super::run_within;
 use super::vm::{guest_assets, require, Console, GuestOpts, BOOT_TIMEOUT, CMDLINE};
+use super::{run_within, wait_until_or};
 
 /// The URI the tests use.
 pub const URI: &str = "qemu:///system";
@@ -252,18 +252,13 @@ impl Domain {
 
     /// Waits until the guest reports request `n`; returns the newest it reported.
     pub fn wait_written(&self, n: u64, timeout: Duration) -> u64 {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(w) = self.last_written().filter(|&w| w >= n) {
-                return w;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the guest did not write request {n} within {timeout:?}\n{}",
-                self.diagnostics()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_until_or(
+            timeout,
+            &format!("the guest to write request {n}"),
+            || self.last_written().is_some_and(|w| w >= n),
+            || self.diagnostics(),
+        );
+        self.last_written().unwrap()
     }
 
     /// Waits for the guest to boot and to write each of its blocks once.

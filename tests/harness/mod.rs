@@ -146,10 +146,24 @@ pub fn sparse_file(path: &Path, size: u64) {
 }
 
 /// Waits until `ready` holds, or panics after `timeout` with `what`.
-pub fn wait_until(timeout: Duration, what: &str, mut ready: impl FnMut() -> bool) {
+pub fn wait_until(timeout: Duration, what: &str, ready: impl FnMut() -> bool) {
+    wait_until_or(timeout, what, ready, String::new);
+}
+
+/// [`wait_until`], the panic saying what `seen` returns then.
+pub fn wait_until_or(
+    timeout: Duration,
+    what: &str,
+    mut ready: impl FnMut() -> bool,
+    seen: impl Fn() -> String,
+) {
     let start = Instant::now();
     while !ready() {
-        assert!(start.elapsed() < timeout, "timed out waiting for {what}");
+        assert!(
+            start.elapsed() < timeout,
+            "timed out after {timeout:?} waiting for {what}\n{}",
+            seen()
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }

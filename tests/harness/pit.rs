@@ -1316,3 +1316,80 @@ pub fn scenario_mirror_complete(d: &mut PitDaemon, o: &PitOpts) -> ScenarioRepor
         job_time: t1 - start,
     }
 }
+
+/// How a READY mirror is ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MirrorEnd {
+    /// A soft `block-job-cancel`: the target is the disk at that instant.
+    Cancel,
+    /// `block-job-complete`: the export moves to the target.
+    Complete,
+}
+
+/// Where a mirror's end is checked.
+pub struct MirrorRig<'a> {
+    /// The test's monitor.
+    pub qmp: &'a mut Qmp,
+    /// The export's NBD URL.
+    pub url: &'a str,
+    /// The job.
+    pub job: &'a str,
+    /// The target's node and its raw image file.
+    pub target: (&'a str, &'a Path),
+    /// The source's raw image file (checked after a pivot), if raw.
+    pub source: Option<&'a Path>,
+}
+
+/// Ends the READY mirror with `end` while `w` writes, lets the writers go on
+/// and stops them (no write may fail), then checks what the end left: after
+/// a cancel the target is the disk at one instant between the command and
+/// BLOCK_JOB_COMPLETED and the disk keeps every write; after a pivot the
+/// export and the target keep every write and the old source is frozen at
+/// one instant. Returns how long the end took.
+pub fn end_mirror_checked(r: &mut MirrorRig, end: MirrorEnd, w: Writers) -> Duration {
+    let before = w.acked();
+    let t0 = Instant::now();
+    let cmd = match end {
+        MirrorEnd::Cancel => "block-job-cancel",
+        MirrorEnd::Complete => "block-job-complete",
+    };
+    r.qmp.ok(cmd, json!({ "device": r.job }));
+    let (_, t1) = wait_job_event(r.qmp, r.job, "BLOCK_JOB_COMPLETED", Duration::from_secs(60));
+    let took = t1 - t0;
+    w.wait_acked(w.acked() + 2000, Duration::from_secs(60));
+    let log = w.stop();
+    log.assert_no_failures();
+    assert!(
+        log.acked() as u64 > before,
+        "the writers did not go on after the {cmd}"
+    );
+    assert!(
+        log.sent_between(t0, t1) > 0 || took < Duration::from_millis(5),
+        "the guest did not keep writing during the {cmd}"
+    );
+    let size = log.layout.size();
+    let (node, target) = r.target;
+    match end {
+        MirrorEnd::Cancel => {
+            release_node(r.qmp, node, Duration::from_secs(10));
+            let copy = read_image(target, "raw");
+            let p = verify_point_in_time(&log, &copy, t0, t1)
+                .unwrap_or_else(|e| panic!("the target after the soft cancel: {e}"));
+            eprintln!("  {cmd} ended in {took:?}; {p}");
+            check_source_complete(&log, &read_export(r.url, size))
+                .expect("the disk keeps every acknowledged write");
+        }
+        MirrorEnd::Complete => {
+            check_source_complete(&log, &read_export(r.url, size))
+                .expect("the pivoted disk keeps every acknowledged write");
+            check_source_complete(&log, &read_image(target, "raw"))
+                .expect("the target file holds every acknowledged write");
+            if let Some(old) = r.source {
+                let p = verify_point_in_time(&log, &read_image(old, "raw"), t0, t1)
+                    .unwrap_or_else(|e| panic!("the source left behind by the pivot: {e}"));
+                eprintln!("  {cmd} ended in {took:?}; the old source: {p}");
+            }
+        }
+    }
+    took
+}

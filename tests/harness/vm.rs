@@ -549,6 +549,14 @@ impl Cpio {
 // ---------------------------------------------------------------------------
 // The writer's records.
 
+/// A run tag of its own for each guest, so no record of another run passes.
+pub fn run_tag() -> u32 {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap();
+    (t.subsec_nanos() ^ std::process::id().rotate_left(16)) | 1
+}
+
 /// What the guest writes, passed on its kernel command line.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct GuestOpts {

@@ -909,6 +909,15 @@ impl JobDriver for Mirror {
                 self.switch_to_write_blocking();
                 Ok(())
             }
+            // An auto mirror still copying in the background is, to a caller
+            // written for QEMU (whose default is background), already in that
+            // mode: QEMU's no-op. Asked for explicitly, it stays there.
+            CopyMode::Background
+                if *requested == CopyMode::Auto && !self.shared.write_blocking() =>
+            {
+                *requested = mode;
+                Ok(())
+            }
             other => Err(JobError(format!(
                 "Change to copy mode '{}' is not implemented",
                 other.as_str()

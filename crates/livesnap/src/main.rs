@@ -39,7 +39,7 @@ use crate::error::{Failure, EXIT_CODES_HELP};
 use crate::signals::Interrupt;
 use crate::snapshot::{CopyMode, EndpointArg, FreezeArg, MethodArg};
 use crate::target::CreateVia;
-use crate::wait::Clock;
+use crate::wait::{Clock, Events};
 
 const EXAMPLES: &str = "\
 Examples:
@@ -463,10 +463,12 @@ async fn run(cmd: Cmd) -> Result<(), (Failure, bool)> {
             let limit = for_.unwrap_or(Duration::from_secs(100 * 365 * 86400));
             let mut clock = Clock::new(limit, Interrupt::install());
             let r = match open(&at).await {
-                Ok(Conn::Qmp(mut ep)) => verbs::watch::run(&mut ep, &mut clock, json, count).await,
+                Ok(Conn::Qmp(mut ep)) => {
+                    verbs::watch::run(Events::Qmp(&mut ep), &mut clock, json, count).await
+                }
                 #[cfg(feature = "libvirt")]
                 Ok(Conn::Libvirt(mut lv)) => {
-                    verbs::watch::run_libvirt(&mut lv, &mut clock, json, count).await
+                    verbs::watch::run(Events::Libvirt(&mut lv), &mut clock, json, count).await
                 }
                 Err(f) => Err(f),
             };

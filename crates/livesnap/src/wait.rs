@@ -11,6 +11,16 @@ use crate::endpoint::Endpoint;
 use crate::error::{Failure, Kind, Result};
 use crate::signals::Interrupt;
 
+/// Where a verb's events come from; libvirt's are given QMP's shape
+/// (`event`, `data`, `timestamp`), so the verbs read both alike.
+pub enum Events<'a> {
+    /// A QMP endpoint's events.
+    Qmp(&'a mut Endpoint),
+    /// A libvirt domain's events.
+    #[cfg(feature = "libvirt")]
+    Libvirt(&'a mut crate::libvirt::Libvirt),
+}
+
 /// The bounds of one operation.
 pub struct Clock {
     /// When the operation must be over.
@@ -68,6 +78,24 @@ impl Clock {
     /// a signal end the wait with a failure.
     pub async fn next_event(&mut self, ep: &mut Endpoint, until: Instant) -> Result<Waited> {
         self.next(until, |left| ep.event(left)).await
+    }
+
+    /// The next event of a verb's endpoint, in QMP's shape.
+    pub async fn next_of(&mut self, events: &mut Events<'_>, until: Instant) -> Result<Waited> {
+        match events {
+            Events::Qmp(ep) => self.next_event(ep, until).await,
+            #[cfg(feature = "libvirt")]
+            Events::Libvirt(lv) => {
+                let sub = &mut lv.events;
+                let r = self
+                    .next(until, |left| async move { Ok(sub.next(left).await) })
+                    .await?;
+                Ok(match r {
+                    Waited::Event(ev) => Waited::Event(ev.to_json()),
+                    Waited::Tick => Waited::Tick,
+                })
+            }
+        }
     }
 
     /// The next event of any source: `wait(left)` yields one, or `None`

@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use common::harness::libvirt::{shared_dir, Domain, DomainDisk, URI};
 use common::harness::pit::read_image;
-use common::harness::vm::{check_final, check_snapshot, GuestOpts, Taken};
+use common::harness::vm::{check_final, check_snapshot, run_tag, GuestOpts, Taken};
 use common::harness::{qemu_io, run, run_within, sparse_file};
 use common::{livesnap, spawn_livesnap, wait_out, Out};
 use serde_json::Value;
@@ -32,17 +32,10 @@ const MIB: u64 = 1 << 20;
 const RUN_LIMIT: Duration = Duration::from_secs(180);
 const WRITE_TIMEOUT: Duration = Duration::from_secs(60);
 
-fn tag() -> u32 {
-    let t = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap();
-    (t.subsec_nanos() ^ std::process::id().rotate_left(16)) | 1
-}
-
 /// 64 record blocks `stride` × 4 KiB apart, from the start of the disk.
 fn writer(stride: u32) -> GuestOpts {
     GuestOpts {
-        tag: tag(),
+        tag: run_tag(),
         blocks: 64,
         base: 0,
         stride,

@@ -5,23 +5,13 @@
 use crate::endpoint::{str_of, Endpoint};
 use crate::error::{Failure, Kind, Result};
 use crate::verbs::jobs;
-use crate::wait::{Clock, Waited};
+use crate::wait::{Clock, Events, Waited};
 use serde_json::{json, Value};
 
 /// Runs `livesnap cancel`; waits at most `clock`'s deadline for the job's end event.
 pub async fn run(ep: &mut Endpoint, clock: &mut Clock, job: &str, force: bool) -> Result<()> {
     let all = jobs::list(ep).await?;
-    let Some(j) = all.iter().find(|j| str_of(j, "id") == job) else {
-        let ids: Vec<&str> = all.iter().map(|j| str_of(j, "id")).collect();
-        return Err(Failure::usage(format!(
-            "no job '{job}' (jobs: {})",
-            if ids.is_empty() {
-                "none".into()
-            } else {
-                ids.join(", ")
-            }
-        )));
-    };
+    let j = find(&all, job, "the endpoint")?;
     let status = str_of(j, "status").to_string();
     let is_block_job = !j["speed"].is_null();
     if !force && status != "ready" {
@@ -41,7 +31,17 @@ pub async fn run(ep: &mut Endpoint, clock: &mut Clock, job: &str, force: bool) -
         ep.call("job-cancel", json!({"id": job})).await?
     };
     r.map_err(|e| Failure::endpoint(format!("cancel {job}: {}", e.desc)))?;
-    let ev = wait_end(ep, clock, job, is_block_job).await?;
+    // A block job's end event carries its outcome; other jobs only change status.
+    let ev = wait_end(&mut Events::Qmp(ep), clock, job, |name, d| {
+        let about = str_of(d, "device") == job || str_of(d, "id") == job;
+        about
+            && if is_block_job {
+                name == "BLOCK_JOB_COMPLETED" || name == "BLOCK_JOB_CANCELLED"
+            } else {
+                name == "JOB_STATUS_CHANGE" && matches!(str_of(d, "status"), "concluded" | "null")
+            }
+    })
+    .await?;
     let d = &ev["data"];
     match str_of(&ev, "event") {
         "BLOCK_JOB_COMPLETED" if d.get("error").is_some() => Err(Failure::job(format!(
@@ -65,10 +65,30 @@ pub async fn run(ep: &mut Endpoint, clock: &mut Clock, job: &str, force: bool) -
     }
 }
 
-/// The event that ends `job`.
-async fn wait_end(ep: &mut Endpoint, clock: &mut Clock, job: &str, block: bool) -> Result<Value> {
+/// `job` among `all`, or the usage failure that lists what there is on `whose`.
+fn find<'a>(all: &'a [Value], job: &str, whose: &str) -> Result<&'a Value> {
+    all.iter().find(|j| str_of(j, "id") == job).ok_or_else(|| {
+        let ids: Vec<&str> = all.iter().map(|j| str_of(j, "id")).collect();
+        Failure::usage(format!(
+            "{whose} has no job '{job}' (jobs: {})",
+            if ids.is_empty() {
+                "none".into()
+            } else {
+                ids.join(", ")
+            }
+        ))
+    })
+}
+
+/// The first event for which `ends(name, data)` holds, within the clock.
+async fn wait_end(
+    events: &mut Events<'_>,
+    clock: &mut Clock,
+    job: &str,
+    ends: impl Fn(&str, &Value) -> bool,
+) -> Result<Value> {
     loop {
-        let ev = match clock.next_event(ep, clock.deadline).await {
+        let ev = match clock.next_of(events, clock.deadline).await {
             Ok(Waited::Event(ev)) => ev,
             Ok(Waited::Tick) => continue,
             Err(f) if f.kind == Kind::Deadline => {
@@ -82,16 +102,7 @@ async fn wait_end(ep: &mut Endpoint, clock: &mut Clock, job: &str, block: bool) 
             }
             Err(f) => return Err(f),
         };
-        let d = &ev["data"];
-        let name = str_of(&ev, "event");
-        let about = str_of(d, "device") == job || str_of(d, "id") == job;
-        // A block job's end event carries its outcome; other jobs only change status.
-        let end = if block {
-            name == "BLOCK_JOB_COMPLETED" || name == "BLOCK_JOB_CANCELLED"
-        } else {
-            name == "JOB_STATUS_CHANGE" && matches!(str_of(d, "status"), "concluded" | "null")
-        };
-        if about && end {
+        if ends(str_of(&ev, "event"), &ev["data"]) {
             return Ok(ev);
         }
     }
@@ -108,20 +119,8 @@ pub async fn run_libvirt(
     job: &str,
     force: bool,
 ) -> Result<()> {
-    use crate::libvirt::DomainEvent;
     let all = jobs::list_libvirt(lv).await?;
-    let Some(j) = all.iter().find(|j| str_of(j, "id") == job) else {
-        let ids: Vec<&str> = all.iter().map(|j| str_of(j, "id")).collect();
-        return Err(Failure::usage(format!(
-            "domain {} has no job '{job}' (jobs: {})",
-            lv.name,
-            if ids.is_empty() {
-                "none".into()
-            } else {
-                ids.join(", ")
-            }
-        )));
-    };
+    let j = find(&all, job, &format!("domain {}", lv.name))?;
     let block = str_of(j, "type") != "domain job";
     let state = str_of(j, "status").to_string();
     if block && !force && state != "ready" {
@@ -139,46 +138,27 @@ pub async fn run_libvirt(
     } else {
         lv.abort_job().await?;
     }
-    loop {
-        let events = &mut lv.events;
-        let ev = match clock
-            .next(
-                clock.deadline,
-                |left| async move { Ok(events.next(left).await) },
-            )
-            .await
-        {
-            Ok(Waited::Event(ev)) => ev,
-            Ok(Waited::Tick) => continue,
-            Err(f) if f.kind == Kind::Deadline => {
-                return Err(Failure::new(
-                    Kind::Deadline,
-                    format!(
-                        "job '{job}' did not end within {}",
-                        crate::units::duration(clock.limit)
-                    ),
-                ))
-            }
-            Err(f) => return Err(f),
-        };
-        match ev.event {
-            DomainEvent::BlockJob { disk, status, .. } if block && disk == job => {
-                let s = crate::libvirt::block_job_status(status);
-                match s {
-                    "ready" => continue,
-                    "failed" => return Err(Failure::job(format!("job '{job}' failed"))),
-                    _ if state == "ready" => {
-                        println!("job '{job}' ended (aborted in READY: the target is a point-in-time copy)");
-                    }
-                    _ => println!("job '{job}' cancelled"),
-                }
-                return Ok(());
-            }
-            DomainEvent::JobCompleted { .. } if !block => {
-                println!("job '{job}' aborted");
-                return Ok(());
-            }
-            _ => {}
+    let ev = wait_end(&mut Events::Libvirt(lv), clock, job, |name, d| {
+        if block {
+            name == "BLOCK_JOB" && str_of(d, "disk") == job && str_of(d, "status") != "ready"
+        } else {
+            name == "JOB_COMPLETED"
+        }
+    })
+    .await?;
+    match str_of(&ev["data"], "status") {
+        "failed" => Err(Failure::job(format!("job '{job}' failed"))),
+        _ if !block => {
+            println!("job '{job}' aborted");
+            Ok(())
+        }
+        _ if state == "ready" => {
+            println!("job '{job}' ended (aborted in READY: the target is a point-in-time copy)");
+            Ok(())
+        }
+        _ => {
+            println!("job '{job}' cancelled");
+            Ok(())
         }
     }
 }

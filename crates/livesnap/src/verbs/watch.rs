@@ -6,9 +6,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde_json::Value;
 
-use crate::endpoint::{str_of, Endpoint};
+use crate::endpoint::str_of;
 use crate::error::{Kind, Result};
-use crate::wait::{Clock, Waited};
+use crate::wait::{Clock, Events, Waited};
 
 /// One event as a line: `HH:MM:SS.mmm EVENT key=value ...` (QEMU's timestamp).
 pub fn human(ev: &Value) -> String {
@@ -32,7 +32,7 @@ pub fn human(ev: &Value) -> String {
 /// Runs `livesnap watch` until `count` events were shown, the clock's
 /// deadline (`--for`), a signal, or the endpoint closes.
 pub async fn run(
-    ep: &mut Endpoint,
+    mut events: Events<'_>,
     clock: &mut Clock,
     json_out: bool,
     count: Option<u64>,
@@ -44,7 +44,7 @@ pub async fn run(
         if count.is_some_and(|c| shown >= c) {
             return Ok(());
         }
-        let ev = match clock.next_event(ep, clock.deadline).await {
+        let ev = match clock.next_of(&mut events, clock.deadline).await {
             Ok(Waited::Event(ev)) => ev,
             Ok(Waited::Tick) => continue,
             // --for elapsed or ^C: the normal ways to stop watching.
@@ -53,43 +53,6 @@ pub async fn run(
         };
         let line = if json_out { ev.to_string() } else { human(&ev) };
         // A closed pipe (watch | head) ends the watch quietly.
-        if writeln!(out, "{line}").and_then(|()| out.flush()).is_err() {
-            return Ok(());
-        }
-        shown += 1;
-    }
-}
-
-/// Runs `livesnap watch --libvirt`: the domain's libvirt events, in the
-/// same lines (or QMP-shaped JSON) as QMP's.
-#[cfg(feature = "libvirt")]
-pub async fn run_libvirt(
-    lv: &mut crate::libvirt::Libvirt,
-    clock: &mut Clock,
-    json_out: bool,
-    count: Option<u64>,
-) -> Result<()> {
-    let mut shown = 0u64;
-    let mut out = std::io::stdout();
-    eprintln!("livesnap: watching domain {} (Ctrl-C to stop)", lv.name);
-    loop {
-        if count.is_some_and(|c| shown >= c) {
-            return Ok(());
-        }
-        let events = &mut lv.events;
-        let ev = match clock
-            .next(
-                clock.deadline,
-                |left| async move { Ok(events.next(left).await) },
-            )
-            .await
-        {
-            Ok(Waited::Event(ev)) => ev.to_json(),
-            Ok(Waited::Tick) => continue,
-            Err(f) if matches!(f.kind, Kind::Deadline | Kind::Interrupted) => return Ok(()),
-            Err(f) => return Err(f),
-        };
-        let line = if json_out { ev.to_string() } else { human(&ev) };
         if writeln!(out, "{line}").and_then(|()| out.flush()).is_err() {
             return Ok(());
         }
