@@ -18,7 +18,7 @@
 
 use std::io;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::watch;
@@ -340,17 +340,21 @@ pub struct BlkdebugDriver {
 
 impl BlkdebugDriver {
     /// Opens the filter over `image`, with QEMU's checks of the limits (and its texts).
-    pub fn open(image: Arc<BlockNode>, opts: BlkdebugOptions) -> Result<BlkdebugDriver, String> {
+    pub fn open(image: Arc<BlockNode>, opts: BlkdebugOptions) -> crate::Result<BlkdebugDriver> {
         let align_opt = opts.align.unwrap_or(0);
         if align_opt != 0 && (align_opt >= INT_MAX || !align_opt.is_power_of_two()) {
-            return Err(format!("Cannot meet constraints with align {align_opt}"));
+            return Err(crate::Error::invalid(format!(
+                "Cannot meet constraints with align {align_opt}"
+            )));
         }
         let child_align = image.limits().request_alignment.max(1) as u64;
         let align = align_opt.max(child_align);
-        let check = |v: Option<u64>, unit: u64, name: &str| -> Result<u64, String> {
+        let check = |v: Option<u64>, unit: u64, name: &str| -> crate::Result<u64> {
             let v = v.unwrap_or(0);
             if v != 0 && (v >= INT_MAX || !v.is_multiple_of(unit)) {
-                return Err(format!("Cannot meet constraints with {name} {v}"));
+                return Err(crate::Error::invalid(format!(
+                    "Cannot meet constraints with {name} {v}"
+                )));
             }
             Ok(v)
         };
@@ -382,38 +386,22 @@ impl BlkdebugDriver {
     }
 }
 
-/// Nodes that are blkdebug filters, with their rules: how the QMP layer finds
-/// the rules of a node by name (the graph only holds `dyn BlockDriver`).
-static REGISTRY: Mutex<Vec<(Weak<BlockNode>, Arc<BlkdebugRules>)>> = Mutex::new(Vec::new());
-
-/// Records that `node` is a blkdebug node with `rules`; call once the node exists.
-pub fn register(node: &Arc<BlockNode>, rules: Arc<BlkdebugRules>) {
-    let mut reg = REGISTRY.lock().unwrap();
-    reg.retain(|(n, _)| n.strong_count() > 0);
-    reg.push((Arc::downgrade(node), rules));
-}
-
 /// The rules of `node`, if it is a blkdebug node.
-pub fn rules_of(node: &Arc<BlockNode>) -> Option<Arc<BlkdebugRules>> {
-    let mut reg = REGISTRY.lock().unwrap();
-    reg.retain(|(n, _)| n.strong_count() > 0);
-    reg.iter()
-        .find(|(n, _)| std::ptr::eq(n.as_ptr(), Arc::as_ptr(node)))
-        .map(|(_, r)| r.clone())
+pub fn rules_of(node: &BlockNode) -> Option<Arc<BlkdebugRules>> {
+    node.driver::<BlkdebugDriver>().map(BlkdebugDriver::rules)
 }
 
-/// Opens a blkdebug filter over `image` as node `name` and registers it;
-/// returns the node and its rules (the in-process way to build one).
+/// Opens a blkdebug filter over `image` as node `name`; returns the node
+/// and its rules (the in-process way to build one).
 pub fn new_node(
     name: &str,
     image: Arc<BlockNode>,
     opts: BlkdebugOptions,
-) -> Result<(Arc<BlockNode>, Arc<BlkdebugRules>), String> {
+) -> crate::Result<(Arc<BlockNode>, Arc<BlkdebugRules>)> {
     let read_only = image.read_only();
     let drv = BlkdebugDriver::open(image, opts)?;
     let rules = drv.rules();
     let node = BlockNode::new(name, Box::new(drv), read_only, false);
-    register(&node, rules.clone());
     Ok((node, rules))
 }
 

@@ -65,15 +65,17 @@ pub struct CreateOptions {
 pub const DEFAULT_CLUSTER_SIZE: u64 = 64 << 10;
 
 /// Creates an image. Error texts are QEMU's where QEMU has one.
-pub async fn create_image(opts: &CreateOptions) -> Result<(), String> {
+pub async fn create_image(opts: &CreateOptions) -> crate::Result<()> {
     match opts.format {
         ImageFormat::Raw => {
             if opts.backing_file.is_some() {
-                return Err("Backing file not supported for file format 'raw'".into());
+                return Err(crate::Error::invalid(
+                    "Backing file not supported for file format 'raw'",
+                ));
             }
             let size = opts
                 .size
-                .ok_or_else(|| "Image creation needs a size parameter".to_string())?;
+                .ok_or_else(|| crate::Error::invalid("Image creation needs a size parameter"))?;
             let path = opts.filename.clone();
             blocking(move || {
                 let f = OpenOptions::new()
@@ -81,9 +83,9 @@ pub async fn create_image(opts: &CreateOptions) -> Result<(), String> {
                     .create(true)
                     .truncate(true)
                     .open(&path)
-                    .map_err(|e| format!("Could not create '{path}': {}", os_text(&e)))?;
+                    .map_err(|e| crate::Error::io(format!("Could not create '{path}'"), &e))?;
                 f.set_len(size)
-                    .map_err(|e| format!("Could not resize file: {}", os_text(&e)))
+                    .map_err(|e| crate::Error::io("Could not resize file", &e))
             })
             .await
         }
@@ -100,29 +102,29 @@ fn os_text(e: &std::io::Error) -> String {
 }
 
 async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, String> + Send + 'static,
-) -> Result<T, String> {
+    f: impl FnOnce() -> crate::Result<T> + Send + 'static,
+) -> crate::Result<T> {
     tokio::task::spawn_blocking(f)
         .await
-        .map_err(|e| format!("worker failed: {e}"))?
+        .map_err(|e| crate::Error::new(crate::ErrorKind::Io, format!("worker failed: {e}")))?
 }
 
 /// Virtual size of the backing image, opened read-only with the given format.
-async fn backing_size(path: &str, format: &str) -> Result<u64, String> {
+async fn backing_size(path: &str, format: &str) -> crate::Result<u64> {
     let file = FileDriver::open(&FileOptions {
         filename: path.to_string(),
         direct: false,
         read_only: true,
     })
-    .map_err(|e| format!("Could not open '{path}': {}", os_text(&e)))?;
+    .map_err(|e| crate::Error::io(format!("Could not open '{path}'"), &e))?;
     let node = BlockNode::new("#create-backing", Box::new(file), true, false);
     match format {
         "raw" => Ok(node.size()),
         "qcow2" => Ok(Header::read(&node, false)
             .await
-            .map_err(|e| format!("Could not open '{path}': {e}"))?
+            .map_err(|e| e.context(format!("Could not open '{path}'")))?
             .size),
-        other => Err(format!("Unknown driver '{other}'")),
+        other => Err(crate::Error::invalid(format!("Unknown driver '{other}'"))),
     }
 }
 
@@ -146,14 +148,18 @@ const FEATURES: &[(u8, u8, &str)] = &[
     (2, 1, "raw external data"),
 ];
 
-async fn create_qcow2(opts: &CreateOptions) -> Result<(), String> {
+async fn create_qcow2(opts: &CreateOptions) -> crate::Result<()> {
     let cs = opts.cluster_size.unwrap_or(DEFAULT_CLUSTER_SIZE);
     check_cluster_size(cs)?;
     if opts.backing_file.is_some() && opts.backing_format.is_none() {
-        return Err("Backing file specified without backing format".into());
+        return Err(crate::Error::invalid(
+            "Backing file specified without backing format",
+        ));
     }
     if opts.backing_file.is_none() && opts.backing_format.is_some() {
-        return Err("Backing format cannot be used without backing file".into());
+        return Err(crate::Error::invalid(
+            "Backing format cannot be used without backing file",
+        ));
     }
     let size = match (opts.size, &opts.backing_file) {
         (Some(s), _) => s,
@@ -161,14 +167,20 @@ async fn create_qcow2(opts: &CreateOptions) -> Result<(), String> {
             let path = resolve_backing_filename(&opts.filename, b);
             backing_size(&path, opts.backing_format.as_deref().unwrap_or("raw")).await?
         }
-        (None, None) => return Err("Image creation needs a size parameter".into()),
+        (None, None) => {
+            return Err(crate::Error::invalid(
+                "Image creation needs a size parameter",
+            ))
+        }
     };
     if size % 512 != 0 {
-        return Err("Image size must be a multiple of 512 bytes".into());
+        return Err(crate::Error::invalid(
+            "Image size must be a multiple of 512 bytes",
+        ));
     }
     if let Some(f) = &opts.backing_format {
         if f.len() >= 16 {
-            return Err(format!("Unknown driver '{f}'"));
+            return Err(crate::Error::invalid(format!("Unknown driver '{f}'")));
         }
     }
     let spec = Qcow2Spec {
@@ -181,10 +193,12 @@ async fn create_qcow2(opts: &CreateOptions) -> Result<(), String> {
         backing_format: opts.backing_format.clone(),
         preallocation: Prealloc::Off,
     };
-    let layout = Layout::new(&spec).ok_or_else(|| "Image is too big".to_string())?;
+    let layout = Layout::new(&spec).ok_or_else(|| crate::Error::invalid("Image is too big"))?;
     // Like qemu-img here: the feature table only when it fits.
     let header = header_cluster(&spec, &layout, false).map_err(|e| match e {
-        HeaderError::NameTooLong | HeaderError::NoSpace => "Backing file name too long".to_string(),
+        HeaderError::NameTooLong | HeaderError::NoSpace => {
+            crate::Error::invalid("Backing file name too long")
+        }
     })?;
 
     let path = opts.filename.clone();
@@ -195,26 +209,28 @@ async fn create_qcow2(opts: &CreateOptions) -> Result<(), String> {
             .truncate(true)
             .open(&path)
             .map(drop)
-            .map_err(|e| format!("Could not create '{path}': {}", os_text(&e)))?;
+            .map_err(|e| crate::Error::io(format!("Could not create '{path}'"), &e))?;
         FileDriver::open(&FileOptions {
             filename: path.clone(),
             direct: false,
             read_only: false,
         })
-        .map_err(|e| format!("Could not create '{path}': {}", os_text(&e)))
+        .map_err(|e| crate::Error::io(format!("Could not create '{path}'"), &e))
     })
     .await?;
     let node = BlockNode::new("#create", Box::new(file), false, false);
     write_qcow2(&node, &layout, &spec, header)
         .await
-        .map_err(|(_, e)| format!("Could not write qcow2 header: {}", os_text(&e)))?;
+        .map_err(|(_, e)| crate::Error::io("Could not write qcow2 header", &e))?;
     // Checked by the same code that opens images.
     Header::read(&node, true).await.map(|_| ())
 }
 
-fn check_cluster_size(cs: u64) -> Result<(), String> {
+fn check_cluster_size(cs: u64) -> crate::Result<()> {
     if !cs.is_power_of_two() || !(512..=(2 << 20)).contains(&cs) {
-        return Err("Cluster size must be a power of two between 512 and 2048k".into());
+        return Err(crate::Error::invalid(
+            "Cluster size must be a power of two between 512 and 2048k",
+        ));
     }
     Ok(())
 }
@@ -326,10 +342,10 @@ fn set_file_hints(f: &File, nocow: bool, hint: u64, hint_given: bool) {
 
 /// Creates a host file as QEMU's `blockdev-create` does for the `file`
 /// driver (`raw_co_create` in `block/file-posix.c`), with QEMU's texts.
-pub async fn create_file(opts: &FileCreateOptions) -> Result<(), String> {
+pub async fn create_file(opts: &FileCreateOptions) -> crate::Result<()> {
     let hint = opts.extent_size_hint.unwrap_or(1 << 20);
     if hint > u32::MAX as u64 {
-        return Err("Extent size hint is too large".into());
+        return Err(crate::Error::invalid("Extent size hint is too large"));
     }
     let opts = opts.clone();
     blocking(move || {
@@ -342,8 +358,8 @@ pub async fn create_file(opts: &FileCreateOptions) -> Result<(), String> {
             .truncate(false)
             .mode(0o644)
             .open(path)
-            .map_err(|e| format!("Could not create '{path}': {}", os_text(&e)))?;
-        let resize_err = |e: std::io::Error| format!("Could not resize file: {}", os_text(&e));
+            .map_err(|e| crate::Error::io(format!("Could not create '{path}'"), &e))?;
+        let resize_err = |e: std::io::Error| crate::Error::io("Could not resize file", &e);
         ftruncate(&f, 0).map_err(resize_err)?;
         set_file_hints(&f, opts.nocow, hint, opts.extent_size_hint.is_some());
         let size = opts.size;
@@ -360,7 +376,7 @@ pub async fn create_file(opts: &FileCreateOptions) -> Result<(), String> {
                     let r = unsafe { libc::posix_fallocate(f.as_raw_fd(), 0, size as libc::off_t) };
                     if r != 0 {
                         let e = std::io::Error::from_raw_os_error(r);
-                        return Err(format!("Could not preallocate new data: {}", os_text(&e)));
+                        return Err(crate::Error::io("Could not preallocate new data", &e));
                     }
                     allocate_first_block(&f, size);
                 }
@@ -372,15 +388,17 @@ pub async fn create_file(opts: &FileCreateOptions) -> Result<(), String> {
                 while at < size {
                     let n = (size - at).min(zeroes.len() as u64) as usize;
                     f.write_all_at(&zeroes[..n], at).map_err(|e| {
-                        format!("Could not write zeros for preallocation: {}", os_text(&e))
+                        crate::Error::io("Could not write zeros for preallocation", &e)
                     })?;
                     at += n as u64;
                 }
                 f.sync_all()
-                    .map_err(|e| format!("Could not flush file to disk: {}", os_text(&e)))?;
+                    .map_err(|e| crate::Error::io("Could not flush file to disk", &e))?;
             }
             Prealloc::Metadata => {
-                return Err("Unsupported preallocation mode: metadata".into());
+                return Err(crate::Error::invalid(
+                    "Unsupported preallocation mode: metadata",
+                ));
             }
         }
         Ok(())
@@ -419,43 +437,48 @@ const BDRV_MAX_LENGTH: u64 = 9_223_372_035_781_033_984;
 /// Formats the opened node `node` as a qcow2 image, as QEMU's
 /// `qcow2_co_create` does for `blockdev-create`: its checks in its order,
 /// its texts. The node is grown if needed, never shrunk.
-pub async fn format_qcow2(node: &BlockNode, opts: &Qcow2CreateOptions) -> Result<(), String> {
+pub async fn format_qcow2(node: &BlockNode, opts: &Qcow2CreateOptions) -> crate::Result<()> {
     if !opts.size.is_multiple_of(512) {
-        return Err("Image size must be a multiple of 512 bytes".into());
+        return Err(crate::Error::invalid(
+            "Image size must be a multiple of 512 bytes",
+        ));
     }
     let version = opts.version.unwrap_or(3);
     let cs = opts.cluster_size.unwrap_or(DEFAULT_CLUSTER_SIZE);
     check_cluster_size(cs)?;
     if opts.backing_file.is_some() && opts.preallocation != Prealloc::Off {
-        return Err(
-            "Backing file and preallocation can only be used at the same time if extended_l2 is on"
-                .into(),
-        );
+        return Err(crate::Error::invalid(
+            "Backing file and preallocation can only be used at the same time if extended_l2 is on",
+        ));
     }
     if opts.backing_fmt.is_some() && opts.backing_file.is_none() {
-        return Err("Backing format cannot be used without backing file".into());
+        return Err(crate::Error::invalid(
+            "Backing format cannot be used without backing file",
+        ));
     }
     if version < 3 && opts.lazy_refcounts {
-        return Err("Lazy refcounts only supported with compatibility level 1.1 and above (use version=v3 or greater)".into());
+        return Err(crate::Error::invalid("Lazy refcounts only supported with compatibility level 1.1 and above (use version=v3 or greater)"));
     }
     let bits = opts.refcount_bits.unwrap_or(16);
     if !(1..=64).contains(&bits) || !(bits as u64).is_power_of_two() {
-        return Err("Refcount width must be a power of two and may not exceed 64 bits".into());
+        return Err(crate::Error::invalid(
+            "Refcount width must be a power of two and may not exceed 64 bits",
+        ));
     }
     if version < 3 && bits != 16 {
-        return Err("Different refcount widths than 16 bits require compatibility level 1.1 or above (use version=v3 or greater)".into());
+        return Err(crate::Error::invalid("Different refcount widths than 16 bits require compatibility level 1.1 or above (use version=v3 or greater)"));
     }
     if opts.data_file_raw {
-        return Err("data-file-raw requires data-file".into());
+        return Err(crate::Error::invalid("data-file-raw requires data-file"));
     }
     if node.read_only() {
-        return Err("Block node is read-only".into());
+        return Err(crate::Error::invalid("Block node is read-only"));
     }
     if opts.size > BDRV_MAX_LENGTH {
-        return Err(format!(
+        return Err(crate::Error::invalid(format!(
             "Could not resize image: offset({}) exceeds maximum({BDRV_MAX_LENGTH})",
             opts.size
-        ));
+        )));
     }
     let spec = Qcow2Spec {
         size: opts.size,
@@ -473,23 +496,28 @@ pub async fn format_qcow2(node: &BlockNode, opts: &Qcow2CreateOptions) -> Result
         preallocation: opts.preallocation,
     };
     let layout = Layout::new(&spec).ok_or_else(|| {
-        "Could not resize image: Failed to grow the L1 table: File too large".to_string()
+        crate::Error::io(
+            "Could not resize image: Failed to grow the L1 table",
+            &std::io::Error::from_raw_os_error(libc::EFBIG),
+        )
     })?;
     let header = header_cluster(&spec, &layout, true).map_err(|e| {
         let errno = match e {
             HeaderError::NameTooLong => libc::EINVAL,
             HeaderError::NoSpace => libc::ENOSPC,
         };
-        format!(
-            "Could not assign backing file '{}' with format '{}': {}",
-            opts.backing_file.as_deref().unwrap_or_default(),
-            opts.backing_fmt.as_deref().unwrap_or("(null)"),
-            os_text(&std::io::Error::from_raw_os_error(errno))
+        crate::Error::io(
+            format!(
+                "Could not assign backing file '{}' with format '{}'",
+                opts.backing_file.as_deref().unwrap_or_default(),
+                opts.backing_fmt.as_deref().unwrap_or("(null)"),
+            ),
+            &std::io::Error::from_raw_os_error(errno),
         )
     })?;
     write_qcow2(node, &layout, &spec, header)
         .await
-        .map_err(|(stage, e)| format!("{}: {}", stage.text(), os_text(&e)))
+        .map_err(|(stage, e)| crate::Error::io(stage.text(), &e))
 }
 
 /// A qcow2 image to write, its options checked.

@@ -76,8 +76,21 @@ pub struct ChildRef {
     pub node: Arc<BlockNode>,
 }
 
+/// Any driver as `Any`, so a node's concrete driver can be reached
+/// ([`crate::BlockNode::driver`]); every `'static` type has it.
+pub trait AsAny {
+    /// `self` as `Any`.
+    fn as_any(&self) -> &dyn std::any::Any;
+}
+
+impl<T: std::any::Any> AsAny for T {
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+}
+
 /// A block driver instance opened on one node.
-pub trait BlockDriver: Send + Sync + 'static {
+pub trait BlockDriver: AsAny + Send + Sync + 'static {
     /// QEMU's driver name, e.g. `file` or `raw`.
     fn format_name(&self) -> &'static str;
 
@@ -133,12 +146,12 @@ pub trait BlockDriver: Send + Sync + 'static {
     }
 
     /// Re-points the backing node in memory (an external snapshot); the image header is unchanged.
-    fn set_backing(&self, backing: Option<Arc<BlockNode>>) -> Result<(), String> {
+    fn set_backing(&self, backing: Option<Arc<BlockNode>>) -> crate::Result<()> {
         let _ = backing;
-        Err(format!(
+        Err(crate::Error::invalid(format!(
             "Driver '{}' does not support backing files",
             self.format_name()
-        ))
+        )))
     }
 }
 

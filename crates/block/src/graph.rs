@@ -3,16 +3,11 @@
 
 use std::sync::{Arc, Mutex};
 
-use crate::node::BlockNode;
+use crate::error::{Error, Result};
+use crate::node::{BlockNode, NodeUser};
 
-/// A graph operation refused; the message is QEMU's text for the same case.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{0}")]
-pub struct GraphError(pub String);
-
-/// Users whose name starts with this are QEMU op blockers (a job's source)
-/// rather than attached backends: `blockdev-del` reports them as "busy".
-pub const BLOCKER_PREFIX: &str = "blocker: ";
+/// Longest node name plus one: the size of QEMU's `BlockDriverState.node_name`.
+const NODE_NAME_SIZE: usize = 32;
 
 /// All nodes of one daemon.
 #[derive(Default)]
@@ -30,11 +25,11 @@ pub fn id_wellformed(id: &str) -> bool {
 }
 
 /// Checks a user-given node name as QEMU does: well formed, under 32 bytes.
-pub fn check_node_name(name: &str) -> Result<(), GraphError> {
-    if name.len() < 32 && id_wellformed(name) {
+pub fn check_node_name(name: &str) -> Result<()> {
+    if name.len() < NODE_NAME_SIZE && id_wellformed(name) {
         Ok(())
     } else {
-        Err(GraphError(format!("Invalid node-name: '{name}'")))
+        Err(Error::invalid(format!("Invalid node-name: '{name}'")))
     }
 }
 
@@ -51,10 +46,27 @@ impl BlockGraph {
         format!("#block{:03}", *n)
     }
 
+    /// The name a new node takes, checked in the order of QEMU's
+    /// `bdrv_open_common`: well formed, free, under 32 bytes; without one,
+    /// an automatic name.
+    pub fn claim_name(&self, name: Option<&str>) -> Result<String> {
+        let Some(name) = name else {
+            return Ok(self.auto_name());
+        };
+        if !id_wellformed(name) {
+            return Err(Error::invalid(format!("Invalid node-name: '{name}'")));
+        }
+        self.check_free(name)?;
+        if name.len() >= NODE_NAME_SIZE {
+            return Err(Error::invalid("Node name too long"));
+        }
+        Ok(name.to_string())
+    }
+
     /// Refuses a name that is already taken.
-    pub fn check_free(&self, name: &str) -> Result<(), GraphError> {
+    pub fn check_free(&self, name: &str) -> Result<()> {
         if self.get(name).is_some() {
-            return Err(GraphError(format!(
+            return Err(Error::invalid(format!(
                 "Duplicate nodes with node-name='{name}'"
             )));
         }
@@ -62,7 +74,7 @@ impl BlockGraph {
     }
 
     /// Adds an opened node, as the newest.
-    pub fn insert(&self, node: Arc<BlockNode>) -> Result<(), GraphError> {
+    pub fn insert(&self, node: Arc<BlockNode>) -> Result<()> {
         self.insert_at(node, usize::MAX)
     }
 
@@ -76,10 +88,10 @@ impl BlockGraph {
     /// to the end). A qcow2 node is named in QEMU before its backing chain
     /// is opened, so it comes before the backing nodes in the order even
     /// though it is inserted after them.
-    pub fn insert_at(&self, node: Arc<BlockNode>, at: usize) -> Result<(), GraphError> {
+    pub fn insert_at(&self, node: Arc<BlockNode>, at: usize) -> Result<()> {
         let mut nodes = self.nodes.lock().unwrap();
         if nodes.iter().any(|n| n.name() == node.name()) {
-            return Err(GraphError(format!(
+            return Err(Error::invalid(format!(
                 "Duplicate nodes with node-name='{}'",
                 node.name()
             )));
@@ -100,9 +112,10 @@ impl BlockGraph {
     }
 
     /// The node called `name`, or QEMU's error for a missing node.
-    pub fn find(&self, name: &str) -> Result<Arc<BlockNode>, GraphError> {
-        self.get(name)
-            .ok_or_else(|| GraphError(format!("Cannot find device='' nor node-name='{name}'")))
+    pub fn find(&self, name: &str) -> Result<Arc<BlockNode>> {
+        self.get(name).ok_or_else(|| {
+            Error::not_found(format!("Cannot find device='' nor node-name='{name}'"))
+        })
     }
 
     /// All nodes, oldest first.
@@ -140,23 +153,20 @@ impl BlockGraph {
 
     /// Deletes a monitor-owned node with no users and no parents (QMP `blockdev-del`),
     /// and with it the unnamed children that only it held.
-    pub fn remove(&self, name: &str) -> Result<(), GraphError> {
+    pub fn remove(&self, name: &str) -> Result<()> {
         let mut nodes = self.nodes.lock().unwrap();
         let Some(pos) = nodes.iter().position(|n| n.name() == name) else {
-            return Err(GraphError(format!(
+            return Err(Error::not_found(format!(
                 "Failed to find node with node-name='{name}'"
             )));
         };
         let node = nodes[pos].clone();
         let users = node.users();
-        if users.iter().any(|u| !u.starts_with(BLOCKER_PREFIX)) {
-            return Err(GraphError(format!("Node {name} is in use")));
+        if users.iter().any(|u| !matches!(u, NodeUser::Blocker(_))) {
+            return Err(Error::busy(format!("Node {name} is in use")));
         }
-        if let Some(reason) = users.first() {
-            return Err(GraphError(format!(
-                "Node '{name}' is busy: {}",
-                &reason[BLOCKER_PREFIX.len()..]
-            )));
+        if let Some(reason) = users.first().and_then(NodeUser::blocker_reason) {
+            return Err(Error::busy(format!("Node '{name}' is busy: {reason}")));
         }
         // QEMU's op blocker on backing images (the newest parent's).
         let backing_parent = nodes.iter().rev().find(|n| {
@@ -165,18 +175,18 @@ impl BlockGraph {
                 .any(|c| c.role == "backing" && Arc::ptr_eq(&c.node, &node))
         });
         if let Some(parent) = backing_parent {
-            return Err(GraphError(format!(
+            return Err(Error::busy(format!(
                 "Node '{name}' is busy: node is used as backing hd of '{}'",
                 parent.name()
             )));
         }
         if !node.monitor_owned() {
-            return Err(GraphError(format!(
+            return Err(Error::invalid(format!(
                 "Node {name} is not owned by the monitor"
             )));
         }
         if Self::has_parent(&nodes, &node) {
-            return Err(GraphError(format!("Block device {name} is in use")));
+            return Err(Error::busy(format!("Block device {name} is in use")));
         }
         nodes.remove(pos);
         // Implicit children go with their parent, recursively.

@@ -13,6 +13,7 @@ pub mod blkdebug;
 pub mod buf;
 pub mod create;
 pub mod driver;
+pub mod error;
 pub mod file;
 pub mod graph;
 pub mod hook;
@@ -32,10 +33,11 @@ pub use create::{
 pub use driver::{
     BlockDriver, BlockStatus, ChildRef, FormatSpecific, IoFuture, Limits, WriteFlags, ZeroFlags,
 };
+pub use error::{Error, ErrorKind, Result};
 pub use file::{FileDriver, FileOptions};
-pub use graph::{check_node_name, id_wellformed, BlockGraph, GraphError, BLOCKER_PREFIX};
+pub use graph::{check_node_name, id_wellformed, BlockGraph};
 pub use hook::{HookedWrite, WriteHook, WriteKind};
-pub use node::BlockNode;
+pub use node::{BlockNode, NodeUser};
 pub use qcow2::{
     check_chain_depth, read_header_backing, resolve_backing_filename, BackingRef, Qcow2Driver,
     Qcow2Info, Qcow2Options,

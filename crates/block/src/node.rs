@@ -12,6 +12,31 @@ use crate::driver::{BlockDriver, BlockStatus, ChildRef, IoFuture, Limits, WriteF
 use crate::hook::{HookList, HookedWrite, WriteHook, WriteKind};
 use crate::tracker::{RequestKind, RequestTracker};
 
+/// Something outside the graph that uses a node.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum NodeUser {
+    /// A block export serving the node (its QMP id).
+    Export(String),
+    /// A job writing to the node, its target (the job's id).
+    Job(String),
+    /// A job's op blocker on its source (QEMU's): the node takes no other
+    /// job and cannot be deleted while it runs. Holds the job's type.
+    Blocker(&'static str),
+}
+
+impl NodeUser {
+    /// QEMU's reason text for an op blocker ("block device is in use by
+    /// block job: mirror"); `None` for a plain use.
+    pub fn blocker_reason(&self) -> Option<String> {
+        match self {
+            NodeUser::Blocker(job_type) => {
+                Some(format!("block device is in use by block job: {job_type}"))
+            }
+            _ => None,
+        }
+    }
+}
+
 /// A named node of the block graph.
 pub struct BlockNode {
     name: String,
@@ -20,7 +45,7 @@ pub struct BlockNode {
     monitor_owned: bool,
     cache_direct: AtomicBool,
     tracker: RequestTracker,
-    users: Mutex<Vec<String>>,
+    users: Mutex<Vec<NodeUser>>,
     // Held shared by every write for its whole duration, exclusively to
     // change the list: attaching a hook is also a drain of the node's writes.
     hooks: tokio::sync::RwLock<HookList>,
@@ -126,8 +151,16 @@ impl BlockNode {
         self.driver.backing()
     }
 
+    /// The node's driver as its concrete type, when it is a `T`: how other
+    /// layers reach what only one driver has (a filter's state, a fault
+    /// injector's rules) without side registries.
+    pub fn driver<T: 'static>(&self) -> Option<&T> {
+        // The driver itself, not its box (a Box is `Any` too).
+        crate::driver::AsAny::as_any(&*self.driver).downcast_ref::<T>()
+    }
+
     /// Re-points the backing node (see [`BlockDriver::set_backing`]).
-    pub fn set_backing(&self, backing: Option<Arc<BlockNode>>) -> Result<(), String> {
+    pub fn set_backing(&self, backing: Option<Arc<BlockNode>>) -> crate::Result<()> {
         self.driver.set_backing(backing)
     }
 
@@ -137,21 +170,32 @@ impl BlockNode {
     }
 
     /// Records that something outside the graph (an export, a job) uses this node.
-    pub fn add_user(&self, who: impl Into<String>) {
-        self.users.lock().unwrap().push(who.into());
+    pub fn add_user(&self, who: NodeUser) {
+        self.users.lock().unwrap().push(who);
     }
 
     /// Forgets one use recorded by [`BlockNode::add_user`].
-    pub fn remove_user(&self, who: &str) {
+    pub fn remove_user(&self, who: &NodeUser) {
         let mut users = self.users.lock().unwrap();
         if let Some(i) = users.iter().position(|u| u == who) {
             users.remove(i);
         }
     }
 
-    /// Everything currently using this node.
-    pub fn users(&self) -> Vec<String> {
+    /// Everything currently using this node, oldest first.
+    pub fn users(&self) -> Vec<NodeUser> {
         self.users.lock().unwrap().clone()
+    }
+
+    /// QEMU's op blocker check: "Node 'x' is busy: <the newest blocker's reason>".
+    pub fn check_not_blocked(&self) -> crate::Result<()> {
+        match self.users().iter().rev().find_map(NodeUser::blocker_reason) {
+            Some(reason) => Err(crate::Error::busy(format!(
+                "Node '{}' is busy: {reason}",
+                self.name()
+            ))),
+            None => Ok(()),
+        }
     }
 
     /// Runs `hook` around every later write; returns once every write that

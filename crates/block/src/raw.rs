@@ -26,22 +26,24 @@ pub struct RawDriver {
 
 impl RawDriver {
     /// Opens a raw view of `file`; the error text is QEMU's.
-    pub fn open(file: Arc<BlockNode>, opts: RawOptions) -> Result<RawDriver, String> {
+    pub fn open(file: Arc<BlockNode>, opts: RawOptions) -> crate::Result<RawDriver> {
         let child_size = file.size();
         let offset = opts.offset.unwrap_or(0);
         if offset > child_size {
-            return Err(format!(
+            return Err(crate::Error::invalid(format!(
                 "Offset ({offset}) cannot be greater than size of the containing file ({child_size})"
-            ));
+            )));
         }
         let size = opts.size.unwrap_or(child_size - offset);
         if offset.checked_add(size).is_none_or(|end| end > child_size) {
-            return Err(format!(
+            return Err(crate::Error::invalid(format!(
                 "The sum of offset ({offset}) and size ({size}) has to be smaller or equal to the  actual size of the containing file ({child_size})"
-            ));
+            )));
         }
         if opts.size.is_some() && !size.is_multiple_of(512) {
-            return Err("Specified size is not multiple of 512".into());
+            return Err(crate::Error::invalid(
+                "Specified size is not multiple of 512",
+            ));
         }
         Ok(RawDriver { file, offset, size })
     }

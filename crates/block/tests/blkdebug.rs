@@ -253,6 +253,7 @@ fn limits_are_checked_as_qemu_does() {
     let open = |opts: BlkdebugOptions| {
         BlkdebugDriver::open(file_node(&path), opts)
             .err()
+            .map(String::from)
             .unwrap_or_default()
     };
     assert_eq!(

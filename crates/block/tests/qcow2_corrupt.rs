@@ -35,6 +35,7 @@ async fn open(p: &Path, read_only: bool) -> Result<Qcow2Driver, String> {
     )
     .await
     .expect("open hung")
+    .map_err(String::from)
 }
 
 async fn open_err(p: &Path, read_only: bool) -> String {

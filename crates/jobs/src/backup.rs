@@ -19,9 +19,13 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 
+use livesnap_block::{BlockGraph, BlockNode, Error, NodeUser};
+
 use crate::block_copy::{BlockCopy, CopyError, CopyProgress, MAX_CHUNK, MAX_WORKERS};
-use crate::cbw::Cbw;
-use crate::job::{ErrorVerdict, JobCtx, JobDriver, JobFuture, JobType, OnError};
+use crate::cbw::{Cbw, CbwDriver, CbwOptions};
+use crate::job::{
+    ErrorVerdict, Job, JobCtx, JobDriver, JobFuture, JobManager, JobOptions, JobType, OnError,
+};
 
 /// QEMU's `MirrorSyncMode` members a backup supports.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -70,6 +74,101 @@ impl Default for BackupOptions {
             max_workers: MAX_WORKERS,
             max_chunk: 0,
             busy_share: DEFAULT_BUSY_SHARE,
+        }
+    }
+}
+
+/// What starts a backup: its nodes and options, the arguments checked.
+pub struct BackupStart {
+    /// The job's id.
+    pub job_id: String,
+    /// The disk backed up.
+    pub source: Arc<BlockNode>,
+    /// Where its old content goes.
+    pub target: Arc<BlockNode>,
+    /// The name of the copy-before-write filter node put over the source.
+    pub filter_name: String,
+    /// The filter's options.
+    pub cbw: CbwOptions,
+    /// The job's own options.
+    pub backup: BackupOptions,
+    /// Options every job has.
+    pub job: JobOptions,
+    /// Longest wait for the source's in-flight writes before the filter
+    /// goes on (its point in time).
+    pub drain_timeout: Duration,
+}
+
+/// Starts a backup as QEMU's `backup_job_create` does: the copy-before-write
+/// filter goes over the source (the point in time), becomes a node of
+/// `graph`, the job's op blockers go on the filter and the target, and the
+/// job starts; if any step fails, what the earlier ones did is undone.
+pub async fn start(
+    graph: &Arc<BlockGraph>,
+    jobs: &Arc<JobManager>,
+    s: BackupStart,
+) -> livesnap_block::Result<Arc<Job>> {
+    let attach = Cbw::attach(s.source.clone(), s.target.clone(), s.cbw);
+    let cbw = match tokio::time::timeout(s.drain_timeout, attach).await {
+        Ok(Ok(cbw)) => cbw,
+        Ok(Err(e)) => {
+            return Err(e.context("Could not create node: Cannot create block-copy-state"))
+        }
+        Err(_) => {
+            return Err(Error::busy(format!(
+                "Requests on '{}' did not finish within {} s; backup not started",
+                s.source.name(),
+                s.drain_timeout.as_secs()
+            )))
+        }
+    };
+    let filter = BlockNode::new(
+        s.filter_name.clone(),
+        Box::new(CbwDriver::new(cbw.clone())),
+        false,
+        false,
+    );
+    if let Err(e) = graph.insert(filter.clone()) {
+        cbw.close().await;
+        return Err(e.context("Could not create node"));
+    }
+    let blocker = NodeUser::Blocker("backup");
+    filter.add_user(blocker.clone());
+    s.target.add_user(blocker.clone());
+    let undo = {
+        let graph = Arc::downgrade(graph);
+        let (filter, target) = (filter.clone(), s.target.clone());
+        move || {
+            filter.remove_user(&blocker);
+            target.remove_user(&blocker);
+            if let Some(g) = graph.upgrade() {
+                g.discard(filter.name());
+            }
+        }
+    };
+    let undo = Arc::new(Mutex::new(Some(Box::new(undo) as Cleanup)));
+    let on_clean = undo.clone();
+    let backup = Backup::new(
+        cbw.clone(),
+        s.backup,
+        Box::new(move || {
+            if let Some(f) = on_clean.lock().unwrap().take() {
+                f()
+            }
+        }),
+    );
+    match jobs.create(&s.job_id, backup.clone(), s.job) {
+        Ok(job) => {
+            backup.attach_progress(&job.ctx());
+            job.start();
+            Ok(job)
+        }
+        Err(e) => {
+            cbw.close().await;
+            if let Some(f) = undo.lock().unwrap().take() {
+                f()
+            }
+            Err(e)
         }
     }
 }
@@ -131,16 +230,16 @@ impl Backup {
     }
 
     /// The job's failure if the snapshot was broken (break-snapshot).
-    fn broken(&self) -> Result<(), String> {
+    fn broken(&self) -> livesnap_block::Result<()> {
         match self.cbw.snapshot_error() {
-            Some(e) => Err(crate::os_error_text(&e)),
+            Some(e) => Err(e.into()),
             None => Ok(()),
         }
     }
 
     /// sync=top: drop what the top layer does not allocate. Copies meanwhile
     /// check allocation themselves.
-    async fn scan_top(&self, ctx: &JobCtx) -> Result<(), String> {
+    async fn scan_top(&self, ctx: &JobCtx) -> livesnap_block::Result<()> {
         let copy = self.cbw.copy();
         copy.set_skip_unallocated(true);
         let mut offset = 0;
@@ -149,17 +248,14 @@ impl Backup {
                 return Ok(());
             }
             ctx.pause_point().await;
-            offset = copy
-                .reset_unallocated(offset)
-                .await
-                .map_err(|e| crate::os_error_text(&e))?;
+            offset = copy.reset_unallocated(offset).await?;
         }
         copy.set_skip_unallocated(false);
         Ok(())
     }
 
     /// sync=none: nothing to do but let the filter copy what the guest overwrites.
-    async fn wait_cancel(&self, ctx: &JobCtx) -> Result<(), String> {
+    async fn wait_cancel(&self, ctx: &JobCtx) -> livesnap_block::Result<()> {
         let mut kicks = ctx.kicks();
         loop {
             if ctx.is_cancelled() || ctx.cancel_requested() {
@@ -174,7 +270,7 @@ impl Backup {
         }
     }
 
-    async fn on_error(&self, ctx: &JobCtx, e: &CopyError) -> Result<(), String> {
+    async fn on_error(&self, ctx: &JobCtx, e: &CopyError) -> livesnap_block::Result<()> {
         let policy = if e.is_read {
             self.opts.on_source_error
         } else {
@@ -188,7 +284,7 @@ impl Backup {
     }
 
     /// The background pass (QEMU's `backup_loop` over `block_copy_async`).
-    async fn copy_all(&self, ctx: &JobCtx) -> Result<(), String> {
+    async fn copy_all(&self, ctx: &JobCtx) -> livesnap_block::Result<()> {
         let copy: &Arc<BlockCopy> = self.cbw.copy();
         let (tx, mut rx) = mpsc::unbounded_channel::<(Instant, Result<u64, CopyError>)>();
         let mut kicks = ctx.kicks();
@@ -275,7 +371,7 @@ impl Backup {
         r: Result<u64, CopyError>,
         share: f64,
         next_allowed: &mut Instant,
-    ) -> Result<(), String> {
+    ) -> livesnap_block::Result<()> {
         match r {
             Ok(_) => {
                 if share < 1.0 && self.cbw.guest_busy() {
@@ -293,7 +389,7 @@ impl Backup {
     /// Waits until copies started by guest writes are done too; then the
     /// target is complete and is flushed. Returns false when a guest's copy
     /// failed and left its range pending again (the pass goes on).
-    async fn wait_cbw_copies(&self, ctx: &JobCtx) -> Result<bool, String> {
+    async fn wait_cbw_copies(&self, ctx: &JobCtx) -> livesnap_block::Result<bool> {
         let copy = self.cbw.copy();
         let mut kicks = ctx.kicks();
         loop {
@@ -312,11 +408,7 @@ impl Backup {
             }
         }
         self.broken()?;
-        self.cbw
-            .target()
-            .flush()
-            .await
-            .map_err(|e| crate::os_error_text(&e))?;
+        self.cbw.target().flush().await?;
         Ok(true)
     }
 }
@@ -326,7 +418,7 @@ impl JobDriver for Backup {
         JobType::Backup
     }
 
-    fn run<'a>(&'a self, ctx: &'a JobCtx) -> JobFuture<'a, Result<(), String>> {
+    fn run<'a>(&'a self, ctx: &'a JobCtx) -> JobFuture<'a, livesnap_block::Result<()>> {
         Box::pin(async move {
             self.attach_progress(ctx);
             if self.opts.sync == BackupSync::Top {

@@ -92,15 +92,17 @@ pub struct BlockCopyOptions {
 
 /// The copy granularity for `target`: max(64 KiB, the target's cluster size,
 /// `min_cluster_size`), as QEMU's `block_copy_calculate_cluster_size`.
-pub fn cluster_size_for(target: &BlockNode, min_cluster_size: u64) -> Result<u64, String> {
+pub fn cluster_size_for(target: &BlockNode, min_cluster_size: u64) -> livesnap_block::Result<u64> {
     if min_cluster_size > i64::MAX as u64 {
-        return Err(format!(
+        return Err(livesnap_block::Error::invalid(format!(
             "min-cluster-size too large: {min_cluster_size} > {}",
             i64::MAX
-        ));
+        )));
     }
     if min_cluster_size != 0 && !min_cluster_size.is_power_of_two() {
-        return Err("min-cluster-size needs to be a power of 2".into());
+        return Err(livesnap_block::Error::invalid(
+            "min-cluster-size needs to be a power of 2",
+        ));
     }
     let target_cluster = match target.format_specific() {
         Some(FormatSpecific::Qcow2(info)) => info.cluster_size,
@@ -217,7 +219,7 @@ impl BlockCopy {
         source: Arc<BlockNode>,
         target: Arc<BlockNode>,
         opts: BlockCopyOptions,
-    ) -> Result<Arc<BlockCopy>, String> {
+    ) -> livesnap_block::Result<Arc<BlockCopy>> {
         let cluster = cluster_size_for(&target, opts.min_cluster_size)?;
         let len = source.size();
         let mut pending = DirtyBitmap::new(len, cluster);

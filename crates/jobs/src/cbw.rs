@@ -112,7 +112,7 @@ impl Cbw {
         file: Arc<BlockNode>,
         target: Arc<BlockNode>,
         opts: CbwOptions,
-    ) -> Result<Arc<Cbw>, String> {
+    ) -> livesnap_block::Result<Arc<Cbw>> {
         let copy = BlockCopy::new(
             file.clone(),
             target.clone(),
@@ -398,22 +398,7 @@ impl BlockDriver for CbwDriver {
     }
 }
 
-/// Copy-before-write nodes and their state: how `snapshot-access` and
-/// `blockdev-del` find the filter behind a node (the graph holds only
-/// `dyn BlockDriver`).
-static REGISTRY: Mutex<Vec<(Weak<BlockNode>, Weak<Cbw>)>> = Mutex::new(Vec::new());
-
-/// Records that `node` is the copy-before-write filter `cbw`.
-pub fn register(node: &Arc<BlockNode>, cbw: &Arc<Cbw>) {
-    let mut reg = REGISTRY.lock().unwrap();
-    reg.retain(|(n, c)| n.strong_count() > 0 && c.strong_count() > 0);
-    reg.push((Arc::downgrade(node), Arc::downgrade(cbw)));
-}
-
 /// The filter state of `node`, if it is a copy-before-write node.
 pub fn cbw_of(node: &BlockNode) -> Option<Arc<Cbw>> {
-    let reg = REGISTRY.lock().unwrap();
-    reg.iter()
-        .find(|(n, _)| std::ptr::eq(n.as_ptr(), node))
-        .and_then(|(_, c)| c.upgrade())
+    node.driver::<CbwDriver>().map(|d| d.cbw.clone())
 }

@@ -21,7 +21,8 @@ pub struct OpenedNode {
 /// Opens the node a format is written to. QEMU opens `file` only when the
 /// job runs (`bdrv_co_open_blockdev_ref`), so a bad reference fails the job,
 /// not the command.
-pub type OpenNode = Box<dyn FnOnce() -> JobFuture<'static, Result<OpenedNode, String>> + Send>;
+pub type OpenNode =
+    Box<dyn FnOnce() -> JobFuture<'static, livesnap_block::Result<OpenedNode>> + Send>;
 
 /// What a create job makes (the branches of QEMU's `BlockdevCreateOptions`
 /// that livesnap implements).
@@ -59,7 +60,7 @@ impl CreateJob {
     }
 }
 
-async fn create(work: CreateWork) -> Result<(), String> {
+async fn create(work: CreateWork) -> livesnap_block::Result<()> {
     match work {
         CreateWork::File(opts) => create_file(&opts).await,
         CreateWork::Qcow2 { file, opts } => {
@@ -82,13 +83,13 @@ impl JobDriver for CreateJob {
         false
     }
 
-    fn run<'a>(&'a self, ctx: &'a JobCtx) -> JobFuture<'a, Result<(), String>> {
+    fn run<'a>(&'a self, ctx: &'a JobCtx) -> JobFuture<'a, livesnap_block::Result<()>> {
         Box::pin(async move {
             ctx.progress_set_remaining(1);
             let work = self.work.lock().unwrap().take();
             let result = match work {
                 Some(work) => create(work).await,
-                None => Err("create job ran twice".into()),
+                None => Err(livesnap_block::Error::invalid("create job ran twice")),
             };
             ctx.progress_update(1);
             result

@@ -214,17 +214,12 @@ impl OnError {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ErrorVerdict {
     /// Give up: the job fails with this message.
-    Fail(String),
+    Fail(livesnap_block::Error),
     /// Treat the request as done.
     Ignore,
     /// The job was stopped and resumed: try the request again.
     Retry,
 }
-
-/// A refused job operation; the text is QEMU's.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("{0}")]
-pub struct JobError(pub String);
 
 /// What a job does: the driver side of QEMU's `JobDriver`/`BlockJobDriver`.
 pub trait JobDriver: Send + Sync + 'static {
@@ -237,11 +232,11 @@ pub trait JobDriver: Send + Sync + 'static {
     }
 
     /// The job's work; `Err` carries the message the job fails with.
-    fn run<'a>(&'a self, ctx: &'a JobCtx) -> JobFuture<'a, Result<(), String>>;
+    fn run<'a>(&'a self, ctx: &'a JobCtx) -> JobFuture<'a, livesnap_block::Result<()>>;
 
     /// `job-complete` in READY: ask `run` to finish. Drivers that cannot complete keep the default.
-    fn complete(&self, ctx: &JobCtx) -> Result<(), JobError> {
-        Err(JobError(format!(
+    fn complete(&self, ctx: &JobCtx) -> livesnap_block::Result<()> {
+        Err(livesnap_block::Error::invalid(format!(
             "The active block job '{}' cannot be completed",
             ctx.id()
         )))
@@ -256,7 +251,7 @@ pub trait JobDriver: Send + Sync + 'static {
     }
 
     /// After a successful run: the last step that may still fail (mirror pivots here).
-    fn prepare<'a>(&'a self, ctx: &'a JobCtx) -> JobFuture<'a, Result<(), String>> {
+    fn prepare<'a>(&'a self, ctx: &'a JobCtx) -> JobFuture<'a, livesnap_block::Result<()>> {
         let _ = ctx;
         Box::pin(async { Ok(()) })
     }
@@ -280,9 +275,11 @@ pub trait JobDriver: Send + Sync + 'static {
     }
 
     /// `block-job-change`: the type-specific members after `id` and `type`.
-    fn change(&self, ctx: &JobCtx, options: &Map<String, Value>) -> Result<(), JobError> {
+    fn change(&self, ctx: &JobCtx, options: &Map<String, Value>) -> livesnap_block::Result<()> {
         let _ = (ctx, options);
-        Err(JobError("Job type does not support change".into()))
+        Err(livesnap_block::Error::invalid(
+            "Job type does not support change",
+        ))
     }
 
     /// Type-specific members of `query-block-jobs` (mirror: `actively-synced`).
@@ -348,7 +345,7 @@ struct State {
     cancelled: bool,
     force_cancel: bool,
     complete_requested: bool,
-    ret: Option<String>,
+    ret: Option<livesnap_block::Error>,
     progress_current: u64,
     progress_total: u64,
     rate: RateLimit,
@@ -393,12 +390,16 @@ impl JobManager {
     }
 
     /// Checks that `id` can name a new job (QEMU's `job_create` checks).
-    pub fn check_id(&self, id: &str) -> Result<(), JobError> {
+    pub fn check_id(&self, id: &str) -> livesnap_block::Result<()> {
         if !id_wellformed(id) {
-            return Err(JobError(format!("Invalid job ID '{id}'")));
+            return Err(livesnap_block::Error::invalid(format!(
+                "Invalid job ID '{id}'"
+            )));
         }
         if self.get(id).is_some() {
-            return Err(JobError(format!("Job ID '{id}' already in use")));
+            return Err(livesnap_block::Error::invalid(format!(
+                "Job ID '{id}' already in use"
+            )));
         }
         Ok(())
     }
@@ -409,7 +410,7 @@ impl JobManager {
         id: &str,
         driver: Arc<dyn JobDriver>,
         opts: JobOptions,
-    ) -> Result<Arc<Job>, JobError> {
+    ) -> livesnap_block::Result<Arc<Job>> {
         self.check_id(id)?;
         let job = Arc::new(Job {
             id: id.to_string(),
@@ -450,7 +451,7 @@ impl JobManager {
         id: &str,
         driver: Arc<dyn JobDriver>,
         opts: JobOptions,
-    ) -> Result<Arc<Job>, JobError> {
+    ) -> livesnap_block::Result<Arc<Job>> {
         let job = self.create(id, driver, opts)?;
         job.start();
         Ok(job)
@@ -545,11 +546,11 @@ impl Job {
         }
     }
 
-    fn apply_verb(&self, st: &State, verb: JobVerb) -> Result<(), JobError> {
+    fn apply_verb(&self, st: &State, verb: JobVerb) -> livesnap_block::Result<()> {
         if verb_allowed(verb, st.status) {
             return Ok(());
         }
-        Err(JobError(format!(
+        Err(livesnap_block::Error::invalid(format!(
             "Job '{}' in state '{}' cannot accept command verb '{}'",
             self.id,
             st.status.as_str(),
@@ -599,7 +600,10 @@ impl Job {
             .await
             .unwrap_or_else(|e| {
                 tracing::error!("job {}: the job's task failed: {e}", job.id);
-                Err(format!("internal error: {e}"))
+                Err(livesnap_block::Error::new(
+                    livesnap_block::ErrorKind::Io,
+                    format!("internal error: {e}"),
+                ))
             });
             {
                 let mut st = job.state.lock().unwrap();
@@ -614,7 +618,7 @@ impl Job {
     /// QEMU's `job_update_rc`: a force-cancelled job fails with ECANCELED.
     fn update_rc(&self, st: &mut State) -> bool {
         if st.ret.is_none() && st.force_cancel {
-            st.ret = Some("Operation canceled".into());
+            st.ret = Some(livesnap_block::Error::cancelled());
         }
         if st.ret.is_some() {
             if st.status != JobStatus::Aborting {
@@ -694,7 +698,7 @@ impl Job {
                 self.block_event("BLOCK_JOB_CANCELLED", m);
             } else {
                 if let Some(e) = &st.ret {
-                    m.insert("error".into(), json!(e));
+                    m.insert("error".into(), json!(e.text()));
                 }
                 self.block_event("BLOCK_JOB_COMPLETED", m);
             }
@@ -716,11 +720,11 @@ impl Job {
     }
 
     /// `job-pause` / `block-job-pause`.
-    pub fn pause(&self) -> Result<(), JobError> {
+    pub fn pause(&self) -> livesnap_block::Result<()> {
         let mut st = self.state.lock().unwrap();
         self.apply_verb(&st, JobVerb::Pause)?;
         if st.user_paused {
-            return Err(JobError("Job is already paused".into()));
+            return Err(livesnap_block::Error::invalid("Job is already paused"));
         }
         st.user_paused = true;
         st.pause_count += 1;
@@ -730,10 +734,12 @@ impl Job {
     }
 
     /// `job-resume` / `block-job-resume`.
-    pub fn resume(&self) -> Result<(), JobError> {
+    pub fn resume(&self) -> livesnap_block::Result<()> {
         let mut st = self.state.lock().unwrap();
         if !st.user_paused || st.pause_count == 0 {
-            return Err(JobError("Can't resume a job that was not paused".into()));
+            return Err(livesnap_block::Error::invalid(
+                "Can't resume a job that was not paused",
+            ));
         }
         self.apply_verb(&st, JobVerb::Resume)?;
         st.io_status = IoStatus::Ok;
@@ -745,7 +751,7 @@ impl Job {
     }
 
     /// `job-cancel` (always forceful) / `block-job-cancel` (`force` as given).
-    pub async fn cancel(self: &Arc<Self>, force: bool) -> Result<(), JobError> {
+    pub async fn cancel(self: &Arc<Self>, force: bool) -> livesnap_block::Result<()> {
         {
             let st = self.state.lock().unwrap();
             self.apply_verb(&st, JobVerb::Cancel)?;
@@ -819,12 +825,12 @@ impl Job {
     }
 
     /// `job-complete` / `block-job-complete`.
-    pub fn complete(self: &Arc<Self>) -> Result<(), JobError> {
+    pub fn complete(self: &Arc<Self>) -> livesnap_block::Result<()> {
         {
             let st = self.state.lock().unwrap();
             self.apply_verb(&st, JobVerb::Complete)?;
             if st.cancelled {
-                return Err(JobError(format!(
+                return Err(livesnap_block::Error::invalid(format!(
                     "The active block job '{}' cannot be completed",
                     self.id
                 )));
@@ -837,7 +843,7 @@ impl Job {
     }
 
     /// `job-finalize` / `block-job-finalize`.
-    pub async fn finalize(self: &Arc<Self>) -> Result<(), JobError> {
+    pub async fn finalize(self: &Arc<Self>) -> livesnap_block::Result<()> {
         let running = {
             let mut st = self.state.lock().unwrap();
             self.apply_verb(&st, JobVerb::Finalize)?;
@@ -855,7 +861,7 @@ impl Job {
     }
 
     /// `job-dismiss` / `block-job-dismiss`.
-    pub fn dismiss(&self) -> Result<(), JobError> {
+    pub fn dismiss(&self) -> livesnap_block::Result<()> {
         let mut st = self.state.lock().unwrap();
         self.apply_verb(&st, JobVerb::Dismiss)?;
         self.dismiss_locked(&mut st);
@@ -863,12 +869,12 @@ impl Job {
     }
 
     /// `block-job-set-speed`.
-    pub fn set_speed(&self, speed: i64) -> Result<(), JobError> {
+    pub fn set_speed(&self, speed: i64) -> livesnap_block::Result<()> {
         let mut st = self.state.lock().unwrap();
         self.apply_verb(&st, JobVerb::SetSpeed)?;
         if speed < 0 {
-            return Err(JobError(
-                "Parameter 'speed' expects a non-negative value".into(),
+            return Err(livesnap_block::Error::invalid(
+                "Parameter 'speed' expects a non-negative value",
             ));
         }
         st.rate.set_speed(speed as u64);
@@ -878,7 +884,7 @@ impl Job {
     }
 
     /// `block-job-change` with the members after `id` and `type`.
-    pub fn change(self: &Arc<Self>, options: &Map<String, Value>) -> Result<(), JobError> {
+    pub fn change(self: &Arc<Self>, options: &Map<String, Value>) -> livesnap_block::Result<()> {
         {
             let st = self.state.lock().unwrap();
             self.apply_verb(&st, JobVerb::Change)?;
@@ -924,7 +930,7 @@ impl Job {
         m.insert("current-progress".into(), json!(st.progress_current));
         m.insert("total-progress".into(), json!(st.progress_total));
         if let Some(e) = &st.ret {
-            m.insert("error".into(), json!(e));
+            m.insert("error".into(), json!(e.text()));
         }
         Value::Object(m)
     }
@@ -952,7 +958,7 @@ impl Job {
         m.insert("auto-finalize".into(), json!(st.auto_finalize));
         m.insert("auto-dismiss".into(), json!(st.auto_dismiss));
         if let Some(e) = &st.ret {
-            m.insert("error".into(), json!(e));
+            m.insert("error".into(), json!(e.text()));
         }
         m.extend(extra);
         Value::Object(m)
@@ -1151,7 +1157,7 @@ impl JobCtx {
         }
         match action {
             "ignore" => ErrorVerdict::Ignore,
-            "report" => ErrorVerdict::Fail(crate::os_error_text(err)),
+            "report" => ErrorVerdict::Fail(err.into()),
             _ => {
                 {
                     let mut st = self.job.state.lock().unwrap();
@@ -1169,7 +1175,7 @@ impl JobCtx {
                 }
                 self.pause_point().await;
                 if self.is_cancelled() {
-                    ErrorVerdict::Fail(crate::os_error_text(err))
+                    ErrorVerdict::Fail(err.into())
                 } else {
                     ErrorVerdict::Retry
                 }

@@ -20,8 +20,8 @@ pub mod ratelimit;
 pub mod snapshot_access;
 
 pub use job::{
-    ErrorVerdict, EventSink, Job, JobCtx, JobDriver, JobError, JobFuture, JobManager, JobOptions,
-    JobStatus, JobType, JobVerb, OnError,
+    ErrorVerdict, EventSink, Job, JobCtx, JobDriver, JobFuture, JobManager, JobOptions, JobStatus,
+    JobType, JobVerb, OnError,
 };
 pub use livesnap_block::os_error_text;
 pub use ratelimit::RateLimit;

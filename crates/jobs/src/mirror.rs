@@ -30,7 +30,9 @@ use tokio::sync::Notify;
 use tokio::task::JoinSet;
 
 use crate::guest::GuestActivity;
-use crate::job::{ErrorVerdict, JobCtx, JobDriver, JobError, JobFuture, JobType, OnError};
+use crate::job::{
+    ErrorVerdict, Job, JobCtx, JobDriver, JobFuture, JobManager, JobOptions, JobType, OnError,
+};
 use crate::rangelock::RangeLocks;
 
 /// Largest single copy (QEMU's `MAX_IO_BYTES`).
@@ -144,8 +146,56 @@ pub struct MirrorOptions {
     pub tuning: MirrorTuning,
     /// Exports to hold and move.
     pub graph: Arc<dyn MirrorGraph>,
-    /// Users the job registered on nodes (blockers, in-use marks), removed when it ends.
-    pub users: Vec<(Arc<BlockNode>, String)>,
+    /// The job's marks on nodes (blockers, in-use marks), removed when it
+    /// ends; [`start`] sets them.
+    pub users: Vec<(Arc<BlockNode>, livesnap_block::NodeUser)>,
+}
+
+/// QEMU's checks on a mirror's nodes, in its order: the source takes no
+/// second job, and is not its own target.
+pub fn check_nodes(source: &BlockNode, target: &BlockNode) -> livesnap_block::Result<()> {
+    if source.users().iter().any(|u| u.blocker_reason().is_some()) {
+        return Err(livesnap_block::Error::busy("Need a root block node"));
+    }
+    if std::ptr::eq(source, target) {
+        return Err(livesnap_block::Error::invalid(
+            "Can't mirror node into itself",
+        ));
+    }
+    Ok(())
+}
+
+/// Starts a mirror job as QEMU's `mirror_start_job` does: the checks on its
+/// nodes, its marks on them (an op blocker on the source, an in-use mark on
+/// the target, both gone when the job is), then the job; the marks are
+/// undone if the job cannot be created.
+pub fn start(
+    jobs: &Arc<JobManager>,
+    job_id: &str,
+    mut opts: MirrorOptions,
+    job: JobOptions,
+) -> livesnap_block::Result<Arc<Job>> {
+    check_nodes(&opts.source, &opts.target)?;
+    jobs.check_id(job_id)?;
+    opts.users = vec![
+        (
+            opts.source.clone(),
+            livesnap_block::NodeUser::Blocker("mirror"),
+        ),
+        (
+            opts.target.clone(),
+            livesnap_block::NodeUser::Job(job_id.to_string()),
+        ),
+    ];
+    for (node, user) in &opts.users {
+        node.add_user(user.clone());
+    }
+    let users = opts.users.clone();
+    jobs.spawn(job_id, Mirror::new(opts), job).inspect_err(|_| {
+        for (node, user) in &users {
+            node.remove_user(user);
+        }
+    })
 }
 
 const MODE_BACKGROUND: u8 = 0;
@@ -518,7 +568,7 @@ impl Mirror {
     }
 
     /// Handles a finished copy; `Err` ends the job.
-    async fn finish_copy(&self, ctx: &JobCtx, done: CopyDone) -> Result<(), String> {
+    async fn finish_copy(&self, ctx: &JobCtx, done: CopyDone) -> livesnap_block::Result<()> {
         match done.result {
             Ok(()) => {
                 self.note_rate(done.len, done.took);
@@ -554,7 +604,7 @@ impl Mirror {
     }
 
     /// The copy loop: runs until completion was asked for and done, or the job is cancelled.
-    async fn run_loop(&self, ctx: &JobCtx) -> Result<(), String> {
+    async fn run_loop(&self, ctx: &JobCtx) -> livesnap_block::Result<()> {
         let shared = &self.shared;
         let mut ops: JoinSet<CopyDone> = JoinSet::new();
         let mut in_flight_bytes = 0u64;
@@ -566,7 +616,7 @@ impl Mirror {
         loop {
             if ctx.is_cancelled() {
                 ops.abort_all();
-                return Err("Operation canceled".into());
+                return Err(livesnap_block::Error::invalid("Operation canceled"));
             }
             let dirty = shared.dirty_bytes();
             self.update_remaining(ctx, in_flight_bytes);
@@ -674,7 +724,12 @@ impl Mirror {
             let delay = ctx.ratelimit_delay();
             tokio::select! {
                 Some(r) = ops.join_next(), if !ops.is_empty() => {
-                    let done = r.map_err(|e| format!("copy task failed: {e}"))?;
+                    let done = r.map_err(|e| {
+                        livesnap_block::Error::new(
+                            livesnap_block::ErrorKind::Io,
+                            format!("copy task failed: {e}"),
+                        )
+                    })?;
                     in_flight_bytes -= done.len;
                     let took = done.took;
                     self.finish_copy(ctx, done).await?;
@@ -736,7 +791,7 @@ impl Mirror {
         &self,
         ctx: &JobCtx,
         deadline: tokio::time::Instant,
-    ) -> Result<bool, String> {
+    ) -> livesnap_block::Result<bool> {
         let mut ops: JoinSet<CopyDone> = JoinSet::new();
         let mut kicks = ctx.kicks();
         loop {
@@ -764,7 +819,12 @@ impl Mirror {
             }
             tokio::select! {
                 Some(r) = ops.join_next() => {
-                    let done = r.map_err(|e| format!("copy task failed: {e}"))?;
+                    let done = r.map_err(|e| {
+                        livesnap_block::Error::new(
+                            livesnap_block::ErrorKind::Io,
+                            format!("copy task failed: {e}"),
+                        )
+                    })?;
                     self.finish_copy(ctx, done).await?;
                 }
                 _ = tokio::time::sleep_until(deadline) => {
@@ -776,18 +836,18 @@ impl Mirror {
             }
             if ctx.is_cancelled() {
                 ops.abort_all();
-                return Err("Operation canceled".into());
+                return Err(livesnap_block::Error::invalid("Operation canceled"));
             }
         }
     }
 
     /// Finishes the job within the documented bound: see the module doc.
-    async fn complete_bounded(&self, ctx: &JobCtx) -> Result<(), String> {
+    async fn complete_bounded(&self, ctx: &JobCtx) -> livesnap_block::Result<()> {
         let tuning = self.opts.tuning;
         let mut attempt = 0u32;
         loop {
             if ctx.is_cancelled() {
-                return Err("Operation canceled".into());
+                return Err(livesnap_block::Error::invalid("Operation canceled"));
             }
             let dirty = self.shared.dirty_bytes();
             let must_finish = attempt >= tuning.attempts;
@@ -851,16 +911,16 @@ impl JobDriver for Mirror {
         JobType::Mirror
     }
 
-    fn run<'a>(&'a self, ctx: &'a JobCtx) -> JobFuture<'a, Result<(), String>> {
+    fn run<'a>(&'a self, ctx: &'a JobCtx) -> JobFuture<'a, livesnap_block::Result<()>> {
         Box::pin(async move {
             if self.opts.target.size() != self.opts.source.size() {
-                return Err("Source and target image have different sizes".into());
+                return Err(livesnap_block::Error::invalid(
+                    "Source and target image have different sizes",
+                ));
             }
             // Attaching drains the source's writes: none can land unseen after this.
             self.opts.source.add_write_hook(self.hook.clone()).await;
-            self.dirty_init()
-                .await
-                .map_err(|e| crate::os_error_text(&e))?;
+            self.dirty_init().await?;
             self.initial_dirty
                 .store(self.shared.dirty_bytes(), Ordering::Relaxed);
             self.update_remaining(ctx, 0);
@@ -868,7 +928,7 @@ impl JobDriver for Mirror {
         })
     }
 
-    fn complete(&self, _ctx: &JobCtx) -> Result<(), JobError> {
+    fn complete(&self, _ctx: &JobCtx) -> livesnap_block::Result<()> {
         Ok(())
     }
 
@@ -891,14 +951,14 @@ impl JobDriver for Mirror {
         })
     }
 
-    fn change(&self, _ctx: &JobCtx, options: &Map<String, Value>) -> Result<(), JobError> {
+    fn change(&self, _ctx: &JobCtx, options: &Map<String, Value>) -> livesnap_block::Result<()> {
         let Some(mode) = options.get("copy-mode") else {
             return Ok(());
         };
         let mode = mode
             .as_str()
             .and_then(CopyMode::parse)
-            .ok_or_else(|| JobError("Invalid parameter 'copy-mode'".into()))?;
+            .ok_or_else(|| livesnap_block::Error::invalid("Invalid parameter 'copy-mode'"))?;
         let mut requested = self.requested_mode.lock().unwrap();
         if *requested == mode {
             return Ok(());
@@ -918,7 +978,7 @@ impl JobDriver for Mirror {
                 *requested = mode;
                 Ok(())
             }
-            other => Err(JobError(format!(
+            other => Err(livesnap_block::Error::invalid(format!(
                 "Change to copy mode '{}' is not implemented",
                 other.as_str()
             ))),

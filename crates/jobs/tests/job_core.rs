@@ -12,8 +12,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use livesnap_jobs::{
-    ErrorVerdict, Job, JobCtx, JobDriver, JobError, JobFuture, JobManager, JobOptions, JobStatus,
-    JobType, OnError,
+    ErrorVerdict, Job, JobCtx, JobDriver, JobFuture, JobManager, JobOptions, JobStatus, JobType,
+    OnError,
 };
 use serde_json::{json, Map, Value};
 
@@ -75,7 +75,7 @@ impl JobDriver for TestDriver {
         !self.0.not_block
     }
 
-    fn run<'a>(&'a self, ctx: &'a JobCtx) -> JobFuture<'a, Result<(), String>> {
+    fn run<'a>(&'a self, ctx: &'a JobCtx) -> JobFuture<'a, livesnap_block::Result<()>> {
         Box::pin(async move {
             let k = &self.0;
             ctx.progress_set_remaining(TOTAL);
@@ -86,7 +86,7 @@ impl JobDriver for TestDriver {
                 }
                 if k.finish.load(Ordering::SeqCst) {
                     return match k.fail.lock().unwrap().clone() {
-                        Some(e) => Err(e),
+                        Some(e) => Err(livesnap_block::Error::invalid(e)),
                         None => Ok(()),
                     };
                 }
@@ -113,11 +113,11 @@ impl JobDriver for TestDriver {
         })
     }
 
-    fn complete(&self, ctx: &JobCtx) -> Result<(), JobError> {
+    fn complete(&self, ctx: &JobCtx) -> livesnap_block::Result<()> {
         if self.0.completable {
             Ok(())
         } else {
-            Err(JobError(format!(
+            Err(livesnap_block::Error::invalid(format!(
                 "The active block job '{}' cannot be completed",
                 ctx.id()
             )))
@@ -132,14 +132,14 @@ impl JobDriver for TestDriver {
         }
     }
 
-    fn prepare<'a>(&'a self, _ctx: &'a JobCtx) -> JobFuture<'a, Result<(), String>> {
+    fn prepare<'a>(&'a self, _ctx: &'a JobCtx) -> JobFuture<'a, livesnap_block::Result<()>> {
         Box::pin(async move {
             self.call("prepare");
             if self.0.slow_prepare {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
             match self.0.prepare_fails.lock().unwrap().clone() {
-                Some(e) => Err(e),
+                Some(e) => Err(livesnap_block::Error::invalid(e)),
                 None => Ok(()),
             }
         })
@@ -162,10 +162,10 @@ impl JobDriver for TestDriver {
         Box::pin(async move { self.call("clean") })
     }
 
-    fn change(&self, _ctx: &JobCtx, options: &Map<String, Value>) -> Result<(), JobError> {
+    fn change(&self, _ctx: &JobCtx, options: &Map<String, Value>) -> livesnap_block::Result<()> {
         match options.get("copy-mode").and_then(Value::as_str) {
             Some("write-blocking") | None => Ok(()),
-            Some(m) => Err(JobError(format!(
+            Some(m) => Err(livesnap_block::Error::invalid(format!(
                 "Change to copy mode '{m}' is not implemented"
             ))),
         }
@@ -302,7 +302,7 @@ async fn try_verb(job: &Arc<Job>, verb: &str) -> Result<(), String> {
         "change" => job.change(&Map::new()),
         _ => unreachable!(),
     };
-    r.map_err(|e| e.0)
+    r.map_err(String::from)
 }
 
 /// Every verb the table refuses in the job's current state is refused with
@@ -442,7 +442,7 @@ async fn failure_events() {
     assert_eq!(*k.calls.lock().unwrap(), ["abort", "clean"]);
     // The job is kept for job-dismiss; cancel is not a way to dismiss it.
     assert_eq!(
-        job.cancel(true).await.unwrap_err().0,
+        job.cancel(true).await.unwrap_err().text().to_string(),
         refused("concluded", "cancel")
     );
     job.dismiss().unwrap();
@@ -593,7 +593,7 @@ async fn complete_refusals() {
     let job = h.spawn(&k, JobOptions::default());
     wait_for(&job, JobStatus::Ready).await;
     assert_eq!(
-        job.complete().unwrap_err().0,
+        job.complete().unwrap_err().text().to_string(),
         "The active block job 'j' cannot be completed"
     );
     job.cancel(true).await.unwrap();
@@ -615,7 +615,7 @@ async fn complete_refusals() {
     job.cancel(false).await.unwrap();
     assert!(!job.user_paused());
     assert_eq!(
-        job.complete().unwrap_err().0,
+        job.complete().unwrap_err().text().to_string(),
         "The active block job 'j' cannot be completed"
     );
     wait_for(&job, JobStatus::Pending).await;
@@ -783,7 +783,10 @@ async fn pause_and_resume() {
     wait_for(&job, JobStatus::Running).await;
     job.pause().unwrap();
     assert_eq!(job.block_info()["paused"], json!(true));
-    assert_eq!(job.pause().unwrap_err().0, "Job is already paused");
+    assert_eq!(
+        job.pause().unwrap_err().text().to_string(),
+        "Job is already paused"
+    );
     wait_for(&job, JobStatus::Paused).await;
     let rounds = k.rounds.load(Ordering::SeqCst);
     tokio::time::sleep(Duration::from_millis(30)).await;
@@ -793,7 +796,7 @@ async fn pause_and_resume() {
     assert_eq!(info["status"], json!("paused"));
     job.resume().unwrap();
     assert_eq!(
-        job.resume().unwrap_err().0,
+        job.resume().unwrap_err().text().to_string(),
         "Can't resume a job that was not paused"
     );
     wait_for(&job, JobStatus::Ready).await;
@@ -867,7 +870,7 @@ async fn set_speed() {
     wait_for(&job, JobStatus::Running).await;
     assert_eq!(job.block_info()["speed"], json!(4096));
     assert_eq!(
-        job.set_speed(-1).unwrap_err().0,
+        job.set_speed(-1).unwrap_err().text().to_string(),
         "Parameter 'speed' expects a non-negative value"
     );
     assert_eq!(job.block_info()["speed"], json!(4096));
@@ -892,7 +895,7 @@ async fn change_goes_to_the_driver() {
     job.change(&opts).unwrap();
     opts.insert("copy-mode".into(), json!("background"));
     assert_eq!(
-        job.change(&opts).unwrap_err().0,
+        job.change(&opts).unwrap_err().text().to_string(),
         "Change to copy mode 'background' is not implemented"
     );
     job.cancel(true).await.unwrap();
@@ -906,7 +909,7 @@ async fn default_change_is_refused() {
         fn job_type(&self) -> JobType {
             JobType::Backup
         }
-        fn run<'a>(&'a self, ctx: &'a JobCtx) -> JobFuture<'a, Result<(), String>> {
+        fn run<'a>(&'a self, ctx: &'a JobCtx) -> JobFuture<'a, livesnap_block::Result<()>> {
             Box::pin(async move {
                 while !ctx.is_cancelled() {
                     ctx.sleep(Duration::from_millis(2)).await;
@@ -921,11 +924,11 @@ async fn default_change_is_refused() {
         .spawn("j", Arc::new(Plain), JobOptions::default())
         .unwrap();
     assert_eq!(
-        job.change(&Map::new()).unwrap_err().0,
+        job.change(&Map::new()).unwrap_err().text().to_string(),
         "Job type does not support change"
     );
     assert_eq!(
-        job.complete().unwrap_err().0,
+        job.complete().unwrap_err().text().to_string(),
         refused("running", "complete")
     );
     job.cancel(true).await.unwrap();
@@ -961,7 +964,9 @@ async fn io_error_report() {
     );
     assert_eq!(
         *k.verdicts.lock().unwrap(),
-        [ErrorVerdict::Fail("Input/output error".into())]
+        [ErrorVerdict::Fail(
+            io::Error::from_raw_os_error(libc::EIO).into()
+        )]
     );
     assert_eq!(job.block_info()["io-status"], json!("ok"));
 }
@@ -993,7 +998,10 @@ async fn io_error_stop_pauses_until_resumed() {
         assert_eq!(info["paused"], json!(true));
         assert!(job.user_paused());
         // A stopped job is user-paused: pausing again is an error.
-        assert_eq!(job.pause().unwrap_err().0, "Job is already paused");
+        assert_eq!(
+            job.pause().unwrap_err().text().to_string(),
+            "Job is already paused"
+        );
         job.resume().unwrap();
         assert_eq!(job.block_info()["io-status"], json!("ok"));
         wait_for(&job, JobStatus::Running).await;
@@ -1017,7 +1025,9 @@ async fn io_error_stop_then_cancel_fails_the_request() {
     wait_for(&job, JobStatus::Concluded).await;
     assert_eq!(
         *k.verdicts.lock().unwrap(),
-        [ErrorVerdict::Fail("Input/output error".into())]
+        [ErrorVerdict::Fail(
+            io::Error::from_raw_os_error(libc::EIO).into()
+        )]
     );
     // Cancelled wins over the request's error in the final event.
     assert_eq!(h.seq().last().unwrap(), "concluded");
@@ -1072,7 +1082,7 @@ async fn progress_offset_only_grows() {
         fn job_type(&self) -> JobType {
             JobType::Mirror
         }
-        fn run<'a>(&'a self, ctx: &'a JobCtx) -> JobFuture<'a, Result<(), String>> {
+        fn run<'a>(&'a self, ctx: &'a JobCtx) -> JobFuture<'a, livesnap_block::Result<()>> {
             Box::pin(async move {
                 let mut seen = Vec::new();
                 ctx.progress_set_remaining(100);
@@ -1123,7 +1133,7 @@ async fn ids_and_queries() {
             .spawn(bad, Arc::new(TestDriver(k.clone())), JobOptions::default())
             .err()
             .unwrap();
-        assert_eq!(e.0, format!("Invalid job ID '{bad}'"));
+        assert_eq!(e.text(), format!("Invalid job ID '{bad}'"));
     }
     let a = h.spawn(&k, JobOptions::default());
     let e = h
@@ -1131,7 +1141,7 @@ async fn ids_and_queries() {
         .spawn("j", Arc::new(TestDriver(k.clone())), JobOptions::default())
         .err()
         .unwrap();
-    assert_eq!(e.0, "Job ID 'j' already in use");
+    assert_eq!(e.text(), "Job ID 'j' already in use");
     let b = h
         .manager
         .spawn("k", Arc::new(TestDriver(knobs(|_| {}))), manual(true, true))

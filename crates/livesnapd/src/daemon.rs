@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use livesnap_block::{BlockGraph, BlockNode};
+use livesnap_block::{BlockGraph, BlockNode, NodeUser};
 use livesnap_jobs::mirror::CopyMode;
 use livesnap_jobs::JobManager;
 use livesnap_nbd::{Export, ExportTable, NbdServer};
@@ -34,7 +34,7 @@ impl ExportEntry {
 /// Everything one livesnapd process manages.
 pub struct Daemon {
     /// All block nodes.
-    pub graph: BlockGraph,
+    pub graph: Arc<BlockGraph>,
     /// Events to every QMP monitor.
     pub events: EventBus,
     /// The NBD exports by name, shared with the NBD server.
@@ -85,7 +85,7 @@ impl Daemon {
         let events = EventBus::new();
         let sink = events.clone();
         Arc::new(Daemon {
-            graph: BlockGraph::new(),
+            graph: Arc::new(BlockGraph::new()),
             jobs: JobManager::new(Arc::new(move |name: &str, data| {
                 sink.emit(name, Some(data))
             })),
@@ -161,7 +161,7 @@ impl Daemon {
     }
 }
 
-/// The user name an export registers on its node, so `blockdev-del` sees it.
-pub fn export_user(id: &str) -> String {
-    format!("block export '{id}'")
+/// The mark an export puts on its node, so `blockdev-del` sees it.
+pub fn export_user(id: &str) -> NodeUser {
+    NodeUser::Export(id.to_string())
 }

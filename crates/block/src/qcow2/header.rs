@@ -63,14 +63,14 @@ impl BackingRef {
     /// The backing format, or an error when the header has none: formats
     /// are never probed (a guest could write a qcow2 header into a raw
     /// backing file and make the host open any file it names).
-    pub fn require_format(&self) -> Result<&str, String> {
+    pub fn require_format(&self) -> crate::Result<&str> {
         self.format.as_deref().ok_or_else(|| {
-            format!(
+            crate::Error::invalid(format!(
                 "Backing file '{}' has no format in the image header and formats are never \
                  probed; set one with 'qemu-img rebase -u -F <format>' or give the backing node \
                  explicitly",
                 self.filename
-            )
+            ))
         })
     }
 }
@@ -125,7 +125,7 @@ fn feature_name(table: &[(u8, u8, String)], bit: u8) -> Option<String> {
 }
 
 /// QEMU's `report_unsupported_feature`.
-fn unsupported_features(table: &[(u8, u8, String)], mut mask: u64) -> String {
+fn unsupported_features(table: &[(u8, u8, String)], mut mask: u64) -> crate::Error {
     let mut names = Vec::new();
     for bit in 0..64u8 {
         if mask & (1 << bit) != 0 {
@@ -138,7 +138,10 @@ fn unsupported_features(table: &[(u8, u8, String)], mut mask: u64) -> String {
     if mask != 0 {
         names.push(format!("Unknown incompatible feature: {mask:x}"));
     }
-    format!("Unsupported qcow2 feature(s): {}", names.join(", "))
+    crate::Error::unsupported(format!(
+        "Unsupported qcow2 feature(s): {}",
+        names.join(", ")
+    ))
 }
 
 /// Checks a table position as QEMU's `qcow2_validate_table` does.
@@ -149,12 +152,12 @@ fn validate_table(
     max_bytes: u64,
     cluster_size: u64,
     name: &str,
-) -> Result<(), String> {
+) -> crate::Result<()> {
     if entries > max_bytes / entry_len {
-        return Err(format!("{name} too large"));
+        return Err(crate::Error::invalid(format!("{name} too large")));
     }
     if (i64::MAX as u64) - entries * entry_len < offset || !offset.is_multiple_of(cluster_size) {
-        return Err(format!("{name} offset invalid"));
+        return Err(crate::Error::invalid(format!("{name} offset invalid")));
     }
     Ok(())
 }
@@ -184,27 +187,31 @@ impl Header {
 
     /// Reads and checks the header of the image in `file`. `writable` adds the
     /// checks QEMU makes only for read-write opens.
-    pub async fn read(file: &BlockNode, writable: bool) -> Result<Header, String> {
+    pub async fn read(file: &BlockNode, writable: bool) -> crate::Result<Header> {
         // The header and its extensions live in the first cluster; read the
         // fixed part first, then the rest of the first cluster once its size is known.
         let fixed = read_padded(file, 0, 112)
             .await
-            .map_err(|e| format!("Could not read qcow2 header: {e}"))?;
+            .map_err(|e| crate::Error::from(e).context("Could not read qcow2 header"))?;
         if be32(&fixed, 0) != MAGIC {
-            return Err("Image is not in qcow2 format".into());
+            return Err(crate::Error::invalid("Image is not in qcow2 format"));
         }
         let version = be32(&fixed, 4);
         if !(2..=3).contains(&version) {
-            return Err(format!("Unsupported qcow2 version {version}"));
+            return Err(crate::Error::invalid(format!(
+                "Unsupported qcow2 version {version}"
+            )));
         }
         let cluster_bits = be32(&fixed, 20);
         if !(MIN_CLUSTER_BITS..=MAX_CLUSTER_BITS).contains(&cluster_bits) {
-            return Err(format!("Unsupported cluster size: 2^{cluster_bits}"));
+            return Err(crate::Error::invalid(format!(
+                "Unsupported cluster size: 2^{cluster_bits}"
+            )));
         }
         let cluster_size = 1u64 << cluster_bits;
         let first = read_padded(file, 0, cluster_size as usize)
             .await
-            .map_err(|e| format!("Could not read qcow2 header: {e}"))?;
+            .map_err(|e| crate::Error::from(e).context("Could not read qcow2 header"))?;
         let b = &first[..];
 
         let (incompatible, compatible, autoclear, refcount_order, header_length) = if version == 2 {
@@ -212,17 +219,17 @@ impl Header {
         } else {
             let hl = be32(b, 100);
             if hl < 104 {
-                return Err("qcow2 header too short".into());
+                return Err(crate::Error::invalid("qcow2 header too short"));
             }
             (be64(b, 72), be64(b, 80), be64(b, 88), be32(b, 96), hl)
         };
         if header_length as u64 > cluster_size {
-            return Err("qcow2 header exceeds cluster size".into());
+            return Err(crate::Error::invalid("qcow2 header exceeds cluster size"));
         }
         let backing_offset = be64(b, 8);
         let backing_size = be32(b, 16);
         if backing_offset > cluster_size {
-            return Err("Invalid backing file offset".into());
+            return Err(crate::Error::invalid("Invalid backing file offset"));
         }
         let ext_end = if backing_offset != 0 {
             backing_offset
@@ -234,13 +241,17 @@ impl Header {
         match compression_type {
             0 => {
                 if incompatible & INCOMPAT_COMPRESSION != 0 {
-                    return Err(
-                        "qcow2: Compression type incompatible feature bit must not be set".into(),
-                    );
+                    return Err(crate::Error::invalid(
+                        "qcow2: Compression type incompatible feature bit must not be set",
+                    ));
                 }
             }
             // zstd (1) is valid in QEMU builds with zstd; this reader only has zlib.
-            t => return Err(format!("qcow2: unknown compression type: {t}")),
+            t => {
+                return Err(crate::Error::invalid(format!(
+                    "qcow2: unknown compression type: {t}"
+                )))
+            }
         }
 
         let exts = read_extensions(b, header_length as u64, ext_end)?;
@@ -255,21 +266,26 @@ impl Header {
             ));
         }
         if incompatible & INCOMPAT_CORRUPT != 0 && writable {
-            return Err("qcow2: Image is corrupt; cannot be opened read/write".into());
+            return Err(crate::Error::corrupt(
+                "qcow2: Image is corrupt; cannot be opened read/write",
+            ));
         }
         if incompatible & INCOMPAT_DIRTY != 0 && writable {
-            return Err(
+            return Err(crate::Error::invalid(
                 "Could not repair dirty image: the image has lazy refcounts that were \
-                        not written back; repair it with 'qemu-img check -r all'"
-                    .into(),
-            );
+                        not written back; repair it with 'qemu-img check -r all'",
+            ));
         }
         if refcount_order > 6 {
-            return Err("Reference count entry width too large; may not exceed 64 bits".into());
+            return Err(crate::Error::invalid(
+                "Reference count entry width too large; may not exceed 64 bits",
+            ));
         }
         let crypt = be32(b, 32);
         if crypt != 0 {
-            return Err(format!("Unsupported encryption method {crypt}"));
+            return Err(crate::Error::invalid(format!(
+                "Unsupported encryption method {crypt}"
+            )));
         }
 
         let size = be64(b, 24);
@@ -281,7 +297,9 @@ impl Header {
         let snapshots_offset = be64(b, 64);
 
         if refcount_table_clusters == 0 {
-            return Err("Image does not contain a reference count table".into());
+            return Err(crate::Error::invalid(
+                "Image does not contain a reference count table",
+            ));
         }
         validate_table(
             refcount_table_offset,
@@ -310,21 +328,21 @@ impl Header {
         let l2_covers = cluster_size * (cluster_size / 8);
         let needed_l1 = size.div_ceil(l2_covers);
         if needed_l1 > i32::MAX as u64 {
-            return Err("Image is too big".into());
+            return Err(crate::Error::invalid("Image is too big"));
         }
         if (l1_size as u64) < needed_l1 {
-            return Err("L1 table is too small".into());
+            return Err(crate::Error::invalid("L1 table is too small"));
         }
         if nb_snapshots != 0 && writable {
-            return Err(
-                "qcow2 images with internal snapshots can only be opened read-only here".into(),
-            );
+            return Err(crate::Error::invalid(
+                "qcow2 images with internal snapshots can only be opened read-only here",
+            ));
         }
 
         let backing = if backing_offset != 0 {
             let len = backing_size as usize;
             if len > MAX_BACKING_NAME.min((cluster_size - backing_offset) as usize) {
-                return Err("Backing file name too long".into());
+                return Err(crate::Error::invalid("Backing file name too long"));
             }
             let name = &b[backing_offset as usize..backing_offset as usize + len];
             Some(BackingRef {
@@ -360,7 +378,7 @@ struct Extensions {
 }
 
 /// Walks the header extensions as QEMU's `qcow2_read_extensions`.
-fn read_extensions(b: &[u8], start: u64, end: u64) -> Result<Extensions, String> {
+fn read_extensions(b: &[u8], start: u64, end: u64) -> crate::Result<Extensions> {
     let mut out = Extensions {
         backing_format: None,
         feature_table: Vec::new(),
@@ -368,22 +386,22 @@ fn read_extensions(b: &[u8], start: u64, end: u64) -> Result<Extensions, String>
     let mut off = start;
     while off < end {
         if off + 8 > b.len() as u64 {
-            return Err("Header extension too large".into());
+            return Err(crate::Error::invalid("Header extension too large"));
         }
         let magic = be32(b, off as usize);
         let len = be32(b, off as usize + 4) as u64;
         off += 8;
         if off > end || len > end - off {
-            return Err("Header extension too large".into());
+            return Err(crate::Error::invalid("Header extension too large"));
         }
         let data = &b[off as usize..(off + len) as usize];
         match magic {
             0 => return Ok(out),
             EXT_BACKING_FORMAT => {
                 if len >= 16 {
-                    return Err(format!(
+                    return Err(crate::Error::invalid(format!(
                         "ERROR: ext_backing_format: len={len} too large (>=16)"
-                    ));
+                    )));
                 }
                 out.backing_format = Some(String::from_utf8_lossy(data).into_owned());
             }
@@ -407,7 +425,7 @@ fn read_extensions(b: &[u8], start: u64, end: u64) -> Result<Extensions, String>
 /// The daemon opens the chain from this before opening the image itself; it
 /// must refuse a backing file without a format (probing formats is a known
 /// security hole: a guest could write a qcow2 header into a raw image).
-pub async fn read_header_backing(file: &BlockNode) -> Result<Option<BackingRef>, String> {
+pub async fn read_header_backing(file: &BlockNode) -> crate::Result<Option<BackingRef>> {
     Ok(Header::read(file, false).await?.backing)
 }
 
@@ -431,11 +449,11 @@ pub fn resolve_backing_filename(image_filename: &str, backing: &str) -> String {
 pub const MAX_CHAIN_DEPTH: usize = 64;
 
 /// Refuses a chain deeper than [`MAX_CHAIN_DEPTH`]; `depth` counts the image itself as 1.
-pub fn check_chain_depth(depth: usize) -> Result<(), String> {
+pub fn check_chain_depth(depth: usize) -> crate::Result<()> {
     if depth > MAX_CHAIN_DEPTH {
-        return Err(format!(
+        return Err(crate::Error::invalid(format!(
             "Backing chain is too deep (more than {MAX_CHAIN_DEPTH} images); is there a loop?"
-        ));
+        )));
     }
     Ok(())
 }
@@ -458,7 +476,7 @@ mod tests {
             filename: "b.img".into(),
             format: None,
         };
-        assert!(b.require_format().unwrap_err().contains("'b.img'"));
+        assert!(b.require_format().unwrap_err().text().contains("'b.img'"));
         assert!(check_chain_depth(65).is_err());
     }
 

@@ -28,7 +28,6 @@ mod io;
 pub(crate) mod meta;
 
 use std::collections::HashSet;
-use std::io as stdio;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
@@ -100,14 +99,6 @@ pub struct Qcow2Driver {
     inner: Arc<Inner>,
 }
 
-fn os_err(e: stdio::Error) -> String {
-    let mut s = e.to_string();
-    if let Some(i) = s.find(" (os error") {
-        s.truncate(i);
-    }
-    s
-}
-
 impl Qcow2Driver {
     /// Opens the qcow2 image in `file`. `backing` is the node unallocated
     /// clusters read from (the daemon opens it from [`read_header_backing`]
@@ -117,7 +108,7 @@ impl Qcow2Driver {
         file: Arc<BlockNode>,
         backing: Option<Arc<BlockNode>>,
         read_only: bool,
-    ) -> Result<Qcow2Driver, String> {
+    ) -> crate::Result<Qcow2Driver> {
         Self::open_with(file, backing, read_only, Qcow2Options::default()).await
     }
 
@@ -127,9 +118,9 @@ impl Qcow2Driver {
         backing: Option<Arc<BlockNode>>,
         read_only: bool,
         opts: Qcow2Options,
-    ) -> Result<Qcow2Driver, String> {
+    ) -> crate::Result<Qcow2Driver> {
         if !read_only && file.read_only() {
-            return Err("Block node is read-only".into());
+            return Err(crate::Error::invalid("Block node is read-only"));
         }
         let header = Header::read(&file, !read_only).await?;
         let geo = Geometry::new(&header);
@@ -138,15 +129,14 @@ impl Qcow2Driver {
 
         let l1_bytes = header.l1_size as u64 * 8;
         if header.l1_size > 0 && header.l1_table_offset + l1_bytes > fsize {
-            return Err(
+            return Err(crate::Error::corrupt(
                 "Could not read L1 table: the table lies beyond the end of the image file \
-                        (image is corrupt)"
-                    .into(),
-            );
+                        (image is corrupt)",
+            ));
         }
         let l1_raw = header::read_padded(&file, header.l1_table_offset, l1_bytes as usize)
             .await
-            .map_err(|e| format!("Could not read L1 table: {}", os_err(e)))?;
+            .map_err(|e| crate::Error::io("Could not read L1 table", &e))?;
         let l1: Vec<AtomicU64> = l1_raw
             .chunks_exact(8)
             .map(|c| AtomicU64::new(u64::from_be_bytes(c.try_into().expect("8 bytes"))))
@@ -154,24 +144,23 @@ impl Qcow2Driver {
         for (i, e) in l1.iter().enumerate() {
             let off = e.load(Ordering::Relaxed) & OFFSET_MASK;
             if off != 0 && !off.is_multiple_of(cs) {
-                return Err(format!(
+                return Err(crate::Error::corrupt(format!(
                     "Could not open image: L2 table offset {off:#x} in L1 entry {i} is not \
                      cluster aligned (image is corrupt)"
-                ));
+                )));
             }
         }
 
         let rt_bytes = header.refcount_table_clusters as u64 * cs;
         if header.refcount_table_offset + rt_bytes > fsize {
-            return Err(
+            return Err(crate::Error::corrupt(
                 "Could not initialize refcount handling: the refcount table lies beyond \
-                        the end of the image file (image is corrupt)"
-                    .into(),
-            );
+                        the end of the image file (image is corrupt)",
+            ));
         }
         let rt_raw = header::read_padded(&file, header.refcount_table_offset, rt_bytes as usize)
             .await
-            .map_err(|e| format!("Could not initialize refcount handling: {}", os_err(e)))?;
+            .map_err(|e| crate::Error::io("Could not initialize refcount handling", &e))?;
         let reftable: Vec<u64> = rt_raw
             .chunks_exact(8)
             .map(|c| u64::from_be_bytes(c.try_into().expect("8 bytes")))
@@ -180,10 +169,10 @@ impl Qcow2Driver {
             for (i, e) in reftable.iter().enumerate() {
                 let off = e & OFFSET_MASK;
                 if off != 0 && (!off.is_multiple_of(cs) || off >= fsize) {
-                    return Err(format!(
+                    return Err(crate::Error::corrupt(format!(
                         "Could not initialize refcount handling: refcount block {i} at {off:#x} \
                          is invalid or beyond the end of the image file (image is corrupt)"
-                    ));
+                    )));
                 }
             }
         }
@@ -194,7 +183,7 @@ impl Qcow2Driver {
             if header.autoclear != 0 {
                 meta::write_be64(&file, header::OFF_AUTOCLEAR, 0)
                     .await
-                    .map_err(|e| format!("Could not update qcow2 header: {}", os_err(e)))?;
+                    .map_err(|e| crate::Error::io("Could not update qcow2 header", &e))?;
             }
             // A partly written last cluster (QEMU writes only what it must) is
             // completed, so every cluster lies wholly inside the file.
@@ -202,7 +191,7 @@ impl Qcow2Driver {
             if aligned != fsize {
                 file.truncate(aligned)
                     .await
-                    .map_err(|e| format!("Could not grow the image file: {}", os_err(e)))?;
+                    .map_err(|e| crate::Error::io("Could not grow the image file", &e))?;
             }
         }
 
@@ -302,7 +291,7 @@ impl BlockDriver for Qcow2Driver {
         Qcow2Driver::backing(self)
     }
 
-    fn set_backing(&self, backing: Option<Arc<BlockNode>>) -> Result<(), String> {
+    fn set_backing(&self, backing: Option<Arc<BlockNode>>) -> crate::Result<()> {
         Qcow2Driver::set_backing(self, backing);
         Ok(())
     }

@@ -6,18 +6,18 @@
 //! The copy-before-write filter is attached to the source before the reply:
 //! the backup is the disk as of this command.
 
-use std::sync::{Arc, Weak};
+use std::sync::Arc;
 
-use livesnap_block::{BlockNode, BLOCKER_PREFIX};
-use livesnap_jobs::backup::{Backup, BackupOptions, BackupSync, DEFAULT_BUSY_SHARE};
+use livesnap_block::BlockNode;
+use livesnap_jobs::backup::{self, BackupOptions, BackupStart, BackupSync, DEFAULT_BUSY_SHARE};
 use livesnap_jobs::block_copy::{cluster_size_for, MAX_WORKERS};
-use livesnap_jobs::cbw::{self, Cbw, CbwDriver, CbwOptions, OnCbwError};
+use livesnap_jobs::cbw::{self, CbwDriver, CbwOptions, OnCbwError};
 use livesnap_qmp::{Args, QmpError};
 use serde_json::Value;
 
-use super::mirror::{job_blocker, job_options, lookup_node, opt_on_error};
+use super::empty;
+use super::mirror::{job_options, lookup_node, opt_on_error};
 use super::snapshot::DRAIN_TIMEOUT;
-use super::{empty, id_wellformed};
 use crate::daemon::Daemon;
 
 fn generic(desc: impl Into<String>) -> QmpError {
@@ -47,33 +47,11 @@ fn parse_perf(args: &mut Args) -> Result<Perf, QmpError> {
     Ok(perf)
 }
 
-/// QEMU's op blocker check on a job's nodes: "Node 'x' is busy: ...".
-fn check_not_blocked(node: &BlockNode) -> Result<(), QmpError> {
-    let users = node.users();
-    match users.iter().rev().find(|u| u.starts_with(BLOCKER_PREFIX)) {
-        Some(reason) => Err(generic(format!(
-            "Node '{}' is busy: {}",
-            node.name(),
-            &reason[BLOCKER_PREFIX.len()..]
-        ))),
-        None => Ok(()),
-    }
-}
-
 /// The filter node's name, checked in the order of QEMU's `bdrv_open_common`.
 fn filter_name(d: &Daemon, name: Option<String>) -> Result<String, QmpError> {
-    let Some(name) = name else {
-        return Ok(d.graph.auto_name());
-    };
-    let prefixed = |e: String| generic(format!("Could not create node: {e}"));
-    if !id_wellformed(&name) {
-        return Err(prefixed(format!("Invalid node-name: '{name}'")));
-    }
-    d.graph.check_free(&name).map_err(|e| prefixed(e.0))?;
-    if name.len() >= 32 {
-        return Err(prefixed("Node name too long".into()));
-    }
-    Ok(name)
+    d.graph
+        .claim_name(name.as_deref())
+        .map_err(|e| generic(e.context("Could not create node")))
 }
 
 pub(super) async fn blockdev_backup(d: &Arc<Daemon>, mut args: Args) -> Result<Value, QmpError> {
@@ -141,11 +119,11 @@ pub(super) async fn blockdev_backup(d: &Arc<Daemon>, mut args: Args) -> Result<V
     }
     // qcow2 takes compressed writes in QEMU; livesnapd writes them
     // uncompressed (docs/qmp.md). The drive name is empty for nodes.
-    if compress && target.format_name() != "qcow2" {
+    if compress && target.driver::<livesnap_block::Qcow2Driver>().is_none() {
         return Err(generic("Compression is not supported for this drive "));
     }
-    check_not_blocked(&source)?;
-    check_not_blocked(&target)?;
+    source.check_not_blocked().map_err(generic)?;
+    target.check_not_blocked().map_err(generic)?;
     let max_workers = perf.max_workers.unwrap_or(MAX_WORKERS as i64);
     if !(1..=i32::MAX as i64).contains(&max_workers) {
         return Err(generic(format!(
@@ -175,7 +153,7 @@ pub(super) async fn blockdev_backup(d: &Arc<Daemon>, mut args: Args) -> Result<V
     }
     // QEMU names the job after the device's BlockBackend, which a node has not.
     let job_id = job_id.unwrap_or_default();
-    d.jobs.check_id(&job_id).map_err(|e| generic(e.0))?;
+    d.jobs.check_id(&job_id).map_err(generic)?;
     let job_opts = job_options(auto_finalize, auto_dismiss, speed)?;
     if target.read_only() {
         return Err(generic(format!(
@@ -184,58 +162,18 @@ pub(super) async fn blockdev_backup(d: &Arc<Daemon>, mut args: Args) -> Result<V
         )));
     }
 
-    let cbw_opts = CbwOptions {
-        on_cbw_error,
-        cbw_timeout,
-        min_cluster_size: perf.min_cluster_size.unwrap_or(0),
-        discard_source,
-    };
-    let attach = Cbw::attach(source.clone(), target.clone(), cbw_opts);
-    let cbw = match tokio::time::timeout(DRAIN_TIMEOUT, attach).await {
-        Ok(Ok(cbw)) => cbw,
-        Ok(Err(e)) => {
-            return Err(generic(format!(
-                "Could not create node: Cannot create block-copy-state: {e}"
-            )))
-        }
-        Err(_) => {
-            return Err(generic(format!(
-                "Requests on '{}' did not finish within {} s; backup not started",
-                source.name(),
-                DRAIN_TIMEOUT.as_secs()
-            )))
-        }
-    };
-    let filter = BlockNode::new(
-        name.clone(),
-        Box::new(CbwDriver::new(cbw.clone())),
-        false,
-        false,
-    );
-    if let Err(e) = d.graph.insert(filter.clone()) {
-        cbw.close().await;
-        return Err(generic(format!("Could not create node: {}", e.0)));
-    }
-    cbw::register(&filter, &cbw);
-    let blocker = job_blocker("backup");
-    filter.add_user(blocker.clone());
-    target.add_user(blocker.clone());
-    let cleanup = {
-        let d: Weak<Daemon> = Arc::downgrade(d);
-        let filter = filter.clone();
-        let target = target.clone();
-        let blocker = blocker.clone();
-        Box::new(move || {
-            filter.remove_user(&blocker);
-            target.remove_user(&blocker);
-            if let Some(d) = d.upgrade() {
-                d.graph.discard(filter.name());
-            }
-        })
-    };
-    let backup = Backup::new(
-        cbw.clone(),
-        BackupOptions {
+    let start = BackupStart {
+        job_id,
+        source,
+        target,
+        filter_name: name,
+        cbw: CbwOptions {
+            on_cbw_error,
+            cbw_timeout,
+            min_cluster_size: perf.min_cluster_size.unwrap_or(0),
+            discard_source,
+        },
+        backup: BackupOptions {
             sync,
             on_source_error,
             on_target_error,
@@ -243,29 +181,19 @@ pub(super) async fn blockdev_backup(d: &Arc<Daemon>, mut args: Args) -> Result<V
             max_chunk: max_chunk as u64,
             busy_share,
         },
-        cleanup,
-    );
-    let job = match d.jobs.create(&job_id, backup.clone(), job_opts) {
-        Ok(job) => job,
-        Err(e) => {
-            cbw.close().await;
-            filter.remove_user(&blocker);
-            target.remove_user(&blocker);
-            d.graph.discard(&name);
-            return Err(generic(e.0));
-        }
+        job: job_opts,
+        drain_timeout: DRAIN_TIMEOUT,
     };
-    backup.attach_progress(&job.ctx());
-    job.start();
+    backup::start(&d.graph, &d.jobs, start)
+        .await
+        .map_err(generic)?;
     Ok(empty())
 }
 
 /// The child a filter node shows as its backing image in
 /// `query-named-block-nodes` (QEMU's `bdrv_filter_or_cow_bs`).
 pub(super) fn filtered_child(node: &BlockNode) -> Option<Arc<BlockNode>> {
-    if node.format_name() != "copy-before-write" {
-        return None;
-    }
+    node.driver::<CbwDriver>()?;
     node.children()
         .into_iter()
         .find(|c| c.role == "file")
@@ -276,7 +204,10 @@ pub(super) fn filtered_child(node: &BlockNode) -> Option<Arc<BlockNode>> {
 /// common members: a copy-before-write node's internal dirty bitmaps; a
 /// snapshot-access image without `dirty-flag` (its driver has no info).
 pub(super) fn filter_node_info(node: &BlockNode, info: &mut Value) {
-    if node.format_name() == "snapshot-access" {
+    if node
+        .driver::<livesnap_jobs::snapshot_access::SnapshotAccessDriver>()
+        .is_some()
+    {
         if let Some(image) = info["image"].as_object_mut() {
             image.shift_remove("dirty-flag");
         }

@@ -516,7 +516,7 @@ fn open_tree<'a>(
                 if !id_wellformed(n) {
                     return Err(generic(format!("Invalid node-name: '{n}'")));
                 }
-                d.graph.check_free(n).map_err(|e| generic(e.0))?;
+                d.graph.check_free(n).map_err(generic)?;
                 if n.len() >= NODE_NAME_SIZE {
                     return Err(generic("Node name too long"));
                 }
@@ -526,7 +526,6 @@ fn open_tree<'a>(
         };
         // Where the node goes in creation order: here, before any backing node.
         let mut position = d.graph.position();
-        let mut blkdebug_rules = None;
         let mut cbw_state = None;
         let driver: Box<dyn livesnap_block::BlockDriver> = match &opts.driver {
             DriverOptions::File {
@@ -596,7 +595,6 @@ fn open_tree<'a>(
                 super::blkdebug::check_before_image(args)?;
                 let image = open_ref(ctx, image, child_inherits, chain).await?;
                 let drv = super::blkdebug::open(image, args)?;
-                blkdebug_rules = Some(drv.rules());
                 Box::new(drv)
             }
         };
@@ -606,15 +604,9 @@ fn open_tree<'a>(
             if let Some(cbw) = &cbw_state {
                 cbw.close().await;
             }
-            return Err(generic(e.0));
+            return Err(generic(e));
         }
         ctx.created.push(name);
-        if let Some(cbw) = &cbw_state {
-            livesnap_jobs::cbw::register(&node, cbw);
-        }
-        if let Some(rules) = blkdebug_rules {
-            livesnap_block::blkdebug::register(&node, rules);
-        }
         Ok(node)
     })
 }
@@ -843,7 +835,7 @@ pub(super) async fn blockdev_del(d: &Arc<Daemon>, mut args: Args) -> Result<Valu
         .graph
         .get(&name)
         .and_then(|n| livesnap_jobs::cbw::cbw_of(&n));
-    d.graph.remove(&name).map_err(|e| generic(e.0))?;
+    d.graph.remove(&name).map_err(generic)?;
     if let Some(cbw) = cbw {
         cbw.close().await;
     }
@@ -866,7 +858,7 @@ fn image_info(node: &BlockNode, flat: bool) -> Value {
     if let Some(m) = image.as_object_mut().filter(|_| !has_allocated_size(node)) {
         m.shift_remove("actual-size");
     }
-    if node.format_name() == "file" {
+    if node.driver::<FileDriver>().is_some() {
         image["format-specific"] = json!({ "type": "file", "data": {} });
     }
     if let Some(FormatSpecific::Qcow2(q)) = node.format_specific() {
@@ -904,7 +896,7 @@ fn image_info(node: &BlockNode, flat: bool) -> Value {
 /// False when QEMU's `bdrv_get_allocated_file_size` fails for `node`: a
 /// blkdebug node (a protocol driver with a child) anywhere below it.
 fn has_allocated_size(node: &BlockNode) -> bool {
-    node.format_name() != "blkdebug"
+    node.driver::<livesnap_block::BlkdebugDriver>().is_none()
         && node
             .children()
             .iter()

@@ -73,7 +73,9 @@ fn node_source(d: &Arc<Daemon>, file: Value) -> OpenNode {
             match file {
                 Value::String(name) => {
                     let node = d.graph.get(&name).ok_or_else(|| {
-                        format!("Cannot find device='{name}' nor node-name='{name}'")
+                        livesnap_block::Error::not_found(format!(
+                            "Cannot find device='{name}' nor node-name='{name}'"
+                        ))
                     })?;
                     Ok(OpenedNode {
                         node,
@@ -83,7 +85,7 @@ fn node_source(d: &Arc<Daemon>, file: Value) -> OpenNode {
                 options => {
                     let node = super::blockdev::add_node(&d, options)
                         .await
-                        .map_err(|e| e.desc)?;
+                        .map_err(|e| livesnap_block::Error::invalid(e.desc))?;
                     let name = node.name().to_string();
                     let graph_owner = d.clone();
                     Ok(OpenedNode {
@@ -192,6 +194,6 @@ pub(super) async fn blockdev_create(d: &Arc<Daemon>, mut args: Args) -> Result<V
     };
     d.jobs
         .spawn(&job_id, CreateJob::new(work), CREATE_JOB_OPTIONS)
-        .map_err(|e| generic(e.0))?;
+        .map_err(generic)?;
     Ok(empty())
 }

@@ -213,7 +213,7 @@ pub fn add_export(
             req.id
         )));
     }
-    let node = d.graph.find(&req.node_name).map_err(|e| generic(e.0))?;
+    let node = d.graph.find(&req.node_name).map_err(generic)?;
     if req.writable && node.read_only() {
         return Err(generic("Cannot export read-only node as writable"));
     }

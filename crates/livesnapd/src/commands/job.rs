@@ -10,7 +10,7 @@
 
 use std::sync::Arc;
 
-use livesnap_jobs::{Job, JobError};
+use livesnap_jobs::Job;
 use livesnap_qmp::{Args, ErrorClass, QmpError};
 use serde_json::{Map, Value};
 
@@ -33,8 +33,8 @@ const JOB_TYPES: &[&str] = &[
 /// QEMU's `MirrorCopyMode`, plus livesnap's `auto` (blockdev-mirror's extension).
 const COPY_MODES: &[&str] = &["background", "write-blocking", "auto"];
 
-fn job_error(e: JobError) -> QmpError {
-    QmpError::generic(e.0)
+fn job_error(e: livesnap_block::Error) -> QmpError {
+    QmpError::generic(e)
 }
 
 fn find_job(d: &Daemon, id: &str) -> Result<Arc<Job>, QmpError> {

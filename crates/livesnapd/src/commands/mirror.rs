@@ -4,16 +4,16 @@
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
-use livesnap_block::{BlockBackend, BlockNode, BLOCKER_PREFIX};
+use livesnap_block::{BlockBackend, BlockNode, NodeUser};
 use livesnap_jobs::mirror::{
-    CopyMode, Mirror, MirrorGraph, MirrorOptions, MirrorSync, MirrorTuning, DEFAULT_BUF_SIZE,
+    self, CopyMode, MirrorGraph, MirrorOptions, MirrorSync, MirrorTuning, DEFAULT_BUF_SIZE,
 };
 use livesnap_jobs::{JobOptions, OnError};
 use livesnap_qmp::{Args, QmpError};
 use serde_json::Value;
 
 use super::empty;
-use crate::daemon::{export_user, Daemon};
+use crate::daemon::Daemon;
 
 /// The daemon's exports, as a mirror sees them (held weakly: jobs live inside the daemon).
 pub struct DaemonGraph(pub Weak<Daemon>);
@@ -37,21 +37,12 @@ impl MirrorGraph for DaemonGraph {
         };
         for e in d.exports.lock().unwrap().iter() {
             if Arc::ptr_eq(&e.node(), new) {
-                old.remove_user(&export_user(&e.id));
-                new.add_user(export_user(&e.id));
+                let user = NodeUser::Export(e.id.clone());
+                old.remove_user(&user);
+                new.add_user(user);
             }
         }
     }
-}
-
-/// The op blocker a job puts on its source (QEMU's text after "is busy: ").
-pub fn job_blocker(job_type: &str) -> String {
-    format!("{BLOCKER_PREFIX}block device is in use by block job: {job_type}")
-}
-
-/// The user a job registers on its target (a plain "in use").
-pub fn job_user(id: &str) -> String {
-    format!("block job '{id}'")
 }
 
 fn generic(desc: impl Into<String>) -> QmpError {
@@ -120,13 +111,9 @@ pub(super) async fn blockdev_mirror(d: &Arc<Daemon>, mut args: Args) -> Result<V
 
     let source = lookup_node(d, &device)?;
     let target = lookup_node(d, &target)?;
-    if source.users().iter().any(|u| u.starts_with(BLOCKER_PREFIX)) {
-        return Err(generic("Need a root block node"));
-    }
+    // Checked again when the job starts; here for QEMU's order of errors.
+    mirror::check_nodes(&source, &target).map_err(generic)?;
     let job_id = job_id.unwrap_or_default();
-    if Arc::ptr_eq(&source, &target) {
-        return Err(generic("Can't mirror node into itself"));
-    }
     let sync = match sync.as_str() {
         "full" => MirrorSync::Full,
         "top" => MirrorSync::Top,
@@ -163,7 +150,7 @@ pub(super) async fn blockdev_mirror(d: &Arc<Daemon>, mut args: Args) -> Result<V
         None => source.clone(),
         Some(name) => lookup_node(d, &name)?,
     };
-    let opts = job_options(auto_finalize, auto_dismiss, speed)?;
+    let job_opts = job_options(auto_finalize, auto_dismiss, speed)?;
     let tuning = MirrorTuning {
         hold: hold_ms.map(Duration::from_millis).unwrap_or(defaults.hold),
         attempts: attempts.unwrap_or(defaults.attempts),
@@ -176,9 +163,8 @@ pub(super) async fn blockdev_mirror(d: &Arc<Daemon>, mut args: Args) -> Result<V
         .as_deref()
         .and_then(CopyMode::parse)
         .unwrap_or(d.settings.mirror_copy_mode);
-    d.jobs.check_id(&job_id).map_err(|e| generic(e.0))?;
-    let mirror = Mirror::new(MirrorOptions {
-        source: source.clone(),
+    let opts = MirrorOptions {
+        source,
         target: target.clone(),
         replaces,
         sync,
@@ -189,18 +175,9 @@ pub(super) async fn blockdev_mirror(d: &Arc<Daemon>, mut args: Args) -> Result<V
         on_target_error,
         tuning,
         graph: Arc::new(DaemonGraph(Arc::downgrade(d))),
-        users: vec![
-            (source.clone(), job_blocker("mirror")),
-            (target.clone(), job_user(&job_id)),
-        ],
-    });
-    source.add_user(job_blocker("mirror"));
-    target.add_user(job_user(&job_id));
-    if let Err(e) = d.jobs.spawn(&job_id, mirror, opts) {
-        source.remove_user(&job_blocker("mirror"));
-        target.remove_user(&job_user(&job_id));
-        return Err(generic(e.0));
-    }
+        users: Vec::new(),
+    };
+    mirror::start(&d.jobs, &job_id, opts, job_opts).map_err(generic)?;
     Ok(empty())
 }
 

@@ -67,7 +67,7 @@ async fn append_overlay(
     if overlay.backing().is_some() {
         return Err(generic("The overlay already has a backing image"));
     }
-    if overlay.format_name() != "qcow2" {
+    if overlay.driver::<livesnap_block::Qcow2Driver>().is_none() {
         return Err(generic("The overlay does not support backing images"));
     }
     if Arc::ptr_eq(&node, &overlay) {
