@@ -386,6 +386,98 @@ impl BlkdebugDriver {
     }
 }
 
+/// The blkdebug members after `image` as `blockdev-add` gives them, checked
+/// in QEMU's order when the node opens: [`Self::check_before_image`], then
+/// [`Self::open`].
+pub struct BlkdebugOpenOptions {
+    /// `config`: a file name (refused once it is found readable).
+    pub config: Option<String>,
+    /// `align`, `max-transfer`, `opt-write-zero`, `max-write-zero`,
+    /// `opt-discard`, `max-discard`, in that order, as given.
+    pub sizes: [(&'static str, Option<i64>); 6],
+    /// `inject-error`.
+    pub inject_error: Vec<InjectError>,
+    /// How many `set-state` rules were given (refused).
+    pub set_state: usize,
+    /// `take-child-perms` or `unshare-child-perms`, if given (refused).
+    pub perms: Option<&'static str>,
+}
+
+/// A size QEMU reads back through QemuOpts: negative is out of range.
+fn size_option(value: Option<i64>, key: &str) -> crate::Result<Option<u64>> {
+    value
+        .map(|v| {
+            u64::try_from(v).map_err(|_| {
+                crate::Error::invalid(format!("Value '{v}' is out of range for parameter '{key}'"))
+            })
+        })
+        .transpose()
+}
+
+impl BlkdebugOpenOptions {
+    /// What QEMU's `blkdebug_open` checks before it opens the image: the
+    /// options as sizes, then the config file.
+    pub fn check_before_image(&self) -> crate::Result<()> {
+        for (key, v) in self.sizes {
+            size_option(v, key)?;
+        }
+        let Some(path) = &self.config else {
+            return Ok(());
+        };
+        std::fs::File::open(path)
+            .map_err(|e| crate::Error::io("Could not read blkdebug config file", &e))?;
+        Err(crate::Error::unsupported(
+            "blkdebug config files are not supported by livesnapd; give inject-error rules instead",
+        ))
+    }
+
+    /// Opens the filter over `image`: QEMU's limit checks, then the options
+    /// QEMU leaves unused, then what livesnapd refuses.
+    pub fn open(&self, image: Arc<BlockNode>) -> crate::Result<BlkdebugDriver> {
+        let v = |i: usize| self.sizes[i].1.map(|v| v as u64);
+        let drv = BlkdebugDriver::open(
+            image,
+            BlkdebugOptions {
+                align: v(0),
+                max_transfer: v(1),
+                max_write_zero: v(3),
+                max_discard: v(5),
+                inject_error: self.inject_error.clone(),
+            },
+        )?;
+        // QEMU's own limit checks for the two options refused below.
+        let align = drv.limits().request_alignment as u64;
+        for i in [2, 4] {
+            let (key, value) = (self.sizes[i].0, v(i).unwrap_or(0));
+            if value != 0 && (value >= i32::MAX as u64 || !value.is_multiple_of(align)) {
+                return Err(crate::Error::invalid(format!(
+                    "Cannot meet constraints with {key} {value}"
+                )));
+            }
+        }
+        if let Some(key) = self.perms {
+            // QEMU 10 itself refuses these once flattened (even empty lists).
+            return Err(crate::Error::unsupported(format!(
+                "Block protocol 'blkdebug' doesn't support the option '{key}'"
+            )));
+        }
+        if self.set_state > 0 {
+            return Err(crate::Error::unsupported(
+                "blkdebug set-state rules are not supported by livesnapd",
+            ));
+        }
+        for i in [2, 4] {
+            if v(i).is_some_and(|v| v != 0) {
+                return Err(crate::Error::unsupported(format!(
+                    "blkdebug {} is not supported by livesnapd",
+                    self.sizes[i].0
+                )));
+            }
+        }
+        Ok(drv)
+    }
+}
+
 /// The rules of `node`, if it is a blkdebug node.
 pub fn rules_of(node: &BlockNode) -> Option<Arc<BlkdebugRules>> {
     node.driver::<BlkdebugDriver>().map(BlkdebugDriver::rules)

@@ -110,6 +110,12 @@ pub trait BlockDriver: AsAny + Send + Sync + 'static {
         Vec::new()
     }
 
+    /// The node leaves the graph: undo what opening did outside the node
+    /// (a filter detaches from the disk it sits on).
+    fn close(&self) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {
+        Box::pin(async {})
+    }
+
     /// Reads `buf.len()` bytes at `offset` into `buf` and gives it back.
     fn read(&self, offset: u64, buf: IoBuf) -> IoFuture<'_, IoBuf>;
 

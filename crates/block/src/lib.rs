@@ -18,13 +18,16 @@ pub mod file;
 pub mod graph;
 pub mod hook;
 pub mod node;
+pub mod open;
 pub mod qcow2;
 pub mod raw;
 pub mod tracker;
 
 pub use backend::{BackendHold, BlockBackend};
 pub use bitmap::DirtyBitmap;
-pub use blkdebug::{BlkdebugDriver, BlkdebugOptions, BlkdebugRules, InjectError, IoType};
+pub use blkdebug::{
+    BlkdebugDriver, BlkdebugOpenOptions, BlkdebugOptions, BlkdebugRules, InjectError, IoType,
+};
 pub use buf::IoBuf;
 pub use create::{
     create_file, create_image, format_qcow2, CreateOptions, FileCreateOptions, ImageFormat,
@@ -38,9 +41,13 @@ pub use file::{FileDriver, FileOptions};
 pub use graph::{check_node_name, id_wellformed, BlockGraph};
 pub use hook::{HookedWrite, WriteHook, WriteKind};
 pub use node::{BlockNode, NodeUser};
+pub use open::{
+    open, BackingOption, BlockdevOptions, BlockdevRef, DriverFactory, DriverOptions, Drivers,
+    FactoryOpen, OpenFuture,
+};
 pub use qcow2::{
-    check_chain_depth, read_header_backing, resolve_backing_filename, BackingRef, Qcow2Driver,
-    Qcow2Info, Qcow2Options,
+    check_chain_depth, read_header_backing, resolve_backing_filename, BackingRef, Qcow2Cache,
+    Qcow2Driver, Qcow2Info, Qcow2Options,
 };
 pub use raw::{RawDriver, RawOptions};
 pub use tracker::{RequestKind, RequestTracker, TrackedRequest};

@@ -151,6 +151,12 @@ impl BlockNode {
         self.driver.backing()
     }
 
+    /// Undoes what opening the driver did outside the node; the node must
+    /// be out of the graph (or about to go).
+    pub async fn close(&self) {
+        self.driver.close().await;
+    }
+
     /// The node's driver as its concrete type, when it is a `T`: how other
     /// layers reach what only one driver has (a filter's state, a fault
     /// injector's rules) without side registries.

@@ -348,6 +348,10 @@ impl BlockDriver for CbwDriver {
         "copy-before-write"
     }
 
+    fn close(&self) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + '_>> {
+        Box::pin(self.cbw.close())
+    }
+
     fn size(&self) -> u64 {
         self.cbw.file.size()
     }
@@ -395,6 +399,64 @@ impl BlockDriver for CbwDriver {
 
     fn block_status(&self, offset: u64, len: u64) -> IoFuture<'_, BlockStatus> {
         Box::pin(self.cbw.file.block_status(offset, len))
+    }
+}
+
+/// `blockdev-add` options of a copy-before-write node, beyond its children.
+pub struct CbwOpenOptions {
+    /// The filter's options.
+    pub opts: CbwOptions,
+    /// `bitmap` as (node, name): refused when the filter opens (no named bitmaps).
+    pub bitmap: Option<(String, String)>,
+    /// Longest wait for the disk's in-flight writes before the filter goes on.
+    pub drain_timeout: Duration,
+}
+
+/// Opens `copy-before-write` nodes (children `file`, then `target`), as
+/// QEMU's `cbw_open`: the filter's point in time is its open.
+pub struct CbwFactory;
+
+impl livesnap_block::DriverFactory for CbwFactory {
+    fn open<'a>(
+        &'a self,
+        o: livesnap_block::FactoryOpen<'a>,
+    ) -> livesnap_block::OpenFuture<'a, Box<dyn BlockDriver>> {
+        Box::pin(async move {
+            let opts = o
+                .options
+                .downcast_ref::<CbwOpenOptions>()
+                .expect("copy-before-write nodes are opened with CbwOpenOptions");
+            let file = o.file.expect("a filter has a file child");
+            let target = o
+                .children
+                .into_iter()
+                .find(|(role, _)| *role == "target")
+                .map(|(_, n)| n)
+                .expect("copy-before-write has a target child");
+            // livesnapd has no named dirty bitmaps (QEMU's lookup texts).
+            if let Some((node, name)) = &opts.bitmap {
+                return Err(livesnap_block::Error::not_found(match o.graph.get(node) {
+                    None => format!("Node '{node}' not found"),
+                    Some(_) => format!("Dirty bitmap '{name}' not found"),
+                }));
+            }
+            // A target that is the disk itself would wait on its own copies.
+            if Arc::ptr_eq(&file, &target) {
+                return Err(livesnap_block::Error::invalid(
+                    "The copy-before-write target must not be the filtered node itself",
+                ));
+            }
+            let attach = Cbw::attach(file.clone(), target, opts.opts);
+            match tokio::time::timeout(opts.drain_timeout, attach).await {
+                Ok(Ok(cbw)) => Ok(Box::new(CbwDriver::new(cbw)) as Box<dyn BlockDriver>),
+                Ok(Err(e)) => Err(e.context("Cannot create block-copy-state")),
+                Err(_) => Err(livesnap_block::Error::busy(format!(
+                    "Requests on '{}' did not finish within {} s; filter not added",
+                    file.name(),
+                    opts.drain_timeout.as_secs()
+                ))),
+            }
+        })
     }
 }
 

@@ -24,4 +24,14 @@ pub use job::{
     JobType, JobVerb, OnError,
 };
 pub use livesnap_block::os_error_text;
+
+/// Registers the drivers this crate adds to the block layer's open
+/// (`copy-before-write`, `snapshot-access`).
+pub fn register_drivers(drivers: &mut livesnap_block::Drivers) {
+    drivers.register("copy-before-write", std::sync::Arc::new(cbw::CbwFactory));
+    drivers.register(
+        "snapshot-access",
+        std::sync::Arc::new(snapshot_access::SnapshotAccessFactory),
+    );
+}
 pub use ratelimit::RateLimit;

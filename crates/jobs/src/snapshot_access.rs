@@ -40,6 +40,21 @@ impl SnapshotAccessDriver {
     }
 }
 
+/// Opens `snapshot-access` nodes over their `file` child.
+pub struct SnapshotAccessFactory;
+
+impl livesnap_block::DriverFactory for SnapshotAccessFactory {
+    fn open<'a>(
+        &'a self,
+        o: livesnap_block::FactoryOpen<'a>,
+    ) -> livesnap_block::OpenFuture<'a, Box<dyn BlockDriver>> {
+        let file = o.file.expect("snapshot-access has a file child");
+        Box::pin(
+            async move { Ok(Box::new(SnapshotAccessDriver::open(file)) as Box<dyn BlockDriver>) },
+        )
+    }
+}
+
 impl BlockDriver for SnapshotAccessDriver {
     fn format_name(&self) -> &'static str {
         "snapshot-access"

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use livesnap_block::{BlockGraph, BlockNode, NodeUser};
+use livesnap_block::{BlockGraph, BlockNode, Drivers, NodeUser};
 use livesnap_jobs::mirror::CopyMode;
 use livesnap_jobs::JobManager;
 use livesnap_nbd::{Export, ExportTable, NbdServer};
@@ -35,6 +35,9 @@ impl ExportEntry {
 pub struct Daemon {
     /// All block nodes.
     pub graph: Arc<BlockGraph>,
+    /// What `blockdev-add` can open beyond the block layer's own drivers
+    /// (the jobs crate's filters).
+    pub drivers: Drivers,
     /// Events to every QMP monitor.
     pub events: EventBus,
     /// The NBD exports by name, shared with the NBD server.
@@ -86,6 +89,11 @@ impl Daemon {
         let sink = events.clone();
         Arc::new(Daemon {
             graph: Arc::new(BlockGraph::new()),
+            drivers: {
+                let mut drivers = Drivers::new();
+                livesnap_jobs::register_drivers(&mut drivers);
+                drivers
+            },
             jobs: JobManager::new(Arc::new(move |name: &str, data| {
                 sink.emit(name, Some(data))
             })),

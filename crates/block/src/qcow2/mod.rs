@@ -84,6 +84,9 @@ pub struct Qcow2Info {
     pub backing_filename: Option<String>,
     /// Backing file format from the header.
     pub backing_format: Option<String>,
+    /// The backing file name resolved against the image's own name (QEMU's
+    /// `full-backing-filename`).
+    pub full_backing_filename: Option<String>,
 }
 
 /// Options of the qcow2 driver beyond its children (QEMU's `BlockdevOptionsQcow2`).
@@ -92,6 +95,82 @@ pub struct Qcow2Options {
     /// `l2-cache-size`: bytes of L2 tables kept in memory. Default: enough
     /// to map the whole disk, at most 32 MiB (QEMU's default on Linux).
     pub l2_cache_size: Option<u64>,
+}
+
+/// The cache options of `BlockdevOptionsQcow2` (QAPI `int`s), checked when
+/// the image opens, as QEMU's `read_cache_sizes` does.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Qcow2Cache {
+    /// `cache-size`.
+    pub cache_size: Option<i64>,
+    /// `l2-cache-size`.
+    pub l2_cache_size: Option<i64>,
+    /// `l2-cache-entry-size`.
+    pub l2_cache_entry_size: Option<i64>,
+    /// `refcount-cache-size`.
+    pub refcount_cache_size: Option<i64>,
+    /// `cache-clean-interval`.
+    pub cache_clean_interval: Option<i64>,
+    /// `lazy-refcounts`.
+    pub lazy_refcounts: bool,
+}
+
+impl Qcow2Cache {
+    /// QEMU's checks (`qcow2_update_options_prepare`), in its order, for
+    /// an image with `cluster_size` and `version`; returns the L2 cache
+    /// size in bytes, the only one livesnapd uses.
+    pub fn check(&self, cluster_size: u64, version_3: bool) -> crate::Result<Option<u64>> {
+        let sizes = [
+            ("cache-size", self.cache_size),
+            ("l2-cache-size", self.l2_cache_size),
+            ("l2-cache-entry-size", self.l2_cache_entry_size),
+            ("refcount-cache-size", self.refcount_cache_size),
+        ];
+        for (name, v) in sizes {
+            if let Some(v) = v.filter(|v| *v < 0) {
+                return Err(crate::Error::invalid(format!(
+                    "Value '{v}' is out of range for parameter '{name}'"
+                )));
+            }
+        }
+        if let Some(combined) = self.cache_size {
+            if self.l2_cache_size.is_some() && self.refcount_cache_size.is_some() {
+                return Err(crate::Error::invalid(
+                    "cache-size, l2-cache-size and refcount-cache-size may not be set at the same time",
+                ));
+            }
+            if self.l2_cache_size.is_some_and(|l2| l2 > combined) {
+                return Err(crate::Error::invalid(
+                    "l2-cache-size may not exceed cache-size",
+                ));
+            }
+            if self.refcount_cache_size.is_some_and(|r| r > combined) {
+                return Err(crate::Error::invalid(
+                    "refcount-cache-size may not exceed cache-size",
+                ));
+            }
+        }
+        let entry = self.l2_cache_entry_size.unwrap_or(cluster_size as i64);
+        if entry < 512 || entry as u64 > cluster_size || !(entry as u64).is_power_of_two() {
+            return Err(crate::Error::invalid(format!(
+                "L2 cache entry size must be a power of two between 512 and the cluster size \
+                 ({cluster_size})"
+            )));
+        }
+        // A negative number reads as a huge unsigned one in QEMU.
+        if self
+            .cache_clean_interval
+            .is_some_and(|i| i < 0 || i > u32::MAX as i64)
+        {
+            return Err(crate::Error::invalid("Cache clean interval too big"));
+        }
+        if self.lazy_refcounts && !version_3 {
+            return Err(crate::Error::invalid(
+                "Lazy refcounts require a qcow2 image with at least qemu 1.1 compatibility level",
+            ));
+        }
+        Ok(self.l2_cache_size.map(|v| v as u64))
+    }
 }
 
 /// A qcow2 image on a `file` child, optionally over a backing node.
@@ -255,6 +334,10 @@ impl Qcow2Driver {
             compression_type: "zlib".into(),
             backing_filename: h.backing.as_ref().map(|b| b.filename.clone()),
             backing_format: h.backing.as_ref().and_then(|b| b.format.clone()),
+            full_backing_filename: h
+                .backing
+                .as_ref()
+                .map(|b| resolve_backing_filename(&self.inner.file.filename(), &b.filename)),
         }
     }
 }

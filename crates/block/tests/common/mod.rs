@@ -2,13 +2,13 @@
 //! never skipped) and opening nodes and chains.
 #![allow(dead_code)]
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
 use std::sync::Arc;
 
 use livesnap_block::{
-    read_header_backing, resolve_backing_filename, BlockNode, FileDriver, FileOptions, Qcow2Driver,
-    RawDriver, RawOptions,
+    BackingOption, BlockGraph, BlockNode, BlockdevOptions, BlockdevRef, DriverOptions, Drivers,
+    FileDriver, FileOptions, Qcow2Cache, Qcow2Driver, RawDriver, RawOptions,
 };
 
 /// Runs a QEMU tool from /usr/bin; panics (fails the test) when it is missing.
@@ -120,24 +120,19 @@ pub async fn qcow2_node(
 /// Opens a qcow2 image and its whole chain from the headers (formats from
 /// the headers, never probed); backing images read-only.
 pub async fn open_chain(path: &Path, read_only: bool) -> Arc<BlockNode> {
-    let f = file_node(path, true);
-    let backing = read_header_backing(&f).await.unwrap();
-    drop(f);
-    let backing = match backing {
-        None => None,
-        Some(b) => {
-            let p = PathBuf::from(resolve_backing_filename(
-                path.to_str().unwrap(),
-                &b.filename,
-            ));
-            match b.format.as_deref() {
-                Some("raw") => Some(raw_node(&p, true)),
-                Some("qcow2") => Some(Box::pin(open_chain(&p, true)).await),
-                other => panic!("backing format {other:?}"),
-            }
-        }
-    };
-    qcow2_node(path, backing, read_only).await
+    let file = BlockdevRef::Inline(Box::new(BlockdevOptions::of(DriverOptions::File {
+        filename: path.to_str().unwrap().to_string(),
+        aio_native: false,
+    })));
+    let mut opts = BlockdevOptions::of(DriverOptions::Qcow2 {
+        file,
+        backing: BackingOption::FromHeader,
+        cache: Qcow2Cache::default(),
+    });
+    opts.read_only = Some(read_only);
+    livesnap_block::open(&BlockGraph::new(), &Drivers::new(), &opts, false)
+        .await
+        .unwrap_or_else(|e| panic!("open {}: {e}", path.display()))
 }
 
 /// Deterministic test pattern.

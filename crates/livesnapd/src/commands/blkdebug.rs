@@ -9,10 +9,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use livesnap_block::blkdebug::{self, EVENT_NAMES};
-use livesnap_block::{
-    os_error_text, BlkdebugDriver, BlkdebugOptions, BlockDriver, BlockNode, InjectError, IoType,
-};
+use livesnap_block::blkdebug::{self, BlkdebugOpenOptions, EVENT_NAMES};
+use livesnap_block::{InjectError, IoType};
 use livesnap_qmp::{Args, Elem, QmpError};
 use serde_json::Value;
 
@@ -21,16 +19,6 @@ use crate::daemon::Daemon;
 
 /// QEMU's `BlockPermission` values.
 const PERMISSIONS: &[&str] = &["consistent-read", "write", "write-unchanged", "resize"];
-
-/// The blkdebug members after `image`, as given; checked in QEMU's order
-/// when the node opens ([`check_before_image`], then [`open`]).
-pub(super) struct BlkdebugArgs {
-    config: Option<String>,
-    sizes: [(&'static str, Option<i64>); 6],
-    inject_error: Vec<InjectError>,
-    set_state: usize,
-    perms: Option<&'static str>,
-}
 
 fn generic(desc: impl Into<String>) -> QmpError {
     QmpError::generic(desc.into())
@@ -44,16 +32,6 @@ fn opt_i32(args: &mut Args, key: &str) -> Result<Option<i64>, QmpError> {
         }
         v => Ok(v),
     }
-}
-
-/// A size QEMU reads back through QemuOpts: negative is out of range.
-fn size(value: Option<i64>, key: &str) -> Result<Option<u64>, QmpError> {
-    value
-        .map(|v| {
-            u64::try_from(v)
-                .map_err(|_| generic(format!("Value '{v}' is out of range for parameter '{key}'")))
-        })
-        .transpose()
 }
 
 /// One `BlkdebugInjectErrorOptions` list element, plus the extensions.
@@ -106,7 +84,7 @@ fn parse_rules(args: &mut Args) -> Result<Vec<InjectError>, QmpError> {
 }
 
 /// Reads the `BlockdevOptionsBlkdebug` members after `image`.
-pub(super) fn parse_options(args: &mut Args) -> Result<BlkdebugArgs, QmpError> {
+pub(super) fn parse_options(args: &mut Args) -> Result<BlkdebugOpenOptions, QmpError> {
     let config = args.opt_str("config")?;
     let sizes = [
         ("align", args.opt_i64("align")?),
@@ -135,80 +113,13 @@ pub(super) fn parse_options(args: &mut Args) -> Result<BlkdebugArgs, QmpError> {
             perms.get_or_insert(key);
         }
     }
-    Ok(BlkdebugArgs {
+    Ok(BlkdebugOpenOptions {
         config,
         sizes,
         inject_error,
         set_state,
         perms,
     })
-}
-
-/// What QEMU's `blkdebug_open` checks before it opens the image: the
-/// options as sizes (negative is out of range), then the config file.
-pub(super) fn check_before_image(a: &BlkdebugArgs) -> Result<(), QmpError> {
-    for (key, v) in a.sizes {
-        size(v, key)?;
-    }
-    let Some(path) = &a.config else {
-        return Ok(());
-    };
-    std::fs::File::open(path).map_err(|e| {
-        generic(format!(
-            "Could not read blkdebug config file: {}",
-            os_error_text(&e)
-        ))
-    })?;
-    Err(generic(
-        "blkdebug config files are not supported by livesnapd; give inject-error rules instead",
-    ))
-}
-
-/// Opens the filter over `image`: QEMU's limit checks, then the options
-/// QEMU leaves unused, then what livesnapd refuses.
-pub(super) fn open(image: Arc<BlockNode>, a: &BlkdebugArgs) -> Result<BlkdebugDriver, QmpError> {
-    let v = |i: usize| a.sizes[i].1.map(|v| v as u64);
-    let drv = BlkdebugDriver::open(
-        image,
-        BlkdebugOptions {
-            align: v(0),
-            max_transfer: v(1),
-            max_write_zero: v(3),
-            max_discard: v(5),
-            inject_error: a.inject_error.clone(),
-        },
-    )
-    .map_err(generic)?;
-    // QEMU's own limit checks for the two options livesnapd refuses below.
-    let align = drv.limits().request_alignment as u64;
-    for i in [2, 4] {
-        let (key, value) = (a.sizes[i].0, v(i).unwrap_or(0));
-        if value != 0 && (value >= i32::MAX as u64 || !value.is_multiple_of(align)) {
-            return Err(generic(format!(
-                "Cannot meet constraints with {key} {value}"
-            )));
-        }
-    }
-    if let Some(key) = a.perms {
-        // QEMU 10 itself refuses these once flattened (even empty lists).
-        return Err(generic(format!(
-            "Block protocol 'blkdebug' doesn't support the option '{key}'"
-        )));
-    }
-    if a.set_state > 0 {
-        return Err(generic(
-            "blkdebug set-state rules are not supported by livesnapd",
-        ));
-    }
-    for i in [2, 4] {
-        if v(i).is_some_and(|v| v != 0) {
-            return Err(generic(format!(
-                "blkdebug {} is not supported by livesnapd",
-                a.sizes[i].0
-            )));
-        }
-    }
-    Ok(drv)
 }
 
 /// `x-blkdebug-set-rules {node-name, inject-error}` (livesnap extension):

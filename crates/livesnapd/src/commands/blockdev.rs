@@ -5,21 +5,17 @@
 //! opened, so a bad argument anywhere in an inline tree is reported the way
 //! QEMU's visitor reports it and nothing is left half-created.
 
-use std::future::Future;
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
-use std::path::PathBuf;
-use std::pin::Pin;
+use std::os::unix::fs::MetadataExt;
 use std::sync::Arc;
 
-use livesnap_block::qcow2::Header;
 use livesnap_block::{
-    check_chain_depth, os_error_text, resolve_backing_filename, BackingRef, BlockNode, FileDriver,
-    FileOptions, FormatSpecific, Qcow2Driver, Qcow2Options, RawDriver, RawOptions,
+    BackingOption, BlockNode, BlockdevOptions, BlockdevRef, DriverOptions, FileDriver,
+    FormatSpecific, Qcow2Cache,
 };
 use livesnap_qmp::{Args, QmpError};
 use serde_json::{json, Value};
 
-use super::{empty, id_wellformed};
+use super::empty;
 use crate::daemon::Daemon;
 
 /// Every driver name of QEMU's `BlockdevDriver` enum; those livesnapd lacks get a clear error.
@@ -84,128 +80,6 @@ const DRIVERS: &[&str] = &[
     "snapshot-access",
 ];
 
-/// Longest node name plus one: the size of QEMU's `BlockDriverState.node_name`.
-const NODE_NAME_SIZE: usize = 32;
-
-/// QEMU's `BlockdevRef`: a child given inline or by node name.
-enum BlockdevRef {
-    Inline(Box<BlockdevOptions>),
-    Reference(String),
-}
-
-/// QEMU's `BlockdevRefOrNull` for `backing`, plus "not given".
-enum BackingOption {
-    /// Not given: opened from the image header, with the header's format.
-    FromHeader,
-    /// `null`: no backing image at all.
-    Null,
-    /// A node given inline or by name.
-    Node(BlockdevRef),
-}
-
-/// Driver-specific options (the union branches of `BlockdevOptions`).
-enum DriverOptions {
-    File {
-        filename: String,
-        aio_native: bool,
-    },
-    Raw {
-        file: BlockdevRef,
-        // QAPI type `int`; QEMU refuses negative values only when the driver opens.
-        offset: Option<i64>,
-        size: Option<i64>,
-    },
-    Qcow2 {
-        file: BlockdevRef,
-        backing: BackingOption,
-        cache: Qcow2Cache,
-    },
-    /// QEMU's `BlockdevOptionsCbw`; `target` is opened inside the driver,
-    /// after the node is named (`cbw_open`).
-    Cbw {
-        file: BlockdevRef,
-        target: BlockdevRef,
-        /// `bitmap` as (node, name): refused when the filter opens.
-        bitmap: Option<(String, String)>,
-        opts: livesnap_jobs::cbw::CbwOptions,
-    },
-    /// QEMU's `snapshot-access` (only `file`).
-    SnapshotAccess {
-        file: BlockdevRef,
-    },
-    /// QEMU opens blkdebug's `image` child inside the driver, after the node is named.
-    Blkdebug {
-        image: BlockdevRef,
-        args: super::blkdebug::BlkdebugArgs,
-    },
-}
-
-/// The cache options of `BlockdevOptionsQcow2` (QAPI `int`s), checked when
-/// the image opens, as QEMU's `read_cache_sizes` does.
-#[derive(Clone, Copy, Default)]
-struct Qcow2Cache {
-    cache_size: Option<i64>,
-    l2_cache_size: Option<i64>,
-    l2_cache_entry_size: Option<i64>,
-    refcount_cache_size: Option<i64>,
-    cache_clean_interval: Option<i64>,
-    lazy_refcounts: bool,
-}
-
-impl Qcow2Cache {
-    /// QEMU's checks (`qcow2_update_options_prepare`), in its order, for
-    /// an image with `cluster_size` and `version`; returns the L2 cache
-    /// size in bytes, the only one livesnapd uses.
-    fn check(&self, cluster_size: u64, version_3: bool) -> Result<Option<u64>, QmpError> {
-        let sizes = [
-            ("cache-size", self.cache_size),
-            ("l2-cache-size", self.l2_cache_size),
-            ("l2-cache-entry-size", self.l2_cache_entry_size),
-            ("refcount-cache-size", self.refcount_cache_size),
-        ];
-        for (name, v) in sizes {
-            if let Some(v) = v.filter(|v| *v < 0) {
-                return Err(generic(format!(
-                    "Value '{v}' is out of range for parameter '{name}'"
-                )));
-            }
-        }
-        if let Some(combined) = self.cache_size {
-            if self.l2_cache_size.is_some() && self.refcount_cache_size.is_some() {
-                return Err(generic(
-                    "cache-size, l2-cache-size and refcount-cache-size may not be set at the same time",
-                ));
-            }
-            if self.l2_cache_size.is_some_and(|l2| l2 > combined) {
-                return Err(generic("l2-cache-size may not exceed cache-size"));
-            }
-            if self.refcount_cache_size.is_some_and(|r| r > combined) {
-                return Err(generic("refcount-cache-size may not exceed cache-size"));
-            }
-        }
-        let entry = self.l2_cache_entry_size.unwrap_or(cluster_size as i64);
-        if entry < 512 || entry as u64 > cluster_size || !(entry as u64).is_power_of_two() {
-            return Err(generic(format!(
-                "L2 cache entry size must be a power of two between 512 and the cluster size \
-                 ({cluster_size})"
-            )));
-        }
-        // A negative number reads as a huge unsigned one in QEMU.
-        if self
-            .cache_clean_interval
-            .is_some_and(|i| i < 0 || i > u32::MAX as i64)
-        {
-            return Err(generic("Cache clean interval too big"));
-        }
-        if self.lazy_refcounts && !version_3 {
-            return Err(generic(
-                "Lazy refcounts require a qcow2 image with at least qemu 1.1 compatibility level",
-            ));
-        }
-        Ok(self.l2_cache_size.map(|v| v as u64))
-    }
-}
-
 /// QEMU's `Qcow2OverlapCheckMode`.
 const OVERLAP_MODES: &[&str] = &["none", "constant", "cached", "all"];
 
@@ -238,36 +112,6 @@ fn parse_overlap_check(args: &mut Args) -> Result<(), QmpError> {
         }
         Some(_) => Err(args.invalid_type("overlap-check", "Qcow2OverlapChecks")),
     }
-}
-
-impl DriverOptions {
-    /// The `file` child of a format driver.
-    fn file_child(&self) -> Option<&BlockdevRef> {
-        match self {
-            DriverOptions::File { .. } | DriverOptions::Blkdebug { .. } => None,
-            DriverOptions::Raw { file, .. }
-            | DriverOptions::Qcow2 { file, .. }
-            | DriverOptions::Cbw { file, .. }
-            | DriverOptions::SnapshotAccess { file } => Some(file),
-        }
-    }
-}
-
-/// QEMU's `BlockdevOptions`, the parts livesnapd acts on.
-struct BlockdevOptions {
-    node_name: Option<String>,
-    read_only: Option<bool>,
-    cache_direct: Option<bool>,
-    force_share: Option<bool>,
-    driver: DriverOptions,
-}
-
-/// Options a child inherits from its parent unless it sets them (QEMU's `bdrv_inherited_options`).
-#[derive(Clone, Copy, Default)]
-struct Inherited {
-    read_only: bool,
-    cache_direct: bool,
-    force_share: bool,
 }
 
 fn generic(desc: impl Into<String>) -> QmpError {
@@ -350,7 +194,7 @@ fn parse_qcow2(args: &mut Args) -> Result<DriverOptions, QmpError> {
 
 /// Reads QEMU's `BlockdevOptionsCbw` members after `driver` and the common ones.
 fn parse_cbw(args: &mut Args) -> Result<DriverOptions, QmpError> {
-    use livesnap_jobs::cbw::{CbwOptions, OnCbwError};
+    use livesnap_jobs::cbw::{CbwOpenOptions, CbwOptions, OnCbwError};
     let file = parse_ref(args, "file")?;
     let target = parse_ref(args, "target")?;
     let bitmap = match args.opt_object("bitmap")? {
@@ -368,16 +212,20 @@ fn parse_cbw(args: &mut Args) -> Result<DriverOptions, QmpError> {
         .unwrap_or_default();
     let cbw_timeout = args.opt_u32("cbw-timeout")?.unwrap_or(0);
     let min_cluster_size = args.opt_u64("min-cluster-size")?.unwrap_or(0);
-    Ok(DriverOptions::Cbw {
-        file,
-        target,
-        bitmap,
-        opts: CbwOptions {
-            on_cbw_error,
-            cbw_timeout,
-            min_cluster_size,
-            discard_source: false,
-        },
+    Ok(DriverOptions::Registered {
+        driver: "copy-before-write".into(),
+        file: Some(file),
+        children: vec![("target", target)],
+        options: Box::new(CbwOpenOptions {
+            opts: CbwOptions {
+                on_cbw_error,
+                cbw_timeout,
+                min_cluster_size,
+                discard_source: false,
+            },
+            bitmap,
+            drain_timeout: super::snapshot::DRAIN_TIMEOUT,
+        }),
     })
 }
 
@@ -424,12 +272,15 @@ fn parse_options(args: &mut Args) -> Result<BlockdevOptions, QmpError> {
         }
         "qcow2" => parse_qcow2(args)?,
         "copy-before-write" => parse_cbw(args)?,
-        "snapshot-access" => DriverOptions::SnapshotAccess {
-            file: parse_ref(args, "file")?,
+        "snapshot-access" => DriverOptions::Registered {
+            driver: "snapshot-access".into(),
+            file: Some(parse_ref(args, "file")?),
+            children: Vec::new(),
+            options: Box::new(()),
         },
         "blkdebug" => DriverOptions::Blkdebug {
             image: parse_ref(args, "image")?,
-            args: super::blkdebug::parse_options(args)?,
+            opts: super::blkdebug::parse_options(args)?,
         },
         _ => {
             let file = parse_ref(args, "file")?;
@@ -451,329 +302,6 @@ fn parse_options(args: &mut Args) -> Result<BlockdevOptions, QmpError> {
         force_share,
         driver,
     })
-}
-
-/// A `raw` window bound as QEMU reads it back as a size: negative is out of range.
-fn raw_window(value: Option<i64>, name: &str) -> Result<Option<u64>, QmpError> {
-    value
-        .map(|v| {
-            u64::try_from(v).map_err(|_| {
-                generic(format!(
-                    "Value '{v}' is out of range for parameter '{name}'"
-                ))
-            })
-        })
-        .transpose()
-}
-
-/// What an open passes down to the nodes it opens below it.
-struct OpenCtx<'a> {
-    d: &'a Daemon,
-    /// Every node added, so a failure can take them all back out.
-    created: Vec<String>,
-}
-
-/// A boxed future of [`open_tree`], which recurses.
-type OpenFuture<'a> = Pin<Box<dyn Future<Output = Result<Arc<BlockNode>, QmpError>> + Send + 'a>>;
-
-/// Opens `opts` and everything inline below it, adding the nodes to the graph.
-///
-/// The steps and their errors come in QEMU's order: a format driver's `file`
-/// child first (`bdrv_open_inherit`), then the node's generic options and
-/// name (`bdrv_open_common`), then the driver itself, then its backing chain.
-/// `chain` holds the host files of the images above, to refuse backing loops.
-fn open_tree<'a>(
-    ctx: &'a mut OpenCtx<'_>,
-    opts: &'a BlockdevOptions,
-    inherited: Inherited,
-    monitor_owned: bool,
-    chain: Vec<PathBuf>,
-) -> OpenFuture<'a> {
-    Box::pin(async move {
-        let d = ctx.d;
-        let read_only = opts.read_only.unwrap_or(inherited.read_only);
-        let cache_direct = opts.cache_direct.unwrap_or(inherited.cache_direct);
-        let force_share = opts.force_share.unwrap_or(inherited.force_share);
-        let child_inherits = Inherited {
-            read_only,
-            cache_direct,
-            force_share,
-        };
-        let child = match opts.driver.file_child() {
-            None => None,
-            Some(file) => Some(open_ref(ctx, file, child_inherits, chain.clone()).await?),
-        };
-        if force_share && !read_only {
-            return Err(generic(
-                "force-share=on can only be used with read-only images",
-            ));
-        }
-        if matches!(&opts.driver, DriverOptions::File { filename, .. } if filename.is_empty()) {
-            return Err(generic("The 'file' block driver requires a file name"));
-        }
-        let name = match &opts.node_name {
-            Some(n) => {
-                if !id_wellformed(n) {
-                    return Err(generic(format!("Invalid node-name: '{n}'")));
-                }
-                d.graph.check_free(n).map_err(generic)?;
-                if n.len() >= NODE_NAME_SIZE {
-                    return Err(generic("Node name too long"));
-                }
-                n.clone()
-            }
-            None => d.graph.auto_name(),
-        };
-        // Where the node goes in creation order: here, before any backing node.
-        let mut position = d.graph.position();
-        let mut cbw_state = None;
-        let driver: Box<dyn livesnap_block::BlockDriver> = match &opts.driver {
-            DriverOptions::File {
-                filename,
-                aio_native,
-            } => Box::new(open_file(filename, *aio_native, cache_direct, read_only)?),
-            DriverOptions::Raw { offset, size, .. } => {
-                let raw = RawDriver::open(
-                    child.expect("raw's file child was resolved above"),
-                    RawOptions {
-                        offset: raw_window(*offset, "offset")?,
-                        size: raw_window(*size, "size")?,
-                    },
-                )
-                .map_err(generic)?;
-                Box::new(raw)
-            }
-            DriverOptions::Qcow2 { backing, cache, .. } => {
-                let file = child.expect("qcow2's file child was resolved above");
-                // QEMU's order: the image itself (header, tables) is opened and
-                // named first, its backing chain after it (bdrv_open_inherit).
-                // The options are checked against the header, as QEMU does
-                // once it has read it, before anything is written.
-                let header = Header::read(&file, !read_only).await.map_err(generic)?;
-                let l2_cache_size = cache.check(header.cluster_size(), header.version >= 3)?;
-                let q = Qcow2Driver::open_with(
-                    file.clone(),
-                    None,
-                    read_only,
-                    Qcow2Options { l2_cache_size },
-                )
-                .await
-                .map_err(generic)?;
-                position = d.graph.position();
-                let header_ref = q.header_backing().cloned();
-                q.set_backing(
-                    open_backing(ctx, &file, header_ref, backing, cache_direct, chain).await?,
-                );
-                Box::new(q)
-            }
-            DriverOptions::Cbw {
-                target,
-                bitmap,
-                opts: cbw_opts,
-                ..
-            } => {
-                let file = child.expect("the filter's file child was resolved above");
-                let target = open_ref(ctx, target, child_inherits, chain).await?;
-                // livesnapd has no named dirty bitmaps (QEMU's lookup texts).
-                if let Some((node, name)) = bitmap {
-                    return Err(generic(match d.graph.get(node) {
-                        None => format!("Node '{node}' not found"),
-                        Some(_) => format!("Dirty bitmap '{name}' not found"),
-                    }));
-                }
-                let cbw = open_cbw(file, target, *cbw_opts).await?;
-                cbw_state = Some(cbw.clone());
-                Box::new(livesnap_jobs::cbw::CbwDriver::new(cbw))
-            }
-            DriverOptions::SnapshotAccess { .. } => {
-                let file = child.expect("snapshot-access's file child was resolved above");
-                Box::new(livesnap_jobs::snapshot_access::SnapshotAccessDriver::open(
-                    file,
-                ))
-            }
-            DriverOptions::Blkdebug { image, args } => {
-                super::blkdebug::check_before_image(args)?;
-                let image = open_ref(ctx, image, child_inherits, chain).await?;
-                let drv = super::blkdebug::open(image, args)?;
-                Box::new(drv)
-            }
-        };
-        let node = BlockNode::new(name.clone(), driver, read_only, monitor_owned);
-        node.set_cache_direct(cache_direct);
-        if let Err(e) = d.graph.insert_at(node.clone(), position) {
-            if let Some(cbw) = &cbw_state {
-                cbw.close().await;
-            }
-            return Err(generic(e));
-        }
-        ctx.created.push(name);
-        Ok(node)
-    })
-}
-
-/// Attaches a copy-before-write filter to `file` (its point in time is now).
-async fn open_cbw(
-    file: Arc<BlockNode>,
-    target: Arc<BlockNode>,
-    opts: livesnap_jobs::cbw::CbwOptions,
-) -> Result<Arc<livesnap_jobs::cbw::Cbw>, QmpError> {
-    // A target that is the disk itself would wait on its own copies.
-    if Arc::ptr_eq(&file, &target) {
-        return Err(generic(
-            "The copy-before-write target must not be the filtered node itself",
-        ));
-    }
-    let drain = super::snapshot::DRAIN_TIMEOUT;
-    match tokio::time::timeout(
-        drain,
-        livesnap_jobs::cbw::Cbw::attach(file.clone(), target, opts),
-    )
-    .await
-    {
-        Ok(r) => r.map_err(|e| generic(format!("Cannot create block-copy-state: {e}"))),
-        Err(_) => Err(generic(format!(
-            "Requests on '{}' did not finish within {} s; filter not added",
-            file.name(),
-            drain.as_secs()
-        ))),
-    }
-}
-
-/// A child given by name, or opened from its inline options.
-async fn open_ref(
-    ctx: &mut OpenCtx<'_>,
-    r: &BlockdevRef,
-    inherited: Inherited,
-    chain: Vec<PathBuf>,
-) -> Result<Arc<BlockNode>, QmpError> {
-    match r {
-        BlockdevRef::Reference(n) => ctx
-            .d
-            .graph
-            .get(n)
-            .ok_or_else(|| generic(format!("Cannot find device='{n}' nor node-name='{n}'"))),
-        BlockdevRef::Inline(child_opts) => {
-            open_tree(ctx, child_opts, inherited, false, chain).await
-        }
-    }
-}
-
-/// Opens the `file` driver with QEMU's checks.
-fn open_file(
-    filename: &str,
-    aio_native: bool,
-    cache_direct: bool,
-    read_only: bool,
-) -> Result<FileDriver, QmpError> {
-    let f = FileDriver::open(&FileOptions {
-        filename: filename.to_string(),
-        direct: cache_direct,
-        read_only,
-    })
-    .map_err(|e| {
-        generic(format!(
-            "Could not open '{filename}': {}",
-            os_error_text(&e)
-        ))
-    })?;
-    if aio_native && !cache_direct {
-        return Err(generic(
-            "aio=native was specified, but it requires cache.direct=on, which was not specified.",
-        ));
-    }
-    // Block devices are accepted too (QEMU wants host_device for them); see docs/qmp.md.
-    let usable = std::fs::metadata(filename)
-        .map(|m| m.file_type().is_file() || m.file_type().is_block_device())
-        .unwrap_or(false);
-    if !usable {
-        return Err(generic(format!(
-            "'file' driver requires '{filename}' to be a regular file"
-        )));
-    }
-    Ok(f)
-}
-
-/// The backing node of a qcow2 image: none, the one given, or the chain named
-/// in the header, opened read-only with the header's format (never probed).
-async fn open_backing(
-    ctx: &mut OpenCtx<'_>,
-    file: &Arc<BlockNode>,
-    header_ref: Option<BackingRef>,
-    backing: &BackingOption,
-    cache_direct: bool,
-    mut chain: Vec<PathBuf>,
-) -> Result<Option<Arc<BlockNode>>, QmpError> {
-    // Backing images are opened read-only and inherit the cache mode (QEMU's
-    // bdrv_backing_options).
-    let inherited = Inherited {
-        read_only: true,
-        cache_direct,
-        force_share: false,
-    };
-    let header_ref = match backing {
-        BackingOption::Null => return Ok(None),
-        BackingOption::Node(r) => {
-            return open_ref(ctx, r, inherited, chain)
-                .await
-                .map(Some)
-                .map_err(|e| generic(format!("Could not open backing file: {}", e.desc)))
-        }
-        BackingOption::FromHeader => header_ref,
-    };
-    let Some(bref) = header_ref else {
-        return Ok(None);
-    };
-    let format = bref.require_format().map_err(generic)?.to_string();
-    let path = resolve_backing_filename(&file.filename(), &bref.filename);
-    let here = std::fs::canonicalize(file.filename()).unwrap_or_else(|_| file.filename().into());
-    chain.push(here);
-    // The images above and this one, plus the backing image about to open.
-    check_chain_depth(chain.len() + 1).map_err(generic)?;
-    if let Ok(target) = std::fs::canonicalize(&path) {
-        if chain.contains(&target) {
-            return Err(generic(format!(
-                "Could not open backing file: Backing file '{path}' creates a loop in the backing chain"
-            )));
-        }
-    }
-    let file_opts = BlockdevRef::Inline(Box::new(BlockdevOptions {
-        node_name: None,
-        read_only: None,
-        cache_direct: None,
-        force_share: None,
-        driver: DriverOptions::File {
-            filename: path.clone(),
-            aio_native: false,
-        },
-    }));
-    let driver = match format.as_str() {
-        "raw" => DriverOptions::Raw {
-            file: file_opts,
-            offset: None,
-            size: None,
-        },
-        "qcow2" => DriverOptions::Qcow2 {
-            file: file_opts,
-            backing: BackingOption::FromHeader,
-            cache: Qcow2Cache::default(),
-        },
-        other => {
-            return Err(generic(format!(
-                "Could not open backing file: Unknown driver '{other}'"
-            )))
-        }
-    };
-    let opts = BlockdevOptions {
-        node_name: None,
-        read_only: None,
-        cache_direct: None,
-        force_share: None,
-        driver,
-    };
-    open_tree(ctx, &opts, inherited, false, chain)
-        .await
-        .map(Some)
-        .map_err(|e| generic(format!("Could not open backing file: {}", e.desc)))
 }
 
 /// `blockdev-add` of options built in-process (external snapshots): without
@@ -800,25 +328,9 @@ pub(super) async fn blockdev_add(d: &Arc<Daemon>, mut args: Args) -> Result<Valu
 /// Opens a monitor-owned node and everything below it; a failure removes
 /// every node it had opened, as in QEMU.
 async fn open_root(d: &Arc<Daemon>, opts: &BlockdevOptions) -> Result<Arc<BlockNode>, QmpError> {
-    let mut ctx = OpenCtx {
-        d,
-        created: Vec::new(),
-    };
-    let result = open_tree(&mut ctx, opts, Inherited::default(), true, Vec::new()).await;
-    if result.is_err() {
-        for name in ctx.created.iter().rev() {
-            // A filter opened on the way detaches from its disk again.
-            let cbw = d
-                .graph
-                .get(name)
-                .and_then(|n| livesnap_jobs::cbw::cbw_of(&n));
-            if let Some(cbw) = cbw {
-                cbw.close().await;
-            }
-            d.graph.discard(name);
-        }
-    }
-    result
+    livesnap_block::open(&d.graph, &d.drivers, opts, true)
+        .await
+        .map_err(generic)
 }
 
 pub(super) async fn blockdev_del(d: &Arc<Daemon>, mut args: Args) -> Result<Value, QmpError> {
@@ -831,13 +343,10 @@ pub(super) async fn blockdev_del(d: &Arc<Daemon>, mut args: Args) -> Result<Valu
             tracing::warn!("flush of {name} before blockdev-del failed: {e}");
         }
     }
-    let cbw = d
-        .graph
-        .get(&name)
-        .and_then(|n| livesnap_jobs::cbw::cbw_of(&n));
+    let node = d.graph.get(&name);
     d.graph.remove(&name).map_err(generic)?;
-    if let Some(cbw) = cbw {
-        cbw.close().await;
+    if let Some(node) = node {
+        node.close().await;
     }
     Ok(empty())
 }
@@ -876,7 +385,7 @@ fn image_info(node: &BlockNode, flat: bool) -> Value {
         });
         if let Some(backing) = &q.backing_filename {
             image["backing-filename"] = json!(backing);
-            image["full-backing-filename"] = json!(resolve_backing_filename(&filename, backing));
+            image["full-backing-filename"] = json!(q.full_backing_filename);
             if let Some(format) = &q.backing_format {
                 image["backing-filename-format"] = json!(format);
             }
