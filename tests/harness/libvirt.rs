@@ -154,6 +154,8 @@ pub struct Domain {
     /// When it was created.
     pub started: Instant,
     destroyed: bool,
+    /// Held while the domain lives (see [`Domain::start`]).
+    _turn: std::sync::MutexGuard<'static, ()>,
 }
 
 /// A directory QEMU (running as libvirt's QEMU user) can reach.
@@ -172,7 +174,14 @@ fn xml_attr(s: &str) -> String {
 impl Domain {
     /// Creates and starts a transient domain on `disk`, its console in
     /// `dir`; returns once libvirt has started it (the guest boots on).
+    ///
+    /// One domain at a time: libvirt's QEMU driver handles every domain's
+    /// events on one worker, and TCG guests on a two-core runner starve
+    /// each other, so tests side by side measured each other's load (an
+    /// abort's end event seen >10 s late), not livesnap.
     pub fn start(dir: &Path, disk: DomainDisk, guest: GuestOpts) -> Domain {
+        static TURN: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        let turn = TURN.lock().unwrap_or_else(|p| p.into_inner());
         require_libvirtd();
         static N: AtomicU32 = AtomicU32::new(0);
         let name = format!(
@@ -232,6 +241,7 @@ impl Domain {
             guest,
             started,
             destroyed: false,
+            _turn: turn,
         }
     }
 

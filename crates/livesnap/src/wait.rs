@@ -74,6 +74,28 @@ impl Clock {
         Ok(())
     }
 
+    /// Runs a connection attempt bounded by the connect timeout and the
+    /// deadline; one cut short by the deadline fails as the deadline (an
+    /// operator's bound), not as an unreachable endpoint.
+    pub async fn connect<T, F>(&mut self, connect: impl FnOnce(Duration) -> F) -> Result<T>
+    where
+        F: Future<Output = Result<T>>,
+    {
+        let bound = crate::endpoint::CONNECT_TIMEOUT.min(self.left());
+        let r = tokio::select! {
+            biased;
+            sig = self.interrupt.wait() => return Err(interrupted(sig)),
+            r = connect(bound) => r,
+        };
+        match r {
+            Err(f) if Instant::now() >= self.deadline => Err(Failure::new(
+                Kind::Deadline,
+                format!("{} while connecting ({})", self.expired().reason, f.reason),
+            )),
+            r => r,
+        }
+    }
+
     /// The next QMP event, or [`Waited::Tick`] at `until`; the deadline and
     /// a signal end the wait with a failure.
     pub async fn next_event(&mut self, ep: &mut Endpoint, until: Instant) -> Result<Waited> {

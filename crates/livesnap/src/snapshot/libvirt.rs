@@ -26,11 +26,11 @@ use super::{
     during, failure_after_cleanup, new_target_path, remove_target_file, CopyMode, FreezeArg,
     MethodArg, Options,
 };
-use crate::endpoint::CONNECT_TIMEOUT;
 use crate::error::{Failure, Result};
 use crate::libvirt::xml::{self, DiskDef};
 use crate::libvirt::{
-    block_job_kind, block_job_status, resolve_uri, DomainEvent, JobStats, Libvirt, Received,
+    block_job_kind, block_job_status, job_type, resolve_uri, DomainEvent, JobStats, Libvirt,
+    Received,
 };
 use crate::progress::{Progress, Sample, LINE_INTERVAL};
 use crate::report::Report;
@@ -41,10 +41,12 @@ use crate::wait::{Clock, Waited};
 
 use virt_sys as sys;
 
-/// Budget of the clean-up after a failure (on top of the deadline).
-const CLEANUP_BUDGET: Duration = Duration::from_secs(20);
-/// How long an aborted job may take to end.
-const ABORT_WAIT: Duration = Duration::from_secs(10);
+/// Budget of the clean-up after a failure (on top of the deadline); the
+/// aborted job may take all of it to end. libvirt lets any call wait 30 s
+/// for a domain's job lock, and an aborted job ends only once libvirt's
+/// event worker (one for all domains) has handled its end: a budget under
+/// that reports a job as left that a busy host ends a little later.
+const CLEANUP_BUDGET: Duration = Duration::from_secs(40);
 /// How long a job that vanished from the job queries may take to send the
 /// event that says how it ended.
 const EVENT_GRACE: Duration = Duration::from_secs(3);
@@ -241,14 +243,13 @@ pub async fn run(
     interrupt: Interrupt,
 ) -> Result<Report> {
     let started = Stamp::now();
-    let clock = Clock::new(opts.deadline, interrupt);
+    let mut clock = Clock::new(opts.deadline, interrupt);
     let path = new_target_path(&opts.target)?;
     if opts.target_blkdebug.is_some() {
         return Err(Failure::usage("--x-target-blkdebug is for QMP endpoints"));
     }
     let uri = resolve_uri(uri);
-    let lv = Libvirt::open(&uri, domain, CONNECT_TIMEOUT.min(clock.left())).await?;
-    clock.check()?;
+    let lv = clock.connect(|t| Libvirt::open(&uri, domain, t)).await?;
     let disks = lv.disks().await?;
     let Some(disk) = xml::find(&disks, &opts.disk).cloned() else {
         let names: Vec<String> = disks
@@ -716,22 +717,23 @@ impl Run<'_> {
                 Running::Backup => self.lv.abort_job().await,
                 Running::Copy => self.lv.block_job_abort_async(&self.disk.target).await,
             };
-            let gone = match r {
+            let asked = Instant::now();
+            let seen = match r {
                 Ok(()) => {
                     aborted = Some(match job {
                         Running::Backup => "backup aborted",
                         Running::Copy => "block copy aborted",
                     });
-                    self.wait_gone(job, ABORT_WAIT).await
+                    self.wait_gone(job, end).await
                 }
                 // It may have ended by itself meanwhile.
-                Err(_) => self.wait_gone(job, Duration::from_secs(1)).await,
+                Err(_) => self.wait_gone(job, asked + Duration::from_secs(1)).await,
             };
-            if !gone {
+            if let Some(seen) = seen {
                 job_left = true;
                 left.push(format!(
-                    "the {what} job (still there {} after its abort)",
-                    duration(ABORT_WAIT)
+                    "the {what} job (still there {} after its abort: {seen})",
+                    duration(asked.elapsed())
                 ));
             }
         }
@@ -757,29 +759,34 @@ impl Run<'_> {
         (left, aborted)
     }
 
-    /// Waits (at most `limit`) until the job is no longer there.
-    async fn wait_gone(&mut self, job: Running, limit: Duration) -> bool {
-        let until = Instant::now() + limit;
+    /// Waits (until `until` at most) for the job to be gone: `None` once it
+    /// is, else what the last look at it saw.
+    async fn wait_gone(&mut self, job: Running, until: Instant) -> Option<String> {
         loop {
-            let gone = match job {
-                Running::Backup => self
-                    .lv
-                    .job_stats(false)
-                    .await
-                    .is_ok_and(|j| j.kind == sys::VIR_DOMAIN_JOB_NONE as i32),
-                Running::Copy => self
-                    .lv
-                    .block_job_info(&self.disk.target)
-                    .await
-                    .is_ok_and(|j| j.is_none()),
+            let seen = match job {
+                Running::Backup => match self.lv.job_stats(false).await {
+                    Ok(j) if j.kind == sys::VIR_DOMAIN_JOB_NONE as i32 => return None,
+                    Ok(j) => {
+                        let (done, total) = j.progress();
+                        format!("{} job, {}/{}", job_type(j.kind), bytes(done), bytes(total))
+                    }
+                    Err(f) => format!("its state unknown: {}", f.reason),
+                },
+                Running::Copy => match self.lv.block_job_info(&self.disk.target).await {
+                    Ok(None) => return None,
+                    Ok(Some(j)) => format!(
+                        "{} job, {}/{}",
+                        block_job_kind(j.kind),
+                        bytes(j.cur),
+                        bytes(j.end)
+                    ),
+                    Err(f) => format!("its state unknown: {}", f.reason),
+                },
             };
-            if gone {
-                return true;
-            }
-            if Instant::now() >= until {
-                return false;
-            }
             let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Some(seen);
+            }
             let _ = self
                 .lv
                 .events

@@ -17,7 +17,7 @@ use super::{
     MethodArg, Options,
 };
 use crate::disk::{self, Disk};
-use crate::endpoint::{str_of, Caps, Endpoint, CONNECT_TIMEOUT};
+use crate::endpoint::{str_of, Caps, Endpoint};
 use crate::error::{Failure, Kind, Result};
 use crate::progress::{Progress, Sample, LINE_INTERVAL};
 use crate::qga::Qga;
@@ -195,11 +195,10 @@ struct Run<'a> {
 /// Runs `livesnap snapshot` against the QMP socket `qmp`.
 pub async fn run(qmp: &Path, opts: &Options, interrupt: Interrupt) -> Result<Report> {
     let started = Stamp::now();
-    let clock = Clock::new(opts.deadline, interrupt);
+    let mut clock = Clock::new(opts.deadline, interrupt);
     let progress = Progress::new(opts.quiet);
     let path = new_target_path(&opts.target)?;
-    let mut ep = Endpoint::connect(qmp, CONNECT_TIMEOUT.min(clock.left())).await?;
-    clock.check()?;
+    let mut ep = clock.connect(|t| Endpoint::connect(qmp, t)).await?;
     let disk = disk::resolve(&mut ep, &opts.disk).await?;
     if disk.size == 0 {
         return Err(Failure::endpoint(format!(
