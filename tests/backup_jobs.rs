@@ -14,7 +14,7 @@
 //!   BLOCK_JOB_CANCELLED, within one second; break-snapshot keeps the guest
 //!   writing when the target fails.
 
-mod harness;
+use livesnap_testkit as harness;
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -22,7 +22,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use harness::pit::*;
-use harness::{run, shape_diff, sparse_file, Livesnapd, Qmp, Qsd};
+use harness::{create_image, run, shape_diff, sparse_file, Livesnapd, Qmp, Qsd};
 use serde_json::{json, Value};
 
 const MIB: u64 = 1 << 20;
@@ -35,15 +35,7 @@ const WAIT: Duration = Duration::from_secs(60);
 /// daemon, the NBD URL and the image path.
 fn daemon_with(dir: &Path, format: &str) -> (Livesnapd, String, PathBuf) {
     let img = dir.join(format!("source.{format}"));
-    match format {
-        "raw" => sparse_file(&img, DISK),
-        _ => {
-            run(Command::new("qemu-img")
-                .args(["create", "-q", "-f", format])
-                .arg(&img)
-                .arg(DISK.to_string()));
-        }
-    }
+    create_image(&img, format, DISK);
     let d = Livesnapd::with_image(&img, &["--format", format]);
     let url = d.url().to_string();
     (d, url, img)

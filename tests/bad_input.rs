@@ -9,7 +9,7 @@
 //! its data; at the end the daemon is stopped with SIGTERM (exit 0) and the
 //! image file must hold exactly the good client's writes.
 
-mod harness;
+use livesnap_testkit as harness;
 
 use std::future::Future;
 use std::io::{self, Write};

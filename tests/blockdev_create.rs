@@ -6,7 +6,7 @@
 //! on the node, add the qcow2) must pass `qemu-img check`, read like the
 //! ones qsd creates with `qemu-img info`, and open in qsd.
 
-mod harness;
+use livesnap_testkit as harness;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

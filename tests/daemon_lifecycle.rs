@@ -3,7 +3,7 @@
 //! acknowledged write or leaving sockets behind, and the demo mode (run in
 //! its own directory and on a free port, never on a developer's demo).
 
-mod harness;
+use livesnap_testkit as harness;
 
 use std::collections::HashSet;
 use std::io::{BufRead, BufReader};

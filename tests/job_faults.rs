@@ -4,7 +4,7 @@
 //! The first section checks the filter itself over QMP and NBD, against
 //! qemu-storage-daemon where QEMU has the same feature.
 
-mod harness;
+use livesnap_testkit as harness;
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};

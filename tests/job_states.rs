@@ -24,7 +24,7 @@
 //!
 //! `JOB_STATES_DUMP=1` prints both transcripts.
 
-mod harness;
+use livesnap_testkit as harness;
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};

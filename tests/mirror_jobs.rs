@@ -4,9 +4,8 @@
 //! READY, then cancel or complete while the guest keeps writing) ends within
 //! the documented bound.
 
-mod harness;
+use livesnap_testkit as harness;
 
-use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use harness::pit::{
@@ -14,35 +13,17 @@ use harness::pit::{
     scenario_mirror_cancel, scenario_mirror_complete, wait_job_event, Layout, MirrorEnd, MirrorRig,
     PitDaemon, PitOpts, WriterOpts, Writers,
 };
-use harness::{run, Livesnapd, Qmp};
+use harness::{create_image, Livesnapd, Qmp};
 use serde_json::json;
 
 const DISK: u64 = 64 << 20;
-
-fn raw_disk(dir: &Path, name: &str, size: u64) -> PathBuf {
-    let p = dir.join(name);
-    run(std::process::Command::new("qemu-img")
-        .args(["create", "-q", "-f", "raw"])
-        .arg(&p)
-        .arg(size.to_string()));
-    p
-}
-
-fn qcow2_disk(dir: &Path, name: &str, size: u64) -> PathBuf {
-    let p = dir.join(name);
-    run(std::process::Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2"])
-        .arg(&p)
-        .arg(size.to_string()));
-    p
-}
 
 /// Runs both mirror scenarios (soft cancel, then complete) on a fresh daemon.
 fn pit_mirror(mode: &'static str, source_format: &str, target_format: &str, rate: Option<f64>) {
     let scratch = tempfile::tempdir().unwrap();
     let image = match source_format {
-        "raw" => raw_disk(scratch.path(), "disk.raw", DISK),
-        _ => qcow2_disk(scratch.path(), "disk.qcow2", DISK),
+        "raw" => create_image(scratch.path().join("disk.raw"), "raw", DISK),
+        _ => create_image(scratch.path().join("disk.qcow2"), "qcow2", DISK),
     };
     let extra: Vec<&str> = match source_format {
         "raw" => vec![],
@@ -97,7 +78,7 @@ fn auto_mirror_is_point_in_time_raw_and_qcow2() {
 /// chunks per second: a full copy of a written disk, no writers.
 fn measured_copy_rate() -> f64 {
     let scratch = tempfile::tempdir().unwrap();
-    let image = raw_disk(scratch.path(), "disk.raw", DISK);
+    let image = create_image(scratch.path().join("disk.raw"), "raw", DISK);
     let d = Livesnapd::with_image(&image, &[]);
     let mut qmp = d.qmp();
     prefill(d.url(), &Layout::new(4096, DISK / 4096, 4, 0x7a7e));
@@ -174,7 +155,7 @@ fn poll_until_ready(qmp: &mut Qmp, job: &str, timeout: Duration) {
 /// how long the end took.
 fn seed_sequence(end: MirrorEnd) -> Duration {
     let scratch = tempfile::tempdir().unwrap();
-    let image = raw_disk(scratch.path(), "disk.raw", DISK);
+    let image = create_image(scratch.path().join("disk.raw"), "raw", DISK);
     let d = Livesnapd::with_image(&image, &["--cache-direct"]);
     let mut qmp = d.qmp();
     let layout = Layout::new(4096, DISK / 4096, 4, 0x5eed);
@@ -233,12 +214,12 @@ struct FaultRig {
 
 fn fault_rig(rule: serde_json::Value) -> FaultRig {
     let scratch = tempfile::tempdir().unwrap();
-    let image = raw_disk(scratch.path(), "disk.raw", 16 << 20);
+    let image = create_image(scratch.path().join("disk.raw"), "raw", 16 << 20);
     let d = Livesnapd::with_image(&image, &[]);
     let mut qmp = d.qmp();
     let layout = Layout::new(4096, (16 << 20) / 4096, 2, 0xfa17);
     prefill(d.url(), &layout);
-    let target = raw_disk(scratch.path(), "target.raw", 16 << 20);
+    let target = create_image(scratch.path().join("target.raw"), "raw", 16 << 20);
     qmp.ok(
         "blockdev-add",
         json!({"driver": "raw", "node-name": "target",

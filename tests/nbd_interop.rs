@@ -3,7 +3,7 @@
 //! daemon is replayed with qemu-io directly on a plain copy, and the two files
 //! must end up byte for byte equal.
 
-mod harness;
+use livesnap_testkit as harness;
 
 use std::path::Path;
 use std::process::Command;

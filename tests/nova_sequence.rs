@@ -9,7 +9,7 @@
 //! what it does there is printed, not judged (it depends on how fast the
 //! machine copies against how fast it writes).
 
-mod harness;
+use livesnap_testkit as harness;
 
 use std::time::{Duration, Instant};
 

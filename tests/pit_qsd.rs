@@ -3,7 +3,7 @@
 //! scenarios pass against qemu-storage-daemon, whose jobs are the reference.
 //! `tests/pit_livesnapd.rs` can run the same scenarios against livesnapd.
 
-mod harness;
+use livesnap_testkit as harness;
 
 use std::path::Path;
 use std::time::{Duration, Instant};

@@ -9,7 +9,7 @@
 //! livesnapd refuses what QEMU accepts (probing, repairs, reads past the end
 //! of the file), livesnapd's own text is asserted and qsd's reply recorded.
 
-mod harness;
+use livesnap_testkit as harness;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

@@ -30,7 +30,7 @@
 //! printed at the start; `LIVESNAP_CRASH_SEED=<seed>` repeats them (timing
 //! still varies) and `LIVESNAP_CRASH_ITERATIONS=<n>` changes the kill count.
 
-mod harness;
+use livesnap_testkit as harness;
 
 use std::path::Path;
 use std::process::Command;

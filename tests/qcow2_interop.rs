@@ -10,7 +10,7 @@
 //! qemu-storage-daemon, and its `query-named-block-nodes` is compared with
 //! qsd's for the same chain.
 
-mod harness;
+use livesnap_testkit as harness;
 
 use std::collections::hash_map::DefaultHasher;
 use std::hash::Hasher;

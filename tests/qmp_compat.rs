@@ -13,7 +13,7 @@
 //! compared: each is sent through [`Pair::deviation`], which asserts
 //! livesnapd's own reply instead, and says why in a comment.
 
-mod harness;
+use livesnap_testkit as harness;
 
 use std::io::{Read, Write};
 use std::os::unix::fs::PermissionsExt;
@@ -275,7 +275,7 @@ impl Pair {
         let qs_proc = Qsd::bare();
         let side = |name, dir: &Path, qmp: &Path| {
             for img in ["a.img", "b.img"] {
-                sparse_file(&dir.join(img), MIB);
+                sparse_file(dir.join(img), MIB);
             }
             Side {
                 name,

@@ -12,9 +12,9 @@
 //! snapshot` the window is the one its `--json` report gives (CLOCK_MONOTONIC),
 //! bracketed by a watcher that reads the console every few milliseconds.
 
-mod harness;
+use livesnap_testkit as harness;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -94,18 +94,6 @@ fn read_sized(path: &Path) -> Vec<u8> {
     image
 }
 
-/// The `livesnap` CLI, built beside livesnapd (`cargo test --workspace`
-/// builds every binary of the workspace; .ci/run builds them first).
-fn livesnap_bin() -> PathBuf {
-    let bin = Path::new(env!("CARGO_BIN_EXE_livesnapd")).with_file_name("livesnap");
-    assert!(
-        bin.is_file(),
-        "{} is missing: cargo build -p livesnap",
-        bin.display()
-    );
-    bin
-}
-
 /// `livesnap snapshot DEVICE TARGET --format raw --json` through `qmp_path`
 /// while the guest writes; the report's point-in-time window, bracketed by
 /// the guest's progress, bounds the request the snapshot must be at.
@@ -113,7 +101,7 @@ fn cli_snapshot(vm: &Vm, qmp_path: &Path, device: &str, target: &Path) -> Taken 
     let watch = vm.watch_progress();
     let t0 = Instant::now();
     let (st, out, err) = run_within(
-        Command::new(livesnap_bin())
+        Command::new(harness::cli::livesnap_bin())
             .args(["snapshot", "--qmp"])
             .arg(qmp_path)
             .arg(device)
@@ -409,7 +397,7 @@ fn qemu_system_blockdev_disk_snapshot_under_writers() {
     w.wait_acked(500, JOB_TIMEOUT);
     let target = work.path().join("snap.raw");
     let (status, stdout, stderr) = run_within(
-        Command::new(livesnap_bin())
+        Command::new(harness::cli::livesnap_bin())
             .args(["snapshot", "--qmp"])
             .arg(&vm.qmp_path)
             .arg("disk0")

@@ -1,14 +1,12 @@
 //! qcow2 chains written through `Qcow2Driver` against the same writes done by
 //! `qemu-io` on a copy of the chain: `qemu-img check` clean, `qemu-img compare` equal.
 
-mod common;
-
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::*;
 use livesnap_block::{BlockNode, IoBuf, WriteFlags, ZeroFlags};
+use livesnap_testkit::block::*;
 
 const K: u64 = 1024;
 const M: u64 = 1024 * 1024;

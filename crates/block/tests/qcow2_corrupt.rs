@@ -1,14 +1,12 @@
 //! Corrupt and hostile qcow2 images: a clear error on open or EIO on the
 //! request; never a panic, never a hang.
 
-mod common;
-
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use common::*;
 use livesnap_block::{read_header_backing, IoBuf, Qcow2Driver, WriteFlags};
+use livesnap_testkit::block::*;
 
 /// A 4 MiB image with one written cluster. Layout (64 KiB clusters): header,
 /// refcount table at 0x10000, refblock 0x20000, L1 0x30000, L2 0x40000, data 0x50000.

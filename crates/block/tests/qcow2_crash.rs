@@ -4,16 +4,14 @@
 //! kill `qemu-img check` must find no corruption (leaks are fine) and QEMU must
 //! read back every write that completed before a successful flush or with FUA.
 
-mod common;
-
 use std::io::Write;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::*;
 use livesnap_block::{create_image, CreateOptions, ImageFormat, IoBuf, WriteFlags, ZeroFlags};
+use livesnap_testkit::block::*;
 
 const SIZE: u64 = 16 << 20;
 const BASE: u64 = 8 << 20;

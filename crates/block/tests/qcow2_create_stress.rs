@@ -1,15 +1,13 @@
 //! Images made by `create_image`, and many concurrent requests on one qcow2
 //! node (shared clusters, small clusters that make the refcount structures grow).
 
-mod common;
-
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::*;
 use livesnap_block::{
     create_image, BlockNode, CreateOptions, ImageFormat, IoBuf, WriteFlags, ZeroFlags,
 };
+use livesnap_testkit::block::*;
 
 fn opts(path: &std::path::Path, format: ImageFormat) -> CreateOptions {
     CreateOptions {

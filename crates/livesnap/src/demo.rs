@@ -172,10 +172,11 @@ impl Writer {
     }
 }
 
-/// Finds N such that `image` is exactly the disk after request N.
+/// Finds N such that `image` is exactly the disk after request N. The
+/// writer issues one request at a time, so request numbers are its instants:
+/// a block holding request n allows N >= n, and N < the next request to it.
 fn find_request(image: &[u8], blocks: u64) -> std::result::Result<Option<u64>, String> {
-    let mut latest: Option<u64> = None;
-    let mut limit = u64::MAX;
+    let mut instants = livesnap_pit::Instants::new();
     for b in 0..blocks {
         let data = &image[(b * BLOCK) as usize..((b + 1) * BLOCK) as usize];
         let held = decode(data, b)?;
@@ -185,17 +186,17 @@ fn find_request(image: &[u8], blocks: u64) -> std::result::Result<Option<u64>, S
                     "block {b} holds request {n}, which wrote another block"
                 ));
             }
-            latest = Some(latest.map_or(n, |l| l.max(n)));
         }
-        // The next request to this block must come after N.
         let next = held.map_or(first_request(b, blocks), |n| n + blocks);
-        limit = limit.min(next);
+        instants.add(b, held, Some(next));
     }
-    match latest {
-        None => Ok(None),
-        Some(n) if n < limit => Ok(Some(n)),
-        Some(n) => Err(format!(
-            "the copy mixes instants: it holds request {n}, but misses request {limit}, written before it"
+    match (instants.latest(), instants.earliest()) {
+        (None, _) => Ok(None),
+        (Some(l), _) if instants.meet() => Ok(Some(l.at)),
+        (Some(l), e) => Err(format!(
+            "the copy mixes instants: it holds request {}, but misses request {}, written before it",
+            l.at,
+            e.map_or(0, |e| e.at)
         )),
     }
 }

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 #[test]
 fn demo_shows_nova_stuck_and_a_verified_snapshot() {
     let start = Instant::now();
-    let out = Command::new(env!("CARGO_BIN_EXE_livesnap"))
+    let out = Command::new(livesnap_testkit::cli::livesnap_bin())
         .args([
             "demo",
             "--size",

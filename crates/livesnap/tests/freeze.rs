@@ -4,8 +4,6 @@
 //! failed freeze, a hung freeze, and SIGINT too), and a failed freeze fails
 //! the snapshot with exit code 6 and leaves nothing behind.
 
-mod common;
-
 use std::io::{BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
@@ -13,8 +11,9 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::scenarios::{assert_nothing_left, before, snapshot_args, CLI_LIMIT};
-use common::{livesnap, monotonic_ns, spawn_livesnap, wait_out, Daemon, Kind};
+use livesnap_testkit::cli::{livesnap, spawn_livesnap, wait_out, Daemon, Kind};
+use livesnap_testkit::monotonic_ns;
+use livesnap_testkit::scenarios::{assert_nothing_left, before, snapshot_args, CLI_LIMIT};
 use serde_json::{json, Value};
 
 const MIB: u64 = 1 << 20;

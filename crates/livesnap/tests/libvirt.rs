@@ -7,23 +7,21 @@
 //! unchanged. Failures (deadline, SIGINT, a target whose file system fills
 //! up, a freeze without an agent) each leave the domain as it was, the
 //! target removed, with their exit codes. And OpenStack Nova's own loop
-//! (`tests/libvirt/nova.py`, libvirt's Python binding) runs on the same
+//! (the test kit's `nova.py`, libvirt's Python binding) runs on the same
 //! stack for the record.
 //!
 //! The harness starts virtlogd and libvirtd when none answers and stops
 //! what it started at exit (`tests/harness/libvirt.rs`).
 
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::harness::libvirt::{shared_dir, Domain, DomainDisk, URI};
-use common::harness::pit::read_image;
-use common::harness::vm::{check_final, check_snapshot, run_tag, GuestOpts, Taken};
-use common::harness::{qemu_io, run, run_within, sparse_file};
-use common::{livesnap, spawn_livesnap, wait_out, Out};
+use livesnap_testkit::cli::{livesnap, spawn_livesnap, wait_out, Out};
+use livesnap_testkit::libvirt::{shared_dir, Domain, DomainDisk, URI};
+use livesnap_testkit::pit::read_image;
+use livesnap_testkit::vm::{check_final, check_snapshot, run_tag, GuestOpts, Taken};
+use livesnap_testkit::{qemu_io, run, run_within, sparse_file};
 use serde_json::Value;
 
 const MIB: u64 = 1 << 20;
@@ -258,12 +256,12 @@ fn nova_loop(dom: &Domain, base: &Path, dir: &Path) {
         .arg(base)
         .arg(&delta));
     let disks = dom.disks();
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/libvirt/nova.py");
+    let script = Path::new(livesnap_testkit::NOVA_PY);
     let watch = dom.console.watch();
     let limit = 60;
     let (st, out, err) = run_within(
         Command::new("/usr/bin/python3")
-            .arg(&script)
+            .arg(script)
             .args([URI, &dom.name, "vda"])
             .arg(&delta)
             .arg(limit.to_string()),

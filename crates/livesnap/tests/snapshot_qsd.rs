@@ -3,10 +3,8 @@
 //! raw and qcow2 targets, `--shallow`; and the failures that must leave
 //! nothing behind (deadline, SIGINT, a failing target).
 
-mod common;
-
-use common::scenarios::*;
-use common::Kind;
+use livesnap_testkit::cli::Kind;
+use livesnap_testkit::scenarios::*;
 
 #[test]
 fn backup_raw_target_is_point_in_time() {

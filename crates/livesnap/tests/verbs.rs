@@ -1,14 +1,13 @@
 //! The operator's verbs (jobs, cancel, watch, nodes, create, info), usage
 //! errors and exit codes, against qemu-storage-daemon and livesnapd.
 
-mod common;
-
 use std::io::{BufRead, BufReader};
 use std::process::Command;
 use std::time::Duration;
 
-use common::pit::add_image_node;
-use common::{livesnap, run, spawn_livesnap, wait_out, Daemon, Kind, Qmp};
+use livesnap_testkit::cli::{livesnap, spawn_livesnap, wait_out, Daemon, Kind};
+use livesnap_testkit::pit::add_image_node;
+use livesnap_testkit::{run, Qmp};
 use serde_json::{json, Value};
 
 const MIB: u64 = 1 << 20;

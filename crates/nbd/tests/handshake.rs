@@ -1,19 +1,17 @@
 //! Negotiation: LIST, INFO, GO, EXPORT_NAME, meta contexts, and refusals.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
 use livesnap_nbd::client::{Negotiator, RawConn};
 use livesnap_nbd::proto::*;
+use livesnap_testkit::nbd::*;
 
 const MIB: u64 = 1 << 20;
 
 #[tokio::test]
 async fn list_info_and_go() {
     let f = Fixture::new(0).await;
-    let node = open_node(&sparse_file(f.dir.path(), "a.img", 4 * MIB), false);
+    let node = open_node(&sparse_file(f.dir.path().join("a.img"), 4 * MIB), false);
     f.add_node("disk", node, true, Some("the disk"));
     f.add_file_export("other", MIB, false);
 
@@ -264,7 +262,7 @@ fn ctx(list: &[(u32, &str)]) -> Vec<(u32, String)> {
 #[tokio::test]
 async fn allocation_depth_context_only_where_enabled() {
     let f = Fixture::new(0).await;
-    let depth = open_node(&sparse_file(f.dir.path(), "d.img", MIB), true);
+    let depth = open_node(&sparse_file(f.dir.path().join("d.img"), MIB), true);
     f.add_depth_node("depth", depth);
     f.add_file_export("plain", MIB, false);
     let mut n = Negotiator::connect(&f.addr).await.unwrap();
@@ -362,7 +360,7 @@ async fn allocation_depth_context_only_where_enabled() {
 #[tokio::test]
 async fn allocation_depth_needs_the_final_export() {
     let f = Fixture::new(0).await;
-    let node = open_node(&sparse_file(f.dir.path(), "d.img", MIB), true);
+    let node = open_node(&sparse_file(f.dir.path().join("d.img"), MIB), true);
     f.add_depth_node("depth", node.clone());
     f.add_file_export("plain", MIB, false);
 
@@ -411,7 +409,7 @@ async fn tcp_listener_reports_real_port() {
     let addr = server.local_addr();
     assert!(addr.starts_with("127.0.0.1:"), "{addr}");
     assert!(!addr.ends_with(":0"), "{addr}");
-    let node = open_node(&sparse_file(dir.path(), "t.img", MIB), false);
+    let node = open_node(&sparse_file(dir.path().join("t.img"), MIB), false);
     table
         .add(livesnap_nbd::ExportConfig {
             name: "t".into(),

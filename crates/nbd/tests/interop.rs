@@ -4,17 +4,15 @@
 //! the test (CI installs them); the full interop suite lives in the
 //! workspace `tests/`.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
 
-use common::*;
 use livesnap_block::{
     read_header_backing, resolve_backing_filename, BlockNode, FileDriver, FileOptions, Qcow2Driver,
     RawDriver, RawOptions,
 };
+use livesnap_testkit::nbd::*;
 
 const MIB: u64 = 1 << 20;
 
@@ -50,7 +48,7 @@ fn uri(f: &Fixture, export: &str) -> String {
 async fn nbdinfo_list_info_and_map() {
     require("nbdinfo");
     let f = Fixture::new(0).await;
-    let node = open_node(&sparse_file(f.dir.path(), "a.img", 8 * MIB), false);
+    let node = open_node(&sparse_file(f.dir.path().join("a.img"), 8 * MIB), false);
     f.add_node("disk", node, true, Some("a test disk"));
     f.add_file_export("second", MIB, false);
     let c = livesnap_nbd::NbdClient::connect(&f.addr, "disk")

@@ -1,14 +1,12 @@
 //! Export registry and server life cycle: attach counts, removal, hard close,
 //! connection limits, stop and graceful shutdown.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
 use livesnap_nbd::client::{Negotiator, RawConn};
 use livesnap_nbd::proto::*;
 use livesnap_nbd::{ExportConfig, ExportTable, ListenAddr, NbdClient, NbdServer};
+use livesnap_testkit::nbd::*;
 
 const MIB: u64 = 1 << 20;
 
@@ -26,7 +24,7 @@ async fn eventually(mut cond: impl FnMut() -> bool) -> bool {
 async fn table_add_remove_list() {
     let dir = tempfile::tempdir().unwrap();
     let t = ExportTable::new();
-    let node = open_node(&sparse_file(dir.path(), "a", MIB), false);
+    let node = open_node(&sparse_file(dir.path().join("a"), MIB), false);
     let cfg = |name: &str| ExportConfig {
         name: name.into(),
         description: None,

@@ -1,15 +1,13 @@
 //! Requests: data integrity, structured reads with holes, block status,
 //! errors, pipelining, and bad input that must end only its own connection.
 
-mod common;
-
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::*;
 use livesnap_nbd::client::{Negotiator, RawConn};
 use livesnap_nbd::proto::*;
 use livesnap_nbd::NbdClient;
+use livesnap_testkit::nbd::*;
 
 const MIB: u64 = 1 << 20;
 

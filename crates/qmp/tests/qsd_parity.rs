@@ -4,14 +4,12 @@
 //! match. Also checks [`QmpClient`] against qsd. Skipped when qsd is not
 //! installed.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use common::*;
 use livesnap_qmp::{ErrorClass, Greeting, QmpClient};
+use livesnap_testkit::qmp::*;
 use serde_json::{json, Value};
 
 const QSD: &str = "/usr/bin/qemu-storage-daemon";

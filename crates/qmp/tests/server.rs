@@ -1,14 +1,12 @@
 //! The QMP server end to end, over a real unix socket, with a tiny
 //! dispatcher. Expected texts are qsd's (docs/qmp-qsd-transcript.md).
 
-mod common;
-
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::*;
 use livesnap_qmp::{ErrorClass, EventBus, Greeting, Limits, QmpClient, QmpServer};
+use livesnap_testkit::qmp::*;
 use serde_json::{json, Value};
 
 const T: Duration = Duration::from_secs(5);

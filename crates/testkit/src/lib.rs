@@ -1,15 +1,21 @@
-//! Shared helpers for the interop tests: spawning livesnapd and
-//! qemu-storage-daemon, running the real QEMU and libnbd tools, and a blocking
-//! QMP client over `livesnap_qmp::QmpClient`.
+//! livesnap's test kit: what the tests of every crate share. It runs the
+//! real peers (qemu-img, qemu-io, qemu-storage-daemon, libnbd's tools,
+//! qemu-system with a writing guest, libvirtd), the daemons and the CLI
+//! under test, a blocking QMP client, and the point-in-time checks on top of
+//! `livesnap-pit`, each workload with its own record format.
 //!
-//! A missing peer tool fails the test with the package to install: these tests
-//! must never pass by skipping.
+//! A missing peer tool fails the test with the package to install: these
+//! tests must never pass by skipping. Nothing here is shipped; no product
+//! crate may depend on it.
 
-#![allow(dead_code)]
-
+pub mod block;
+pub mod cli;
 pub mod disk;
 pub mod libvirt;
+pub mod nbd;
 pub mod pit;
+pub mod qmp;
+pub mod scenarios;
 pub mod vm;
 
 use std::collections::BTreeSet;
@@ -17,7 +23,7 @@ use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::{mpsc, OnceLock};
+use std::sync::{mpsc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -26,46 +32,72 @@ use serde_json::{json, Value};
 /// How long a daemon may take to come up.
 pub const START_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Path of the livesnapd binary under test: Cargo's own in livesnapd's tests.
-/// Cargo gives a test only its own package's binaries, so the livesnap CLI's
-/// tests get one built next to the CLI: `cargo build -p livesnapd` once (a
-/// no-op when it is fresh, e.g. under `cargo test --workspace`) into the same
-/// target directory and profile.
+/// Nova's own live-snapshot calls through libvirt's Python binding.
+pub const NOVA_PY: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/nova.py");
+
+/// Path of the livesnapd binary under test.
 pub fn livesnapd_bin() -> &'static Path {
-    static BUILT: OnceLock<PathBuf> = OnceLock::new();
-    match (
-        option_env!("CARGO_BIN_EXE_livesnapd"),
-        option_env!("CARGO_BIN_EXE_livesnap"),
-    ) {
-        (Some(bin), _) => Path::new(bin),
-        (None, Some(cli)) => BUILT.get_or_init(|| build_livesnapd(Path::new(cli))),
-        (None, None) => panic!("livesnapd is found only from livesnapd's and livesnap's tests"),
-    }
+    bin("livesnapd")
 }
 
-/// Builds livesnapd beside the livesnap CLI `cli`; returns its path.
-fn build_livesnapd(cli: &Path) -> PathBuf {
-    let profile_dir = cli.parent().expect("binary directory");
-    let bin = profile_dir.join("livesnapd");
+/// Path of the workspace binary `name` (livesnapd, livesnap) for the test
+/// that runs now, built on first use. Cargo builds a package's binaries
+/// before its own integration tests only, so the binary is taken as it is
+/// when the running test belongs to its package, and otherwise built once
+/// (`cargo build -p`, a no-op when fresh, e.g. under `cargo test
+/// --workspace`) into the test's own target directory and profile.
+pub fn bin(name: &'static str) -> &'static Path {
+    static BINS: Mutex<Vec<(&'static str, &'static Path)>> = Mutex::new(Vec::new());
+    let mut bins = BINS.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some((_, p)) = bins.iter().find(|(n, _)| *n == name) {
+        return p;
+    }
+    let profile_dir = profile_dir();
+    let path = profile_dir.join(name);
+    let own = std::env::var("CARGO_PKG_NAME").is_ok_and(|p| p == name);
+    if !own {
+        build(name, &profile_dir);
+    }
+    assert!(
+        path.is_file(),
+        "{} does not exist: run `cargo build -p {name}`",
+        path.display()
+    );
+    let path: &'static Path = Box::leak(path.into_boxed_path());
+    bins.push((name, path));
+    path
+}
+
+/// `target/<profile>` of the running test (`target/<profile>/deps/<test>`).
+pub fn profile_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("the test's own path");
+    exe.parent()
+        .and_then(Path::parent)
+        .expect("a test binary under target/<profile>/deps")
+        .to_path_buf()
+}
+
+/// Builds the binary `name` of package `name` into `profile_dir`'s target.
+fn build(name: &str, profile_dir: &Path) {
     let target_dir = profile_dir.parent().expect("target directory");
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut cmd = Command::new(cargo);
-    cmd.args(["build", "-q", "-p", "livesnapd", "--bin", "livesnapd"])
+    cmd.args(["build", "-q", "-p", name, "--bin", name])
         .arg("--target-dir")
         .arg(target_dir)
         .current_dir(env!("CARGO_MANIFEST_DIR"));
+    if name == "livesnap" {
+        // The CLI's tests run with the libvirt endpoint; build it the same.
+        cmd.arg("--all-features");
+    }
     if profile_dir.file_name().is_some_and(|n| n == "release") {
         cmd.arg("--release");
     }
-    match cmd.status() {
-        Ok(s) if s.success() => {}
-        r => assert!(
-            bin.is_file(),
-            "cannot build livesnapd ({r:?}) and {} does not exist: run `cargo build -p livesnapd`",
-            bin.display()
-        ),
-    }
-    bin
+    let r = cmd.status();
+    assert!(
+        r.as_ref().is_ok_and(|s| s.success()) || profile_dir.join(name).is_file(),
+        "cannot build {name} ({r:?}): run `cargo build -p {name}`"
+    );
 }
 
 /// Fails the test unless `name` is on PATH; names the Debian package to install.
@@ -138,11 +170,23 @@ pub fn qemu_io_opts(target: &str, format: &str, opts: &[&str], script: &[&str]) 
     out
 }
 
-/// Creates a sparse file of `size` bytes.
-pub fn sparse_file(path: &Path, size: u64) {
+/// `qemu-img create -f format path size`; returns the path.
+pub fn create_image(path: impl AsRef<Path>, format: &str, size: u64) -> PathBuf {
+    let path = path.as_ref();
+    run(Command::new("qemu-img")
+        .args(["create", "-q", "-f", format])
+        .arg(path)
+        .arg(size.to_string()));
+    path.to_path_buf()
+}
+
+/// Creates a sparse file of `size` bytes; returns its path.
+pub fn sparse_file(path: impl AsRef<Path>, size: u64) -> PathBuf {
+    let path = path.as_ref();
     std::fs::File::create(path)
         .and_then(|f| f.set_len(size))
         .unwrap_or_else(|e| panic!("cannot create {}: {e}", path.display()));
+    path.to_path_buf()
 }
 
 /// Waits until `ready` holds, or panics after `timeout` with `what`.
@@ -522,17 +566,22 @@ impl Drop for Qsd {
     }
 }
 
-/// Deterministic pseudo-random bytes, so a failing comparison can be reproduced.
-pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
+/// Deterministic bytes for `len` bytes at offset `off` of a region
+/// written with `seed`: any sub-range can be checked on its own, and a
+/// failing comparison can be reproduced.
+pub fn pattern_at(seed: u64, off: u64, len: usize) -> Vec<u8> {
+    (0..len as u64)
+        .map(|i| {
+            let x = (off + i).wrapping_mul(0x9e37_79b9_7f4a_7c15)
+                ^ seed.wrapping_mul(0xff51_afd7_ed55_8ccd);
+            (x >> 29) as u8 ^ (x >> 7) as u8
         })
         .collect()
+}
+
+/// [`pattern_at`] from offset 0.
+pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    pattern_at(seed, 0, len)
 }
 
 /// Runs a command with a time limit and returns (status, stdout, stderr);

@@ -1,9 +1,6 @@
-//! Shared fixtures: file-backed nodes, a server on a temp Unix socket, and
+//! The NBD server's fixtures: file-backed nodes, a server on a temp Unix socket, and
 //! test drivers that delay or fail requests on purpose.
 
-#![allow(dead_code)]
-
-use std::fs::File;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -29,31 +26,19 @@ pub fn open_node(path: &Path, read_only: bool) -> Arc<BlockNode> {
     BlockNode::new("raw0", Box::new(raw), read_only, true)
 }
 
-/// Creates a sparse file of `size` bytes.
-pub fn sparse_file(dir: &Path, name: &str, size: u64) -> PathBuf {
-    let p = dir.join(name);
-    File::create(&p).unwrap().set_len(size).unwrap();
-    p
-}
+pub use crate::{pattern, sparse_file};
 
-/// A deterministic, position-dependent byte pattern.
-pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 24) as u8
-        })
-        .collect()
-}
-
+/// An NBD server on a unix socket and a TCP port, over an export table.
 pub struct Fixture {
+    /// Where its files and socket live.
     pub dir: tempfile::TempDir,
+    /// Its exports.
     pub table: Arc<ExportTable>,
+    /// The server (None once stopped).
     pub server: Option<NbdServer>,
+    /// Its TCP address.
     pub addr: String,
+    /// Its unix socket.
     pub sock: PathBuf,
 }
 
@@ -83,8 +68,9 @@ impl Fixture {
     /// Adds an export over a new sparse file.
     pub fn add_file_export(&self, name: &str, size: u64, writable: bool) -> Arc<BlockNode> {
         let path = sparse_file(
-            self.dir.path(),
-            &format!("disk-{}.img", self.table.list().len()),
+            self.dir
+                .path()
+                .join(format!("disk-{}.img", self.table.list().len())),
             size,
         );
         let node = open_node(&path, false);
@@ -92,6 +78,7 @@ impl Fixture {
         node
     }
 
+    /// Exports `node` as `name`.
     pub fn add_node(
         &self,
         name: &str,
@@ -127,11 +114,13 @@ impl Fixture {
 /// A driver over a child node that delays reads at offset 0 and can fail
 /// requests with a chosen errno, to make ordering and error paths testable.
 pub struct TestDriver {
+    /// The node it forwards to.
     pub child: Arc<BlockNode>,
     /// Delay for reads starting at offset 0.
     pub slow_read: Duration,
     /// Writes (and write zeroes) at or beyond this offset fail with `fail_errno`.
     pub fail_from: u64,
+    /// The errno of those failures.
     pub fail_errno: i32,
     /// Errno for write zeroes with fast_only set (None: pass through).
     pub fast_zero_errno: Option<i32>,
@@ -199,7 +188,7 @@ pub fn test_node(
     size: u64,
     td: impl FnOnce(Arc<BlockNode>) -> TestDriver,
 ) -> Arc<BlockNode> {
-    let path = sparse_file(dir, name, size);
+    let path = sparse_file(dir.join(name), size);
     let child = open_node(&path, false);
     BlockNode::new(format!("test-{name}"), Box::new(td(child)), false, true)
 }
@@ -207,9 +196,13 @@ pub fn test_node(
 /// One extent of a [`DepthDriver`]: where it ends, and its status.
 #[derive(Clone, Copy, Debug)]
 pub struct DepthExtent {
+    /// Where it ends.
     pub end: u64,
+    /// Allocated data.
     pub data: bool,
+    /// Reads as zeros.
     pub zero: bool,
+    /// Which layer of the chain holds it.
     pub depth: u32,
 }
 
@@ -217,8 +210,11 @@ pub struct DepthExtent {
 /// report it: each lookup answers at most `max_lookup` bytes of one extent,
 /// and lookups at or beyond `fail_from` fail with EIO.
 pub struct DepthDriver {
+    /// The extents, in order.
     pub map: Vec<DepthExtent>,
+    /// The most one lookup answers.
     pub max_lookup: u64,
+    /// Lookups from here fail.
     pub fail_from: u64,
 }
 

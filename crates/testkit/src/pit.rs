@@ -475,9 +475,9 @@ pub fn verify_point_in_time(
         });
     }
     let hist = log.histories();
-    // The block whose held write was sent last, and the one whose missing write was acknowledged first.
-    let mut latest: Option<(Instant, u64, Held)> = None;
-    let mut earliest: Option<(Instant, u64, Held, WriteRecord)> = None;
+    // What each block allows, and why: its held write and the later one it misses.
+    let mut instants = livesnap_pit::Instants::new();
+    let mut why: Vec<(Held, Option<WriteRecord>)> = Vec::new();
     let mut after_window = Vec::new();
     let mut before_window = Vec::new();
     let mut carried = 0;
@@ -498,27 +498,16 @@ pub fn verify_point_in_time(
         if iv.lower.is_some_and(|l| l > t0) || iv.upper.is_some_and(|u| u <= t1) {
             pinning += 1;
         }
-        if let Some(l) = iv.lower {
-            if l > t1 {
-                after_window.push(b);
-            }
-            if latest.is_none_or(|(x, _, _)| l > x) {
-                latest = Some((l, b, iv.held));
-            }
+        if iv.lower.is_some_and(|l| l > t1) {
+            after_window.push(b);
         }
-        if let (Some(u), Some(next)) = (iv.upper, iv.next) {
-            if u <= t0 {
-                before_window.push(b);
-            }
-            if earliest.is_none_or(|(x, _, _, _)| u < x) {
-                earliest = Some((u, b, iv.held, next));
-            }
+        if iv.upper.is_some_and(|u| u <= t0) {
+            before_window.push(b);
         }
+        instants.add(b, iv.lower, iv.upper);
+        why.push((iv.held, iv.next));
     }
-    let from = latest.map_or(t0, |(l, _, _)| l.max(t0));
-    let until = earliest.map_or(t1, |(u, _, _, _)| u.min(t1));
-    let fits_upper = earliest.is_none_or(|(u, _, _, _)| from < u);
-    if from <= t1 && fits_upper {
+    if let Some((from, until)) = instants.within(t0, t1) {
         return Ok(PitReport {
             t0,
             t1,
@@ -529,6 +518,13 @@ pub fn verify_point_in_time(
             pinning,
         });
     }
+    let latest = instants
+        .latest()
+        .map(|l| (l.at, l.block, why[l.block as usize].0));
+    let earliest = instants.earliest().and_then(|e| {
+        let (held, next) = why[e.block as usize];
+        next.map(|n| (e.at, e.block, held, n))
+    });
     let mut parts = vec![format!("window is [t0, {}]", rel(t1, t0))];
     let mut blocks = Vec::new();
     if let Some((l, b, held)) = latest {

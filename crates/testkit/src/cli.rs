@@ -1,33 +1,22 @@
 //! Test support for the `livesnap` CLI: daemons to run it against
 //! (qemu-storage-daemon and livesnapd, each exporting node `disk` over NBD)
-//! and running the CLI, on top of the interop tests' harness
-//! (`tests/harness`: tools, the blocking QMP client, the daemons and the
-//! point-in-time checker).
+//! and running the CLI, on top of the test kit (`livesnap-testkit`: tools,
+//! the blocking QMP client, the daemons and the point-in-time checks).
 //!
 //! A missing peer tool fails the test with the package to install: these
 //! tests must never pass by skipping.
-
-#![allow(dead_code)]
-
-#[path = "../../../../tests/harness/mod.rs"]
-pub mod harness;
-pub mod scenarios;
 
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-// Each test binary uses a different subset of these.
-#[allow(unused_imports)]
-pub use harness::disk::{DiskDaemon as Daemon, Kind};
-use harness::wait_within;
-#[allow(unused_imports)]
-pub use harness::{instant_of, monotonic_ns, pit, run, Qmp};
+pub use crate::disk::{DiskDaemon as Daemon, Kind};
+use crate::{instant_of, wait_within};
 
 /// The CLI under test.
-pub fn livesnap_bin() -> &'static str {
-    env!("CARGO_BIN_EXE_livesnap")
+pub fn livesnap_bin() -> &'static std::path::Path {
+    crate::bin("livesnap")
 }
 
 /// What a CLI run returned.

@@ -10,11 +10,12 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use super::pit::{
+use crate::cli::{livesnap, spawn_livesnap, wait_out, window_of, Daemon, Kind, Out};
+use crate::pit::{
     check_source_complete, initial_image, prefill, read_export, read_image, verify_point_in_time,
     Layout, WriterOpts, Writers,
 };
-use super::{livesnap, run, spawn_livesnap, wait_out, window_of, Daemon, Kind, Out};
+use crate::run;
 
 const MIB: u64 = 1 << 20;
 /// Bound of one CLI run in these tests.

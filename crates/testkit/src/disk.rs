@@ -19,7 +19,9 @@ pub enum Kind {
     Livesnapd,
 }
 
-/// The running daemon behind a [`DiskDaemon`] (stopped when dropped).
+/// The running daemon behind a [`DiskDaemon`]: held only to stop it when
+/// dropped.
+#[allow(dead_code)]
 enum Process {
     Qsd(Qsd),
     Livesnapd(Livesnapd),
@@ -31,7 +33,7 @@ pub struct DiskDaemon {
     /// Which one.
     pub kind: Kind,
     /// Declared before `dir`, so the daemon stops before its files go.
-    process: Process,
+    _process: Process,
     /// The image's directory (tests put images and targets here too).
     pub dir: tempfile::TempDir,
     /// The monitor the CLI is pointed at.
@@ -105,7 +107,7 @@ impl DiskDaemon {
         };
         DiskDaemon {
             kind,
-            process,
+            _process: process,
             dir,
             cli_sock,
             test_sock,

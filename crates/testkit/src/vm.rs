@@ -111,11 +111,12 @@ pub fn guest_assets() -> &'static GuestAssets {
     ASSETS.get_or_init(build_guest)
 }
 
-/// `<target dir>/vm-guest`: CARGO_TARGET_TMPDIR is `<target dir>/tmp`, which
-/// follows CARGO_TARGET_DIR.
+/// `<target dir>/vm-guest`, which follows CARGO_TARGET_DIR.
 fn cache_root() -> PathBuf {
-    let tmp = Path::new(env!("CARGO_TARGET_TMPDIR"));
-    tmp.parent().unwrap_or(tmp).join("vm-guest")
+    crate::profile_dir()
+        .parent()
+        .expect("target directory")
+        .join("vm-guest")
 }
 
 fn build_guest() -> GuestAssets {
@@ -671,8 +672,14 @@ impl GuestOpts {
             let at = self.offset(b) as usize;
             held.push(self.decode_block(b, &image[at..at + BLOCK])?);
         }
-        let n = held.iter().flatten().copied().max();
-        if let Some(n) = n {
+        // One request at a time: request numbers are the guest's instants.
+        let mut instants = livesnap_pit::Instants::new();
+        for (b, h) in held.iter().enumerate() {
+            let next = h.map_or(b as u64, |n| n + u64::from(self.blocks));
+            instants.add(b as u64, *h, Some(next));
+        }
+        let n = instants.latest().map(|l| l.at);
+        if let (Some(n), false) = (n, instants.meet()) {
             let wrong: Vec<String> = (0..self.blocks)
                 .filter(|&b| held[b as usize] != self.held_after(b, n))
                 .take(8)
@@ -684,12 +691,10 @@ impl GuestOpts {
                     )
                 })
                 .collect();
-            if !wrong.is_empty() {
-                return Err(format!(
-                    "the newest record is request {n}, but the image is not the disk after it: {}",
-                    wrong.join("; ")
-                ));
-            }
+            return Err(format!(
+                "the newest record is request {n}, but the image is not the disk after it: {}",
+                wrong.join("; ")
+            ));
         }
         // Outside the record blocks (past `base`) the guest never writes.
         let mut at = self.offset(0) as usize;

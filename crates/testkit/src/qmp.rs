@@ -1,5 +1,4 @@
-//! Shared helpers: a tiny dispatcher and raw-socket exchanges.
-#![allow(dead_code)]
+//! The QMP server's fixtures: a tiny dispatcher and raw-socket exchanges.
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -15,7 +14,9 @@ use tokio::net::UnixStream;
 /// Commands: query-version, query-commands, echo, add, nothing, slow,
 /// emit, panic. Everything else is CommandNotFound.
 pub struct TestDispatcher {
+    /// What `query-version` answers from.
     pub greeting: Greeting,
+    /// Where `emit` sends.
     pub events: EventBus,
 }
 
@@ -87,6 +88,7 @@ impl Dispatcher for TestDispatcher {
     }
 }
 
+/// A QMP server with a [`TestDispatcher`] on `path`.
 pub async fn start_server(path: &Path, greeting: Greeting) -> (QmpServer, EventBus) {
     let events = EventBus::new();
     let d = Arc::new(TestDispatcher {
@@ -99,10 +101,12 @@ pub async fn start_server(path: &Path, greeting: Greeting) -> (QmpServer, EventB
     (server, events)
 }
 
+/// The greeting of the test servers.
 pub fn test_greeting() -> Greeting {
     Greeting::new((10, 0, 2), "livesnap-test")
 }
 
+/// A socket path in `dir`.
 pub fn sock_path(dir: &tempfile::TempDir, name: &str) -> PathBuf {
     dir.path().join(name)
 }
@@ -153,11 +157,13 @@ pub async fn exchange_until_then_eof(
 
 /// A raw monitor connection, for tests that interleave reads and writes.
 pub struct Raw {
+    /// The socket.
     pub s: UnixStream,
     buf: Vec<u8>,
 }
 
 impl Raw {
+    /// Connects to `path`.
     pub async fn connect(path: &Path) -> Raw {
         Raw {
             s: UnixStream::connect(path).await.expect("connect"),
@@ -165,6 +171,7 @@ impl Raw {
         }
     }
 
+    /// Sends `text` as it is.
     pub async fn send(&mut self, text: &str) {
         self.s.write_all(text.as_bytes()).await.expect("write");
     }
@@ -185,6 +192,7 @@ impl Raw {
         }
     }
 
+    /// The next line as JSON (5 s at most).
     pub async fn json(&mut self) -> Value {
         let l = self
             .line(Duration::from_secs(5))

@@ -1,6 +1,5 @@
-//! Helpers shared by the qcow2 integration tests: real QEMU tools (required,
-//! never skipped) and opening nodes and chains.
-#![allow(dead_code)]
+//! The block layer's fixtures: real QEMU tools on images (required, never
+//! skipped) and opening nodes and chains.
 
 use std::path::Path;
 use std::process::{Command, Output};
@@ -50,25 +49,11 @@ pub fn check_clean(img: &Path, allow_leaks: bool) {
     );
 }
 
-/// Runs qemu-io commands on an image (opened with its backing chain).
+/// Runs qemu-io commands on an image (opened with its backing chain),
+/// discarding with unmap.
 pub fn qemu_io(img: &Path, fmt: &str, cmds: &[String]) {
-    let mut args = vec![
-        "-d".to_string(),
-        "unmap".to_string(),
-        "-f".to_string(),
-        fmt.to_string(),
-    ];
-    for c in cmds {
-        args.push("-c".into());
-        args.push(c.clone());
-    }
-    args.push(img.to_str().unwrap().into());
-    let a: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
-    let out = tool_ok("qemu-io", &a);
-    assert!(
-        !out.contains("error") && !out.contains("failed"),
-        "qemu-io: {out}"
-    );
+    let cmds: Vec<&str> = cmds.iter().map(String::as_str).collect();
+    crate::qemu_io_opts(img.to_str().unwrap(), fmt, &["-d", "unmap"], &cmds);
 }
 
 /// A `file` node.
@@ -135,28 +120,22 @@ pub async fn open_chain(path: &Path, read_only: bool) -> Arc<BlockNode> {
         .unwrap_or_else(|e| panic!("open {}: {e}", path.display()))
 }
 
-/// Deterministic test pattern.
-pub fn pattern(seed: u64, off: u64, len: usize) -> Vec<u8> {
-    (0..len as u64)
-        .map(|i| {
-            let x = (off + i).wrapping_mul(0x9e37_79b9_7f4a_7c15)
-                ^ seed.wrapping_mul(0xff51_afd7_ed55_8ccd);
-            (x >> 29) as u8 ^ (x >> 7) as u8
-        })
-        .collect()
-}
+/// Position-dependent bytes: the block tests check sub-ranges on their own.
+pub use crate::pattern_at as pattern;
 
 /// A small deterministic PRNG (xorshift64*).
 pub struct Rng(pub u64);
 
 impl Rng {
-    pub fn next(&mut self) -> u64 {
+    /// The next value.
+    pub fn next_u64(&mut self) -> u64 {
         self.0 ^= self.0 >> 12;
         self.0 ^= self.0 << 25;
         self.0 ^= self.0 >> 27;
         self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
     }
+    /// A value in `0..n`.
     pub fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
+        self.next_u64() % n
     }
 }
