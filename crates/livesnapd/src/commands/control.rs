@@ -5,7 +5,7 @@ use std::sync::Arc;
 use livesnap_qmp::{Args, QmpError};
 use serde_json::{json, Value};
 
-use super::{empty, COMMAND_NAMES};
+use super::{command_names, empty};
 use crate::daemon::Daemon;
 
 /// The QEMU release whose QMP schema livesnapd follows; see docs/decisions.md.
@@ -33,7 +33,7 @@ pub(super) fn query_version(args: Args) -> Result<Value, QmpError> {
 pub(super) fn query_commands(args: Args) -> Result<Value, QmpError> {
     args.finish()?;
     Ok(Value::Array(
-        COMMAND_NAMES.iter().map(|n| json!({ "name": n })).collect(),
+        command_names().map(|n| json!({ "name": n })).collect(),
     ))
 }
 

@@ -27,43 +27,90 @@ use serde_json::Value;
 use crate::daemon::Daemon;
 use livesnap_block::id_wellformed;
 
-/// Every command this dispatcher answers, in `query-commands` order.
-pub const COMMAND_NAMES: &[&str] = &[
-    "qmp_capabilities",
-    "query-version",
-    "query-commands",
-    "quit",
-    "blockdev-add",
-    "blockdev-del",
-    "query-named-block-nodes",
-    "blockdev-snapshot",
-    "blockdev-snapshot-sync",
-    "nbd-server-start",
-    "nbd-server-stop",
-    "block-export-add",
-    "block-export-del",
-    "query-block-exports",
-    "blockdev-mirror",
-    "blockdev-backup",
-    "blockdev-create",
-    "query-jobs",
-    "job-pause",
-    "job-resume",
-    "job-cancel",
-    "job-complete",
-    "job-finalize",
-    "job-dismiss",
-    "query-block-jobs",
-    "block-job-cancel",
-    "block-job-complete",
-    "block-job-pause",
-    "block-job-resume",
-    "block-job-set-speed",
-    "block-job-change",
-    "block-job-finalize",
-    "block-job-dismiss",
-    "x-blkdebug-set-rules",
+/// What a handler returns: owned, so the table holds plain function pointers.
+type Reply = Pin<Box<dyn Future<Output = Result<Value, QmpError>> + Send>>;
+
+/// A command's handler.
+type Handler = fn(Arc<Daemon>, Args) -> Reply;
+
+/// A handler over a function of the daemon and the arguments.
+macro_rules! on_daemon {
+    (async $f:path) => {
+        |d, a| Box::pin(async move { $f(&d, a).await })
+    };
+    ($f:path) => {
+        |d, a| Box::pin(std::future::ready($f(&d, a)))
+    };
+}
+
+/// The one table of commands: QEMU's name and its handler, in
+/// `query-commands` order. `qmp_capabilities` is the QMP server's own
+/// (negotiation) and comes first in `query-commands`.
+const COMMANDS: &[(&str, Handler)] = &[
+    ("query-version", |_, a| {
+        Box::pin(std::future::ready(control::query_version(a)))
+    }),
+    ("query-commands", |_, a| {
+        Box::pin(std::future::ready(control::query_commands(a)))
+    }),
+    ("quit", on_daemon!(control::quit)),
+    ("blockdev-add", on_daemon!(async blockdev::blockdev_add)),
+    ("blockdev-del", on_daemon!(async blockdev::blockdev_del)),
+    (
+        "query-named-block-nodes",
+        on_daemon!(blockdev::query_named_block_nodes),
+    ),
+    (
+        "blockdev-snapshot",
+        on_daemon!(async snapshot::blockdev_snapshot),
+    ),
+    (
+        "blockdev-snapshot-sync",
+        on_daemon!(async snapshot::blockdev_snapshot_sync),
+    ),
+    (
+        "nbd-server-start",
+        on_daemon!(async export::nbd_server_start),
+    ),
+    ("nbd-server-stop", on_daemon!(async export::nbd_server_stop)),
+    (
+        "block-export-add",
+        on_daemon!(async export::block_export_add),
+    ),
+    ("block-export-del", on_daemon!(export::block_export_del)),
+    (
+        "query-block-exports",
+        on_daemon!(export::query_block_exports),
+    ),
+    ("blockdev-mirror", on_daemon!(async mirror::blockdev_mirror)),
+    ("blockdev-backup", on_daemon!(async backup::blockdev_backup)),
+    ("blockdev-create", on_daemon!(async create::blockdev_create)),
+    ("query-jobs", on_daemon!(job::query_jobs)),
+    ("job-pause", on_daemon!(job::job_pause)),
+    ("job-resume", on_daemon!(job::job_resume)),
+    ("job-cancel", on_daemon!(async job::job_cancel)),
+    ("job-complete", on_daemon!(job::job_complete)),
+    ("job-finalize", on_daemon!(async job::job_finalize)),
+    ("job-dismiss", on_daemon!(job::job_dismiss)),
+    ("query-block-jobs", on_daemon!(job::query_block_jobs)),
+    ("block-job-cancel", on_daemon!(async job::block_job_cancel)),
+    ("block-job-complete", on_daemon!(job::block_job_complete)),
+    ("block-job-pause", on_daemon!(job::block_job_pause)),
+    ("block-job-resume", on_daemon!(job::block_job_resume)),
+    ("block-job-set-speed", on_daemon!(job::block_job_set_speed)),
+    ("block-job-change", on_daemon!(job::block_job_change)),
+    (
+        "block-job-finalize",
+        on_daemon!(async job::block_job_finalize),
+    ),
+    ("block-job-dismiss", on_daemon!(job::block_job_dismiss)),
+    ("x-blkdebug-set-rules", on_daemon!(blkdebug::set_rules)),
 ];
+
+/// Every command this daemon answers, in `query-commands` order.
+pub fn command_names() -> impl Iterator<Item = &'static str> {
+    std::iter::once("qmp_capabilities").chain(COMMANDS.iter().map(|(n, _)| *n))
+}
 
 /// The QMP command table of one daemon.
 pub struct Commands {
@@ -91,49 +138,14 @@ impl Dispatcher for Commands {
         command: &'a str,
         args: Args,
     ) -> Pin<Box<dyn Future<Output = Result<Value, QmpError>> + Send + 'a>> {
-        let d = &self.daemon;
-        Box::pin(async move {
-            match command {
-                "query-version" => control::query_version(args),
-                "query-commands" => control::query_commands(args),
-                "quit" => control::quit(d, args),
-                "blockdev-add" => blockdev::blockdev_add(d, args).await,
-                "blockdev-del" => blockdev::blockdev_del(d, args).await,
-                "blockdev-snapshot" => snapshot::blockdev_snapshot(d, args).await,
-                "blockdev-snapshot-sync" => snapshot::blockdev_snapshot_sync(d, args).await,
-                "query-named-block-nodes" => blockdev::query_named_block_nodes(d, args),
-                "nbd-server-start" => export::nbd_server_start(d, args).await,
-                "nbd-server-stop" => export::nbd_server_stop(d, args).await,
-                "block-export-add" => export::block_export_add(d, args).await,
-                "block-export-del" => export::block_export_del(d, args),
-                "query-block-exports" => export::query_block_exports(d, args),
-                "blockdev-mirror" => mirror::blockdev_mirror(d, args).await,
-                "blockdev-backup" => backup::blockdev_backup(d, args).await,
-                "blockdev-create" => create::blockdev_create(d, args).await,
-                "query-jobs"
-                | "job-pause"
-                | "job-resume"
-                | "job-cancel"
-                | "job-complete"
-                | "job-finalize"
-                | "job-dismiss"
-                | "query-block-jobs"
-                | "block-job-cancel"
-                | "block-job-complete"
-                | "block-job-pause"
-                | "block-job-resume"
-                | "block-job-set-speed"
-                | "block-job-change"
-                | "block-job-finalize"
-                | "block-job-dismiss" => job::dispatch(d, command, args).await,
-                "x-blkdebug-set-rules" => blkdebug::set_rules(d, args),
-                _ => Err(command_not_found(command)),
-            }
-        })
+        match COMMANDS.iter().find(|(n, _)| *n == command) {
+            Some((_, handler)) => handler(self.daemon.clone(), args),
+            None => Box::pin(std::future::ready(Err(command_not_found(command)))),
+        }
     }
 
     fn commands(&self) -> Vec<String> {
-        COMMAND_NAMES.iter().map(|s| s.to_string()).collect()
+        command_names().map(str::to_string).collect()
     }
 }
 

@@ -18,7 +18,7 @@ use crate::daemon::{export_user, Daemon};
 /// Longest wait for requests in flight on the old node before the swap.
 ///
 /// A request stuck longer than this (a dead NFS server, say) fails the
-/// snapshot instead of hanging the monitor (DESIGN.md G1).
+/// snapshot instead of hanging the monitor: every operation is bounded.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 
 fn generic(desc: impl Into<String>) -> QmpError {
