@@ -409,6 +409,25 @@ struct CopyDone {
     took: Duration,
 }
 
+/// What the copy loop carries from one turn to the next.
+struct LoopState {
+    ops: JoinSet<CopyDone>,
+    in_flight_bytes: u64,
+    /// Where the next search for dirty chunks starts (round robin).
+    cursor: u64,
+    /// `auto`: the lowest dirty count seen, and when it last fell.
+    best_dirty: u64,
+    last_progress: Instant,
+    last_log: Instant,
+}
+
+/// Whether the copy loop goes on with this turn or looks again first.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Turn {
+    Go,
+    Again,
+}
+
 /// The mirror job.
 pub struct Mirror {
     opts: MirrorOptions,
@@ -603,150 +622,204 @@ impl Mirror {
         ctx.is_ready() && (ctx.complete_requested() || ctx.cancel_requested())
     }
 
-    /// The copy loop: runs until completion was asked for and done, or the job is cancelled.
+    /// The copy loop (QEMU's `mirror_run`): runs until completion was asked
+    /// for and done, or the job is cancelled. Each turn watches `auto`,
+    /// reports READY once in sync, completes when asked, and otherwise runs
+    /// one iteration and waits for something to happen.
     async fn run_loop(&self, ctx: &JobCtx) -> livesnap_block::Result<()> {
-        let shared = &self.shared;
-        let mut ops: JoinSet<CopyDone> = JoinSet::new();
-        let mut in_flight_bytes = 0u64;
-        let mut cursor = 0u64;
-        let mut best_dirty = u64::MAX;
-        let mut last_progress = Instant::now();
+        let mut st = LoopState {
+            ops: JoinSet::new(),
+            in_flight_bytes: 0,
+            cursor: 0,
+            best_dirty: u64::MAX,
+            last_progress: Instant::now(),
+            last_log: Instant::now(),
+        };
         let mut kicks = ctx.kicks();
-        let mut last_log = Instant::now();
         loop {
             if ctx.is_cancelled() {
-                ops.abort_all();
+                st.ops.abort_all();
                 return Err(livesnap_block::Error::invalid("Operation canceled"));
             }
-            let dirty = shared.dirty_bytes();
-            self.update_remaining(ctx, in_flight_bytes);
-            if last_log.elapsed() >= Duration::from_secs(1) {
-                last_log = Instant::now();
-                tracing::debug!(
-                    "mirror {}: dirty {dirty} in flight {in_flight_bytes} ({} ops) write-blocking {} guest busy {} rate {}",
-                    ctx.id(),
-                    ops.len(),
-                    shared.write_blocking(),
-                    shared.guest.busy(),
-                    self.copy_rate.load(Ordering::Relaxed)
-                );
-            }
-
-            // livesnap's auto mode: write-blocking once background stops gaining.
-            if *self.requested_mode.lock().unwrap() == CopyMode::Auto && !shared.write_blocking() {
-                if best_dirty == u64::MAX || (dirty as u128) * 20 < (best_dirty as u128) * 19 {
-                    best_dirty = dirty;
-                    last_progress = Instant::now();
-                } else if last_progress.elapsed() >= self.opts.tuning.auto_patience && dirty > 0 {
-                    // Also in READY: completion's hold would cope with a
-                    // little dirt, but a caller that waits for
-                    // `offset == len` before it completes (Nova, libvirt)
-                    // needs the job to get clean, which only write-blocking
-                    // guarantees under a busy guest.
-                    self.switch_to_write_blocking();
-                }
-            }
-
-            let clean =
-                dirty == 0 && ops.is_empty() && shared.active_writes.load(Ordering::SeqCst) == 0;
-            let clean = clean && shared.background_writes.load(Ordering::SeqCst) == 0;
-            // `auto` is READY once what is dirty fits in one completion hold:
-            // its completion is bounded, so waiting for a clean instant
-            // (QEMU's READY) would only push the guest into write-blocking.
-            let auto = *self.requested_mode.lock().unwrap() == CopyMode::Auto;
-            // Only after the first pass, though: READY tells users the bulk
-            // of the copy is done.
-            let first_pass_done = ctx.progress().0 >= self.initial_dirty.load(Ordering::Relaxed);
-            let settled = |dirty: u64| auto && first_pass_done && dirty <= self.hold_budget();
-            if clean || (settled(dirty) && !ctx.is_ready()) {
-                if !ctx.is_ready() {
-                    if let Err(e) = self.flush_target(ctx).await {
-                        let verdict = ctx.io_error(self.opts.on_target_error, false, &e).await;
-                        if let ErrorVerdict::Fail(m) = verdict {
-                            return Err(m);
-                        }
-                        continue;
-                    }
-                    let dirty = shared.dirty_bytes();
-                    if dirty == 0 || settled(dirty) {
-                        if dirty == 0 && shared.write_blocking() {
-                            self.actively_synced.store(true, Ordering::SeqCst);
-                        }
-                        ctx.set_ready();
-                    }
-                    continue;
-                }
-                if shared.write_blocking() {
-                    self.actively_synced.store(true, Ordering::SeqCst);
-                }
+            let dirty = self.shared.dirty_bytes();
+            self.update_remaining(ctx, st.in_flight_bytes);
+            self.log_state(ctx, &mut st, dirty);
+            self.watch_auto(&mut st, dirty);
+            if self.sync_point(ctx, &st, dirty).await? == Turn::Again {
+                continue;
             }
             if self.want_completion(ctx) {
-                ops.abort_all();
                 // Aborted copies left their chunks dirty; completion copies them.
-                while let Some(r) = ops.join_next().await {
+                st.ops.abort_all();
+                while let Some(r) = st.ops.join_next().await {
                     if let Ok(done) = r {
                         let _ = self.finish_copy(ctx, done).await;
                     }
                 }
                 return self.complete_bounded(ctx).await;
             }
-
-            // Issue copies within the limits; fewer while the guest is busy.
-            let busy = shared.guest.busy() && self.opts.tuning.busy_share < 1.0;
-            let max_ops = if busy { 1 } else { MAX_IN_FLIGHT };
-            let mut issued = false;
-            while ops.len() < max_ops && in_flight_bytes < self.opts.buf_size {
-                if !ctx.ratelimit_delay().is_zero() {
-                    break;
-                }
-                let run = {
-                    let bm = shared.bitmap.lock().unwrap();
-                    bm.next_dirty_run(cursor, MAX_COPY.min(self.opts.buf_size))
-                        .or_else(|| bm.next_dirty_run(0, MAX_COPY.min(self.opts.buf_size)))
-                };
-                let Some((off, len)) = run else { break };
-                // Skip runs a guest write or another copy holds right now.
-                if shared.locks.try_lock(off, off + len).is_none() && !ops.is_empty() {
-                    cursor = off + len;
-                    if cursor >= shared.source.size() {
-                        cursor = 0;
-                    }
-                    break;
-                }
-                cursor = off + len;
-                in_flight_bytes += len;
-                ctx.ratelimit_account(len);
-                ops.spawn(Self::start_copy(shared, off, len));
-                issued = true;
-            }
-
-            // Wait for something to happen.
-            let delay = ctx.ratelimit_delay();
-            tokio::select! {
-                Some(r) = ops.join_next(), if !ops.is_empty() => {
-                    let done = r.map_err(|e| {
-                        livesnap_block::Error::new(
-                            livesnap_block::ErrorKind::Io,
-                            format!("copy task failed: {e}"),
-                        )
-                    })?;
-                    in_flight_bytes -= done.len;
-                    let took = done.took;
-                    self.finish_copy(ctx, done).await?;
-                    if busy {
-                        // Yield to the guest: idle for the share the job must not take.
-                        let share = self.opts.tuning.busy_share.clamp(0.05, 1.0);
-                        let idle = took.mul_f64((1.0 - share) / share);
-                        ctx.sleep(idle.min(Duration::from_millis(100))).await;
-                    }
-                }
-                _ = shared.dirtied.notified(), if ops.is_empty() && !issued && delay.is_zero() => {}
-                _ = tokio::time::sleep(delay), if !delay.is_zero() => {}
-                _ = kicks.changed() => {}
-                _ = tokio::time::sleep(Duration::from_millis(50)) => {}
-            }
+            let (busy, issued) = self.iteration(ctx, &mut st);
+            self.wait_for_progress(ctx, &mut st, &mut kicks, busy, issued)
+                .await?;
             ctx.pause_point().await;
         }
+    }
+
+    /// Once a second at debug level: what the loop sees.
+    fn log_state(&self, ctx: &JobCtx, st: &mut LoopState, dirty: u64) {
+        if st.last_log.elapsed() < Duration::from_secs(1) {
+            return;
+        }
+        st.last_log = Instant::now();
+        let shared = &self.shared;
+        tracing::debug!(
+            "mirror {}: dirty {dirty} in flight {} ({} ops) write-blocking {} guest busy {} rate {}",
+            ctx.id(),
+            st.in_flight_bytes,
+            st.ops.len(),
+            shared.write_blocking(),
+            shared.guest.busy(),
+            self.copy_rate.load(Ordering::Relaxed)
+        );
+    }
+
+    /// livesnap's auto mode: write-blocking once background stops gaining
+    /// (the dirty count has not fallen by 5% for `auto_patience`).
+    fn watch_auto(&self, st: &mut LoopState, dirty: u64) {
+        if *self.requested_mode.lock().unwrap() != CopyMode::Auto || self.shared.write_blocking() {
+            return;
+        }
+        if st.best_dirty == u64::MAX || (dirty as u128) * 20 < (st.best_dirty as u128) * 19 {
+            st.best_dirty = dirty;
+            st.last_progress = Instant::now();
+        } else if st.last_progress.elapsed() >= self.opts.tuning.auto_patience && dirty > 0 {
+            // Also in READY: completion's hold would cope with a little
+            // dirt, but a caller that waits for `offset == len` before it
+            // completes (Nova, libvirt) needs the job to get clean, which
+            // only write-blocking guarantees under a busy guest.
+            self.switch_to_write_blocking();
+        }
+    }
+
+    /// READY and "actively synced": flushes the target and reports READY
+    /// the first time the job is in sync. [`Turn::Again`] when the loop
+    /// must look again before going on.
+    async fn sync_point(
+        &self,
+        ctx: &JobCtx,
+        st: &LoopState,
+        dirty: u64,
+    ) -> livesnap_block::Result<Turn> {
+        let shared = &self.shared;
+        let clean = dirty == 0
+            && st.ops.is_empty()
+            && shared.active_writes.load(Ordering::SeqCst) == 0
+            && shared.background_writes.load(Ordering::SeqCst) == 0;
+        // `auto` is READY once what is dirty fits in one completion hold:
+        // its completion is bounded, so waiting for a clean instant (QEMU's
+        // READY) would only push the guest into write-blocking. Only after
+        // the first pass, though: READY tells users the bulk of the copy is
+        // done.
+        let auto = *self.requested_mode.lock().unwrap() == CopyMode::Auto;
+        let first_pass_done = ctx.progress().0 >= self.initial_dirty.load(Ordering::Relaxed);
+        let settled = |dirty: u64| auto && first_pass_done && dirty <= self.hold_budget();
+        if !(clean || (settled(dirty) && !ctx.is_ready())) {
+            return Ok(Turn::Go);
+        }
+        if ctx.is_ready() {
+            if shared.write_blocking() {
+                self.actively_synced.store(true, Ordering::SeqCst);
+            }
+            return Ok(Turn::Go);
+        }
+        if let Err(e) = self.flush_target(ctx).await {
+            let verdict = ctx.io_error(self.opts.on_target_error, false, &e).await;
+            if let ErrorVerdict::Fail(m) = verdict {
+                return Err(m);
+            }
+            return Ok(Turn::Again);
+        }
+        let dirty = shared.dirty_bytes();
+        if dirty == 0 || settled(dirty) {
+            if dirty == 0 && shared.write_blocking() {
+                self.actively_synced.store(true, Ordering::SeqCst);
+            }
+            ctx.set_ready();
+        }
+        Ok(Turn::Again)
+    }
+
+    /// One iteration (QEMU's `mirror_iteration`): issues copies of dirty
+    /// runs within the rate limit, the buffer and the in-flight limit, one
+    /// at a time while the guest is busy. Returns (guest busy, issued any).
+    fn iteration(&self, ctx: &JobCtx, st: &mut LoopState) -> (bool, bool) {
+        let shared = &self.shared;
+        let busy = shared.guest.busy() && self.opts.tuning.busy_share < 1.0;
+        let max_ops = if busy { 1 } else { MAX_IN_FLIGHT };
+        let mut issued = false;
+        while st.ops.len() < max_ops && st.in_flight_bytes < self.opts.buf_size {
+            if !ctx.ratelimit_delay().is_zero() {
+                break;
+            }
+            let run = {
+                let bm = shared.bitmap.lock().unwrap();
+                bm.next_dirty_run(st.cursor, MAX_COPY.min(self.opts.buf_size))
+                    .or_else(|| bm.next_dirty_run(0, MAX_COPY.min(self.opts.buf_size)))
+            };
+            let Some((off, len)) = run else { break };
+            // Skip runs a guest write or another copy holds right now.
+            if shared.locks.try_lock(off, off + len).is_none() && !st.ops.is_empty() {
+                st.cursor = off + len;
+                if st.cursor >= shared.source.size() {
+                    st.cursor = 0;
+                }
+                break;
+            }
+            st.cursor = off + len;
+            st.in_flight_bytes += len;
+            ctx.ratelimit_account(len);
+            st.ops.spawn(Self::start_copy(shared, off, len));
+            issued = true;
+        }
+        (busy, issued)
+    }
+
+    /// Waits for a copy to end, a guest write, the rate limit, a job verb
+    /// or 50 ms; a finished copy is accounted, and while the guest is busy
+    /// the loop then idles for the share of time it must leave the guest.
+    async fn wait_for_progress(
+        &self,
+        ctx: &JobCtx,
+        st: &mut LoopState,
+        kicks: &mut tokio::sync::watch::Receiver<u64>,
+        busy: bool,
+        issued: bool,
+    ) -> livesnap_block::Result<()> {
+        let delay = ctx.ratelimit_delay();
+        let idle_ops = st.ops.is_empty();
+        tokio::select! {
+            Some(r) = st.ops.join_next(), if !idle_ops => {
+                let done = r.map_err(|e| {
+                    livesnap_block::Error::new(
+                        livesnap_block::ErrorKind::Io,
+                        format!("copy task failed: {e}"),
+                    )
+                })?;
+                st.in_flight_bytes -= done.len;
+                let took = done.took;
+                self.finish_copy(ctx, done).await?;
+                if busy {
+                    let share = self.opts.tuning.busy_share.clamp(0.05, 1.0);
+                    let idle = took.mul_f64((1.0 - share) / share);
+                    ctx.sleep(idle.min(Duration::from_millis(100))).await;
+                }
+            }
+            _ = self.shared.dirtied.notified(), if idle_ops && !issued && delay.is_zero() => {}
+            _ = tokio::time::sleep(delay), if !delay.is_zero() => {}
+            _ = kicks.changed() => {}
+            _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+        }
+        Ok(())
     }
 
     /// Flushes the target; a force cancel interrupts a flush that hangs.
