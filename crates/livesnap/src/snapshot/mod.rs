@@ -42,6 +42,9 @@ pub enum MethodArg {
 /// is not among them (it may never converge).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum CopyMode {
+    /// QEMU's default: guest writes only mark chunks dirty. livesnap starts
+    /// in it only where it can switch to write-blocking at run time.
+    Background,
     /// Every guest write also goes to the target, from the start.
     WriteBlocking,
     /// livesnapd's: background, write-blocking once it stops converging.
@@ -52,8 +55,28 @@ impl CopyMode {
     /// QEMU's name.
     pub fn name(self) -> &'static str {
         match self {
+            CopyMode::Background => "background",
             CopyMode::WriteBlocking => "write-blocking",
             CopyMode::Auto => "auto",
+        }
+    }
+}
+
+/// What a copy takes of the disk: QEMU's `MirrorSyncMode` members livesnap uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SyncMode {
+    /// The whole disk, backing chain included.
+    Full,
+    /// The top layer only (over the same backing file).
+    Top,
+}
+
+impl SyncMode {
+    /// QEMU's name.
+    pub fn name(self) -> &'static str {
+        match self {
+            SyncMode::Full => "full",
+            SyncMode::Top => "top",
         }
     }
 }

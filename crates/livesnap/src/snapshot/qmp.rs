@@ -14,7 +14,7 @@ use tokio::time::Instant;
 use super::quiesce::{Agent, Freezer};
 use super::{
     during, failure_after_cleanup, new_target_path, remove_target_file, CopyMode, FreezeArg,
-    MethodArg, Options,
+    MethodArg, Options, SyncMode,
 };
 use crate::disk::{self, Disk};
 use crate::endpoint::{str_of, Caps, Endpoint};
@@ -37,9 +37,9 @@ enum Method {
 #[derive(Clone, Debug)]
 struct Plan {
     method: Method,
-    sync: &'static str,
+    sync: SyncMode,
     /// Mirror: `copy-mode` to start with.
-    copy_mode: Option<&'static str>,
+    copy_mode: Option<CopyMode>,
     /// Mirror: switch to write-blocking with `block-job-change` when the
     /// remaining bytes have not reached a new low for this long.
     switch: Option<Duration>,
@@ -70,9 +70,9 @@ const QGA_CONNECT: Duration = Duration::from_secs(5);
 
 fn decide(caps: &Caps, opts: &Options, disk: &Disk) -> Result<Plan> {
     let sync = if opts.shallow && disk.backing.is_some() {
-        "top"
+        SyncMode::Top
     } else {
-        "full"
+        SyncMode::Full
     };
     let backup = caps.has("blockdev-backup");
     let mirror = caps.has("blockdev-mirror");
@@ -92,29 +92,29 @@ fn decide(caps: &Caps, opts: &Options, disk: &Disk) -> Result<Plan> {
         let change = caps.has("block-job-change") && caps.mirror_mode("write-blocking");
         let (mode, switch, at_ready, how) = match opts.copy_mode {
             Some(CopyMode::WriteBlocking) if caps.mirror_mode("write-blocking") => {
-                ("write-blocking", None, false, "write-blocking from the start (requested)")
+                (CopyMode::WriteBlocking, None, false, "write-blocking from the start (requested)")
             }
             Some(CopyMode::Auto) if caps.mirror_mode("auto") => (
-                "auto",
+                CopyMode::Auto,
                 change.then_some(AUTO_SAFETY_PATIENCE),
                 false,
                 "copy-mode auto (requested)",
             ),
             Some(_) => return None,
             None if caps.mirror_mode("auto") => (
-                "auto",
+                CopyMode::Auto,
                 change.then_some(AUTO_SAFETY_PATIENCE),
                 false,
                 "copy-mode auto (livesnapd switches to write-blocking itself)",
             ),
             None if change => (
-                "background",
+                CopyMode::Background,
                 Some(SWITCH_PATIENCE),
                 true,
                 "background, switched to write-blocking with block-job-change when it stops converging",
             ),
             None if caps.mirror_mode("write-blocking") => (
-                "write-blocking",
+                CopyMode::WriteBlocking,
                 None,
                 false,
                 "write-blocking from the start (no block-job-change)",
@@ -208,7 +208,7 @@ pub async fn run(qmp: &Path, opts: &Options, interrupt: Interrupt) -> Result<Rep
     }
     let plan = decide(&ep.caps, opts, &disk)?;
     let backing = match (&plan.sync, &disk.backing) {
-        (&"top", Some(b)) => match &b.format {
+        (SyncMode::Top, Some(b)) => match &b.format {
             Some(f) => Some((b.filename.clone(), f.clone())),
             None => {
                 return Err(Failure::usage(format!(
@@ -298,9 +298,9 @@ impl Run<'_> {
             self.method_name(),
             self.plan
                 .copy_mode
-                .map(|m| format!(" copy-mode={m}"))
+                .map(|m| format!(" copy-mode={}", m.name()))
                 .unwrap_or_default(),
-            self.plan.sync,
+            self.plan.sync.name(),
             duration(self.opts.deadline)
         ));
         self.clock.check()?;
@@ -319,7 +319,7 @@ impl Run<'_> {
             .map_err(|f| during(f, "creating the target"))?;
         let mut args = json!({
             "job-id": self.job, "device": self.disk.node, "target": target.node,
-            "sync": self.plan.sync,
+            "sync": self.plan.sync.name(),
         });
         if let Some(s) = self.opts.speed {
             args["speed"] = json!(s);
@@ -383,7 +383,7 @@ impl Run<'_> {
     /// between the cancel and BLOCK_JOB_COMPLETED.
     async fn mirror(&mut self, mut args: Value) -> Result<Outcome> {
         if let Some(m) = self.plan.copy_mode {
-            args["copy-mode"] = json!(m);
+            args["copy-mode"] = json!(m.name());
         }
         let mut watch = JobWatch::new(&self.job, &self.plan);
         self.st.job_running = Some(self.job.clone());
@@ -413,8 +413,8 @@ impl Run<'_> {
                 .await?;
         }
         let copy_mode = match self.plan.copy_mode {
-            Some(m) if watch.switched => Some(format!("{m}, then write-blocking")),
-            m => m.map(String::from),
+            Some(m) if watch.switched => Some(format!("{}, then write-blocking", m.name())),
+            m => m.map(|m| m.name().to_string()),
         };
         self.freezer.freeze().await?;
         let t0 = Stamp::now();
@@ -478,7 +478,7 @@ impl Run<'_> {
         Report {
             method: self.method_name(),
             copy_mode: o.copy_mode,
-            sync: self.plan.sync,
+            sync: self.plan.sync.name(),
             disk: self.opts.disk.clone(),
             node: self.disk.node.clone(),
             driver: self.disk.driver.clone(),
@@ -515,10 +515,10 @@ fn guest_effect(plan: &Plan, opts: &Options, switched: bool, q: Option<&Quiesce>
             opts.cbw_timeout
         ),
         (Method::Backup, _) => "copy-before-write: a guest write to a cluster not yet copied waited for that copy; a target failure would have failed that guest write (QEMU's on-cbw-error=break-guest-write: this endpoint's blockdev-backup has no break-snapshot)".into(),
-        (Method::Mirror, Some("auto")) if switched => "mirror copy-mode auto, switched to write-blocking by livesnap after it stopped converging: guest writes then also waited for the target; the soft cancel held guest writes for a bounded time".into(),
-        (Method::Mirror, Some("auto")) => "mirror copy-mode auto: guest writes unaffected while the background copy converged, written through to the target once livesnapd switched to write-blocking; the soft cancel held guest writes for a bounded time".into(),
-        (Method::Mirror, Some("background")) if switched => "mirror: background copy, then write-blocking (every guest write also waited for the target) from the switch until the soft cancel".into(),
-        (Method::Mirror, Some("background")) => "mirror: background copy; guest writes were not delayed by the target".into(),
+        (Method::Mirror, Some(CopyMode::Auto)) if switched => "mirror copy-mode auto, switched to write-blocking by livesnap after it stopped converging: guest writes then also waited for the target; the soft cancel held guest writes for a bounded time".into(),
+        (Method::Mirror, Some(CopyMode::Auto)) => "mirror copy-mode auto: guest writes unaffected while the background copy converged, written through to the target once livesnapd switched to write-blocking; the soft cancel held guest writes for a bounded time".into(),
+        (Method::Mirror, Some(CopyMode::Background)) if switched => "mirror: background copy, then write-blocking (every guest write also waited for the target) from the switch until the soft cancel".into(),
+        (Method::Mirror, Some(CopyMode::Background)) => "mirror: background copy; guest writes were not delayed by the target".into(),
         (Method::Mirror, _) => "mirror write-blocking: every guest write also waited for the target while the job ran".into(),
     };
     if let Some(q) = q {
@@ -555,7 +555,7 @@ impl JobWatch {
             job: job.to_string(),
             switch: plan.switch,
             switched: false,
-            mode: plan.copy_mode.map(String::from),
+            mode: plan.copy_mode.map(|m| m.name().to_string()),
             mirror: plan.method == Method::Mirror,
             best: None,
             error: None,
@@ -859,7 +859,7 @@ mod tests {
         let p = decide(&c, &opts(MethodArg::Auto), &disk()).unwrap();
         assert_eq!((p.method, p.cbw), (Method::Backup, true));
         let p = decide(&c, &opts(MethodArg::Mirror), &disk()).unwrap();
-        assert_eq!(p.copy_mode, Some("auto"));
+        assert_eq!(p.copy_mode, Some(CopyMode::Auto));
         assert_eq!(p.switch, Some(AUTO_SAFETY_PATIENCE));
         assert!(!p.switch_at_ready);
     }
@@ -872,7 +872,7 @@ mod tests {
             &["blockdev-backup", "blockdev-mirror", "block-job-change"],
         );
         let p = decide(&c, &opts(MethodArg::Mirror), &disk()).unwrap();
-        assert_eq!(p.copy_mode, Some("background"));
+        assert_eq!(p.copy_mode, Some(CopyMode::Background));
         assert_eq!(p.switch, Some(SWITCH_PATIENCE));
         assert!(p.switch_at_ready);
         // QEMU 3.0-8.1: write-blocking from the start.
@@ -880,7 +880,7 @@ mod tests {
         let p = decide(&c, &opts(MethodArg::Auto), &disk()).unwrap();
         assert_eq!(
             (p.method, p.copy_mode, p.switch),
-            (Method::Mirror, Some("write-blocking"), None)
+            (Method::Mirror, Some(CopyMode::WriteBlocking), None)
         );
         // Older: refused.
         let c = caps("", (2, 12), &["blockdev-mirror"]);
@@ -897,16 +897,16 @@ mod tests {
         let c = caps("", (10, 0), &["blockdev-backup"]);
         let mut o = opts(MethodArg::Backup);
         o.shallow = true;
-        assert_eq!(decide(&c, &o, &disk()).unwrap().sync, "full");
+        assert_eq!(decide(&c, &o, &disk()).unwrap().sync, SyncMode::Full);
         let mut d = disk();
         d.backing = Some(disk::Backing {
             filename: "/base".into(),
             format: Some("raw".into()),
         });
-        assert_eq!(decide(&c, &o, &d).unwrap().sync, "top");
+        assert_eq!(decide(&c, &o, &d).unwrap().sync, SyncMode::Top);
         assert_eq!(
             decide(&c, &opts(MethodArg::Backup), &d).unwrap().sync,
-            "full"
+            SyncMode::Full
         );
     }
 }
