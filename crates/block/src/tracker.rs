@@ -137,6 +137,7 @@ impl RequestTracker {
         id
     }
 
+    /// Waits until no request overlaps `[offset, offset + len)`.
     pub async fn wait_range_idle(&self, offset: u64, len: u64) {
         let end = offset.saturating_add(len.max(1));
         self.wait_until(

@@ -1,5 +1,5 @@
 //! Whether the guest is writing right now: how a job's background copy
-//! knows to yield (G4).
+//! knows to yield (a job must stay gentle with the guest).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;

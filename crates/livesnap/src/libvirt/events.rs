@@ -142,7 +142,10 @@ unsafe extern "C" fn block_job_cb(
     let disk = if disk.is_null() {
         String::new()
     } else {
-        CStr::from_ptr(disk).to_string_lossy().into_owned()
+        // SAFETY: libvirt passes a NUL-terminated disk name valid for the call.
+        unsafe { CStr::from_ptr(disk) }
+            .to_string_lossy()
+            .into_owned()
     };
     send(opaque, DomainEvent::BlockJob { disk, kind, status });
 }
@@ -154,7 +157,8 @@ unsafe extern "C" fn job_completed_cb(
     nparams: c_int,
     opaque: *mut c_void,
 ) {
-    let stats = typed_params(params, nparams);
+    // SAFETY: libvirt passes `nparams` parameters valid for the call.
+    let stats = unsafe { typed_params(params, nparams) };
     send(opaque, DomainEvent::JobCompleted { stats });
 }
 
@@ -170,7 +174,9 @@ unsafe extern "C" fn lifecycle_cb(
 }
 
 unsafe extern "C" fn free_tx(opaque: *mut c_void) {
-    drop(Box::from_raw(opaque as *mut Tx));
+    // SAFETY: `opaque` is the Box<Tx> leaked at registration; libvirt
+    // frees it once, after the last callback.
+    drop(unsafe { Box::from_raw(opaque as *mut Tx) });
 }
 
 /// The domain's events for as long as this lives.

@@ -199,21 +199,26 @@ pub unsafe fn typed_params(
         return out;
     }
     for i in 0..n.max(0) as usize {
-        let p = &*params.add(i);
-        let name = CStr::from_ptr(p.field.as_ptr() as *const c_char)
+        // SAFETY: the caller promises `n` initialised parameters.
+        let p = unsafe { &*params.add(i) };
+        // SAFETY: libvirt NUL-terminates `field` within its array.
+        let name = unsafe { CStr::from_ptr(p.field.as_ptr() as *const c_char) }
             .to_string_lossy()
             .into_owned();
-        let v = match p.type_ as u32 {
-            sys::VIR_TYPED_PARAM_INT => Param::Int(p.value.i as i128),
-            sys::VIR_TYPED_PARAM_UINT => Param::Int(p.value.ui as i128),
-            sys::VIR_TYPED_PARAM_LLONG => Param::Int(p.value.l as i128),
-            sys::VIR_TYPED_PARAM_ULLONG => Param::Int(p.value.ul as i128),
-            sys::VIR_TYPED_PARAM_DOUBLE => Param::Double(p.value.d),
-            sys::VIR_TYPED_PARAM_BOOLEAN => Param::Bool(p.value.b != 0),
-            sys::VIR_TYPED_PARAM_STRING if !p.value.s.is_null() => {
-                Param::Str(CStr::from_ptr(p.value.s).to_string_lossy().into_owned())
+        // SAFETY (the union reads): `type_` says which member is set.
+        let v = unsafe {
+            match p.type_ as u32 {
+                sys::VIR_TYPED_PARAM_INT => Param::Int(p.value.i as i128),
+                sys::VIR_TYPED_PARAM_UINT => Param::Int(p.value.ui as i128),
+                sys::VIR_TYPED_PARAM_LLONG => Param::Int(p.value.l as i128),
+                sys::VIR_TYPED_PARAM_ULLONG => Param::Int(p.value.ul as i128),
+                sys::VIR_TYPED_PARAM_DOUBLE => Param::Double(p.value.d),
+                sys::VIR_TYPED_PARAM_BOOLEAN => Param::Bool(p.value.b != 0),
+                sys::VIR_TYPED_PARAM_STRING if !p.value.s.is_null() => {
+                    Param::Str(CStr::from_ptr(p.value.s).to_string_lossy().into_owned())
+                }
+                _ => continue,
             }
-            _ => continue,
         };
         out.push((name, v));
     }
