@@ -144,6 +144,13 @@ impl JobStats {
     }
 }
 
+/// Whether [`Libvirt::abort_copy_early`] paused the guest, and since when.
+#[must_use = "a paused guest must be resumed"]
+pub struct Paused {
+    paused: bool,
+    since: std::time::Instant,
+}
+
 /// A connection to libvirt and one running domain on it, with its events.
 pub struct Libvirt {
     conn: Connect,
@@ -319,6 +326,44 @@ impl Libvirt {
             sys::block_job_abort(d, &disk, virt_sys::VIR_DOMAIN_BLOCK_JOB_ABORT_ASYNC)
         })
         .await
+    }
+
+    /// Aborts the copy job on `disk` before READY, with the guest paused
+    /// if it runs: QEMU 10.0 frees a write-blocking mirror's in-flight state
+    /// when the job is cancelled before READY while a guest write through
+    /// it may still be in flight, and that write then corrupts QEMU's heap
+    /// (measured: about one crash per 77 early cancels under a writing
+    /// guest, none of 200 with the guest paused). Pausing drains the
+    /// guest's I/O first. Resume with [`Libvirt::resume_after`] once the job
+    /// has ended.
+    pub async fn abort_copy_early(&self, disk: &str) -> Result<Paused> {
+        let running = self
+            .call("domstate", |d| d.state())
+            .await
+            .is_ok_and(|(state, _)| state.to_raw() == virt_sys::VIR_DOMAIN_RUNNING);
+        let paused = running && self.call("suspend", |d| d.suspend()).await.is_ok();
+        let since = std::time::Instant::now();
+        let r = self.block_job_abort_async(disk).await;
+        let p = Paused { paused, since };
+        match r {
+            Ok(()) => Ok(p),
+            Err(f) => {
+                self.resume_after(p).await;
+                Err(f)
+            }
+        }
+    }
+
+    /// Resumes a guest [`Libvirt::abort_copy_early`] paused; returns how
+    /// long it was paused, or why it could not be resumed.
+    pub async fn resume_after(&self, p: Paused) -> Option<std::result::Result<Duration, String>> {
+        if !p.paused {
+            return None;
+        }
+        Some(match self.call("resume", |d| d.resume()).await {
+            Ok(()) => Ok(p.since.elapsed()),
+            Err(f) => Err(f.reason),
+        })
     }
 
     /// The block job on `disk`, if any.

@@ -208,6 +208,8 @@ struct State {
     file_created: bool,
     /// The job livesnap started, not yet seen to end.
     running: Option<Running>,
+    /// The copy reached READY (an abort then is QEMU's soft cancel).
+    copy_ready: bool,
     notes: Vec<String>,
 }
 
@@ -579,6 +581,7 @@ impl Run<'_> {
         self.wait_copy(Want::Ready)
             .await
             .map_err(|f| during(f, "waiting for the block copy to reach READY"))?;
+        self.st.copy_ready = true;
         freezer.freeze().await?;
         let t0 = Stamp::now();
         self.lv.block_job_abort_async(&disk).await?;
@@ -714,10 +717,21 @@ impl Run<'_> {
                 Running::Copy => "block copy",
             };
             let r = match job {
-                Running::Backup => self.lv.abort_job().await,
-                Running::Copy => self.lv.block_job_abort_async(&self.disk.target).await,
+                Running::Backup => self.lv.abort_job().await.map(|()| None),
+                Running::Copy if !self.st.copy_ready => {
+                    self.lv.abort_copy_early(&self.disk.target).await.map(Some)
+                }
+                Running::Copy => self
+                    .lv
+                    .block_job_abort_async(&self.disk.target)
+                    .await
+                    .map(|()| None),
             };
             let asked = Instant::now();
+            let (r, paused) = match r {
+                Ok(p) => (Ok(()), p),
+                Err(f) => (Err(f), None),
+            };
             let seen = match r {
                 Ok(()) => {
                     aborted = Some(match job {
@@ -729,6 +743,16 @@ impl Run<'_> {
                 // It may have ended by itself meanwhile.
                 Err(_) => self.wait_gone(job, asked + Duration::from_secs(1)).await,
             };
+            if let Some(p) = paused {
+                match self.lv.resume_after(p).await {
+                    Some(Ok(d)) => self.progress.note(&format!(
+                        "livesnap: the guest was paused for {} around the early abort (QEMU 10.0 can crash when a write-blocking copy is cancelled before READY under guest writes)",
+                        duration(d)
+                    )),
+                    Some(Err(e)) => left.push(format!("the domain paused (resume failed: {e})")),
+                    None => {}
+                }
+            }
             if let Some(seen) = seen {
                 job_left = true;
                 left.push(format!(

@@ -166,6 +166,8 @@ struct State {
     file_created: bool,
     /// The job was started and has not been seen to end.
     job_running: Option<String>,
+    /// That job is a mirror not yet READY.
+    mirror_early: bool,
     notes: Vec<String>,
 }
 
@@ -387,6 +389,7 @@ impl Run<'_> {
         }
         let mut watch = JobWatch::new(&self.job, &self.plan);
         self.st.job_running = Some(self.job.clone());
+        self.st.mirror_early = true;
         self.progress.start(self.disk.size);
         if let Err(e) = self.ep.call("blockdev-mirror", args).await? {
             self.st.job_running = None;
@@ -401,6 +404,7 @@ impl Run<'_> {
             )
             .await
             .map_err(|f| during(f, "waiting for the mirror to reach READY"))?;
+        self.st.mirror_early = false;
         // QEMU's soft cancel in a background mirror waits for a clean
         // instant that busy guests may never give it.
         if self.plan.switch_at_ready && !watch.switched {
@@ -506,6 +510,24 @@ impl Run<'_> {
             notes,
         }
     }
+}
+
+/// Pauses a running VM (qemu-system: `query-status` says running) before
+/// a mirror is cancelled before READY. QEMU 10.0 frees a write-blocking
+/// mirror's in-flight state on such a cancel while a guest write through it
+/// may still be in flight, and that write then corrupts QEMU's heap
+/// (measured: about one crash per 77 early cancels under a writing guest,
+/// none of 200 with the VM stopped, which drains its I/O). Daemons without
+/// vCPUs (livesnapd, qemu-storage-daemon) have no `stop`.
+pub async fn pause_vm(ep: &mut Endpoint) -> bool {
+    if !(ep.caps.has("stop") && ep.caps.has("cont") && ep.caps.has("query-status")) {
+        return false;
+    }
+    let running = matches!(
+        ep.call("query-status", json!({})).await,
+        Ok(Ok(ref s)) if s["running"] == true
+    );
+    running && matches!(ep.call("stop", json!({})).await, Ok(Ok(_)))
 }
 
 fn guest_effect(plan: &Plan, opts: &Options, switched: bool, q: Option<&Quiesce>) -> String {
@@ -748,10 +770,12 @@ impl Run<'_> {
         }
         let mut cancelled = false;
         if let Some(job) = st.job_running.take() {
-            match ep
+            let paused = st.mirror_early && pause_vm(ep).await;
+            let since = Instant::now();
+            let r = ep
                 .call("block-job-cancel", json!({"device": job, "force": true}))
-                .await
-            {
+                .await;
+            match r {
                 Ok(Ok(_)) => {
                     cancelled = true;
                     let until = Instant::now() + CANCEL_WAIT;
@@ -782,6 +806,16 @@ impl Run<'_> {
                 // Already gone (it failed or ended by itself).
                 Ok(Err(_)) => {}
                 Err(f) => left.push(format!("job {job} ({})", f.reason)),
+            }
+            if paused {
+                match ep.call("cont", json!({})).await {
+                    Ok(Ok(_)) => self.progress.note(&format!(
+                        "livesnap: the VM was paused for {} around the early cancel (QEMU 10.0 can crash when a write-blocking mirror is cancelled before READY under guest writes)",
+                        duration(since.elapsed())
+                    )),
+                    Ok(Err(e)) => left.push(format!("the VM paused (cont: {})", e.desc)),
+                    Err(f) => left.push(format!("the VM paused (cont: {})", f.reason)),
+                }
             }
         }
         let budget = end

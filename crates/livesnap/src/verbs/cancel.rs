@@ -24,24 +24,48 @@ pub async fn run(ep: &mut Endpoint, clock: &mut Clock, job: &str, force: bool) -
             "job '{job}' is not a block job; job-cancel is always forceful: use --force"
         )));
     }
+    // A mirror cancelled before READY: with the VM paused (see `pause_vm`).
+    let early = str_of(j, "type") == "mirror" && status != "ready";
+    let paused = early && crate::snapshot::qmp::pause_vm(ep).await;
     let r = if is_block_job {
         ep.call("block-job-cancel", json!({"device": job, "force": force}))
-            .await?
+            .await
     } else {
-        ep.call("job-cancel", json!({"id": job})).await?
+        ep.call("job-cancel", json!({"id": job})).await
     };
-    r.map_err(|e| Failure::endpoint(format!("cancel {job}: {}", e.desc)))?;
-    // A block job's end event carries its outcome; other jobs only change status.
-    let ev = wait_end(&mut Events::Qmp(ep), clock, job, |name, d| {
-        let about = str_of(d, "device") == job || str_of(d, "id") == job;
-        about
-            && if is_block_job {
-                name == "BLOCK_JOB_COMPLETED" || name == "BLOCK_JOB_CANCELLED"
-            } else {
-                name == "JOB_STATUS_CHANGE" && matches!(str_of(d, "status"), "concluded" | "null")
+    let ended = match r {
+        Ok(r) => match r.map_err(|e| Failure::endpoint(format!("cancel {job}: {}", e.desc))) {
+            // A block job's end event carries its outcome; other jobs only change status.
+            Ok(_) => {
+                wait_end(&mut Events::Qmp(ep), clock, job, |name, d| {
+                    let about = str_of(d, "device") == job || str_of(d, "id") == job;
+                    about
+                        && if is_block_job {
+                            name == "BLOCK_JOB_COMPLETED" || name == "BLOCK_JOB_CANCELLED"
+                        } else {
+                            name == "JOB_STATUS_CHANGE"
+                                && matches!(str_of(d, "status"), "concluded" | "null")
+                        }
+                })
+                .await
             }
-    })
-    .await?;
+            Err(f) => Err(f),
+        },
+        Err(f) => Err(f),
+    };
+    if paused {
+        match ep.call("cont", json!({})).await {
+            Ok(Ok(_)) => eprintln!("livesnap: the VM was paused around the early cancel"),
+            Ok(Err(e)) => {
+                return Err(Failure::endpoint(format!(
+                    "the VM stays paused: cont failed: {}",
+                    e.desc
+                )))
+            }
+            Err(f) => return Err(f),
+        }
+    }
+    let ev = ended?;
     let d = &ev["data"];
     match str_of(&ev, "event") {
         "BLOCK_JOB_COMPLETED" if d.get("error").is_some() => Err(Failure::job(format!(
@@ -133,11 +157,19 @@ pub async fn run_libvirt(
             "job '{job}' is the domain's {job} job; aborting it abandons it: use --force"
         )));
     }
-    if block {
-        lv.block_job_abort_async(job).await?;
+    // A copy aborted before READY: with the guest paused (see
+    // `Libvirt::abort_copy_early`), resumed once the job has ended.
+    let early = block && str_of(j, "type") == "copy" && state != "ready";
+    let paused = if early {
+        Some(lv.abort_copy_early(job).await?)
     } else {
-        lv.abort_job().await?;
-    }
+        if block {
+            lv.block_job_abort_async(job).await?;
+        } else {
+            lv.abort_job().await?;
+        }
+        None
+    };
     let ev = wait_end(&mut Events::Libvirt(lv), clock, job, |name, d| {
         if block {
             name == "BLOCK_JOB" && str_of(d, "disk") == job && str_of(d, "status") != "ready"
@@ -145,7 +177,22 @@ pub async fn run_libvirt(
             name == "JOB_COMPLETED"
         }
     })
-    .await?;
+    .await;
+    if let Some(p) = paused {
+        match lv.resume_after(p).await {
+            Some(Ok(d)) => eprintln!(
+                "livesnap: the guest was paused for {} around the early abort",
+                crate::units::duration(d)
+            ),
+            Some(Err(e)) => {
+                return Err(Failure::endpoint(format!(
+                    "job '{job}' aborted, but the domain stays paused: resume failed: {e}"
+                )))
+            }
+            None => {}
+        }
+    }
+    let ev = ev?;
     match str_of(&ev["data"], "status") {
         "failed" => Err(Failure::job(format!("job '{job}' failed"))),
         _ if !block => {
