@@ -158,6 +158,71 @@ impl DirtyBitmap {
     }
 }
 
+impl DirtyBitmap {
+    /// ORs `other` into this bitmap: every byte dirty in `other` becomes
+    /// dirty here, whatever the two granularities (QEMU merges across them).
+    pub fn merge(&mut self, other: &DirtyBitmap) {
+        if other.granularity == self.granularity && other.size == self.size {
+            for (w, o) in self.words.iter_mut().zip(&other.words) {
+                *w |= o;
+            }
+            self.dirty_chunks = self.words.iter().map(|w| w.count_ones() as u64).sum();
+            return;
+        }
+        let mut from = 0;
+        while let Some((off, len)) = other.next_dirty_run(from, u64::MAX) {
+            self.set(off, len);
+            from = off + len;
+        }
+    }
+
+    /// The extent at `offset`, at most `max_len` bytes: its length and
+    /// whether it is dirty (what NBD's `qemu:dirty-bitmap` context reports).
+    pub fn extent(&self, offset: u64, max_len: u64) -> (u64, bool) {
+        let end = offset.saturating_add(max_len).min(self.size);
+        if offset >= end {
+            return (0, false);
+        }
+        let dirty = self.get(offset);
+        let mut c = offset / self.granularity + 1;
+        let last = end.div_ceil(self.granularity);
+        while c < last && self.test(c) == dirty {
+            c += 1;
+        }
+        ((c * self.granularity).min(end) - offset, dirty)
+    }
+
+    /// The bits as bytes, chunk `i` in bit `i % 8` of byte `i / 8` (the
+    /// layout of qcow2 bitmap data), `chunks().div_ceil(8)` bytes.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let n = self.chunks().div_ceil(8) as usize;
+        let mut out: Vec<u8> = self.words.iter().flat_map(|w| w.to_le_bytes()).collect();
+        out.truncate(n);
+        out
+    }
+
+    /// A bitmap over `size` bytes from bytes laid out as [`DirtyBitmap::to_bytes`]
+    /// makes them; missing bytes read as clean, bits past the end are ignored.
+    pub fn from_bytes(size: u64, granularity: u64, bytes: &[u8]) -> DirtyBitmap {
+        let mut b = DirtyBitmap::new(size, granularity);
+        for (i, w) in b.words.iter_mut().enumerate() {
+            let mut le = [0u8; 8];
+            let start = (i * 8).min(bytes.len());
+            let end = (start + 8).min(bytes.len());
+            le[..end - start].copy_from_slice(&bytes[start..end]);
+            *w = u64::from_le_bytes(le);
+        }
+        let chunks = b.chunks();
+        if chunks % 64 != 0 {
+            if let Some(last) = b.words.last_mut() {
+                *last &= (1u64 << (chunks % 64)) - 1;
+            }
+        }
+        b.dirty_chunks = b.words.iter().map(|w| w.count_ones() as u64).sum();
+        b
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -191,5 +256,27 @@ mod tests {
         assert!(b.all(63 * 512, 3 * 512) && !b.all(63 * 512, 4 * 512));
         b.set(999 * 512, 512);
         assert_eq!(b.next_dirty_run(66 * 512, u64::MAX), Some((999 * 512, 512)));
+    }
+
+    #[test]
+    fn merge_extents_and_bytes() {
+        let mut a = DirtyBitmap::new(1 << 20, 65536);
+        let mut fine = DirtyBitmap::new(1 << 20, 512);
+        fine.set(70000, 1);
+        a.merge(&fine);
+        assert_eq!(a.next_dirty_run(0, u64::MAX), Some((65536, 65536)));
+        assert_eq!(a.extent(0, u64::MAX), (65536, false));
+        assert_eq!(a.extent(65536, u64::MAX), (65536, true));
+        assert_eq!(a.extent(100000, 10), (10, true));
+        assert_eq!(a.extent(131072, u64::MAX), ((1 << 20) - 131072, false));
+        let bytes = a.to_bytes();
+        assert_eq!(bytes.len(), 2);
+        assert_eq!(bytes, vec![0b10, 0]);
+        let back = DirtyBitmap::from_bytes(1 << 20, 65536, &[0xff, 0xff, 0xff]);
+        assert_eq!(back.dirty_chunks(), 16);
+        let mut same = DirtyBitmap::new(1 << 20, 65536);
+        same.set(0, 1);
+        same.merge(&a);
+        assert_eq!(same.dirty_chunks(), 2);
     }
 }

@@ -146,6 +146,11 @@ pub trait BlockDriver: AsAny + Send + Sync + 'static {
         None
     }
 
+    /// Where the format keeps persistent dirty bitmaps, if it can.
+    fn bitmap_store(&self) -> Option<&dyn crate::bitmaps::BitmapStore> {
+        None
+    }
+
     /// The backing node, for formats that have one.
     fn backing(&self) -> Option<Arc<BlockNode>> {
         None

@@ -9,6 +9,7 @@
 
 pub mod backend;
 pub mod bitmap;
+pub mod bitmaps;
 pub mod blkdebug;
 pub mod buf;
 pub mod create;
@@ -25,6 +26,7 @@ pub mod tracker;
 
 pub use backend::{BackendHold, BlockBackend};
 pub use bitmap::DirtyBitmap;
+pub use bitmaps::{BitmapInfo, BitmapSet, BitmapStore, StoredBitmap, Thaw, Use};
 pub use blkdebug::{
     BlkdebugDriver, BlkdebugOpenOptions, BlkdebugOptions, BlkdebugRules, InjectError, IoType,
 };

@@ -7,6 +7,7 @@ use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
+use crate::bitmaps::BitmapSet;
 use crate::buf::IoBuf;
 use crate::driver::{BlockDriver, BlockStatus, ChildRef, IoFuture, Limits, WriteFlags, ZeroFlags};
 use crate::hook::{HookList, HookedWrite, WriteHook, WriteKind};
@@ -49,6 +50,14 @@ pub struct BlockNode {
     // Held shared by every write for its whole duration, exclusively to
     // change the list: attaching a hook is also a drain of the node's writes.
     hooks: tokio::sync::RwLock<HookList>,
+    /// The named dirty bitmaps (see [`crate::bitmaps`]).
+    pub(crate) bitmaps: Mutex<BitmapSet>,
+    /// Set while the node has any bitmap: writes skip all bitmap work otherwise.
+    pub(crate) has_bitmaps: AtomicBool,
+    /// Held shared by a write from marking its range dirty to its end, and
+    /// exclusively while the persistent bitmaps are written to the image, so
+    /// that no write's durable mark can be overwritten by an older copy.
+    pub(crate) bitmap_io: tokio::sync::RwLock<()>,
 }
 
 fn einval() -> io::Error {
@@ -74,7 +83,14 @@ impl BlockNode {
         read_only: bool,
         monitor_owned: bool,
     ) -> Arc<BlockNode> {
+        let bitmaps = match driver.bitmap_store() {
+            Some(store) => BitmapSet::from_stored(store.take_loaded(), store.read_only()),
+            None => BitmapSet::default(),
+        };
         Arc::new(BlockNode {
+            has_bitmaps: AtomicBool::new(!bitmaps.is_empty()),
+            bitmaps: Mutex::new(bitmaps),
+            bitmap_io: tokio::sync::RwLock::new(()),
             name: name.into(),
             driver,
             read_only: AtomicBool::new(read_only),
@@ -154,6 +170,9 @@ impl BlockNode {
     /// Undoes what opening the driver did outside the node; the node must
     /// be out of the graph (or about to go).
     pub async fn close(&self) {
+        if let Err(e) = self.store_bitmaps(true).await {
+            tracing::warn!("{}: storing dirty bitmaps on close failed: {e}", self.name);
+        }
         self.driver.close().await;
     }
 
@@ -163,6 +182,11 @@ impl BlockNode {
     pub fn driver<T: 'static>(&self) -> Option<&T> {
         // The driver itself, not its box (a Box is `Any` too).
         crate::driver::AsAny::as_any(&*self.driver).downcast_ref::<T>()
+    }
+
+    /// Where the node's format keeps persistent bitmaps.
+    pub(crate) fn bitmap_store(&self) -> Option<&dyn crate::bitmaps::BitmapStore> {
+        self.driver.bitmap_store()
     }
 
     /// Re-points the backing node (see [`BlockDriver::set_backing`]).
@@ -230,15 +254,12 @@ impl BlockNode {
         data: Option<IoBuf>,
         write: IoFuture<'_, ()>,
     ) -> io::Result<()> {
-        if hooks.is_empty() {
-            return write.await;
-        }
         let req = HookedWrite::new(offset, len, kind, data);
         let mut fut = write;
         for h in hooks.iter().rev() {
             fut = h.intercept(&req, fut);
         }
-        fut.await
+        self.dirtying(offset, len, fut).await
     }
 
     fn check_range(&self, offset: u64, len: u64) -> io::Result<()> {
@@ -379,10 +400,12 @@ impl BlockNode {
         buf: IoBuf,
         flags: WriteFlags,
     ) -> io::Result<()> {
-        if hooks.is_empty() {
-            return self.driver.write(offset, buf, flags).await;
-        }
         let len = buf.len() as u64;
+        if hooks.is_empty() {
+            return self
+                .dirtying(offset, len, self.driver.write(offset, buf, flags))
+                .await;
+        }
         let data = hooks
             .iter()
             .any(|h| h.wants_data())
@@ -455,7 +478,8 @@ impl BlockNode {
 
     /// Makes every completed write durable.
     pub async fn flush(&self) -> io::Result<()> {
-        self.driver.flush().await
+        self.driver.flush().await?;
+        self.store_bitmaps_if_cleared().await
     }
 
     /// Resizes the node (only drivers that support it: `file` on a regular file).

@@ -1,0 +1,658 @@
+//! The named dirty bitmaps of a node (QEMU's `block/dirty-bitmap.c`): what
+//! `block-dirty-bitmap-*` manage, what incremental backups copy from and what
+//! NBD exports as `qemu:dirty-bitmap:NAME`.
+//!
+//! A node keeps a [`BitmapSet`]; every write, write-zeroes and discard that
+//! reaches the node's driver marks the enabled bitmaps dirty. Persistent
+//! bitmaps live in the image through the driver's [`BitmapStore`], which
+//! keeps them crash-safe: a range is dirty on disk before the write that
+//! dirties it is issued (a write-intent log, as md's bitmap), so a bitmap
+//! reopened after `kill -9` may over-approximate but never misses a write.
+//!
+//! A bitmap in use by a job or an export is *busy* and refuses changes;
+//! a job that consumes a bitmap *freezes* it (QEMU's successor): the content
+//! at the job's start is set aside and new writes are recorded beside it,
+//! and when the job ends the set-aside part is dropped or merged back.
+
+use std::io;
+use std::sync::atomic::Ordering;
+use std::sync::MutexGuard;
+
+use crate::bitmap::DirtyBitmap;
+use crate::driver::{FormatSpecific, IoFuture};
+use crate::node::BlockNode;
+
+/// Largest granularity QEMU accepts (`uint32`, a power of two).
+pub const MAX_GRANULARITY: u64 = 1 << 31;
+
+/// Smallest granularity QEMU accepts.
+pub const MIN_GRANULARITY: u64 = 512;
+
+/// Longest bitmap name a qcow2 image stores.
+pub const MAX_NAME_LEN: usize = 1023;
+
+/// One bitmap as QMP reports it (QEMU's `BlockDirtyInfo`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BitmapInfo {
+    /// The bitmap's name.
+    pub name: String,
+    /// Dirty bytes.
+    pub count: u64,
+    /// Bytes per bit.
+    pub granularity: u64,
+    /// Writes are being recorded.
+    pub recording: bool,
+    /// In use by a job or an export.
+    pub busy: bool,
+    /// Stored in the image.
+    pub persistent: bool,
+    /// Loaded from an image that was not closed cleanly by a writer that
+    /// keeps its bitmaps crash-safe: its content cannot be trusted.
+    pub inconsistent: bool,
+}
+
+/// A persistent bitmap as an image holds it.
+#[derive(Clone, Debug)]
+pub struct StoredBitmap {
+    /// The bitmap's name.
+    pub name: String,
+    /// Writes are recorded into it (qcow2's `auto` flag).
+    pub enabled: bool,
+    /// The image says the content cannot be trusted (qcow2's `in_use`
+    /// left by a writer that did not keep the bitmap crash-safe).
+    pub inconsistent: bool,
+    /// The dirty bits (granularity and size included).
+    pub bits: DirtyBitmap,
+}
+
+/// Where a driver keeps persistent bitmaps (qcow2's bitmap extension).
+///
+/// The node owns the bitmaps in memory; the store owns their on-disk form
+/// and the write-intent state (which bits are already durable).
+pub trait BitmapStore: Send + Sync {
+    /// The bitmaps the image held when it was opened (taken once, by the
+    /// node, when it is created).
+    fn take_loaded(&self) -> Vec<StoredBitmap>;
+
+    /// True when the image was opened read-only: its bitmaps are loaded
+    /// read-only and nothing is written back.
+    fn read_only(&self) -> bool;
+
+    /// QEMU's `can_store_new_dirty_bitmap` check for a new bitmap, with
+    /// QEMU's reason text (the node adds "Can't make bitmap ... persistent").
+    fn check_storable(&self, name: &str, granularity: u64, existing: usize) -> crate::Result<()>;
+
+    /// Writes `bitmaps`, the node's whole persistent set, to the image in
+    /// place of what it held. While the image stays open (`closing` false)
+    /// the bitmaps are marked in use and the write-intent state starts
+    /// again from exactly these bits; on close they are marked clean.
+    fn store(&self, bitmaps: Vec<StoredBitmap>, closing: bool) -> IoFuture<'_, ()>;
+
+    /// Makes the chunks of `[offset, offset+len)` dirty on disk in bitmap
+    /// `name`, durably, before the write that dirties them is issued. Cheap
+    /// when they already are (the common case).
+    fn mark_dirty(&self, name: &str, offset: u64, len: u64) -> IoFuture<'_, ()>;
+}
+
+/// A named bitmap of a node.
+#[derive(Clone, Debug)]
+pub struct NamedBitmap {
+    name: String,
+    bits: DirtyBitmap,
+    /// The content set aside by a job that froze the bitmap.
+    frozen: Option<DirtyBitmap>,
+    enabled: bool,
+    persistent: bool,
+    inconsistent: bool,
+    readonly: bool,
+    /// Users holding the bitmap (jobs, exports).
+    busy: usize,
+}
+
+impl NamedBitmap {
+    /// The bitmap's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Every dirty bit, including a frozen part.
+    pub fn content(&self) -> DirtyBitmap {
+        let mut all = self.bits.clone();
+        if let Some(f) = &self.frozen {
+            all.merge(f);
+        }
+        all
+    }
+
+    /// Bytes per bit.
+    pub fn granularity(&self) -> u64 {
+        self.bits.granularity()
+    }
+
+    /// Writes are recorded into it.
+    pub fn enabled(&self) -> bool {
+        self.enabled
+    }
+
+    /// Stored in the image.
+    pub fn persistent(&self) -> bool {
+        self.persistent
+    }
+
+    /// In use by a job or an export.
+    pub fn busy(&self) -> bool {
+        self.busy > 0 || self.frozen.is_some()
+    }
+
+    fn info(&self) -> BitmapInfo {
+        BitmapInfo {
+            name: self.name.clone(),
+            count: self.content().dirty_bytes(),
+            granularity: self.granularity(),
+            recording: self.enabled,
+            busy: self.busy(),
+            persistent: self.persistent,
+            inconsistent: self.inconsistent,
+        }
+    }
+
+    fn stored(&self) -> StoredBitmap {
+        StoredBitmap {
+            name: self.name.clone(),
+            enabled: self.enabled,
+            inconsistent: self.inconsistent,
+            bits: self.content(),
+        }
+    }
+}
+
+/// What a frozen bitmap becomes when the job that froze it ends.
+#[derive(Debug)]
+pub enum Thaw {
+    /// The set-aside content is dropped: only writes since the freeze stay
+    /// (QEMU's abdicate, a successful `on-success` or `always` backup).
+    Drop,
+    /// The given bits are merged back (QEMU's reclaim): the whole set-aside
+    /// content on failure, or what the job did not copy under `always`.
+    MergeBack(DirtyBitmap),
+}
+
+/// What a bitmap operation wants checked before it changes anything.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Use {
+    /// Changing content or state (clear, merge into, enable, disable, remove).
+    Modify,
+    /// Reading the content (merge from, export).
+    Read,
+}
+
+/// The named bitmaps of one node, newest first (the order QEMU lists them).
+#[derive(Debug, Default)]
+pub struct BitmapSet {
+    list: Vec<NamedBitmap>,
+    /// Some persistent bit was cleared since the image last got the set:
+    /// the next flush writes it (clean bits reach the disk lazily).
+    cleared: bool,
+}
+
+/// QEMU's `check_bitmap` texts.
+fn busy_error(name: &str) -> crate::Error {
+    crate::Error::busy(format!(
+        "Bitmap '{name}' is currently in use by another operation and cannot be used"
+    ))
+}
+
+impl BitmapSet {
+    /// The bitmaps an image held when opened (`readonly` for a read-only open).
+    pub fn from_stored(stored: Vec<StoredBitmap>, readonly: bool) -> BitmapSet {
+        let list = stored
+            .into_iter()
+            .rev()
+            .map(|s| NamedBitmap {
+                name: s.name,
+                bits: s.bits,
+                frozen: None,
+                enabled: s.enabled && !readonly && !s.inconsistent,
+                persistent: true,
+                inconsistent: s.inconsistent,
+                readonly,
+                busy: 0,
+            })
+            .collect();
+        BitmapSet {
+            list,
+            cleared: false,
+        }
+    }
+
+    /// True when there is no bitmap.
+    pub fn is_empty(&self) -> bool {
+        self.list.is_empty()
+    }
+
+    /// The bitmap called `name`.
+    pub fn get(&self, name: &str) -> Option<&NamedBitmap> {
+        self.list.iter().find(|b| b.name == name)
+    }
+
+    fn get_mut(&mut self, name: &str) -> crate::Result<&mut NamedBitmap> {
+        self.list
+            .iter_mut()
+            .find(|b| b.name == name)
+            .ok_or_else(|| crate::Error::not_found(format!("Dirty bitmap '{name}' not found")))
+    }
+
+    /// The bitmap called `name`, checked for `what` as QEMU's
+    /// `bdrv_dirty_bitmap_check` does (busy, read-only, inconsistent).
+    pub fn checked(&self, name: &str, what: Use) -> crate::Result<&NamedBitmap> {
+        let b = self
+            .get(name)
+            .ok_or_else(|| crate::Error::not_found(format!("Dirty bitmap '{name}' not found")))?;
+        check(b, what)?;
+        Ok(b)
+    }
+
+    /// QMP's view of every bitmap, newest first.
+    pub fn infos(&self) -> Vec<BitmapInfo> {
+        self.list.iter().map(NamedBitmap::info).collect()
+    }
+
+    /// The persistent bitmaps as the image must hold them.
+    pub fn stored(&self) -> Vec<StoredBitmap> {
+        // Oldest first: the order they were created in is the order stored.
+        self.list
+            .iter()
+            .rev()
+            .filter(|b| b.persistent)
+            .map(NamedBitmap::stored)
+            .collect()
+    }
+
+    /// Number of persistent bitmaps.
+    pub fn persistent_count(&self) -> usize {
+        self.list.iter().filter(|b| b.persistent).count()
+    }
+
+    /// Names of the enabled persistent bitmaps (whose bits must be durable
+    /// before a write).
+    pub fn recording_persistent(&self) -> Vec<String> {
+        self.list
+            .iter()
+            .filter(|b| b.enabled && b.persistent)
+            .map(|b| b.name.clone())
+            .collect()
+    }
+
+    /// Checks a new bitmap `name` as QEMU's `block-dirty-bitmap-add` does
+    /// (the store's check for persistent ones is the caller's).
+    pub fn check_new(&self, name: &str, granularity: u64) -> crate::Result<()> {
+        if name.is_empty() {
+            return Err(crate::Error::invalid("Bitmap name cannot be empty"));
+        }
+        if !granularity.is_power_of_two()
+            || !(MIN_GRANULARITY..=MAX_GRANULARITY).contains(&granularity)
+        {
+            return Err(crate::Error::invalid(
+                "Granularity must be power of 2 and at least 512",
+            ));
+        }
+        if self.get(name).is_some() {
+            return Err(crate::Error::invalid(format!(
+                "Bitmap already exists: {name}"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Adds a bitmap over `size` bytes, after [`BitmapSet::check_new`].
+    pub fn add(
+        &mut self,
+        name: &str,
+        size: u64,
+        granularity: u64,
+        persistent: bool,
+        enabled: bool,
+    ) {
+        self.list.insert(
+            0,
+            NamedBitmap {
+                name: name.to_owned(),
+                bits: DirtyBitmap::new(size, granularity),
+                frozen: None,
+                enabled,
+                persistent,
+                inconsistent: false,
+                readonly: false,
+                busy: 0,
+            },
+        );
+    }
+
+    /// Removes `name`; gives back whether it was persistent.
+    pub fn remove(&mut self, name: &str) -> crate::Result<bool> {
+        self.checked(name, Use::Modify)?;
+        let i = self
+            .list
+            .iter()
+            .position(|b| b.name == name)
+            .expect("checked");
+        Ok(self.list.remove(i).persistent)
+    }
+
+    /// Clears `name`; gives back the bits it held (to undo a transaction).
+    pub fn clear(&mut self, name: &str) -> crate::Result<DirtyBitmap> {
+        self.checked(name, Use::Modify)?;
+        let b = self.get_mut(name)?;
+        let old = b.bits.clone();
+        b.bits.reset(0, u64::MAX);
+        self.cleared |= b.persistent;
+        Ok(old)
+    }
+
+    /// Puts back bits taken by [`BitmapSet::clear`] or changed by a merge.
+    pub fn restore(&mut self, name: &str, bits: DirtyBitmap) {
+        if let Ok(b) = self.get_mut(name) {
+            b.bits = bits;
+            self.cleared |= b.persistent;
+        }
+    }
+
+    /// Starts or stops recording into `name`.
+    pub fn set_enabled(&mut self, name: &str, enabled: bool) -> crate::Result<()> {
+        self.checked(name, Use::Modify)?;
+        self.get_mut(name)?.enabled = enabled;
+        Ok(())
+    }
+
+    /// ORs `source` into `target`; gives back `target`'s old bits.
+    pub fn merge_into(&mut self, target: &str, source: &DirtyBitmap) -> crate::Result<DirtyBitmap> {
+        self.checked(target, Use::Modify)?;
+        let b = self.get_mut(target)?;
+        let old = b.bits.clone();
+        b.bits.merge(source);
+        Ok(old)
+    }
+
+    /// Marks `name` in use by a job or an export (QEMU's busy bitmaps).
+    pub fn hold(&mut self, name: &str, what: Use) -> crate::Result<()> {
+        self.checked(name, what)?;
+        self.get_mut(name)?.busy += 1;
+        Ok(())
+    }
+
+    /// Ends one [`BitmapSet::hold`].
+    pub fn release(&mut self, name: &str) {
+        if let Ok(b) = self.get_mut(name) {
+            b.busy = b.busy.saturating_sub(1);
+        }
+    }
+
+    /// Sets the current content of `name` aside for a job and records new
+    /// writes beside it; gives the job a copy of the set-aside bits.
+    pub fn freeze(&mut self, name: &str) -> crate::Result<DirtyBitmap> {
+        self.checked(name, Use::Modify)?;
+        let b = self.get_mut(name)?;
+        let size = b.bits.size();
+        let gran = b.granularity();
+        let content = std::mem::replace(&mut b.bits, DirtyBitmap::new(size, gran));
+        b.frozen = Some(content.clone());
+        Ok(content)
+    }
+
+    /// Ends a freeze as the job's outcome says.
+    pub fn thaw(&mut self, name: &str, how: Thaw) {
+        let Ok(b) = self.get_mut(name) else { return };
+        if b.frozen.take().is_none() {
+            return;
+        }
+        match how {
+            Thaw::Drop => self.cleared |= b.persistent,
+            Thaw::MergeBack(bits) => {
+                b.bits.merge(&bits);
+                self.cleared |= b.persistent;
+            }
+        }
+    }
+
+    /// Marks `[offset, offset+len)` dirty in every enabled bitmap.
+    pub fn mark(&mut self, offset: u64, len: u64) {
+        for b in self.list.iter_mut().filter(|b| b.enabled) {
+            b.bits.set(offset, len);
+        }
+    }
+
+    /// Takes the "some persistent bit was cleared" flag.
+    pub fn take_cleared(&mut self) -> bool {
+        std::mem::take(&mut self.cleared)
+    }
+
+    /// Sets the flag again after a store that failed.
+    fn restore_cleared(&mut self) {
+        self.cleared = true;
+    }
+}
+
+/// QEMU's `bdrv_dirty_bitmap_check`.
+fn check(b: &NamedBitmap, what: Use) -> crate::Result<()> {
+    if b.busy() {
+        return Err(busy_error(&b.name));
+    }
+    if what == Use::Modify && b.readonly {
+        return Err(crate::Error::invalid(format!(
+            "Bitmap '{}' is readonly and cannot be modified",
+            b.name
+        )));
+    }
+    if b.inconsistent {
+        return Err(crate::Error::invalid(format!(
+            "Bitmap '{}' is inconsistent and cannot be used",
+            b.name
+        )));
+    }
+    Ok(())
+}
+
+/// The bitmap operations of a node: the in-memory set plus what must reach
+/// the image for persistent bitmaps.
+impl BlockNode {
+    /// The node's bitmaps, locked (queries, transactions, jobs).
+    pub fn bitmaps(&self) -> MutexGuard<'_, BitmapSet> {
+        self.bitmaps.lock().unwrap()
+    }
+
+    /// QEMU's default granularity (`bdrv_get_default_bitmap_granularity`):
+    /// the cluster size, kept between 4 KiB and 64 KiB; 64 KiB without one.
+    pub fn default_bitmap_granularity(&self) -> u64 {
+        match self.format_specific() {
+            Some(FormatSpecific::Qcow2(q)) => q.cluster_size.clamp(4096, 65536),
+            None => 65536,
+        }
+    }
+
+    /// `block-dirty-bitmap-add`: a new bitmap, recording unless `disabled`;
+    /// a persistent one is in the image before this returns.
+    pub async fn add_bitmap(
+        &self,
+        name: &str,
+        granularity: Option<u64>,
+        persistent: bool,
+        disabled: bool,
+    ) -> crate::Result<()> {
+        let granularity = granularity.unwrap_or_else(|| self.default_bitmap_granularity());
+        self.bitmaps().check_new(name, granularity)?;
+        if persistent {
+            let store = self.bitmap_store().ok_or_else(|| {
+                crate::Error::unsupported(format!(
+                    "Can't store persistent bitmaps to {}: Operation not supported",
+                    self.name()
+                ))
+            })?;
+            let existing = self.bitmaps().persistent_count();
+            store
+                .check_storable(name, granularity, existing)
+                .map_err(|e| {
+                    crate::Error::new(
+                        e.kind(),
+                        format!(
+                            "Can't make bitmap '{name}' persistent in '{}': {e}",
+                            self.name()
+                        ),
+                    )
+                })?;
+        }
+        let size = self.size();
+        self.bitmaps()
+            .add(name, size, granularity, persistent, !disabled);
+        self.has_bitmaps.store(true, Ordering::SeqCst);
+        if persistent {
+            if let Err(e) = self.store_bitmaps(false).await {
+                let _ = self.bitmaps().remove(name);
+                return Err(crate::Error::io(
+                    &format!("Can't make bitmap '{name}' persistent in '{}'", self.name()),
+                    &e,
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// `block-dirty-bitmap-remove`; a persistent bitmap leaves the image too.
+    pub async fn remove_bitmap(&self, name: &str) -> crate::Result<()> {
+        let persistent = self.bitmaps().remove(name)?;
+        if self.bitmaps().is_empty() {
+            self.has_bitmaps.store(false, Ordering::SeqCst);
+        }
+        if persistent {
+            self.store_bitmaps(false)
+                .await
+                .map_err(|e| crate::Error::io("Failed to remove bitmap from the image", &e))?;
+        }
+        Ok(())
+    }
+
+    /// `block-dirty-bitmap-enable` / `-disable`.
+    pub async fn set_bitmap_enabled(&self, name: &str, enabled: bool) -> crate::Result<()> {
+        let persistent = {
+            let mut set = self.bitmaps();
+            set.set_enabled(name, enabled)?;
+            set.get(name).is_some_and(NamedBitmap::persistent)
+        };
+        if persistent {
+            self.store_bitmaps(false)
+                .await
+                .map_err(|e| crate::Error::io("Failed to store bitmap state", &e))?;
+        }
+        Ok(())
+    }
+
+    /// Writes the persistent bitmaps to the image (see [`BitmapStore::store`]).
+    pub async fn store_bitmaps(&self, closing: bool) -> io::Result<()> {
+        let Some(store) = self.bitmap_store() else {
+            return Ok(());
+        };
+        if store.read_only() {
+            return Ok(());
+        }
+        let _quiet = self.bitmap_io.write().await;
+        let stored = {
+            let mut set = self.bitmaps();
+            set.take_cleared();
+            set.stored()
+        };
+        // The store makes an empty set on an image without bitmaps a no-op.
+        store.store(stored, closing).await
+    }
+
+    /// A flush writes persistent bitmaps again only when bits were cleared:
+    /// bits only ever set are durable already (the write-intent marks).
+    pub(crate) async fn store_bitmaps_if_cleared(&self) -> io::Result<()> {
+        if !self.has_bitmaps.load(Ordering::SeqCst) || !self.bitmaps().take_cleared() {
+            return Ok(());
+        }
+        let r = self.store_bitmaps(false).await;
+        if r.is_err() {
+            // Try again at the next flush.
+            self.bitmaps().restore_cleared();
+        }
+        r
+    }
+
+    /// Runs a write-like request `write` over `[offset, offset+len)` with
+    /// the enabled bitmaps marked: durably first for persistent ones, and
+    /// again once it is done (a clear that raced with it must not hide it).
+    pub(crate) async fn dirtying(
+        &self,
+        offset: u64,
+        len: u64,
+        write: IoFuture<'_, ()>,
+    ) -> io::Result<()> {
+        if !self.has_bitmaps.load(Ordering::Acquire) {
+            return write.await;
+        }
+        let _marking = self.bitmap_io.read().await;
+        let persistent = {
+            let mut set = self.bitmaps();
+            set.mark(offset, len);
+            set.recording_persistent()
+        };
+        if let Some(store) = self.bitmap_store() {
+            for name in &persistent {
+                store.mark_dirty(name, offset, len).await?;
+            }
+        }
+        let r = write.await;
+        self.bitmaps().mark(offset, len);
+        r
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn freeze_then_thaw_keeps_every_write() {
+        let mut s = BitmapSet::default();
+        s.check_new("b", 65536).unwrap();
+        s.add("b", 1 << 20, 65536, false, true);
+        s.mark(0, 1);
+        let frozen = s.freeze("b").unwrap();
+        assert_eq!(frozen.dirty_chunks(), 1);
+        assert!(s.checked("b", Use::Read).is_err(), "frozen is busy");
+        s.mark(65536 * 3, 1);
+        assert_eq!(s.get("b").unwrap().content().dirty_chunks(), 2);
+        s.thaw("b", Thaw::MergeBack(frozen));
+        assert_eq!(s.get("b").unwrap().content().dirty_chunks(), 2);
+        s.freeze("b").unwrap();
+        s.thaw("b", Thaw::Drop);
+        assert!(s.get("b").unwrap().content().is_clean());
+    }
+
+    #[test]
+    fn qemu_checks() {
+        let mut s = BitmapSet::default();
+        assert_eq!(
+            s.check_new("", 65536).unwrap_err().to_string(),
+            "Bitmap name cannot be empty"
+        );
+        assert!(s.check_new("a", 256).is_err() && s.check_new("a", 1000).is_err());
+        s.add("a", 4096, 512, false, false);
+        assert_eq!(
+            s.check_new("a", 512).unwrap_err().to_string(),
+            "Bitmap already exists: a"
+        );
+        s.mark(0, 4096);
+        assert!(
+            s.get("a").unwrap().content().is_clean(),
+            "disabled records nothing"
+        );
+        s.hold("a", Use::Read).unwrap();
+        assert_eq!(
+            s.clear("a").unwrap_err().to_string(),
+            "Bitmap 'a' is currently in use by another operation and cannot be used"
+        );
+        s.release("a");
+        assert!(!s.remove("a").unwrap());
+        assert!(s.is_empty());
+    }
+}
