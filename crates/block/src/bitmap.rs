@@ -213,7 +213,7 @@ impl DirtyBitmap {
             *w = u64::from_le_bytes(le);
         }
         let chunks = b.chunks();
-        if chunks % 64 != 0 {
+        if !chunks.is_multiple_of(64) {
             if let Some(last) = b.words.last_mut() {
                 *last &= (1u64 << (chunks % 64)) - 1;
             }

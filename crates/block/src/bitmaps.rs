@@ -508,7 +508,7 @@ impl BlockNode {
             if let Err(e) = self.store_bitmaps(false).await {
                 let _ = self.bitmaps().remove(name);
                 return Err(crate::Error::io(
-                    &format!("Can't make bitmap '{name}' persistent in '{}'", self.name()),
+                    format!("Can't make bitmap '{name}' persistent in '{}'", self.name()),
                     &e,
                 ));
             }
