@@ -21,7 +21,7 @@ pub mod snapshot_access;
 
 pub use job::{
     ErrorVerdict, EventSink, Job, JobCtx, JobDriver, JobFuture, JobManager, JobOptions, JobStatus,
-    JobType, JobVerb, OnError,
+    JobTxn, JobType, JobVerb, OnError,
 };
 pub use livesnap_block::os_error_text;
 
