@@ -388,10 +388,14 @@ impl BitmapSet {
     }
 
     /// Sets the current content of `name` aside for a job and records new
-    /// writes beside it; gives the job a copy of the set-aside bits.
+    /// writes beside it; gives the job a copy of the set-aside bits. Only
+    /// a busy bitmap refuses (QEMU's `create_successor`): a job that never
+    /// changes the bitmap may freeze a read-only one.
     pub fn freeze(&mut self, name: &str) -> crate::Result<DirtyBitmap> {
-        self.checked(name, Use::Modify)?;
         let b = self.get_mut(name)?;
+        if b.busy() {
+            return Err(busy_error(name));
+        }
         let size = b.bits.size();
         let gran = b.granularity();
         let content = std::mem::replace(&mut b.bits, DirtyBitmap::new(size, gran));
