@@ -270,7 +270,15 @@ async fn qemu_crash_leaves_an_inconsistent_bitmap_here() {
     // sleeps until it is killed: a QEMU crash after a completed write.
     // (stdbuf: qemu-io's stdout is a pipe, which libc would buffer.)
     let mut qemu = Command::new("stdbuf")
-        .args(["-oL", "qemu-io", "-c", "write 0 4k", "-c", "sleep 60000", imgs])
+        .args([
+            "-oL",
+            "qemu-io",
+            "-c",
+            "write 0 4k",
+            "-c",
+            "sleep 60000",
+            imgs,
+        ])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
