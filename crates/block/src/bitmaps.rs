@@ -88,10 +88,11 @@ pub trait BitmapStore: Send + Sync {
     /// again from exactly these bits; on close they are marked clean.
     fn store(&self, bitmaps: Vec<StoredBitmap>, closing: bool) -> IoFuture<'_, ()>;
 
-    /// Makes the chunks of `[offset, offset+len)` dirty on disk in bitmap
-    /// `name`, durably, before the write that dirties them is issued. Cheap
-    /// when they already are (the common case).
-    fn mark_dirty(&self, name: &str, offset: u64, len: u64) -> IoFuture<'_, ()>;
+    /// Makes the chunks of `[offset, offset+len)` dirty on disk in every
+    /// recording bitmap of the last [`BitmapStore::store`], durably, before
+    /// the write that dirties them is issued. Cheap when they already are
+    /// (the common case).
+    fn mark_dirty(&self, offset: u64, len: u64) -> IoFuture<'_, ()>;
 }
 
 /// A named bitmap of a node.
@@ -276,16 +277,6 @@ impl BitmapSet {
     /// Number of persistent bitmaps.
     pub fn persistent_count(&self) -> usize {
         self.list.iter().filter(|b| b.persistent).count()
-    }
-
-    /// Names of the enabled persistent bitmaps (whose bits must be durable
-    /// before a write).
-    pub fn recording_persistent(&self) -> Vec<String> {
-        self.list
-            .iter()
-            .filter(|b| b.enabled && b.persistent)
-            .map(|b| b.name.clone())
-            .collect()
     }
 
     /// Checks a new bitmap `name` as QEMU's `block-dirty-bitmap-add` does
@@ -595,15 +586,9 @@ impl BlockNode {
             return write.await;
         }
         let _marking = self.bitmap_io.read().await;
-        let persistent = {
-            let mut set = self.bitmaps();
-            set.mark(offset, len);
-            set.recording_persistent()
-        };
+        self.bitmaps().mark(offset, len);
         if let Some(store) = self.bitmap_store() {
-            for name in &persistent {
-                store.mark_dirty(name, offset, len).await?;
-            }
+            store.mark_dirty(offset, len).await?;
         }
         let r = write.await;
         self.bitmaps().mark(offset, len);
