@@ -96,8 +96,14 @@ async fn qemu_made_bitmap_is_kept_and_extended() {
     );
     let imgs = img.to_str().unwrap();
     tool_ok("qemu-io", &["-c", "write 0 64k", "-c", "write 1M 4k", imgs]);
+    // A disabled copy, made by qemu-img's merge (what backup tools do).
+    tool_ok("qemu-img", &["bitmap", "--add", "--disable", imgs, "copy"]);
+    tool_ok("qemu-img", &["bitmap", "--merge", "b1", imgs, "copy"]);
 
     let node = qcow2_node(&img, None, false).await;
+    assert_eq!(extents(&node, "copy"), vec![(0, 64 * K), (M, 64 * K)]);
+    assert!(!node.bitmaps().get("copy").unwrap().enabled());
+    node.remove_bitmap("copy").await.unwrap();
     let info = node.bitmaps().infos();
     assert_eq!(info.len(), 1, "{info:?}");
     assert!(info[0].persistent && info[0].recording && !info[0].inconsistent);
