@@ -377,6 +377,10 @@ impl BlockDriver for CbwDriver {
         ]
     }
 
+    fn filtered(&self) -> Option<Arc<BlockNode>> {
+        Some(self.cbw.file.clone())
+    }
+
     fn read(&self, offset: u64, buf: IoBuf) -> IoFuture<'_, IoBuf> {
         Box::pin(self.cbw.file.read_into(offset, buf))
     }
