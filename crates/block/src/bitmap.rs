@@ -192,6 +192,28 @@ impl DirtyBitmap {
         ((c * self.granularity).min(end) - offset, dirty)
     }
 
+    /// Up to `max` runs covering `[offset, offset+len)` from `offset`, each
+    /// (length, dirty), neighbours differing: what NBD's
+    /// `qemu:dirty-bitmap` context reports. Bytes past the bitmap's end
+    /// read clean.
+    pub fn extents(&self, offset: u64, len: u64, max: usize) -> Vec<(u64, bool)> {
+        let end = offset.saturating_add(len);
+        let mut out: Vec<(u64, bool)> = Vec::new();
+        let mut pos = offset;
+        while pos < end && out.len() < max {
+            let (n, dirty) = match self.extent(pos, end - pos) {
+                (0, _) => (end - pos, false),
+                run => run,
+            };
+            match out.last_mut() {
+                Some(last) if last.1 == dirty => last.0 += n,
+                _ => out.push((n, dirty)),
+            }
+            pos += n;
+        }
+        out
+    }
+
     /// The bits as bytes, chunk `i` in bit `i % 8` of byte `i / 8` (the
     /// layout of qcow2 bitmap data), `chunks().div_ceil(8)` bytes.
     pub fn to_bytes(&self) -> Vec<u8> {

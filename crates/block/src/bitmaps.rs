@@ -14,7 +14,6 @@
 //! at the job's start is set aside and new writes are recorded beside it,
 //! and when the job ends the set-aside part is dropped or merged back.
 
-use std::borrow::Cow;
 use std::io;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, MutexGuard};
@@ -151,30 +150,12 @@ impl NamedBitmap {
         self.bits.size()
     }
 
-    /// Up to `max` runs covering `[offset, offset+len)` from `offset`, each
-    /// (length, dirty), neighbours differing: what NBD's
-    /// `qemu:dirty-bitmap` context reports. Bytes past the bitmap's end
-    /// read clean.
+    /// [`DirtyBitmap::extents`] of the whole content.
     pub fn extents(&self, offset: u64, len: u64, max: usize) -> Vec<(u64, bool)> {
-        let bits = match self.frozen {
-            None => Cow::Borrowed(&self.bits),
-            Some(_) => Cow::Owned(self.content()),
-        };
-        let end = offset.saturating_add(len);
-        let mut out: Vec<(u64, bool)> = Vec::new();
-        let mut pos = offset;
-        while pos < end && out.len() < max {
-            let (n, dirty) = match bits.extent(pos, end - pos) {
-                (0, _) => (end - pos, false),
-                run => run,
-            };
-            match out.last_mut() {
-                Some(last) if last.1 == dirty => last.0 += n,
-                _ => out.push((n, dirty)),
-            }
-            pos += n;
+        match self.frozen {
+            None => self.bits.extents(offset, len, max),
+            Some(_) => self.content().extents(offset, len, max),
         }
-        out
     }
 
     fn info(&self) -> BitmapInfo {

@@ -245,6 +245,7 @@ pub fn add_export(
             backend: livesnap_block::BlockBackend::new(node.clone()),
             writable: req.writable,
             allocation_depth: req.allocation_depth,
+            bitmaps: Vec::new(),
         })
         .map_err(generic)?;
     node.add_user(export_user(&req.id));
