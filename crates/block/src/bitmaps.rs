@@ -161,7 +161,9 @@ impl NamedBitmap {
     fn info(&self) -> BitmapInfo {
         BitmapInfo {
             name: self.name.clone(),
-            count: self.content().dirty_bytes(),
+            // QEMU counts whole chunks, past the disk's end too (a 2 GiB
+            // chunk of a 1 MiB disk counts 2 GiB, as qsd reports).
+            count: self.content().dirty_chunks() * self.granularity(),
             granularity: self.granularity(),
             recording: self.enabled,
             busy: self.busy(),
@@ -224,7 +226,11 @@ fn busy_error(name: &str) -> crate::Error {
 }
 
 impl BitmapSet {
-    /// The bitmaps an image held when opened (`readonly` for a read-only open).
+    /// The bitmaps an image held when opened (`readonly` for a read-only
+    /// open), in the image's order. QEMU lists them the other way round
+    /// (each loaded bitmap goes to the front), and so does this. A
+    /// read-only image's bitmaps keep their recording state, as in QEMU
+    /// (nothing writes to such a node anyway).
     pub fn from_stored(stored: Vec<StoredBitmap>, readonly: bool) -> BitmapSet {
         let list = stored
             .into_iter()
@@ -233,7 +239,7 @@ impl BitmapSet {
                 name: s.name,
                 bits: s.bits,
                 frozen: None,
-                enabled: s.enabled && !readonly && !s.inconsistent,
+                enabled: s.enabled && !s.inconsistent,
                 persistent: true,
                 inconsistent: s.inconsistent,
                 readonly,
@@ -278,12 +284,12 @@ impl BitmapSet {
         self.list.iter().map(NamedBitmap::info).collect()
     }
 
-    /// The persistent bitmaps as the image must hold them.
+    /// The persistent bitmaps as the image must hold them, in the order
+    /// they are listed (QEMU writes its bitmap directory in list order,
+    /// newest first: `qemu-img info` shows the newest as `[0]`).
     pub fn stored(&self) -> Vec<StoredBitmap> {
-        // Oldest first: the order they were created in is the order stored.
         self.list
             .iter()
-            .rev()
             .filter(|b| b.persistent)
             .map(NamedBitmap::stored)
             .collect()
@@ -647,8 +653,9 @@ impl BlockNode {
     }
 
     /// `block-dirty-bitmap-merge` into this node's bitmap `target` (looked
-    /// up first, [`lookup_bitmap`]): each source is found and checked in
-    /// order, with QEMU's text for the first that fails, then `target` gets
+    /// up first, [`lookup_bitmap`]): `target` is checked, then each source
+    /// is found and checked in order, with QEMU's text for the first that
+    /// fails (qsd's order), then `target` gets
     /// the union of all of them, whatever their granularities. Gives back
     /// `target`'s old bits. A persistent target is written to the image
     /// before this returns, so the merged bits survive a crash.
@@ -660,7 +667,7 @@ impl BlockNode {
     ) -> crate::Result<DirtyBitmap> {
         let (size, granularity) = {
             let set = self.bitmaps();
-            let b = set.get(target).ok_or_else(|| bitmap_not_found(target))?;
+            let b = set.checked(target, Use::Modify)?;
             (b.size(), b.granularity())
         };
         let mut union = DirtyBitmap::new(size, granularity);

@@ -91,6 +91,13 @@ async fn writes_count_by_granularity_and_clear_empties() {
     a.set_bitmap_enabled("off", false).await.unwrap();
     write(&a, 5 * K64, 1).await;
     assert_eq!(count(&a, "off"), K64, "disabled again");
+
+    // QEMU counts whole chunks, even past the end of the disk.
+    a.add_bitmap("huge", Some(1 << 31), false, false)
+        .await
+        .unwrap();
+    write(&a, MIB - 1, 1).await;
+    assert_eq!(count(&a, "huge"), 1 << 31);
 }
 
 #[tokio::test]
@@ -169,18 +176,18 @@ async fn merge_errors_in_qemu_order_change_nothing() {
     ] {
         assert_eq!(err(a.merge_bitmaps(&g, "t", &sources).await), text);
     }
-    // A busy source or target refuses; the source is checked first.
+    // A busy source or target refuses; the target is checked first.
     a.bitmaps().hold("x", Use::Read).unwrap();
     assert_eq!(
         err(a.merge_bitmaps(&g, "t", &[local("x")]).await),
         "Bitmap 'x' is currently in use by another operation and cannot be used"
     );
-    a.bitmaps().release("x");
     a.bitmaps().hold("t", Use::Read).unwrap();
     assert_eq!(
         err(a.merge_bitmaps(&g, "t", &[local("x")]).await),
         "Bitmap 't' is currently in use by another operation and cannot be used"
     );
+    a.bitmaps().release("x");
     for what in ["clear", "enable", "remove"] {
         let r = match what {
             "clear" => a.clear_bitmap("t").map(|_| ()),
