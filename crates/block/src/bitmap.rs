@@ -186,7 +186,17 @@ impl DirtyBitmap {
         let dirty = self.get(offset);
         let mut c = offset / self.granularity + 1;
         let last = end.div_ceil(self.granularity);
-        while c < last && self.test(c) == dirty {
+        let same = if dirty { u64::MAX } else { 0 };
+        while c < last {
+            // Whole words of the same state at once: a long run is walked
+            // 64 chunks a step while the node's writes wait on the lock.
+            if c.is_multiple_of(64) && c + 64 <= last && self.words[(c / 64) as usize] == same {
+                c += 64;
+                continue;
+            }
+            if self.test(c) != dirty {
+                break;
+            }
             c += 1;
         }
         ((c * self.granularity).min(end) - offset, dirty)
@@ -278,6 +288,25 @@ mod tests {
         assert!(b.all(63 * 512, 3 * 512) && !b.all(63 * 512, 4 * 512));
         b.set(999 * 512, 512);
         assert_eq!(b.next_dirty_run(66 * 512, u64::MAX), Some((999 * 512, 512)));
+    }
+
+    #[test]
+    fn extents_across_whole_words() {
+        let mut b = DirtyBitmap::new(1000 * 512, 512);
+        b.set(0, 200 * 512);
+        b.set(700 * 512, 1);
+        assert_eq!(b.extent(0, u64::MAX), (200 * 512, true));
+        assert_eq!(b.extent(3 * 512, 100 * 512), (100 * 512, true));
+        assert_eq!(b.extent(200 * 512, u64::MAX), (500 * 512, false));
+        assert_eq!(
+            b.extents(0, 1000 * 512, 10),
+            vec![
+                (200 * 512, true),
+                (500 * 512, false),
+                (512, true),
+                (299 * 512, false)
+            ]
+        );
     }
 
     #[test]
