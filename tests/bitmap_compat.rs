@@ -62,7 +62,15 @@ fn bitmaps(p: &mut Pair, node: &str) -> BTreeMap<String, (u64, bool, bool)> {
             .unwrap_or_else(|| panic!("no node {node}"))
             .clone()
     };
-    let (n, theirs) = (find(&l), find(&q));
+    let (mut n, mut theirs) = (find(&l), find(&q));
+    // The image's own bitmap directory: livesnapd writes a persistent
+    // bitmap into it when the bitmap is added (its write-intent log), QEMU
+    // at close, so the two differ while the image is open.
+    for v in [&mut n, &mut theirs] {
+        if let Some(data) = v["image"]["format-specific"]["data"].as_object_mut() {
+            data.shift_remove("bitmaps");
+        }
+    }
     assert_eq!(
         p.ls.mask(&n, &["actual-size"]),
         p.qs.mask(&theirs, &["actual-size"]),
@@ -1018,7 +1026,9 @@ fn persistent_bitmaps_on_qcow2_match_qsd() {
         json!({"type": "nbd", "id": "e", "node-name": "q", "bitmaps": ["p1", "p2"]}),
     );
     assert_eq!(dirty(&p, "q", "p2"), [(K64, K64)]);
-    p.same_ok("query-named-block-nodes", Value::Null);
+    let q = bitmaps(&mut p, "q");
+    assert!(q["p1"].2 && q["p2"].2 && !q["copy"].2, "exported: {q:?}");
+    assert_eq!(q["copy"].0, K64);
     p.same_ok("block-export-del", json!({"id": "e"}));
     close(&mut p);
     p.both_quiet();

@@ -108,6 +108,8 @@ pub struct NamedBitmap {
     readonly: bool,
     /// Users holding the bitmap (jobs, exports).
     busy: usize,
+    /// Its place in the image's bitmap directory when the image was opened.
+    loaded_at: Option<usize>,
 }
 
 impl NamedBitmap {
@@ -234,8 +236,9 @@ impl BitmapSet {
     pub fn from_stored(stored: Vec<StoredBitmap>, readonly: bool) -> BitmapSet {
         let list = stored
             .into_iter()
+            .enumerate()
             .rev()
-            .map(|s| NamedBitmap {
+            .map(|(i, s)| NamedBitmap {
                 name: s.name,
                 bits: s.bits,
                 frozen: None,
@@ -244,6 +247,7 @@ impl BitmapSet {
                 inconsistent: s.inconsistent,
                 readonly,
                 busy: 0,
+                loaded_at: Some(i),
             })
             .collect();
         BitmapSet {
@@ -285,12 +289,24 @@ impl BitmapSet {
     }
 
     /// The persistent bitmaps as the image must hold them, in the order
-    /// they are listed (QEMU writes its bitmap directory in list order,
-    /// newest first: `qemu-img info` shows the newest as `[0]`).
+    /// QEMU's bitmap directory has them once it closes the image: those it
+    /// held when opened in their places, then the new ones as listed
+    /// (newest first). A reopened image lists the directory the other way
+    /// round ([`BitmapSet::from_stored`]), so both daemons list alike.
     pub fn stored(&self) -> Vec<StoredBitmap> {
-        self.list
+        let mut loaded: Vec<&NamedBitmap> = self
+            .list
             .iter()
-            .filter(|b| b.persistent)
+            .filter(|b| b.persistent && b.loaded_at.is_some())
+            .collect();
+        loaded.sort_by_key(|b| b.loaded_at);
+        let new = self
+            .list
+            .iter()
+            .filter(|b| b.persistent && b.loaded_at.is_none());
+        loaded
+            .into_iter()
+            .chain(new)
             .map(NamedBitmap::stored)
             .collect()
     }
@@ -354,6 +370,7 @@ impl BitmapSet {
                 inconsistent: false,
                 readonly: false,
                 busy: 0,
+                loaded_at: None,
             },
         );
     }
@@ -851,6 +868,29 @@ mod tests {
             format!("Bitmap name too long: {}", "x".repeat(MAX_NAME_LEN + 1))
         );
         s.check_new(&"x".repeat(MAX_NAME_LEN), 512).unwrap();
+    }
+
+    /// The image keeps QEMU's directory order: what it held in place, new
+    /// bitmaps after them newest first; a reopen lists it reversed.
+    #[test]
+    fn directory_order_as_qemu() {
+        let stored = |name: &str| StoredBitmap {
+            name: name.into(),
+            enabled: true,
+            inconsistent: false,
+            bits: DirtyBitmap::new(4096, 512),
+        };
+        let mut s = BitmapSet::from_stored(vec![stored("a"), stored("b"), stored("c")], false);
+        let names = |v: Vec<StoredBitmap>| v.into_iter().map(|b| b.name).collect::<Vec<_>>();
+        assert_eq!(
+            s.infos().into_iter().map(|i| i.name).collect::<Vec<_>>(),
+            ["c", "b", "a"]
+        );
+        s.add("d", 4096, 512, true, true);
+        s.add("e", 4096, 512, true, true);
+        s.add("t", 4096, 512, false, true);
+        s.remove("b").unwrap();
+        assert_eq!(names(s.stored()), ["a", "c", "e", "d"]);
     }
 
     /// Which checks each use makes, as QEMU's flags for each command:
