@@ -26,7 +26,10 @@ pub mod tracker;
 
 pub use backend::{BackendHold, BlockBackend};
 pub use bitmap::DirtyBitmap;
-pub use bitmaps::{BitmapInfo, BitmapSet, BitmapStore, StoredBitmap, Thaw, Use};
+pub use bitmaps::{
+    lookup_bitmap, BitmapInfo, BitmapRef, BitmapSet, BitmapStore, NamedBitmap, StoredBitmap, Thaw,
+    Use,
+};
 pub use blkdebug::{
     BlkdebugDriver, BlkdebugOpenOptions, BlkdebugOptions, BlkdebugRules, InjectError, IoType,
 };
@@ -48,8 +51,8 @@ pub use open::{
     FactoryOpen, OpenFuture,
 };
 pub use qcow2::{
-    check_chain_depth, read_header_backing, resolve_backing_filename, BackingRef, Qcow2Cache,
-    Qcow2Driver, Qcow2Info, Qcow2Options,
+    check_chain_depth, read_header_backing, resolve_backing_filename, BackingRef, Qcow2BitmapInfo,
+    Qcow2Cache, Qcow2Driver, Qcow2Info, Qcow2Options,
 };
 pub use raw::{RawDriver, RawOptions};
 pub use tracker::{RequestKind, RequestTracker, TrackedRequest};
