@@ -35,8 +35,9 @@ pub const MAX_NAME_LEN: usize = 1023;
 /// One bitmap as QMP reports it (QEMU's `BlockDirtyInfo`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BitmapInfo {
-    /// The bitmap's name.
-    pub name: String,
+    /// The bitmap's name; none for the anonymous bitmap that records
+    /// writes while a job holds the named one frozen (QEMU's successor).
+    pub name: Option<String>,
     /// Dirty bytes.
     pub count: u64,
     /// Bytes per bit.
@@ -161,18 +162,35 @@ impl NamedBitmap {
         }
     }
 
-    fn info(&self) -> BitmapInfo {
-        BitmapInfo {
-            name: self.name.clone(),
-            // QEMU counts whole chunks, past the disk's end too (a 2 GiB
-            // chunk of a 1 MiB disk counts 2 GiB, as qsd reports).
-            count: self.content().dirty_chunks() * self.granularity(),
+    /// QMP's view: one entry, or two while a job holds it frozen, as QEMU
+    /// lists a bitmap with a successor: first the anonymous successor with
+    /// the writes since the freeze, then the named bitmap with the frozen
+    /// content, busy, recording while its successor does.
+    fn infos(&self) -> Vec<BitmapInfo> {
+        // QEMU counts whole chunks, past the disk's end too (a 2 GiB chunk
+        // of a 1 MiB disk counts 2 GiB, as qsd reports).
+        let count = |b: &DirtyBitmap| b.dirty_chunks() * self.granularity();
+        let named = BitmapInfo {
+            name: Some(self.name.clone()),
+            count: count(self.frozen.as_ref().unwrap_or(&self.bits)),
             granularity: self.granularity(),
             recording: self.enabled,
             busy: self.busy(),
             persistent: self.persistent,
             inconsistent: self.inconsistent,
+        };
+        if self.frozen.is_none() {
+            return vec![named];
         }
+        let successor = BitmapInfo {
+            name: None,
+            count: count(&self.bits),
+            busy: false,
+            persistent: false,
+            inconsistent: false,
+            ..named.clone()
+        };
+        vec![successor, named]
     }
 
     fn stored(&self) -> StoredBitmap {
@@ -286,7 +304,7 @@ impl BitmapSet {
 
     /// QMP's view of every bitmap, newest first.
     pub fn infos(&self) -> Vec<BitmapInfo> {
-        self.list.iter().map(NamedBitmap::info).collect()
+        self.list.iter().flat_map(NamedBitmap::infos).collect()
     }
 
     /// The persistent bitmaps as the image must hold them, in the order
@@ -872,7 +890,10 @@ mod tests {
         let mut s = BitmapSet::from_stored(vec![stored("a"), stored("b"), stored("c")], false);
         let names = |v: Vec<StoredBitmap>| v.into_iter().map(|b| b.name).collect::<Vec<_>>();
         assert_eq!(
-            s.infos().into_iter().map(|i| i.name).collect::<Vec<_>>(),
+            s.infos()
+                .into_iter()
+                .filter_map(|i| i.name)
+                .collect::<Vec<_>>(),
             ["c", "b", "a"]
         );
         s.add("d", 4096, 512, true, true);

@@ -14,6 +14,7 @@
 //! does not allocate; sync=none copies nothing in the background and runs
 //! until cancelled, so only what the guest overwrites reaches the target.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -22,7 +23,7 @@ use tokio::sync::mpsc;
 use livesnap_block::{BlockGraph, BlockNode, DirtyBitmap, Error, NodeUser, Thaw, Use};
 
 use crate::block_copy::{BlockCopy, CopyError, CopyProgress, MAX_CHUNK, MAX_WORKERS};
-use crate::cbw::{Cbw, CbwDriver, CbwOptions};
+use crate::cbw::{Cbw, CbwDriver, CbwOptions, CLOSE_GRACE};
 use crate::job::{
     ErrorVerdict, Job, JobCtx, JobDriver, JobFuture, JobManager, JobOptions, JobTxn, JobType,
     OnError,
@@ -275,7 +276,7 @@ pub async fn prepare(
         }
         Err(e) => {
             cbw.close().await;
-            backup.end_sync_bitmap(false);
+            backup.end_sync_bitmap(false).await;
             if let Some(f) = undo.lock().unwrap().take() {
                 f()
             }
@@ -312,6 +313,8 @@ pub struct Backup {
     cleanup: Mutex<Option<Cleanup>>,
     // Taken when the job ends, by commit or abort.
     sync_bitmap: Mutex<Option<FrozenBitmap>>,
+    // `run` began: the job may have copied something.
+    ran: AtomicBool,
 }
 
 struct JobProgress(JobCtx);
@@ -334,6 +337,7 @@ impl Backup {
             opts,
             cleanup: Mutex::new(Some(cleanup)),
             sync_bitmap: Mutex::new(None),
+            ran: AtomicBool::new(false),
         })
     }
 
@@ -342,19 +346,27 @@ impl Backup {
     /// `always` drop what the job was to copy (writes since the start stay
     /// recorded); otherwise the frozen content comes back; a failed `always`
     /// job gives back the clusters it did not copy.
-    fn end_sync_bitmap(&self, succeeded: bool) {
+    async fn end_sync_bitmap(&self, succeeded: bool) {
         let Some(b) = self.sync_bitmap.lock().unwrap().take() else {
             return;
         };
         let source = self.cbw.file();
         let sync = (succeeded || b.mode == BitmapMode::Always) && b.mode != BitmapMode::Never;
-        if !sync {
+        // A job that never ran (a transaction rolled back) copied nothing
+        // and leaves the bitmap as it was; QEMU would merge its whole
+        // copy-before-write bitmap into an `always` one (docs/qmp.md).
+        if !sync || !self.ran.load(Ordering::SeqCst) {
             b.reclaim(source);
         } else if succeeded {
             source.bitmaps().thaw(&b.name, Thaw::Drop);
         } else {
-            let left = self.cbw.copy().uncopied();
-            source.bitmaps().thaw(&b.name, Thaw::MergeBack(left));
+            // Copies still in flight decide whether their clusters count as
+            // copied (QEMU waits for them too); one that hangs counts as not.
+            let copy = self.cbw.copy();
+            let _ = tokio::time::timeout(CLOSE_GRACE, copy.wait_settled()).await;
+            source
+                .bitmaps()
+                .thaw(&b.name, Thaw::MergeBack(copy.uncopied()));
         }
     }
 
@@ -572,6 +584,7 @@ impl JobDriver for Backup {
 
     fn run<'a>(&'a self, ctx: &'a JobCtx) -> JobFuture<'a, livesnap_block::Result<()>> {
         Box::pin(async move {
+            self.ran.store(true, Ordering::SeqCst);
             self.attach_progress(ctx);
             if self.opts.sync == BackupSync::Top {
                 self.scan_top(ctx).await?;
@@ -584,11 +597,11 @@ impl JobDriver for Backup {
     }
 
     fn commit<'a>(&'a self, _ctx: &'a JobCtx) -> JobFuture<'a, ()> {
-        Box::pin(async move { self.end_sync_bitmap(true) })
+        Box::pin(self.end_sync_bitmap(true))
     }
 
     fn abort<'a>(&'a self, _ctx: &'a JobCtx) -> JobFuture<'a, ()> {
-        Box::pin(async move { self.end_sync_bitmap(false) })
+        Box::pin(self.end_sync_bitmap(false))
     }
 
     fn cancel(&self, _ctx: &JobCtx, _force: bool) -> bool {

@@ -363,6 +363,20 @@ impl BlockCopy {
         self.report_remaining();
     }
 
+    /// Waits until no copy is in flight, cancelled or not (copies of a
+    /// cancelled engine still finish on their own).
+    pub async fn wait_settled(&self) {
+        loop {
+            let notified = self.changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.is_idle() {
+                return;
+            }
+            notified.await;
+        }
+    }
+
     /// The clusters not known to be on the target: pending ones and those
     /// being copied right now (what a failed `always` backup gives back to
     /// its bitmap).

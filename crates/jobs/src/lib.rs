@@ -12,12 +12,15 @@ pub mod backup;
 pub mod block_copy;
 pub mod cbw;
 pub mod create;
+pub mod exports;
 pub mod guest;
 pub mod job;
 pub mod mirror;
 pub mod rangelock;
 pub mod ratelimit;
+pub mod snapshot;
 pub mod snapshot_access;
+pub mod transaction;
 
 pub use job::{
     ErrorVerdict, EventSink, Job, JobCtx, JobDriver, JobFuture, JobManager, JobOptions, JobStatus,

@@ -80,6 +80,13 @@ pub(super) struct BackupArgs {
     busy_share: Option<f64>,
 }
 
+impl BackupArgs {
+    /// The node backed up, by name.
+    pub(super) fn device(&self) -> &str {
+        &self.device
+    }
+}
+
 /// Reads `blockdev-backup`'s members (the caller checks for extra ones).
 pub(super) fn parse_backup(args: &mut Args) -> Result<BackupArgs, QmpError> {
     // BackupCommon's members in schema order, then BlockdevBackup's own
