@@ -107,6 +107,43 @@ impl Side {
         );
     }
 
+    /// Exports `node` writable over NBD as export `node` (setup, not part of
+    /// the transcript); returns its NBD URL.
+    pub fn export(&mut self, node: &str) -> String {
+        let sock = self.dir.join("nbd.sock");
+        if !sock.exists() {
+            self.qmp.ok(
+                "nbd-server-start",
+                json!({"addr": {"type": "unix", "data": {"path": sock.to_str().unwrap()}}}),
+            );
+        }
+        self.qmp.ok(
+            "block-export-add",
+            json!({"type": "nbd", "id": node, "node-name": node, "writable": true}),
+        );
+        format!("nbd+unix:///{node}?socket={}", sock.display())
+    }
+
+    /// The `dirty-bitmaps` of `node` in `query-named-block-nodes`.
+    pub fn dirty_bitmaps(&mut self, node: &str) -> Value {
+        let nodes = self
+            .qmp
+            .ok("query-named-block-nodes", json!({"flat": true}));
+        nodes
+            .as_array()
+            .and_then(|ns| ns.iter().find(|n| n["node-name"] == node))
+            .unwrap_or_else(|| panic!("{}: no node {node}", self.name))
+            .get("dirty-bitmaps")
+            .cloned()
+            .unwrap_or(Value::Null)
+    }
+
+    /// Records the `dirty-bitmaps` of `node`.
+    pub fn bitmaps(&mut self, node: &str) {
+        let v = self.dirty_bitmaps(node);
+        self.record(&format!("dirty-bitmaps of {node}"), v);
+    }
+
     /// Records `value` under `label` (a query the scenario normalised itself).
     pub fn record(&mut self, label: &str, value: Value) {
         self.log.push(Entry::Query(label.to_string(), value));
