@@ -19,10 +19,17 @@
 
 use livesnap_testkit as harness;
 
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use harness::qemu_io;
+use harness::pit::{
+    prefill, read_image, release_node, verify_point_in_time, wait_job_event, Layout, WriteLog,
+    WriterOpts, Writers,
+};
 use harness::transcript::{compare, Side};
+use harness::{qemu_io, run, Livesnapd};
 use serde_json::{json, Value};
 
 const K64: u64 = 64 << 10;
@@ -326,5 +333,199 @@ fn cancelled(qmp: &mut harness::Qmp, id: &str) -> (Value, Instant) {
             return (e, at);
         }
         seen.push(e);
+    }
+}
+
+// ---------------------------------------------------------------------------
+// A backup chain under concurrent writers.
+
+/// Disk size: the writers' layout is the lower half; the upper half is
+/// written once before the chain starts and never again, so no incremental
+/// may hold any of it.
+const DISK: u64 = 64 << 20;
+const LAYOUT: u64 = DISK / 2;
+const UPPER_FILL: u8 = 0x5a;
+
+/// Clusters (64 KiB, the backup's cluster and the qcow2 cluster) that
+/// `image` itself allocates, not its backing chain.
+fn allocated_clusters(image: &Path) -> BTreeSet<u64> {
+    let out = run(Command::new("qemu-img")
+        .args(["map", "--output=json", "-U", "-f", "qcow2"])
+        .arg(image));
+    let map: Value = serde_json::from_str(&out).unwrap();
+    let mut clusters = BTreeSet::new();
+    for e in map.as_array().unwrap() {
+        if e["depth"] == 0 && e["present"] == true {
+            let (start, len) = (e["start"].as_u64().unwrap(), e["length"].as_u64().unwrap());
+            assert!(
+                start.is_multiple_of(K64) && len.is_multiple_of(K64),
+                "{}: allocation not in whole clusters: {e}",
+                image.display()
+            );
+            clusters.extend(start / K64..(start + len) / K64);
+        }
+    }
+    clusters
+}
+
+/// The clusters an incremental between two backups may hold (a write that
+/// may have come after the earlier instant and before the later one) and
+/// must hold (a write certainly between them), from the writers' log; the
+/// instants are only known to lie in their commands' windows.
+fn changed_clusters(
+    log: &WriteLog,
+    prev: (Instant, Instant),
+    this: (Instant, Instant),
+) -> (BTreeSet<u64>, BTreeSet<u64>) {
+    let cluster = |w: &harness::pit::WriteRecord| w.block * log.layout.block_size as u64 / K64;
+    let may = log
+        .writes
+        .iter()
+        .filter(|w| w.acked.is_none_or(|a| a >= prev.0) && w.sent <= this.1)
+        .map(cluster)
+        .collect();
+    let must = log
+        .writes
+        .iter()
+        .filter(|w| w.sent >= prev.1 && w.acked.is_some_and(|a| a <= this.0))
+        .map(cluster)
+        .collect();
+    (may, must)
+}
+
+/// One backup of the chain: its image and the window of the command that
+/// fixed its point in time.
+struct Step {
+    image: std::path::PathBuf,
+    window: (Instant, Instant),
+}
+
+/// Adds qcow2 `image` (created by the caller) as node `node`, without
+/// opening its backing chain: the backup writes whole clusters.
+fn add_target(q: &mut harness::Qmp, node: &str, image: &Path) {
+    q.ok(
+        "blockdev-add",
+        json!({"driver": "qcow2", "node-name": node, "backing": null,
+               "file": {"driver": "file", "filename": image.to_str().unwrap()}}),
+    );
+}
+
+#[test]
+fn full_then_incrementals_under_writers_restore_each_instant() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dir.path().join("disk.raw");
+    harness::sparse_file(&disk, DISK);
+    let d = Livesnapd::with_image(&disk, &[]);
+    let url = d.url().to_string();
+    let mut q = d.qmp();
+    let layout = Layout::new(4096, LAYOUT / 4096, 4, 0x1ac4_e11a);
+    prefill(&url, &layout);
+    qemu_io(
+        &url,
+        "raw",
+        &[&format!("write -P {UPPER_FILL} {LAYOUT} {}", DISK - LAYOUT)],
+    );
+    let opts = WriterOpts {
+        rate: Some(500.0),
+        ..WriterOpts::default()
+    };
+    let w = Writers::start(&[&url], &layout, &opts);
+    let wait = Duration::from_secs(120);
+    w.wait_acked(300, wait);
+
+    // The full backup and the bitmap, at one instant.
+    let full = dir.path().join("full.qcow2");
+    harness::create_image(&full, "qcow2", DISK);
+    add_target(&mut q, "full", &full);
+    let t0 = Instant::now();
+    q.ok(
+        "transaction",
+        json!({"actions": [
+            {"type": "block-dirty-bitmap-add", "data": {"node": "disk", "name": "b0"}},
+            {"type": "blockdev-backup",
+             "data": {"job-id": "full", "device": "disk", "target": "full", "sync": "full",
+                      "speed": 64 << 20}},
+        ]}),
+    );
+    let t1 = Instant::now();
+    let (_, full_done) = wait_job_event(&mut q, "full", "BLOCK_JOB_COMPLETED", wait);
+    release_node(&mut q, "full", Duration::from_secs(10));
+    let mut steps = vec![Step {
+        image: full.clone(),
+        window: (t0, t1),
+    }];
+
+    // Two incrementals, each a qcow2 over the previous backup.
+    for i in 1..=2 {
+        w.wait_acked(w.acked() + 300, wait);
+        let image = dir.path().join(format!("inc{i}.qcow2"));
+        let prev = steps.last().unwrap().image.clone();
+        run(Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b"])
+            .arg(&prev)
+            .arg(&image)
+            .arg(DISK.to_string()));
+        let node = format!("inc{i}");
+        add_target(&mut q, &node, &image);
+        let t0 = Instant::now();
+        q.ok(
+            "blockdev-backup",
+            json!({"job-id": node, "device": "disk", "target": node,
+                   "sync": "incremental", "bitmap": "b0"}),
+        );
+        let t1 = Instant::now();
+        wait_job_event(&mut q, &node, "BLOCK_JOB_COMPLETED", wait);
+        release_node(&mut q, &node, Duration::from_secs(10));
+        steps.push(Step {
+            image,
+            window: (t0, t1),
+        });
+    }
+    w.wait_acked(w.acked() + 300, wait);
+    let log = w.stop();
+    log.assert_no_failures();
+
+    // Each backup, read through its chain, is the disk at its instant.
+    for (i, s) in steps.iter().enumerate() {
+        let restored = read_image(&s.image, "qcow2");
+        let r = verify_point_in_time(&log, &restored, s.window.0, s.window.1)
+            .unwrap_or_else(|e| panic!("backup {i} ({}): {e}", s.image.display()));
+        assert!(
+            restored[LAYOUT as usize..].iter().all(|&b| b == UPPER_FILL),
+            "backup {i}: the upper half, written once before the chain, is not what it was"
+        );
+        eprintln!("backup {i}: {r}");
+    }
+    // A copy from the full backup's end would differ: writes raced it.
+    assert!(
+        verify_point_in_time(&log, &read_image(&full, "qcow2"), full_done, full_done).is_err(),
+        "the full backup passes as a copy from its end: no write raced it"
+    );
+    // Each incremental holds exactly what changed since the one before.
+    let total = DISK / K64;
+    for i in 1..steps.len() {
+        let got = allocated_clusters(&steps[i].image);
+        let (may, must) = changed_clusters(&log, steps[i - 1].window, steps[i].window);
+        let extra: Vec<_> = got.difference(&may).take(8).collect();
+        let missing: Vec<_> = must.difference(&got).take(8).collect();
+        assert!(
+            extra.is_empty() && missing.is_empty(),
+            "incremental {i}: {} clusters, {} may and {} must change; clusters that did not \
+             change {extra:?}; changed clusters it lacks {missing:?}",
+            got.len(),
+            may.len(),
+            must.len()
+        );
+        assert!(
+            got.iter().all(|&c| c < LAYOUT / K64),
+            "incremental {i} holds part of the upper half"
+        );
+        eprintln!(
+            "incremental {i}: {} of {total} clusters ({} KiB), {} to {} changed by the writers",
+            got.len(),
+            got.len() as u64 * K64 / 1024,
+            must.len(),
+            may.len()
+        );
     }
 }
