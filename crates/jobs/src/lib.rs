@@ -1,6 +1,7 @@
-//! Block jobs for livesnap: QEMU's job model ([`job`]), the rate limiter, and
-//! the jobs themselves — mirror, backup with copy-before-write, image
-//! creation.
+//! Block jobs for livesnap: QEMU's job model ([`job`]), the rate limiter,
+//! the jobs themselves — mirror, backup with copy-before-write (full or
+//! incremental), image creation — and what acts on the graph at one
+//! instant: external snapshots and `transaction`.
 //!
 //! This crate owns how data moves between nodes while guests keep writing,
 //! and the state machine QMP sees. It acts on nodes only through
