@@ -313,6 +313,113 @@ fn bitmap_modes_after_success_failure_and_cancel_as_qsd() {
     });
 }
 
+/// Waits for job `id`'s BLOCK_JOB_COMPLETED (and its end); returns it.
+fn completed(qmp: &mut harness::Qmp, id: &str) -> Value {
+    let (ev, _) = wait_job_event(qmp, id, "BLOCK_JOB_COMPLETED", Duration::from_secs(30));
+    while let Some(next) = qmp.event(Duration::from_secs(10)) {
+        if next["event"] == "JOB_STATUS_CHANGE" && next["data"]["status"] == "null" {
+            break;
+        }
+    }
+    ev
+}
+
+/// Clusters of `data` (a raw image) that are not all zero.
+fn nonzero_clusters(data: &[u8]) -> Vec<u64> {
+    data.chunks(K64 as usize)
+        .enumerate()
+        .filter(|(_, c)| c.iter().any(|&b| b != 0))
+        .map(|(i, _)| i as u64)
+        .collect()
+}
+
+#[test]
+fn bitmap_granularity_rounds_to_backup_clusters_as_qsd() {
+    compare(|s| {
+        let url = s.export("src");
+        // A fine bitmap: a 512-byte write marks one 4 KiB chunk, and the
+        // backup copies the 64 KiB cluster around it.
+        s.cmd(
+            "block-dirty-bitmap-add",
+            json!({"node": "src", "name": "fine", "granularity": 4096}),
+        );
+        qemu_io(
+            &url,
+            "raw",
+            &[
+                "write -P 1 0 512",
+                "write -P 2 100k 8k",
+                "write -P 3 1M 64k",
+            ],
+        );
+        s.bitmaps("src");
+        s.qmp.ok(
+            "blockdev-backup",
+            backup("j", "incremental", json!({"bitmap": "fine"})),
+        );
+        let ev = completed(&mut s.qmp, "j");
+        assert_eq!(ev["data"]["len"], json!(3 * K64), "{}: {ev}", s.name);
+        let tgt = std::fs::read(s.path("tgt.img")).unwrap();
+        assert_eq!(nonzero_clusters(&tgt), [0, 1, 16], "{}", s.name);
+        s.record("target clusters", json!(nonzero_clusters(&tgt)));
+        s.bitmaps("src");
+
+        // A coarse bitmap: one 4 KiB write marks a 1 MiB chunk, all 16
+        // clusters of which are copied.
+        s.cmd(
+            "block-dirty-bitmap-add",
+            json!({"node": "src", "name": "coarse", "granularity": 1 << 20}),
+        );
+        qemu_io(&url, "raw", &["write -P 4 2M 4k"]);
+        s.add_raw("tgt2");
+        let mut args = backup(
+            "j",
+            "bitmap",
+            json!({"bitmap": "coarse", "bitmap-mode": "never"}),
+        );
+        args["target"] = json!("tgt2");
+        s.qmp.ok("blockdev-backup", args);
+        let ev = completed(&mut s.qmp, "j");
+        assert_eq!(ev["data"]["len"], json!(1 << 20), "{}: {ev}", s.name);
+        s.bitmaps("src");
+
+        // Guest writes during an incremental: one to a cluster the bitmap
+        // marks has its old data copied first; one elsewhere is not copied.
+        s.cmd(
+            "block-dirty-bitmap-clear",
+            json!({"node": "src", "name": "fine"}),
+        );
+        qemu_io(&url, "raw", &["write -P 5 0 64k", "write -P 6 1M 64k"]);
+        s.add_raw("tgt3");
+        let mut args = backup(
+            "j",
+            "incremental",
+            json!({"bitmap": "fine", "speed": 1, "x-perf": {"max-chunk": 65536, "max-workers": 1}}),
+        );
+        args["target"] = json!("tgt3");
+        s.cmd_until("blockdev-backup", args, &["j running"]);
+        qemu_io(&url, "raw", &["write -P 7 1M 64k", "write -P 8 3M 64k"]);
+        s.bitmaps("src");
+        s.cmd_until(
+            "block-job-set-speed",
+            json!({"device": "j", "speed": 0}),
+            &["j null"],
+        );
+        let tgt = std::fs::read(s.path("tgt3.img")).unwrap();
+        assert_eq!(nonzero_clusters(&tgt), [0, 16], "{}", s.name);
+        assert!(
+            tgt[1 << 20..(1 << 20) + K64 as usize]
+                .iter()
+                .all(|&b| b == 6),
+            "{}: the cluster written during the job holds the new data, not the old",
+            s.name
+        );
+        s.record("target clusters", json!(nonzero_clusters(&tgt)));
+        s.bitmaps("src");
+        assert_eq!(count(s, "src", "fine"), 2 * K64 / 4096 * 4096, "{}", s.name);
+    });
+}
+
 /// Waits for job `id`'s BLOCK_JOB_CANCELLED (and its end); returns it.
 fn cancelled(qmp: &mut harness::Qmp, id: &str) -> (Value, Instant) {
     let deadline = Instant::now() + Duration::from_secs(30);

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 
-use livesnap_block::{BlockGraph, BlockNode, DirtyBitmap, Error, NodeUser, Thaw, Use};
+use livesnap_block::{BlockGraph, BlockNode, Error, NodeUser, Thaw, Use};
 
 use crate::block_copy::{BlockCopy, CopyError, CopyProgress, MAX_CHUNK, MAX_WORKERS};
 use crate::cbw::{Cbw, CbwDriver, CbwOptions, CLOSE_GRACE};
@@ -201,13 +201,13 @@ pub async fn prepare(
     let source = s.source.clone();
     let attach = Cbw::attach_with(s.source.clone(), s.target.clone(), s.cbw, |copy| {
         let Some(name) = &freeze else {
-            return Ok(None);
+            return Ok(false);
         };
         let frozen = source.bitmaps().freeze(name)?;
         if sync == BackupSync::Bitmap {
             copy.set_pending(&frozen);
         }
-        Ok(Some(frozen))
+        Ok(true)
     });
     let (cbw, frozen) = match tokio::time::timeout(s.drain_timeout, attach).await {
         Ok(Ok(r)) => r,
@@ -223,10 +223,9 @@ pub async fn prepare(
         }
     };
     let sync_bitmap = match (s.bitmap, frozen) {
-        (Some(b), Some(frozen)) => Some(FrozenBitmap {
+        (Some(b), true) => Some(FrozenBitmap {
             name: b.name,
             mode: b.mode,
-            frozen,
         }),
         _ => None,
     };
@@ -285,20 +284,17 @@ pub async fn prepare(
     }
 }
 
-/// A sync bitmap frozen by a backup, and its content at the freeze.
+/// A sync bitmap frozen by a backup.
 struct FrozenBitmap {
     name: String,
     mode: BitmapMode,
-    frozen: DirtyBitmap,
 }
 
 impl FrozenBitmap {
     /// Puts the frozen content back (QEMU's reclaim): the bitmap is as if
     /// the job had never run, plus the writes since.
     fn reclaim(&self, source: &BlockNode) {
-        source
-            .bitmaps()
-            .thaw(&self.name, Thaw::MergeBack(self.frozen.clone()));
+        source.bitmaps().thaw(&self.name, Thaw::Reclaim);
     }
 }
 
@@ -358,7 +354,7 @@ impl Backup {
         if !sync || !self.ran.load(Ordering::SeqCst) {
             b.reclaim(source);
         } else if succeeded {
-            source.bitmaps().thaw(&b.name, Thaw::Drop);
+            source.bitmaps().thaw(&b.name, Thaw::Abdicate(None));
         } else {
             // Copies still in flight decide whether their clusters count as
             // copied (QEMU waits for them too); one that hangs counts as not.
@@ -366,7 +362,7 @@ impl Backup {
             let _ = tokio::time::timeout(CLOSE_GRACE, copy.wait_settled()).await;
             source
                 .bitmaps()
-                .thaw(&b.name, Thaw::MergeBack(copy.uncopied()));
+                .thaw(&b.name, Thaw::Abdicate(Some(copy.uncopied())));
         }
     }
 
