@@ -143,6 +143,75 @@ fn sync_and_bitmap_mode_refusals_as_qsd() {
     });
 }
 
+/// A qcow2 image with persistent bitmap `bro` (made by qemu-img), and one
+/// whose bitmap `stale` QEMU left in use: qsd had the image open when it was
+/// killed, so every reader must call the bitmap inconsistent.
+fn bitmap_images(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf) {
+    let ro = harness::create_image(dir.join("ro.qcow2"), "qcow2", harness::transcript::DISK);
+    run(Command::new("qemu-img")
+        .args(["bitmap", "--add"])
+        .arg(&ro)
+        .arg("bro"));
+    let stale = harness::create_image(dir.join("stale.qcow2"), "qcow2", harness::transcript::DISK);
+    run(Command::new("qemu-img")
+        .args(["bitmap", "--add"])
+        .arg(&stale)
+        .arg("stale"));
+    let qsd = harness::Qsd::bare();
+    qsd.qmp().ok(
+        "blockdev-add",
+        json!({"driver": "qcow2", "node-name": "d",
+               "file": {"driver": "file", "filename": stale.to_str().unwrap()}}),
+    );
+    // Dropping the daemon kills it (SIGKILL).
+    drop(qsd);
+    (ro, stale)
+}
+
+#[test]
+fn read_only_and_inconsistent_bitmaps_as_qsd() {
+    let images = tempfile::tempdir().unwrap();
+    let (ro, stale) = bitmap_images(images.path());
+    compare(|s| {
+        for (node, image, read_only) in [("ro", &ro, true), ("stale", &stale, false)] {
+            let copy = s.path(&format!("{node}.qcow2"));
+            std::fs::copy(image, &copy).unwrap();
+            s.qmp.ok(
+                "blockdev-add",
+                json!({"driver": "qcow2", "node-name": node, "read-only": read_only,
+                       "file": {"driver": "file", "filename": copy.to_str().unwrap()}}),
+            );
+            s.bitmaps(node);
+        }
+        let from = |device: &str, extra: Value| {
+            let mut args = backup("j", "bitmap", extra);
+            args["device"] = json!(device);
+            args
+        };
+        for mode in ["on-success", "always"] {
+            s.cmd(
+                "blockdev-backup",
+                from("ro", json!({"bitmap": "bro", "bitmap-mode": mode})),
+            );
+            s.cmd(
+                "blockdev-backup",
+                from("stale", json!({"bitmap": "stale", "bitmap-mode": mode})),
+            );
+        }
+        s.cmd(
+            "blockdev-backup",
+            from("stale", json!({"bitmap": "stale", "bitmap-mode": "never"})),
+        );
+        // A job that never changes the bitmap may read a read-only one.
+        s.cmd_until(
+            "blockdev-backup",
+            from("ro", json!({"bitmap": "bro", "bitmap-mode": "never"})),
+            &["j null"],
+        );
+        s.bitmaps("ro");
+    });
+}
+
 /// A raw node `bad` over blkdebug over a new file, whose writes over
 /// `[1 MiB, 1 MiB + 64 KiB)` fail with EIO.
 fn add_failing_target(s: &mut Side) {
