@@ -722,6 +722,13 @@ pub fn read_export_at(url: &str, offset: u64, len: u64) -> Vec<u8> {
     })
 }
 
+/// Sends one NBD flush to the export at `url` on a connection of its own
+/// (a flush covers every connection's completed writes: CAN_MULTI_CONN);
+/// whether it was answered.
+pub fn flush_export(url: &str) -> bool {
+    runtime().block_on(async { connect(url).await.flush().await.is_ok() })
+}
+
 /// The guest-visible bytes of an image file (raw read directly, other formats
 /// through `qemu-img convert -U`, which ignores the daemon's lock).
 pub fn read_image(path: &Path, format: &str) -> Vec<u8> {

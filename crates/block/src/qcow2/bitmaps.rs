@@ -829,7 +829,13 @@ impl BitmapStore for Inner {
                 self.flush_all().await?;
             }
             let header = self.header.clone();
-            self.write_bitmaps(&bitmaps, closing, &header).await
+            self.write_bitmaps(&bitmaps, closing, &header).await?;
+            if closing {
+                // The refcounts of what the store freed, so nothing is left
+                // for the driver's last-chance flush when it is dropped.
+                self.flush_all().await?;
+            }
+            Ok(())
         })
     }
 
