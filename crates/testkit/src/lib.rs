@@ -9,6 +9,7 @@
 //! crate may depend on it.
 
 pub mod block;
+pub mod chain;
 pub mod cli;
 pub mod disk;
 pub mod libvirt;
