@@ -64,7 +64,7 @@ fn assert_only_changes(log: &WriteLog, prev: &Value, report: &Value, extra: Opti
                 allowed.contains(&c) || in_extra,
                 "backup {} holds cluster {c} ({} KiB in), which nothing wrote since backup {}",
                 report["index"],
-                c * CLUSTER >> 10,
+                (c * CLUSTER) >> 10,
                 prev["index"]
             );
             held += 1;

@@ -11,6 +11,8 @@
 //! were (the next incremental is still correct), and a run killed outright
 //! leaves a record the next run undoes first ([`crate::chain::run`]).
 
+#[cfg(feature = "libvirt")]
+pub mod libvirt;
 pub mod qmp;
 
 use std::path::{Path, PathBuf};
@@ -54,7 +56,12 @@ pub struct Options {
 pub async fn run(opts: &Options, interrupt: Interrupt) -> Result<Report> {
     match &opts.endpoint {
         EndpointArg::Qmp(path) => qmp::run(path, opts, interrupt).await,
-        EndpointArg::Libvirt { .. } => Err(Failure::usage("backup --libvirt: not yet")),
+        #[cfg(feature = "libvirt")]
+        EndpointArg::Libvirt { domain, uri } => {
+            libvirt::run(domain, uri.as_deref(), opts, interrupt).await
+        }
+        #[cfg(not(feature = "libvirt"))]
+        EndpointArg::Libvirt { .. } => Err(crate::snapshot::without_libvirt()),
     }
 }
 
