@@ -309,6 +309,16 @@ impl Run<'_> {
         }
         self.progress
             .note("livesnap: point in time fixed (backup started, checkpoint created); copying");
+        if let Some(speed) = self.opts.speed {
+            // libvirt's backup XML has no bandwidth: the job's is set right after it started.
+            match self.lv.block_job_set_speed(&self.disk.target, speed).await {
+                Ok(()) => self.notes.push(format!(
+                    "--speed {}/s was applied right after the backup started (libvirt's backup has no bandwidth of its own)",
+                    bytes(speed)
+                )),
+                Err(f) => self.notes.push(format!("--speed not applied: {}", f.reason)),
+            }
+        }
         let copied = wait_backup_job(&mut self.lv, &mut self.clock, &mut self.progress).await;
         let (done, _) = match copied {
             Ok(c) => c,
