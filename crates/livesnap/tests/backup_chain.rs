@@ -438,3 +438,133 @@ fn refuses_a_directory_with_other_files() {
     assert!(out.stderr.contains("empty directory"), "{out:?}");
     assert!(bitmaps(&mut d.qmp(), "disk").is_empty());
 }
+
+/// A run killed outright (SIGKILL) after its job started, the job then
+/// completing on its own, which clears the chain's bitmap (QEMU's
+/// on-success): the next run undoes what the killed one left (its job's
+/// nodes, its partial file, its undo bitmap merged back) and its
+/// incremental still holds what the killed one had copied. Then
+/// qemu-storage-daemon killed and restarted: the bitmap is inconsistent,
+/// the backup says so and refuses, and --full starts over.
+#[test]
+fn killed_run_and_crashed_daemon() {
+    let work = tempfile::tempdir().unwrap();
+    let image = work.path().join("disk.qcow2");
+    livesnap_testkit::create_image(&image, "qcow2", DISK);
+    let dir = work.path().join("chain");
+    let d = Daemon::start(Kind::Qsd, tempfile::tempdir().unwrap(), &image, "qcow2");
+    let layout = Layout::new(4096, WRITTEN / 4096, 4, 0x4b11);
+    prefill(&d.url, &layout);
+    let w = Writers::start(
+        &[&d.url],
+        &layout,
+        &WriterOpts {
+            rate: Some(100.0),
+            ..WriterOpts::default()
+        },
+    );
+    w.wait_acked(100, WAIT);
+    let r0 = backup(&d.cli_sock, "disk", &dir, &[]);
+    let tracking = r0["bitmap"].as_str().unwrap().to_string();
+    let nodes = d.qmp().node_names();
+    w.wait_acked(w.acked() + 100, WAIT);
+    // Quiet from here, so the bitmaps' counts say what the jobs did.
+    let log = w.stop();
+    log.assert_no_failures();
+    let static_write = format!("write -P 0x5c {} {}", STATIC.0, STATIC.1);
+    qemu_io(&d.url, "raw", &[&static_write]);
+
+    let sock = d.cli_sock.to_str().unwrap();
+    let mut child = spawn_livesnap(&[
+        "backup",
+        "--qmp",
+        sock,
+        "disk",
+        dir.to_str().unwrap(),
+        "--speed",
+        "4M",
+    ]);
+    let pid = child.id();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut seen: Vec<String> = Vec::new();
+    while !seen
+        .last()
+        .is_some_and(|l| l.contains("point in time fixed"))
+    {
+        let l = lines
+            .next()
+            .unwrap_or_else(|| panic!("livesnap ended before its job ran: {seen:?}"))
+            .unwrap();
+        seen.push(l);
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let record = std::fs::read_to_string(dir.join(".livesnap-run.json")).unwrap();
+    assert!(record.contains(&format!("\"pid\": {pid}")), "{record}");
+    assert!(dir.join("0001-incremental.qcow2").exists());
+    // The orphaned job runs to its end and clears the chain's bitmap.
+    let job = format!("livesnap-{pid}-job");
+    let mut q = d.qmp();
+    let deadline = Instant::now() + WAIT;
+    while q.job_ids().contains(&job) {
+        assert!(Instant::now() < deadline, "the orphaned job did not end");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let b = bitmaps(&mut q, "disk");
+    assert_eq!(
+        b.len(),
+        2,
+        "the chain's and the killed run's undo bitmap: {b:?}"
+    );
+    let undo = b.keys().find(|k| **k != tracking).unwrap();
+    assert_eq!(
+        b[&tracking]["count"], 0,
+        "the job did not complete (QEMU clears the bitmap then): {b:?}"
+    );
+    assert!(b[undo]["count"].as_u64().unwrap() >= STATIC.1, "{b:?}");
+    drop(q);
+
+    let r1 = backup(&d.cli_sock, "disk", &dir, &[]);
+    assert!(
+        r1["notes"].to_string().contains(&format!("pid {pid}")),
+        "{r1}"
+    );
+    assert_eq!(r1["index"], 1, "{r1}");
+    assert!(r1["bytes_copied"].as_u64().unwrap() >= STATIC.1, "{r1}");
+    assert!(!dir.join(".livesnap-run.json").exists());
+    let mut q = d.qmp();
+    assert_only_tracking(&mut q, "disk", &tracking);
+    assert_eq!(q.node_names(), nodes, "the killed run's nodes are left");
+    drop(q);
+    check_restored(&log, &dir, &r1, true);
+
+    // A clean stop stores the bitmap in the image; reopened, it is marked
+    // in use there, and a kill leaves it so: inconsistent at the next start.
+    let _ = d.qmp().execute("quit", Value::Null);
+    drop(d);
+    let d = Daemon::start(Kind::Qsd, tempfile::tempdir().unwrap(), &image, "qcow2");
+    assert_only_tracking(&mut d.qmp(), "disk", &tracking);
+    drop(d);
+    let d = Daemon::start(Kind::Qsd, tempfile::tempdir().unwrap(), &image, "qcow2");
+    let b = bitmaps(&mut d.qmp(), "disk");
+    assert_eq!(b[&tracking]["inconsistent"], true, "{b:?}");
+    let before = dir_state(&dir);
+    let refused = backup_out(&d.cli_sock, "disk", &dir, &[]).expect(1).json();
+    let why = refused["reason"].as_str().unwrap();
+    assert!(
+        why.contains("inconsistent") && why.contains("--full"),
+        "{refused}"
+    );
+    assert!(dir_state(&dir) == before, "a refused backup changed DIR");
+    let r2 = backup(&d.cli_sock, "disk", &dir, &["--full"]);
+    let r3 = backup(&d.cli_sock, "disk", &dir, &[]);
+    assert_eq!(r3["backing"], "0002-full.qcow2", "{r3}");
+    assert_only_tracking(&mut d.qmp(), "disk", r2["bitmap"].as_str().unwrap());
+    let img = restore(&dir, 3, &work.path().join("r3.raw"));
+    let disk = livesnap_testkit::pit::read_export(&d.url, DISK);
+    assert!(
+        img == disk,
+        "the restore of backup 3 differs from the idle disk"
+    );
+    assert_eq!(verify(&dir).expect(0).json()["result"], "ok");
+}

@@ -230,7 +230,7 @@ fn usable(bitmaps: &[Value], name: &str, disk: &Disk, given: &str) -> Result<()>
     };
     if b["inconsistent"] == true {
         return Err(Failure::usage(format!(
-            "the bitmap {name} on {given} is inconsistent (the process that had the image open ended without saving it, e.g. a crash): it may miss changes; {hint}"
+            "the bitmap {name} on {given} is inconsistent (the process that had the image open ended without saving it, e.g. a crash); {hint}"
         )));
     }
     if b["busy"] == true {
