@@ -1,11 +1,12 @@
 //! `livesnap`: takes a live snapshot of a running VM's disk through any
 //! endpoint people run — a QMP socket (livesnapd, qemu-storage-daemon,
-//! qemu-system-*) or libvirt's API for libvirt-managed domains — and the
-//! verbs an operator needs around it (jobs, cancel, watch, nodes, create,
-//! info).
+//! qemu-system-*) or libvirt's API for libvirt-managed domains — keeps
+//! incremental backup chains (backup, restore, verify), and the verbs an
+//! operator needs around it (jobs, cancel, watch, nodes, create, info).
 //!
 //! This crate owns the orchestration only: it speaks QMP, libvirt's API and
-//! the guest agent's protocol, and never touches a disk's data itself. It must end by
+//! the guest agent's protocol, and never touches a running disk's data
+//! itself (restore and verify read backup images through the engine). It must end by
 //! its deadline, never leave a node, job or partial file behind on failure,
 //! never pivot the source onto the copy (`job-complete`), and never send a
 //! soft cancel before READY.
