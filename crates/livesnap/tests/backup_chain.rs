@@ -13,7 +13,6 @@
 //! link; a lost bitmap must stop an incremental until --full is asked.
 
 use std::collections::BTreeSet;
-use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -22,7 +21,7 @@ use livesnap_testkit::chain::{
     assert_only_tracking, backup, backup_out, bitmaps, dir_state, own_data, path_of, restore,
     verify, LIMIT,
 };
-use livesnap_testkit::cli::{spawn_livesnap, wait_out, window_of, Daemon, Kind};
+use livesnap_testkit::cli::{spawn_until, window_of, Daemon, Kind};
 use livesnap_testkit::pit::{prefill, verify_point_in_time, Layout, WriteLog, WriterOpts, Writers};
 use livesnap_testkit::vm::{
     check_snapshot, run_tag, Boot, GuestOpts, Taken, Vm, VmDisk, BOOT_TIMEOUT,
@@ -121,7 +120,7 @@ fn interrupted(d: &Daemon, dir: &Path, tracking: &str, how: &str) {
     let before = dir_state(dir);
     let nodes = d.qmp().node_names();
     let sock = d.cli_sock.to_str().unwrap();
-    let out = if how == "deadline" {
+    let stderr = if how == "deadline" {
         backup_out(
             &d.cli_sock,
             "disk",
@@ -129,41 +128,31 @@ fn interrupted(d: &Daemon, dir: &Path, tracking: &str, how: &str) {
             &["--speed", "1M", "--deadline", "2s"],
         )
         .expect(4)
+        .stderr
     } else {
-        let mut child = spawn_livesnap(&[
-            "backup",
-            "--qmp",
-            sock,
-            "disk",
-            dir.to_str().unwrap(),
-            "--speed",
-            "1M",
-        ]);
-        let err = child.stderr.take().unwrap();
-        let mut lines = BufReader::new(err).lines();
-        let mut seen = Vec::new();
-        loop {
-            let l = lines
-                .next()
-                .unwrap_or_else(|| panic!("livesnap ended before its job ran: {seen:?}"))
-                .unwrap();
-            let running = l.contains("point in time fixed");
-            seen.push(l);
-            if running {
-                break;
-            }
-        }
-        // SAFETY: kill(2) of the child this test spawned.
-        unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
-        let rest = std::thread::spawn(move || lines.map_while(Result::ok).collect::<Vec<_>>());
-        let out = wait_out(child, LIMIT);
-        let stderr = rest.join().unwrap().join("\n");
+        let (out, stderr) = spawn_until(
+            &[
+                "backup",
+                "--qmp",
+                sock,
+                "disk",
+                dir.to_str().unwrap(),
+                "--speed",
+                "1M",
+            ],
+            "point in time fixed",
+        )
+        .signal(libc::SIGINT, LIMIT);
         assert_eq!(out.code(), 5, "{stderr}");
         assert!(stderr.contains("interrupted by SIGINT"), "{stderr}");
-        out
+        stderr
     };
-    eprintln!("chain: {how}: {}", out.stderr.trim());
-    assert!(!out.stderr.contains("LEFT BEHIND"), "{out:?}");
+    eprintln!("chain: {how}: {}", stderr.trim());
+    assert!(
+        stderr.contains("and the disk's change tracking as they were")
+            && !stderr.contains("LEFT BEHIND"),
+        "{stderr}"
+    );
     assert!(
         dir_state(dir) == before,
         "the {how} changed {}: {:?} -> {:?}",
@@ -475,30 +464,21 @@ fn killed_run_and_crashed_daemon() {
     qemu_io(&d.url, "raw", &[&static_write]);
 
     let sock = d.cli_sock.to_str().unwrap();
-    let mut child = spawn_livesnap(&[
-        "backup",
-        "--qmp",
-        sock,
-        "disk",
-        dir.to_str().unwrap(),
-        "--speed",
-        "4M",
-    ]);
-    let pid = child.id();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let mut seen: Vec<String> = Vec::new();
-    while !seen
-        .last()
-        .is_some_and(|l| l.contains("point in time fixed"))
-    {
-        let l = lines
-            .next()
-            .unwrap_or_else(|| panic!("livesnap ended before its job ran: {seen:?}"))
-            .unwrap();
-        seen.push(l);
-    }
-    child.kill().unwrap();
-    child.wait().unwrap();
+    let started = spawn_until(
+        &[
+            "backup",
+            "--qmp",
+            sock,
+            "disk",
+            dir.to_str().unwrap(),
+            "--speed",
+            "4M",
+        ],
+        "point in time fixed",
+    );
+    let pid = started.child.id();
+    let (out, _) = started.signal(libc::SIGKILL, LIMIT);
+    assert_eq!(out.status.code(), None, "{out:?}");
     let record = std::fs::read_to_string(dir.join(".livesnap-run.json")).unwrap();
     assert!(record.contains(&format!("\"pid\": {pid}")), "{record}");
     assert!(dir.join("0001-incremental.qcow2").exists());

@@ -22,10 +22,12 @@ use std::time::Duration;
 use tokio::time::Instant;
 use virt_sys as sys;
 
-use super::{check_identity, commit, open_dir, plan, Dir, Options, Plan, Report, Taken};
+use super::{
+    check_identity, commit, failure_after_cleanup, new_record, open_dir, plan, recovered, Dir,
+    Options, Plan, Report, Taken,
+};
 use crate::chain::manifest::{BackupKind, DiskIdentity};
 use crate::chain::run::{Pending, RunLock, RunRecord};
-use crate::chain::{self};
 use crate::error::{Failure, Result};
 use crate::libvirt::xml::{self, DiskDef};
 use crate::libvirt::{resolve_uri, Libvirt};
@@ -101,18 +103,7 @@ pub async fn run(
     if let Some(stale) = dir.stale.take() {
         let mut left = Vec::new();
         undo_run(&mut lv, &dir, &stale, true, &mut left).await;
-        if !left.is_empty() {
-            return Err(Failure::endpoint(format!(
-                "an earlier run (pid {}) was killed and what it left cannot be undone: {}",
-                stale.pid,
-                left.join(", ")
-            )));
-        }
-        chain::run::forget(&dir.path)?;
-        notes.push(format!(
-            "undid what an earlier run (pid {}, backup {}) left when it was killed",
-            stale.pid, stale.index
-        ));
+        notes.push(recovered(&dir, &stale, left)?);
     }
     if let Some(m) = &dir.manifest {
         check_identity(m, &identity)?;
@@ -146,17 +137,7 @@ pub async fn run(
         checkpoint_replaced: previous.filter(|_| previous_there),
         ..Pending::default()
     };
-    let lock = RunLock::create(
-        &dir.path,
-        RunRecord {
-            pid: std::process::id(),
-            chain: plan.chain.clone(),
-            index: plan.index,
-            file: plan.file.clone(),
-            kind: plan.kind,
-            pending: Pending::default(),
-        },
-    )?;
+    let lock = RunLock::create(&dir.path, new_record(&plan))?;
     let mut run = Run {
         lv,
         clock,
@@ -197,23 +178,12 @@ pub async fn run(
                 .note(&format!("livesnap: {}; cleaning up", f.reason));
             let (left, aborted) = run.cleanup(&dir).await;
             run.progress.finish();
-            let mut reason = f.reason;
-            if aborted {
-                reason += "; backup aborted";
-            }
-            if left.is_empty() {
-                reason += &format!(
-                    ", {} and the domain's checkpoints as they were",
-                    dir.path.display()
-                );
-            } else {
-                reason += &format!(
-                    "; LEFT BEHIND: {} (the next backup into {} undoes what it can)",
-                    left.join(", "),
-                    dir.path.display()
-                );
-            }
-            Err(Failure::new(f.kind, reason))
+            Err(failure_after_cleanup(
+                f,
+                aborted.then_some("backup aborted"),
+                &left,
+                &dir.path,
+            ))
         }
     }
 }

@@ -188,6 +188,62 @@ pub fn check_identity(m: &Manifest, now: &DiskIdentity) -> Result<()> {
     Ok(())
 }
 
+/// The record a run starts with, before it changes anything.
+pub fn new_record(plan: &Plan) -> RunRecord {
+    RunRecord {
+        pid: std::process::id(),
+        chain: plan.chain.clone(),
+        index: plan.index,
+        file: plan.file.clone(),
+        kind: plan.kind,
+        pending: Default::default(),
+    }
+}
+
+/// After what a killed run left was undone (`left`: what could not be):
+/// the note for the report, or the failure that stops this run.
+pub fn recovered(dir: &Dir, stale: &RunRecord, left: Vec<String>) -> Result<String> {
+    if !left.is_empty() {
+        return Err(Failure::endpoint(format!(
+            "an earlier run (pid {}) was killed and what it left cannot be undone: {}",
+            stale.pid,
+            left.join(", ")
+        )));
+    }
+    chain::run::forget(&dir.path)?;
+    Ok(format!(
+        "undid what an earlier run (pid {}, backup {}) left when it was killed",
+        stale.pid, stale.index
+    ))
+}
+
+/// The failure of a run after its clean-up: how the job was stopped, and
+/// DIR and the change tracking as they were, or what is left.
+pub fn failure_after_cleanup(
+    f: Failure,
+    stopped: Option<&str>,
+    left: &[String],
+    dir: &Path,
+) -> Failure {
+    let mut reason = f.reason;
+    if let Some(how) = stopped {
+        reason += &format!("; {how}");
+    }
+    if left.is_empty() {
+        reason += &format!(
+            ", {} and the disk's change tracking as they were",
+            dir.display()
+        );
+    } else {
+        reason += &format!(
+            "; LEFT BEHIND: {} (the next backup into {} undoes what it can)",
+            left.join(", "),
+            dir.display()
+        );
+    }
+    Failure::new(f.kind, reason)
+}
+
 /// What the job left, to be committed.
 pub struct Taken {
     /// The point-in-time window.
@@ -313,7 +369,7 @@ impl Report {
         v["path"] = json!(self.dir.join(&self.backup.file));
         v["dir"] = json!(self.dir);
         v["chain"] = json!(self.chain);
-        v["reason"] = json!(self.why);
+        v["kind_reason"] = json!(self.why);
         v["job_id"] = json!(self.job_id);
         v["endpoint"] = json!(self.endpoint);
         v["started"] = json!(rfc3339(self.started.wall));

@@ -19,10 +19,13 @@ use std::path::Path;
 
 use serde_json::{json, Value};
 
-use super::{check_identity, commit, open_dir, plan, Dir, Options, Plan, Report, Taken};
+use super::{
+    check_identity, commit, failure_after_cleanup, new_record, open_dir, plan, recovered, Dir,
+    Options, Plan, Report, Taken,
+};
+use crate::chain;
 use crate::chain::manifest::{BackupKind, DiskIdentity};
 use crate::chain::run::{Pending, RunLock, RunRecord};
-use crate::chain::{self};
 use crate::disk::{self, Disk};
 use crate::endpoint::{array, str_of, Endpoint};
 use crate::error::{Failure, Result};
@@ -74,18 +77,7 @@ pub async fn run(qmp: &Path, opts: &Options, interrupt: Interrupt) -> Result<Rep
     if let Some(stale) = dir.stale.take() {
         let mut left = Vec::new();
         undo_run(&mut ep, &disk.node, &dir, &stale, true, &mut left).await;
-        if !left.is_empty() {
-            return Err(Failure::endpoint(format!(
-                "an earlier run (pid {}) was killed and what it left cannot be undone: {}",
-                stale.pid,
-                left.join(", ")
-            )));
-        }
-        chain::run::forget(&dir.path)?;
-        notes.push(format!(
-            "undid what an earlier run (pid {}, backup {}) left when it was killed",
-            stale.pid, stale.index
-        ));
+        notes.push(recovered(&dir, &stale, left)?);
     }
     if let Some(m) = &dir.manifest {
         check_identity(m, &identity)?;
@@ -126,17 +118,7 @@ pub async fn run(qmp: &Path, opts: &Options, interrupt: Interrupt) -> Result<Rep
             disk.driver
         ));
     }
-    let lock = RunLock::create(
-        &dir.path,
-        RunRecord {
-            pid: std::process::id(),
-            chain: plan.chain.clone(),
-            index: plan.index,
-            file: plan.file.clone(),
-            kind: plan.kind,
-            pending: Pending::default(),
-        },
-    )?;
+    let lock = RunLock::create(&dir.path, new_record(&plan))?;
     let mut run = Run {
         ep,
         clock,
@@ -175,23 +157,12 @@ pub async fn run(qmp: &Path, opts: &Options, interrupt: Interrupt) -> Result<Rep
                 .note(&format!("livesnap: {}; cleaning up", f.reason));
             let (left, cancelled) = run.cleanup(&dir).await;
             run.progress.finish();
-            let mut reason = f.reason;
-            if cancelled {
-                reason += "; job force-cancelled";
-            }
-            if left.is_empty() {
-                reason += &format!(
-                    ", {} and the disk's change tracking as they were",
-                    dir.path.display()
-                );
-            } else {
-                reason += &format!(
-                    "; LEFT BEHIND: {} (the next backup into {} undoes what it can)",
-                    left.join(", "),
-                    dir.path.display()
-                );
-            }
-            Err(Failure::new(f.kind, reason))
+            Err(failure_after_cleanup(
+                f,
+                cancelled.then_some("job force-cancelled"),
+                &left,
+                &dir.path,
+            ))
         }
     }
 }
