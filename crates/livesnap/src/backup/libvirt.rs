@@ -43,6 +43,9 @@ use crate::wait::Clock;
 /// libvirt's job lock wait (30 s) to go.
 const CLEANUP_BUDGET: Duration = Duration::from_secs(40);
 
+/// How long libvirt may take to close the image after the job's end.
+const CLOSE_WAIT: Duration = Duration::from_secs(30);
+
 /// The libvirt checkpoint taken with backup `index` of chain `chain`.
 pub fn checkpoint_name(chain: &str, index: u64) -> String {
     format!("livesnap-chain-{chain}-{index}")
@@ -300,6 +303,9 @@ impl Run<'_> {
             }
         };
         self.job_running = false;
+        target::wait_closed(&self.path(dir), CLOSE_WAIT)
+            .await
+            .map_err(|f| during(f, "waiting for libvirt to close the backup"))?;
         let taken = Taken {
             window: (t0, t1),
             defined_by: "virDomainBackupBegin (with its checkpoint) call to its return",

@@ -47,6 +47,8 @@ use virt_sys as sys;
 /// event worker (one for all domains) has handled its end: a budget under
 /// that reports a job as left that a busy host ends a little later.
 const CLEANUP_BUDGET: Duration = Duration::from_secs(40);
+/// How long libvirt may take to close a backup's target after the job's end.
+const CLOSE_WAIT: Duration = Duration::from_secs(30);
 /// How long a job that vanished from the job queries may take to send the
 /// event that says how it ended.
 const EVENT_GRACE: Duration = Duration::from_secs(3);
@@ -473,6 +475,11 @@ impl Run<'_> {
             .wait_backup()
             .await
             .map_err(|f| during(f, "the backup job ran"))?;
+        if self.lv.is_local() {
+            target::wait_closed(&self.path, CLOSE_WAIT)
+                .await
+                .map_err(|f| during(f, "waiting for libvirt to close the target"))?;
+        }
         Ok(Outcome {
             window: (t0, t1),
             defined_by: "virDomainBackupBegin call to its return",
