@@ -323,6 +323,28 @@ fn chain_under_writers(kind: Kind) {
     ] {
         check_restored(&log, &dir, r, static_written);
     }
+    // The same restore as a qcow2: equal to the raw one, clean for qemu-img.
+    let q = work.path().join("r2.qcow2");
+    livesnap_testkit::cli::livesnap(
+        &[
+            "restore",
+            dir.to_str().unwrap(),
+            q.to_str().unwrap(),
+            "--at",
+            "2",
+            "--format",
+            "qcow2",
+            "--quiet",
+        ],
+        LIMIT,
+    )
+    .expect(0);
+    run(Command::new("qemu-img").args(["check", "-q"]).arg(&q));
+    let raw = restore(&dir, 2, &work.path().join("r2.raw"));
+    assert!(
+        livesnap_testkit::pit::read_image(&q, "qcow2") == raw,
+        "the qcow2 restore differs from the raw one"
+    );
     verify_catches_damage(&dir, work.path());
     // The chain moves with its directory: relative backing names.
     let moved = work.path().join("moved");
