@@ -570,3 +570,38 @@ fn killed_run_and_crashed_daemon() {
     );
     assert_eq!(verify(&dir).expect(0).json()["result"], "ok");
 }
+
+/// A raw disk cannot keep a persistent bitmap (QEMU refuses it): the chain
+/// tracks changes in memory, says so, and still makes correct incrementals.
+#[test]
+fn raw_disk_tracks_changes_in_memory() {
+    let d = Daemon::raw(Kind::Qsd, 8 * MIB);
+    let work = tempfile::tempdir().unwrap();
+    let dir = work.path().join("chain");
+    qemu_io(&d.url, "raw", &["write -P 0x11 0 1M"]);
+    let r0 = backup(&d.cli_sock, "disk", &dir, &[]);
+    assert!(
+        r0["notes"]
+            .to_string()
+            .contains("cannot keep a persistent bitmap"),
+        "{r0}"
+    );
+    let b = bitmaps(&mut d.qmp(), "disk");
+    assert_eq!(
+        b[r0["bitmap"].as_str().unwrap()]["persistent"],
+        false,
+        "{b:?}"
+    );
+    qemu_io(&d.url, "raw", &["write -P 0x22 4M 128k"]);
+    let r1 = backup(&d.cli_sock, "disk", &dir, &[]);
+    assert_eq!(r1["bytes_copied"], 128 << 10, "{r1}");
+    let img = restore(&dir, 1, &work.path().join("r1.raw"));
+    assert!(
+        img == std::fs::read(&d.image).unwrap(),
+        "restore differs from the disk"
+    );
+    let img0 = restore(&dir, 0, &work.path().join("r0.raw"));
+    assert!(img0[4 << 20..(4 << 20) + (128 << 10)]
+        .iter()
+        .all(|&b| b == 0));
+}
