@@ -201,6 +201,14 @@ impl DirtyBitmap {
         out
     }
 
+    /// Bytes `[first, first + n)` of [`DirtyBitmap::to_bytes`], without
+    /// making all of it; bytes past the end read as zero.
+    pub fn bytes_at(&self, first: usize, n: usize) -> Vec<u8> {
+        (first..first + n)
+            .map(|i| self.words.get(i / 8).map_or(0, |w| w.to_le_bytes()[i % 8]))
+            .collect()
+    }
+
     /// A bitmap over `size` bytes from bytes laid out as [`DirtyBitmap::to_bytes`]
     /// makes them; missing bytes read as clean, bits past the end are ignored.
     pub fn from_bytes(size: u64, granularity: u64, bytes: &[u8]) -> DirtyBitmap {
@@ -271,6 +279,7 @@ mod tests {
         assert_eq!(a.extent(131072, u64::MAX), ((1 << 20) - 131072, false));
         let bytes = a.to_bytes();
         assert_eq!(bytes.len(), 2);
+        assert_eq!(a.bytes_at(0, 3), vec![0b10, 0, 0]);
         assert_eq!(bytes, vec![0b10, 0]);
         let back = DirtyBitmap::from_bytes(1 << 20, 65536, &[0xff, 0xff, 0xff]);
         assert_eq!(back.dirty_chunks(), 16);

@@ -177,13 +177,18 @@ pub enum Thaw {
     MergeBack(DirtyBitmap),
 }
 
-/// What a bitmap operation wants checked before it changes anything.
+/// What a bitmap operation wants checked before it changes anything
+/// (QEMU's `BDRV_BITMAP_*` check flags).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Use {
-    /// Changing content or state (clear, merge into, enable, disable, remove).
+    /// Changing content or state (clear, merge into, enable, disable):
+    /// not busy, not read-only, not inconsistent.
     Modify,
-    /// Reading the content (merge from, export).
+    /// Reading the content (merge from, export): not busy, not inconsistent.
     Read,
+    /// Removing it: not busy, not read-only; an inconsistent bitmap can go
+    /// (it is the only thing it is good for).
+    Remove,
 }
 
 /// The named bitmaps of one node, newest first (the order QEMU lists them).
@@ -330,7 +335,7 @@ impl BitmapSet {
 
     /// Removes `name`; gives back whether it was persistent.
     pub fn remove(&mut self, name: &str) -> crate::Result<bool> {
-        self.checked(name, Use::Modify)?;
+        self.checked(name, Use::Remove)?;
         let i = self
             .list
             .iter()
@@ -437,13 +442,13 @@ fn check(b: &NamedBitmap, what: Use) -> crate::Result<()> {
     if b.busy() {
         return Err(busy_error(&b.name));
     }
-    if what == Use::Modify && b.readonly {
+    if what != Use::Read && b.readonly {
         return Err(crate::Error::invalid(format!(
             "Bitmap '{}' is readonly and cannot be modified",
             b.name
         )));
     }
-    if b.inconsistent {
+    if b.inconsistent && what != Use::Remove {
         return Err(crate::Error::invalid(format!(
             "Bitmap '{}' is inconsistent and cannot be used",
             b.name

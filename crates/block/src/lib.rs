@@ -48,8 +48,8 @@ pub use open::{
     FactoryOpen, OpenFuture,
 };
 pub use qcow2::{
-    check_chain_depth, read_header_backing, resolve_backing_filename, BackingRef, Qcow2Cache,
-    Qcow2Driver, Qcow2Info, Qcow2Options,
+    check_chain_depth, read_header_backing, resolve_backing_filename, BackingRef, Qcow2BitmapInfo,
+    Qcow2Cache, Qcow2Driver, Qcow2Info, Qcow2Options,
 };
 pub use raw::{RawDriver, RawOptions};
 pub use tracker::{RequestKind, RequestTracker, TrackedRequest};

@@ -165,6 +165,11 @@ impl Daemon {
             if let Err(e) = node.flush().await {
                 tracing::error!("flush of node {} failed: {e}", node.name());
             }
+            // Persistent bitmaps left in use would read as inconsistent to
+            // QEMU: the exact bits go to the image, marked clean.
+            if let Err(e) = node.store_bitmaps(true).await {
+                tracing::error!("storing the bitmaps of node {} failed: {e}", node.name());
+            }
         }
     }
 }

@@ -139,3 +139,37 @@ impl Rng {
         self.next_u64() % n
     }
 }
+
+/// QEMU's view of persistent bitmap `name` in a qcow2 image: its dirty
+/// extents `(offset, len)` as `qemu-nbd -B` exports them, read with
+/// `nbdinfo --map`; `Err` with qemu-nbd's words when QEMU refuses the bitmap
+/// (missing, inconsistent). The image is opened read-only.
+pub fn qemu_dirty_extents(img: &Path, name: &str) -> Result<Vec<(u64, u64)>, String> {
+    let (status, out, err) = crate::run_within(
+        Command::new("nbdinfo")
+            .arg(format!("--map=qemu:dirty-bitmap:{name}"))
+            .args(["--", "[", "qemu-nbd", "-r", "-f", "qcow2", "-B", name])
+            .arg(img)
+            .arg("]"),
+        std::time::Duration::from_secs(60),
+    );
+    if !status.success() {
+        return Err(err);
+    }
+    Ok(out
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.len() >= 3 && f[2] == "1").then(|| (f[0].parse().unwrap(), f[1].parse().unwrap()))
+        })
+        .collect())
+}
+
+/// `qemu-img info`'s JSON of an image, opened read-only with sharing.
+pub fn qemu_img_info(img: &Path) -> serde_json::Value {
+    let out = tool_ok(
+        "qemu-img",
+        &["info", "-U", "--output=json", img.to_str().unwrap()],
+    );
+    serde_json::from_str(&out).expect("qemu-img info JSON")
+}

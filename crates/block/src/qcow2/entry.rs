@@ -158,6 +158,8 @@ mod tests {
             compatible: 0,
             autoclear: 0,
             refcount_order: 4,
+            bitmaps: None,
+            layout: Default::default(),
             header_length: 112,
             backing: None,
         })

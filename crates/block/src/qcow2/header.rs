@@ -44,6 +44,16 @@ pub const INCOMPAT_EXTL2: u64 = 1 << 4;
 pub const COMPAT_LAZY_REFCOUNTS: u64 = 1 << 0;
 /// Autoclear bit 0: the bitmaps extension is consistent.
 pub const AUTOCLEAR_BITMAPS: u64 = 1 << 0;
+/// Autoclear bit 63, livesnap's own: every bitmap marked in use was kept as
+/// a write-intent log by livesnap since this bit was set, so its bits cover
+/// every write even after a crash. Any other writer clears unknown autoclear
+/// bits when it opens the image, which withdraws that promise
+/// (docs/decisions.md).
+pub const AUTOCLEAR_WRITE_INTENT: u64 = 1 << 63;
+/// QEMU's `QCOW2_MAX_BITMAPS`.
+pub const MAX_BITMAPS: u32 = 65535;
+/// QEMU's `QCOW2_MAX_BITMAP_DIRECTORY_SIZE`.
+pub const MAX_BITMAP_DIRECTORY_SIZE: u64 = 1024 * MAX_BITMAPS as u64;
 
 /// Offset of the autoclear features field.
 pub const OFF_AUTOCLEAR: u64 = 88;
@@ -106,6 +116,91 @@ pub struct Header {
     pub header_length: u32,
     /// The backing file named by the header, if any.
     pub backing: Option<BackingRef>,
+    /// Where the bitmap directory is, when the image has a consistent one.
+    pub bitmaps: Option<BitmapsExt>,
+    /// The header's bytes and extensions as read, to write them back with
+    /// one extension changed.
+    pub layout: Layout,
+}
+
+/// The bitmaps header extension (`Qcow2BitmapHeaderExt`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BitmapsExt {
+    /// Number of bitmaps in the directory.
+    pub nb_bitmaps: u32,
+    /// Size of the directory in bytes.
+    pub directory_size: u64,
+    /// Host offset of the directory.
+    pub directory_offset: u64,
+}
+
+impl BitmapsExt {
+    fn to_bytes(self) -> Vec<u8> {
+        let mut b = Vec::with_capacity(24);
+        b.extend_from_slice(&self.nb_bitmaps.to_be_bytes());
+        b.extend_from_slice(&[0; 4]);
+        b.extend_from_slice(&self.directory_size.to_be_bytes());
+        b.extend_from_slice(&self.directory_offset.to_be_bytes());
+        b
+    }
+}
+
+/// The parts of the first cluster a header rewrite keeps as they were.
+#[derive(Clone, Debug, Default)]
+pub struct Layout {
+    /// Every extension but the bitmaps one, in file order: (magic, data).
+    others: Vec<(u32, Vec<u8>)>,
+    /// The backing file name as stored.
+    backing_name: Vec<u8>,
+    /// A bitmaps extension was there without the autoclear bit that vouches
+    /// for it: a rewrite drops it.
+    pub stale_bitmaps: bool,
+}
+
+impl Layout {
+    /// The first cluster's header area: `fixed` (the header structure as it
+    /// is now on disk, `header_length` bytes) with `autoclear`, the
+    /// extensions with, when given, a bitmaps one (after the feature table,
+    /// where QEMU puts it), then the backing file name; `None` when it would
+    /// not fit in `cluster_size`.
+    pub fn render(
+        &self,
+        fixed: &[u8],
+        autoclear: u64,
+        bitmaps: Option<BitmapsExt>,
+        cluster_size: u64,
+    ) -> Option<Vec<u8>> {
+        let mut b = fixed.to_vec();
+        if b.len() >= 96 {
+            b[88..96].copy_from_slice(&autoclear.to_be_bytes());
+        }
+        let mut exts: Vec<(u32, Vec<u8>)> = self.others.clone();
+        if let Some(ext) = bitmaps {
+            let at = exts
+                .iter()
+                .position(|(m, _)| *m == EXT_FEATURE_TABLE)
+                .map_or(exts.len(), |i| i + 1);
+            exts.insert(at, (EXT_BITMAPS, ext.to_bytes()));
+        }
+        for (magic, data) in &exts {
+            b.extend_from_slice(&magic.to_be_bytes());
+            b.extend_from_slice(&(data.len() as u32).to_be_bytes());
+            b.extend_from_slice(data);
+            b.resize(b.len().div_ceil(8) * 8, 0);
+        }
+        b.extend_from_slice(&[0; 8]);
+        let backing_offset = if self.backing_name.is_empty() {
+            0
+        } else {
+            b.len() as u64
+        };
+        b.extend_from_slice(&self.backing_name);
+        if b.len() as u64 > cluster_size {
+            return None;
+        }
+        b[8..16].copy_from_slice(&backing_offset.to_be_bytes());
+        Some(b)
+    }
 }
 
 fn be32(b: &[u8], at: usize) -> u32 {
@@ -254,7 +349,20 @@ impl Header {
             }
         }
 
-        let exts = read_extensions(b, header_length as u64, ext_end)?;
+        let exts = read_extensions(
+            b,
+            header_length as u64,
+            ext_end,
+            autoclear & AUTOCLEAR_BITMAPS != 0,
+        )?;
+        if exts
+            .bitmaps
+            .is_some_and(|e| !e.directory_offset.is_multiple_of(cluster_size))
+        {
+            return Err(crate::Error::invalid(
+                "bitmaps_ext: invalid bitmap directory offset",
+            ));
+        }
 
         // Bits this implementation knows; external data files and extended
         // L2 entries are valid qcow2 but not implemented here.
@@ -352,6 +460,14 @@ impl Header {
         } else {
             None
         };
+        let layout = Layout {
+            stale_bitmaps: exts.stale_bitmaps,
+            others: exts.others,
+            backing_name: match backing_offset {
+                0 => Vec::new(),
+                o => b[o as usize..o as usize + backing_size as usize].to_vec(),
+            },
+        };
 
         Ok(Header {
             version,
@@ -368,6 +484,8 @@ impl Header {
             refcount_order,
             header_length,
             backing,
+            bitmaps: exts.bitmaps,
+            layout,
         })
     }
 }
@@ -375,13 +493,29 @@ impl Header {
 struct Extensions {
     backing_format: Option<String>,
     feature_table: Vec<(u8, u8, String)>,
+    /// The bitmaps extension, checked, whatever the autoclear bit says.
+    bitmaps: Option<BitmapsExt>,
+    /// Every other extension, raw.
+    others: Vec<(u32, Vec<u8>)>,
+    /// A bitmaps extension was skipped for want of its autoclear bit.
+    stale_bitmaps: bool,
 }
 
 /// Walks the header extensions as QEMU's `qcow2_read_extensions`.
-fn read_extensions(b: &[u8], start: u64, end: u64) -> crate::Result<Extensions> {
+/// `bitmaps_valid` is the autoclear bit that vouches for the bitmaps
+/// extension: without it the extension is stale and skipped unread.
+fn read_extensions(
+    b: &[u8],
+    start: u64,
+    end: u64,
+    bitmaps_valid: bool,
+) -> crate::Result<Extensions> {
     let mut out = Extensions {
         backing_format: None,
         feature_table: Vec::new(),
+        bitmaps: None,
+        others: Vec::new(),
+        stale_bitmaps: false,
     };
     let mut off = start;
     while off < end {
@@ -395,8 +529,13 @@ fn read_extensions(b: &[u8], start: u64, end: u64) -> crate::Result<Extensions> 
             return Err(crate::Error::invalid("Header extension too large"));
         }
         let data = &b[off as usize..(off + len) as usize];
+        if magic != 0 && magic != EXT_BITMAPS {
+            out.others.push((magic, data.to_vec()));
+        }
         match magic {
             0 => return Ok(out),
+            EXT_BITMAPS if bitmaps_valid => out.bitmaps = Some(bitmaps_ext(data)?),
+            EXT_BITMAPS => out.stale_bitmaps = true,
             EXT_BACKING_FORMAT => {
                 if len >= 16 {
                     return Err(crate::Error::invalid(format!(
@@ -417,6 +556,43 @@ fn read_extensions(b: &[u8], start: u64, end: u64) -> crate::Result<Extensions> 
         off += len.div_ceil(8) * 8;
     }
     Ok(out)
+}
+
+/// Checks the bitmaps extension as QEMU's `qcow2_read_extensions` does.
+fn bitmaps_ext(data: &[u8]) -> crate::Result<BitmapsExt> {
+    if data.len() != 24 {
+        return Err(crate::Error::invalid(
+            "bitmaps_ext: Invalid extension length",
+        ));
+    }
+    if be32(data, 4) != 0 {
+        return Err(crate::Error::invalid(
+            "bitmaps_ext: Reserved field is not zero",
+        ));
+    }
+    let ext = BitmapsExt {
+        nb_bitmaps: be32(data, 0),
+        directory_size: be64(data, 8),
+        directory_offset: be64(data, 16),
+    };
+    if ext.nb_bitmaps > MAX_BITMAPS {
+        return Err(crate::Error::invalid(format!(
+            "bitmaps_ext: Image has {} bitmaps, exceeding the QEMU supported maximum of {MAX_BITMAPS}",
+            ext.nb_bitmaps
+        )));
+    }
+    if ext.nb_bitmaps == 0 {
+        return Err(crate::Error::invalid(
+            "found bitmaps extension with zero bitmaps",
+        ));
+    }
+    if ext.directory_size > MAX_BITMAP_DIRECTORY_SIZE {
+        return Err(crate::Error::invalid(format!(
+            "bitmaps_ext: bitmap directory size ({}) exceeds the maximum supported size ({MAX_BITMAP_DIRECTORY_SIZE})",
+            ext.directory_size
+        )));
+    }
+    Ok(ext)
 }
 
 /// Reads the backing file reference from the header of the qcow2 image in

@@ -14,6 +14,7 @@
 //! - `meta`: L2 cache, refcounts, allocation, and the write ordering that
 //!   keeps the image consistent if the process dies at any moment.
 //! - `io`: guest reads, writes with copy-on-write, zeroes, discard, status.
+//! - `bitmaps`: persistent dirty bitmaps, kept as a write-intent log.
 //! - [`compress`]: compressed clusters.
 //!
 //! Every driver method is a `Send` future run on the caller's thread: there
@@ -21,6 +22,7 @@
 //! blocking pool) or to the backing node, without holding any lock, so many
 //! requests are in flight at once and all cores serve them.
 
+mod bitmaps;
 pub mod compress;
 pub mod entry;
 pub mod header;
@@ -36,6 +38,7 @@ use tokio::sync::Notify;
 use crate::buf::IoBuf;
 use crate::driver::{BlockDriver, BlockStatus, ChildRef, IoFuture, Limits, WriteFlags, ZeroFlags};
 use crate::node::BlockNode;
+pub use bitmaps::Qcow2BitmapInfo;
 use entry::{Geometry, OFFSET_MASK};
 pub use header::{
     check_chain_depth, read_header_backing, resolve_backing_filename, BackingRef, Header,
@@ -61,6 +64,8 @@ pub(crate) struct Inner {
     io_gate: tokio::sync::RwLock<()>,
     /// Some metadata change has not reached the file yet.
     meta_dirty: AtomicBool,
+    /// The persistent dirty bitmaps.
+    bitmaps: bitmaps::Bitmaps,
 }
 
 /// QEMU's `format-specific` data of a qcow2 node (`ImageInfoSpecificQCow2`).
@@ -87,6 +92,8 @@ pub struct Qcow2Info {
     /// The backing file name resolved against the image's own name (QEMU's
     /// `full-backing-filename`).
     pub full_backing_filename: Option<String>,
+    /// The persistent bitmaps the image's directory lists.
+    pub bitmaps: Vec<Qcow2BitmapInfo>,
 }
 
 /// Options of the qcow2 driver beyond its children (QEMU's `BlockdevOptionsQcow2`).
@@ -257,13 +264,6 @@ impl Qcow2Driver {
         }
 
         if !read_only {
-            // Bitmaps are not maintained here: like any program without bitmap
-            // support, clear the autoclear bits so QEMU knows they are stale.
-            if header.autoclear != 0 {
-                meta::write_be64(&file, header::OFF_AUTOCLEAR, 0)
-                    .await
-                    .map_err(|e| crate::Error::io("Could not update qcow2 header", &e))?;
-            }
             // A partly written last cluster (QEMU writes only what it must) is
             // completed, so every cluster lies wholly inside the file.
             let aligned = fsize.div_ceil(cs) * cs;
@@ -281,7 +281,7 @@ impl Qcow2Driver {
             None => tables.min(((32 << 20) / cs) as usize),
         };
         let meta = Meta::new(reftable, header.refcount_table_offset, file.size(), cs);
-        Ok(Qcow2Driver {
+        let driver = Qcow2Driver {
             inner: Arc::new(Inner {
                 file,
                 backing: RwLock::new(backing),
@@ -296,8 +296,12 @@ impl Qcow2Driver {
                 inflight_changed: Notify::new(),
                 io_gate: tokio::sync::RwLock::new(()),
                 meta_dirty: AtomicBool::new(false),
+                bitmaps: Default::default(),
             }),
-        })
+        };
+        let header = driver.inner.header.clone();
+        driver.inner.load_bitmaps(&header).await?;
+        Ok(driver)
     }
 
     /// Points unallocated clusters at a new backing node, in memory only (the
@@ -338,6 +342,7 @@ impl Qcow2Driver {
                 .backing
                 .as_ref()
                 .map(|b| resolve_backing_filename(&self.inner.file.filename(), &b.filename)),
+            bitmaps: self.inner.bitmaps.infos(),
         }
     }
 }
@@ -372,6 +377,10 @@ impl BlockDriver for Qcow2Driver {
 
     fn backing(&self) -> Option<Arc<BlockNode>> {
         Qcow2Driver::backing(self)
+    }
+
+    fn bitmap_store(&self) -> Option<&dyn crate::bitmaps::BitmapStore> {
+        Some(&*self.inner)
     }
 
     fn set_backing(&self, backing: Option<Arc<BlockNode>>) -> crate::Result<()> {

@@ -372,17 +372,22 @@ fn image_info(node: &BlockNode, flat: bool) -> Value {
     }
     if let Some(FormatSpecific::Qcow2(q)) = node.format_specific() {
         image["cluster-size"] = json!(q.cluster_size);
-        image["format-specific"] = json!({
-            "type": "qcow2",
-            "data": {
-                "compat": q.compat,
-                "compression-type": q.compression_type,
-                "lazy-refcounts": q.lazy_refcounts,
-                "refcount-bits": q.refcount_bits,
-                "corrupt": q.corrupt,
-                "extended-l2": false,
-            },
+        let mut data = json!({
+            "compat": q.compat,
+            "compression-type": q.compression_type,
+            "lazy-refcounts": q.lazy_refcounts,
+            "refcount-bits": q.refcount_bits,
+            "corrupt": q.corrupt,
+            "extended-l2": false,
         });
+        if !q.bitmaps.is_empty() {
+            let bitmaps: Vec<Value> = q.bitmaps.iter().map(qcow2_bitmap_info).collect();
+            if let Some(m) = data.as_object_mut() {
+                // QEMU's place for it: after lazy-refcounts.
+                m.shift_insert(3, "bitmaps".into(), Value::Array(bitmaps));
+            }
+        }
+        image["format-specific"] = json!({ "type": "qcow2", "data": data });
         if let Some(backing) = &q.backing_filename {
             image["backing-filename"] = json!(backing);
             image["full-backing-filename"] = json!(q.full_backing_filename);
@@ -460,4 +465,16 @@ pub(super) fn query_named_block_nodes(d: &Arc<Daemon>, mut args: Args) -> Result
             .map(|n| node_info(n, flat))
             .collect(),
     ))
+}
+
+/// One persistent bitmap of a qcow2 image as QEMU's `Qcow2BitmapInfo`.
+fn qcow2_bitmap_info(b: &livesnap_block::Qcow2BitmapInfo) -> Value {
+    let mut flags = Vec::new();
+    if b.in_use {
+        flags.push("in-use");
+    }
+    if b.auto {
+        flags.push("auto");
+    }
+    json!({ "flags": flags, "name": b.name, "granularity": b.granularity })
 }
