@@ -419,3 +419,65 @@ impl Report {
         s
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn disk() -> DiskIdentity {
+        DiskIdentity {
+            name: "disk".into(),
+            node: "disk".into(),
+            file: "/d".into(),
+            size: 1 << 20,
+            endpoint: "qmp /q".into(),
+        }
+    }
+
+    fn with_backups(kinds: &[BackupKind]) -> Manifest {
+        let mut m = Manifest::new("c0ffee".into(), disk(), "qmp");
+        for (i, k) in kinds.iter().enumerate() {
+            let i = i as u64;
+            m.backups.push(Backup {
+                index: i,
+                file: chain::file_name(i, *k),
+                kind: *k,
+                backing: (*k == BackupKind::Incremental)
+                    .then(|| m.backups.last().map(|b| b.file.clone()))
+                    .flatten(),
+                point_in_time: PointInTime::new(&Stamp::now(), &Stamp::now(), "test"),
+                size: 1,
+                bytes_copied: 1,
+                sha256: String::new(),
+                bitmap: chain::bitmap_name("c0ffee", 0),
+                disk: disk(),
+                finished: String::new(),
+            });
+        }
+        m
+    }
+
+    #[test]
+    fn the_first_backup_is_full_then_incremental_over_the_last() {
+        let p = plan(None, false);
+        assert_eq!((p.kind, p.index, p.backing), (BackupKind::Full, 0, None));
+        assert_eq!(p.file, "0000-full.qcow2");
+        let m = with_backups(&[BackupKind::Full, BackupKind::Incremental]);
+        let p = plan(Some(&m), false);
+        assert_eq!((p.kind, p.index), (BackupKind::Incremental, 2));
+        assert_eq!(p.backing.as_deref(), Some("0001-incremental.qcow2"));
+        assert_eq!(p.chain, "c0ffee");
+        let p = plan(Some(&m), true);
+        assert_eq!((p.kind, p.index, p.backing), (BackupKind::Full, 2, None));
+        assert_eq!(p.file, "0002-full.qcow2");
+    }
+
+    #[test]
+    fn another_disk_size_is_refused() {
+        let m = with_backups(&[BackupKind::Full]);
+        let mut other = disk();
+        other.size *= 2;
+        assert!(check_identity(&m, &other).is_err());
+        assert!(check_identity(&m, &disk()).is_ok());
+    }
+}

@@ -575,3 +575,36 @@ async fn undo_run(
         left.extend(crate::snapshot::remove_target_file(&dir.path.join(&r.file)));
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn disk() -> Disk {
+        Disk {
+            node: "disk".into(),
+            device: None,
+            driver: "qcow2".into(),
+            size: 1 << 20,
+            filename: "/d".into(),
+            backing: None,
+        }
+    }
+
+    #[test]
+    fn tracking_that_cannot_be_trusted_stops_an_incremental() {
+        let ok = json!({"name": "b", "recording": true, "busy": false, "persistent": true});
+        assert!(usable(std::slice::from_ref(&ok), "b", &disk(), "disk").is_ok());
+        let why = |b: Value| usable(&[b], "b", &disk(), "disk").unwrap_err().reason;
+        assert!(why(json!({"name": "x"})).contains("no bitmap b"));
+        let mut bad = ok.clone();
+        bad["inconsistent"] = json!(true);
+        assert!(why(bad).contains("inconsistent"));
+        let mut bad = ok.clone();
+        bad["recording"] = json!(false);
+        assert!(why(bad).contains("disabled"));
+        let mut bad = ok;
+        bad["busy"] = json!(true);
+        assert!(why(bad).contains("in use"));
+    }
+}
