@@ -578,7 +578,7 @@ fn checkpoints(dom: &Domain) -> Vec<String> {
 /// checkpoint left, and verify passing.
 #[test]
 fn backup_chain_through_checkpoints() {
-    use livesnap_testkit::chain::restore;
+    use livesnap_testkit::chain::{dir_state, restore};
     let dir = shared_dir();
     let path = dir.path().join("disk.qcow2");
     livesnap_testkit::create_image(&path, "qcow2", 512 * MIB);
@@ -630,7 +630,36 @@ fn backup_chain_through_checkpoints() {
     dom.assert_as_it_was(&disks);
 
     let mut last = 0;
-    for i in 0..3u64 {
+    let mut i = 0;
+    for step in 0..3 {
+        if step == 2 {
+            // A deadline that cuts an incremental short, in its job or its
+            // commit: the checkpoint it made goes, the previous one keeps
+            // tracking, and the next incremental (checked below) misses
+            // nothing. Should the run beat the deadline, it is a backup.
+            let before = dir_state(&chain);
+            let kept = checkpoints(&dom);
+            let a = args(&["--deadline", "400ms"]);
+            let out = livesnap(&a.iter().map(String::as_str).collect::<Vec<_>>(), RUN_LIMIT);
+            let r = out.json();
+            match out.code() {
+                4 => {
+                    assert!(
+                        !r["reason"].as_str().unwrap().contains("LEFT BEHIND"),
+                        "{r}"
+                    );
+                    assert!(dir_state(&chain) == before, "the deadline changed DIR: {r}");
+                    assert_eq!(checkpoints(&dom), kept, "{r}");
+                    eprintln!("libvirt: incremental cut short: {}", r["reason"]);
+                }
+                0 => {
+                    eprintln!("libvirt: the 0.4 s deadline did not cut the incremental: {r}");
+                    i += 1;
+                }
+                c => panic!("exit code {c}: {r}"),
+            }
+            dom.assert_as_it_was(&disks);
+        }
         let watch = dom.console.watch();
         let r_start = dom.last_written().unwrap();
         let t0 = Instant::now();
@@ -685,6 +714,7 @@ fn backup_chain_through_checkpoints() {
             "only the newest checkpoint is kept"
         );
         dom.assert_as_it_was(&disks);
+        i += 1;
     }
     let v = livesnap(&["verify", c, "--json"], RUN_LIMIT)
         .expect(0)
