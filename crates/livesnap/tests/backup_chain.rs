@@ -448,6 +448,11 @@ fn refuses_a_directory_with_other_files() {
     let out = backup_out(&d.cli_sock, "disk", work.path(), &[]).expect(1);
     assert!(out.stderr.contains("empty directory"), "{out:?}");
     assert!(bitmaps(&mut d.qmp(), "disk").is_empty());
+    // A failed first run leaves no directory it created.
+    let new = work.path().join("new");
+    let out = backup_out(&d.cli_sock, "nosuchdisk", &new, &[]).expect(1);
+    assert!(out.stderr.contains("no node or device named"), "{out:?}");
+    assert!(!new.exists(), "the failed run left {}", new.display());
 }
 
 /// A run killed outright (SIGKILL) after its job started, the job then

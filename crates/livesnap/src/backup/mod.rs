@@ -54,6 +54,17 @@ pub struct Options {
 
 /// Runs `livesnap backup` through the endpoint `opts` names.
 pub async fn run(opts: &Options, interrupt: Interrupt) -> Result<Report> {
+    let existed = opts.dir.exists();
+    let r = run_at(opts, interrupt).await;
+    if r.is_err() && !existed {
+        // DIR as before: a directory this run created goes again if it
+        // stayed empty (remove_dir leaves a non-empty one alone).
+        let _ = std::fs::remove_dir(&opts.dir);
+    }
+    r
+}
+
+async fn run_at(opts: &Options, interrupt: Interrupt) -> Result<Report> {
     match &opts.endpoint {
         EndpointArg::Qmp(path) => qmp::run(path, opts, interrupt).await,
         #[cfg(feature = "libvirt")]
