@@ -163,9 +163,11 @@ def main():
     results = {}
     peak = {}
     try:
-        for setup in setups:
-            for name, rw, bs, qd in jobs:
-                for rep in range(args.repeat):
+        # Set-ups alternate inside each repetition, as the daemons do, so that
+        # drift on this shared machine hits every set-up of a job alike.
+        for name, rw, bs, qd in jobs:
+            for rep in range(args.repeat):
+                for setup in setups:
                     order = ["qsd", "livesnapd"] if rep % 2 == 0 else ["livesnapd", "qsd"]
                     for d in order:
                         image, fmt = prepare(setup)

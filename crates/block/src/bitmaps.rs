@@ -16,10 +16,11 @@
 
 use std::io;
 use std::sync::atomic::Ordering;
-use std::sync::MutexGuard;
+use std::sync::{Arc, MutexGuard};
 
 use crate::bitmap::DirtyBitmap;
 use crate::driver::{FormatSpecific, IoFuture};
+use crate::graph::BlockGraph;
 use crate::node::BlockNode;
 
 /// Largest granularity QEMU accepts (`uint32`, a power of two).
@@ -88,10 +89,11 @@ pub trait BitmapStore: Send + Sync {
     /// again from exactly these bits; on close they are marked clean.
     fn store(&self, bitmaps: Vec<StoredBitmap>, closing: bool) -> IoFuture<'_, ()>;
 
-    /// Makes the chunks of `[offset, offset+len)` dirty on disk in bitmap
-    /// `name`, durably, before the write that dirties them is issued. Cheap
-    /// when they already are (the common case).
-    fn mark_dirty(&self, name: &str, offset: u64, len: u64) -> IoFuture<'_, ()>;
+    /// Makes the chunks of `[offset, offset+len)` dirty on disk in every
+    /// recording bitmap of the last [`BitmapStore::store`], durably, before
+    /// the write that dirties them is issued. Cheap when they already are
+    /// (the common case).
+    fn mark_dirty(&self, offset: u64, len: u64) -> IoFuture<'_, ()>;
 }
 
 /// A named bitmap of a node.
@@ -107,6 +109,8 @@ pub struct NamedBitmap {
     readonly: bool,
     /// Users holding the bitmap (jobs, exports).
     busy: usize,
+    /// Its place in the image's bitmap directory when the image was opened.
+    loaded_at: Option<usize>,
 }
 
 impl NamedBitmap {
@@ -144,10 +148,25 @@ impl NamedBitmap {
         self.busy > 0 || self.frozen.is_some()
     }
 
+    /// Size of the disk the bitmap covers (the node's size when it was made).
+    pub fn size(&self) -> u64 {
+        self.bits.size()
+    }
+
+    /// [`DirtyBitmap::extents`] of the whole content.
+    pub fn extents(&self, offset: u64, len: u64, max: usize) -> Vec<(u64, bool)> {
+        match self.frozen {
+            None => self.bits.extents(offset, len, max),
+            Some(_) => self.content().extents(offset, len, max),
+        }
+    }
+
     fn info(&self) -> BitmapInfo {
         BitmapInfo {
             name: self.name.clone(),
-            count: self.content().dirty_bytes(),
+            // QEMU counts whole chunks, past the disk's end too (a 2 GiB
+            // chunk of a 1 MiB disk counts 2 GiB, as qsd reports).
+            count: self.content().dirty_chunks() * self.granularity(),
             granularity: self.granularity(),
             recording: self.enabled,
             busy: self.busy(),
@@ -178,16 +197,18 @@ pub enum Thaw {
 }
 
 /// What a bitmap operation wants checked before it changes anything
-/// (QEMU's `BDRV_BITMAP_*` check flags).
+/// (QEMU's `BdrvBitmapFlags` for `bdrv_dirty_bitmap_check`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Use {
-    /// Changing content or state (clear, merge into, enable, disable):
-    /// not busy, not read-only, not inconsistent.
+    /// Changing the content (clear, merge into, a job's freeze): busy,
+    /// read-only and inconsistent bitmaps refuse (`BDRV_BITMAP_DEFAULT`).
     Modify,
-    /// Reading the content (merge from, export): not busy, not inconsistent.
+    /// Reading the content or switching recording (merge from, export,
+    /// enable, disable): busy and inconsistent bitmaps refuse
+    /// (`BDRV_BITMAP_ALLOW_RO`).
     Read,
-    /// Removing it: not busy, not read-only; an inconsistent bitmap can go
-    /// (it is the only thing it is good for).
+    /// Removing: busy and read-only bitmaps refuse; an inconsistent one
+    /// may go, which is the way out of that state (`BUSY | RO`).
     Remove,
 }
 
@@ -208,20 +229,26 @@ fn busy_error(name: &str) -> crate::Error {
 }
 
 impl BitmapSet {
-    /// The bitmaps an image held when opened (`readonly` for a read-only open).
+    /// The bitmaps an image held when opened (`readonly` for a read-only
+    /// open), in the image's order. QEMU lists them the other way round
+    /// (each loaded bitmap goes to the front), and so does this. A
+    /// read-only image's bitmaps keep their recording state, as in QEMU
+    /// (nothing writes to such a node anyway).
     pub fn from_stored(stored: Vec<StoredBitmap>, readonly: bool) -> BitmapSet {
         let list = stored
             .into_iter()
+            .enumerate()
             .rev()
-            .map(|s| NamedBitmap {
+            .map(|(i, s)| NamedBitmap {
                 name: s.name,
                 bits: s.bits,
                 frozen: None,
-                enabled: s.enabled && !readonly && !s.inconsistent,
+                enabled: s.enabled && !s.inconsistent,
                 persistent: true,
                 inconsistent: s.inconsistent,
                 readonly,
                 busy: 0,
+                loaded_at: Some(i),
             })
             .collect();
         BitmapSet {
@@ -262,13 +289,25 @@ impl BitmapSet {
         self.list.iter().map(NamedBitmap::info).collect()
     }
 
-    /// The persistent bitmaps as the image must hold them.
+    /// The persistent bitmaps as the image must hold them, in the order
+    /// QEMU's bitmap directory has them once it closes the image: those it
+    /// held when opened in their places, then the new ones as listed
+    /// (newest first). A reopened image lists the directory the other way
+    /// round ([`BitmapSet::from_stored`]), so both daemons list alike.
     pub fn stored(&self) -> Vec<StoredBitmap> {
-        // Oldest first: the order they were created in is the order stored.
-        self.list
+        let mut loaded: Vec<&NamedBitmap> = self
+            .list
             .iter()
-            .rev()
-            .filter(|b| b.persistent)
+            .filter(|b| b.persistent && b.loaded_at.is_some())
+            .collect();
+        loaded.sort_by_key(|b| b.loaded_at);
+        let new = self
+            .list
+            .iter()
+            .filter(|b| b.persistent && b.loaded_at.is_none());
+        loaded
+            .into_iter()
+            .chain(new)
             .map(NamedBitmap::stored)
             .collect()
     }
@@ -278,32 +317,25 @@ impl BitmapSet {
         self.list.iter().filter(|b| b.persistent).count()
     }
 
-    /// Names of the enabled persistent bitmaps (whose bits must be durable
-    /// before a write).
-    pub fn recording_persistent(&self) -> Vec<String> {
-        self.list
-            .iter()
-            .filter(|b| b.enabled && b.persistent)
-            .map(|b| b.name.clone())
-            .collect()
-    }
-
     /// Checks a new bitmap `name` as QEMU's `block-dirty-bitmap-add` does
     /// (the store's check for persistent ones is the caller's).
     pub fn check_new(&self, name: &str, granularity: u64) -> crate::Result<()> {
-        if name.is_empty() {
-            return Err(crate::Error::invalid("Bitmap name cannot be empty"));
-        }
-        if !granularity.is_power_of_two()
-            || !(MIN_GRANULARITY..=MAX_GRANULARITY).contains(&granularity)
-        {
-            return Err(crate::Error::invalid(
-                "Granularity must be power of 2 and at least 512",
-            ));
-        }
+        check_name(name)?;
+        check_granularity(granularity)?;
+        self.check_name_free(name)
+    }
+
+    /// The checks QEMU makes when it creates the bitmap, after the
+    /// persistence check: the name is not taken, and not too long.
+    fn check_name_free(&self, name: &str) -> crate::Result<()> {
         if self.get(name).is_some() {
             return Err(crate::Error::invalid(format!(
                 "Bitmap already exists: {name}"
+            )));
+        }
+        if name.len() > MAX_NAME_LEN {
+            return Err(crate::Error::invalid(format!(
+                "Bitmap name too long: {name}"
             )));
         }
         Ok(())
@@ -329,6 +361,7 @@ impl BitmapSet {
                 inconsistent: false,
                 readonly: false,
                 busy: 0,
+                loaded_at: None,
             },
         );
     }
@@ -364,7 +397,7 @@ impl BitmapSet {
 
     /// Starts or stops recording into `name`.
     pub fn set_enabled(&mut self, name: &str, enabled: bool) -> crate::Result<()> {
-        self.checked(name, Use::Modify)?;
+        self.checked(name, Use::Read)?;
         self.get_mut(name)?.enabled = enabled;
         Ok(())
     }
@@ -437,6 +470,26 @@ impl BitmapSet {
     }
 }
 
+/// QEMU's first check of `block-dirty-bitmap-add`, made before the node
+/// is looked up.
+pub fn check_name(name: &str) -> crate::Result<()> {
+    if name.is_empty() {
+        return Err(crate::Error::invalid("Bitmap name cannot be empty"));
+    }
+    Ok(())
+}
+
+/// QEMU's granularity rule for `block-dirty-bitmap-add`.
+pub fn check_granularity(granularity: u64) -> crate::Result<()> {
+    if !granularity.is_power_of_two() || !(MIN_GRANULARITY..=MAX_GRANULARITY).contains(&granularity)
+    {
+        return Err(crate::Error::invalid(
+            "Granularity must be power of 2 and at least 512",
+        ));
+    }
+    Ok(())
+}
+
 /// QEMU's `bdrv_dirty_bitmap_check`.
 fn check(b: &NamedBitmap, what: Use) -> crate::Result<()> {
     if b.busy() {
@@ -448,13 +501,54 @@ fn check(b: &NamedBitmap, what: Use) -> crate::Result<()> {
             b.name
         )));
     }
-    if b.inconsistent && what != Use::Remove {
+    if what != Use::Remove && b.inconsistent {
         return Err(crate::Error::invalid(format!(
             "Bitmap '{}' is inconsistent and cannot be used",
             b.name
         )));
     }
     Ok(())
+}
+
+/// A bitmap named in `block-dirty-bitmap-merge` or `block-export-add`
+/// (QEMU's `BlockDirtyBitmapOrStr`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum BitmapRef {
+    /// A bitmap by name only: of the merge target's node, or of the
+    /// exported node or what it filters or backs.
+    Local(String),
+    /// A bitmap of any node.
+    External {
+        /// The node's name.
+        node: String,
+        /// The bitmap's name.
+        name: String,
+    },
+}
+
+impl BitmapRef {
+    /// The bitmap's name.
+    pub fn name(&self) -> &str {
+        match self {
+            BitmapRef::Local(name) | BitmapRef::External { name, .. } => name,
+        }
+    }
+}
+
+fn bitmap_not_found(name: &str) -> crate::Error {
+    crate::Error::not_found(format!("Dirty bitmap '{name}' not found"))
+}
+
+/// QEMU's `block_dirty_bitmap_lookup`: the node called `node`, which holds
+/// a bitmap `name`.
+pub fn lookup_bitmap(graph: &BlockGraph, node: &str, name: &str) -> crate::Result<Arc<BlockNode>> {
+    let n = graph
+        .get(node)
+        .ok_or_else(|| crate::Error::not_found(format!("Node '{node}' not found")))?;
+    if n.bitmaps().get(name).is_none() {
+        return Err(bitmap_not_found(name));
+    }
+    Ok(n)
 }
 
 /// The bitmap operations of a node: the in-memory set plus what must reach
@@ -483,8 +577,14 @@ impl BlockNode {
         persistent: bool,
         disabled: bool,
     ) -> crate::Result<()> {
-        let granularity = granularity.unwrap_or_else(|| self.default_bitmap_granularity());
-        self.bitmaps().check_new(name, granularity)?;
+        check_name(name)?;
+        let granularity = match granularity {
+            Some(g) => {
+                check_granularity(g)?;
+                g
+            }
+            None => self.default_bitmap_granularity(),
+        };
         if persistent {
             let store = self.bitmap_store().ok_or_else(|| {
                 crate::Error::unsupported(format!(
@@ -506,8 +606,11 @@ impl BlockNode {
                 })?;
         }
         let size = self.size();
-        self.bitmaps()
-            .add(name, size, granularity, persistent, !disabled);
+        {
+            let mut set = self.bitmaps();
+            set.check_name_free(name)?;
+            set.add(name, size, granularity, persistent, !disabled);
+        }
         self.has_bitmaps.store(true, Ordering::SeqCst);
         if persistent {
             if let Err(e) = self.store_bitmaps(false).await {
@@ -548,6 +651,96 @@ impl BlockNode {
                 .map_err(|e| crate::Error::io("Failed to store bitmap state", &e))?;
         }
         Ok(())
+    }
+
+    /// `block-dirty-bitmap-clear`; gives back the bits it held. A persistent
+    /// bitmap reaches the image at the next flush or close (clean bits may
+    /// reach the disk late: the bitmap then over-approximates, never misses).
+    pub fn clear_bitmap(&self, name: &str) -> crate::Result<DirtyBitmap> {
+        self.bitmaps().clear(name)
+    }
+
+    /// `block-dirty-bitmap-merge` into this node's bitmap `target` (looked
+    /// up first, [`lookup_bitmap`]): `target` is checked, then each source
+    /// is found and checked in order, with QEMU's text for the first that
+    /// fails (qsd's order), then `target` gets
+    /// the union of all of them, whatever their granularities. Gives back
+    /// `target`'s old bits. A persistent target is written to the image
+    /// before this returns, so the merged bits survive a crash.
+    pub async fn merge_bitmaps(
+        &self,
+        graph: &BlockGraph,
+        target: &str,
+        sources: &[BitmapRef],
+    ) -> crate::Result<DirtyBitmap> {
+        let (size, granularity) = {
+            let set = self.bitmaps();
+            let b = set.checked(target, Use::Modify)?;
+            (b.size(), b.granularity())
+        };
+        let mut union = DirtyBitmap::new(size, granularity);
+        for source in sources {
+            let node = match source {
+                BitmapRef::Local(name) => {
+                    if self.bitmaps().get(name).is_none() {
+                        return Err(bitmap_not_found(name));
+                    }
+                    None
+                }
+                BitmapRef::External { node, name } => Some(lookup_bitmap(graph, node, name)?),
+            };
+            let set = node.as_deref().unwrap_or(self).bitmaps();
+            let b = set.checked(source.name(), Use::Read)?;
+            if b.size() != size {
+                return Err(crate::Error::invalid(format!(
+                    "Bitmaps are of different sizes (destination size is {size}, \
+                     source size is {}) and can't be merged",
+                    b.size()
+                )));
+            }
+            union.merge(&b.content());
+        }
+        let (old, persistent) = {
+            let mut set = self.bitmaps();
+            let old = set.merge_into(target, &union)?;
+            (old, set.get(target).is_some_and(NamedBitmap::persistent))
+        };
+        if persistent {
+            if let Err(e) = self.store_bitmaps(false).await {
+                self.bitmaps().restore(target, old);
+                return Err(crate::Error::io(
+                    format!("Failed to store bitmap '{target}'"),
+                    &e,
+                ));
+            }
+        }
+        Ok(old)
+    }
+
+    /// Where `block-export-add` finds a bitmap given by name only: this
+    /// node, else down the chain of what each node filters or backs
+    /// (QEMU's `bdrv_filter_or_cow_bs`; not through `raw` or
+    /// `snapshot-access`, which are not filters).
+    pub fn find_bitmap_below(self: &Arc<Self>, name: &str) -> Option<Arc<BlockNode>> {
+        let mut node = Some(self.clone());
+        while let Some(n) = node {
+            if n.bitmaps().get(name).is_some() {
+                return Some(n);
+            }
+            node = n.filtered_or_backing();
+        }
+        None
+    }
+
+    /// [`NamedBitmap::extents`] of bitmap `name`; `None` when it is gone.
+    pub fn bitmap_extents(
+        &self,
+        name: &str,
+        offset: u64,
+        len: u64,
+        max: usize,
+    ) -> Option<Vec<(u64, bool)>> {
+        Some(self.bitmaps().get(name)?.extents(offset, len, max))
     }
 
     /// Writes the persistent bitmaps to the image (see [`BitmapStore::store`]).
@@ -595,15 +788,9 @@ impl BlockNode {
             return write.await;
         }
         let _marking = self.bitmap_io.read().await;
-        let persistent = {
-            let mut set = self.bitmaps();
-            set.mark(offset, len);
-            set.recording_persistent()
-        };
+        self.bitmaps().mark(offset, len);
         if let Some(store) = self.bitmap_store() {
-            for name in &persistent {
-                store.mark_dirty(name, offset, len).await?;
-            }
+            store.mark_dirty(offset, len).await?;
         }
         let r = write.await;
         self.bitmaps().mark(offset, len);
@@ -659,5 +846,65 @@ mod tests {
         s.release("a");
         assert!(!s.remove("a").unwrap());
         assert!(s.is_empty());
+        assert_eq!(
+            s.check_new(&"x".repeat(MAX_NAME_LEN + 1), 512)
+                .unwrap_err()
+                .to_string(),
+            format!("Bitmap name too long: {}", "x".repeat(MAX_NAME_LEN + 1))
+        );
+        s.check_new(&"x".repeat(MAX_NAME_LEN), 512).unwrap();
+    }
+
+    /// The image keeps QEMU's directory order: what it held in place, new
+    /// bitmaps after them newest first; a reopen lists it reversed.
+    #[test]
+    fn directory_order_as_qemu() {
+        let stored = |name: &str| StoredBitmap {
+            name: name.into(),
+            enabled: true,
+            inconsistent: false,
+            bits: DirtyBitmap::new(4096, 512),
+        };
+        let mut s = BitmapSet::from_stored(vec![stored("a"), stored("b"), stored("c")], false);
+        let names = |v: Vec<StoredBitmap>| v.into_iter().map(|b| b.name).collect::<Vec<_>>();
+        assert_eq!(
+            s.infos().into_iter().map(|i| i.name).collect::<Vec<_>>(),
+            ["c", "b", "a"]
+        );
+        s.add("d", 4096, 512, true, true);
+        s.add("e", 4096, 512, true, true);
+        s.add("t", 4096, 512, false, true);
+        s.remove("b").unwrap();
+        assert_eq!(names(s.stored()), ["a", "c", "e", "d"]);
+    }
+
+    /// Which checks each use makes, as QEMU's flags for each command:
+    /// an inconsistent bitmap can only be removed, a read-only one only
+    /// read or switched.
+    #[test]
+    fn checks_per_use() {
+        let stored = |name: &str, inconsistent| StoredBitmap {
+            name: name.into(),
+            enabled: true,
+            inconsistent,
+            bits: DirtyBitmap::new(4096, 512),
+        };
+        let mut ro = BitmapSet::from_stored(vec![stored("r", false)], true);
+        let text = "Bitmap 'r' is readonly and cannot be modified";
+        assert_eq!(ro.clear("r").unwrap_err().to_string(), text);
+        assert_eq!(ro.remove("r").unwrap_err().to_string(), text);
+        ro.set_enabled("r", false).unwrap();
+        ro.hold("r", Use::Read).unwrap();
+
+        let mut bad = BitmapSet::from_stored(vec![stored("i", true)], false);
+        assert!(
+            !bad.infos()[0].recording,
+            "inconsistent bitmaps never record"
+        );
+        let text = "Bitmap 'i' is inconsistent and cannot be used";
+        assert_eq!(bad.clear("i").unwrap_err().to_string(), text);
+        assert_eq!(bad.set_enabled("i", true).unwrap_err().to_string(), text);
+        assert_eq!(bad.hold("i", Use::Read).unwrap_err().to_string(), text);
+        assert!(bad.remove("i").unwrap());
     }
 }

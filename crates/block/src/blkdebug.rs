@@ -531,6 +531,10 @@ impl BlockDriver for BlkdebugDriver {
         }]
     }
 
+    fn filtered(&self) -> Option<Arc<BlockNode>> {
+        Some(self.image.clone())
+    }
+
     fn read(&self, offset: u64, buf: IoBuf) -> IoFuture<'_, IoBuf> {
         Box::pin(async move {
             let len = buf.len() as u64;

@@ -156,6 +156,13 @@ pub trait BlockDriver: AsAny + Send + Sync + 'static {
         None
     }
 
+    /// For a filter (QEMU's `is_filter` drivers: copy-before-write,
+    /// blkdebug), the child whose data it passes on as its own. Formats,
+    /// `raw` and `snapshot-access` are not filters.
+    fn filtered(&self) -> Option<Arc<BlockNode>> {
+        None
+    }
+
     /// Re-points the backing node in memory (an external snapshot); the image header is unchanged.
     fn set_backing(&self, backing: Option<Arc<BlockNode>>) -> crate::Result<()> {
         let _ = backing;

@@ -26,7 +26,10 @@ pub mod tracker;
 
 pub use backend::{BackendHold, BlockBackend};
 pub use bitmap::DirtyBitmap;
-pub use bitmaps::{BitmapInfo, BitmapSet, BitmapStore, StoredBitmap, Thaw, Use};
+pub use bitmaps::{
+    lookup_bitmap, BitmapInfo, BitmapRef, BitmapSet, BitmapStore, NamedBitmap, StoredBitmap, Thaw,
+    Use,
+};
 pub use blkdebug::{
     BlkdebugDriver, BlkdebugOpenOptions, BlkdebugOptions, BlkdebugRules, InjectError, IoType,
 };

@@ -167,6 +167,18 @@ impl BlockNode {
         self.driver.backing()
     }
 
+    /// The child a filter passes on (see [`BlockDriver::filtered`]).
+    pub fn filtered(&self) -> Option<Arc<BlockNode>> {
+        self.driver.filtered()
+    }
+
+    /// What this node filters or, for a format, its backing node (QEMU's
+    /// `bdrv_filter_or_cow_bs`): the next node down the chain whose data
+    /// shows through this one.
+    pub fn filtered_or_backing(&self) -> Option<Arc<BlockNode>> {
+        self.filtered().or_else(|| self.backing())
+    }
+
     /// Undoes what opening the driver did outside the node; the node must
     /// be out of the graph (or about to go).
     pub async fn close(&self) {

@@ -377,6 +377,10 @@ impl BlockDriver for CbwDriver {
         ]
     }
 
+    fn filtered(&self) -> Option<Arc<BlockNode>> {
+        Some(self.cbw.file.clone())
+    }
+
     fn read(&self, offset: u64, buf: IoBuf) -> IoFuture<'_, IoBuf> {
         Box::pin(self.cbw.file.read_into(offset, buf))
     }
@@ -406,7 +410,7 @@ impl BlockDriver for CbwDriver {
 pub struct CbwOpenOptions {
     /// The filter's options.
     pub opts: CbwOptions,
-    /// `bitmap` as (node, name): refused when the filter opens (no named bitmaps).
+    /// `bitmap` as (node, name): looked up, then refused when the filter opens.
     pub bitmap: Option<(String, String)>,
     /// Longest wait for the disk's in-flight writes before the filter goes on.
     pub drain_timeout: Duration,
@@ -433,12 +437,14 @@ impl livesnap_block::DriverFactory for CbwFactory {
                 .find(|(role, _)| *role == "target")
                 .map(|(_, n)| n)
                 .expect("copy-before-write has a target child");
-            // livesnapd has no named dirty bitmaps (QEMU's lookup texts).
+            // Looked up and checked as QEMU does, then refused: the filter
+            // copies every cluster (docs/qmp.md).
             if let Some((node, name)) = &opts.bitmap {
-                return Err(livesnap_block::Error::not_found(match o.graph.get(node) {
-                    None => format!("Node '{node}' not found"),
-                    Some(_) => format!("Dirty bitmap '{name}' not found"),
-                }));
+                let holder = livesnap_block::lookup_bitmap(o.graph, node, name)?;
+                holder.bitmaps().checked(name, livesnap_block::Use::Read)?;
+                return Err(livesnap_block::Error::unsupported(
+                    "The copy-before-write bitmap option is not supported by livesnapd",
+                ));
             }
             // A target that is the disk itself would wait on its own copies.
             if Arc::ptr_eq(&file, &target) {

@@ -21,6 +21,9 @@ pub struct ExportEntry {
     pub nbd: Arc<Export>,
     /// Set once deletion was requested and clients are still attached.
     pub shutting_down: AtomicBool,
+    /// The dirty bitmaps it offers, held busy until the export is gone:
+    /// (node holding the bitmap, name), in the order given.
+    pub bitmaps: Vec<(Arc<BlockNode>, String)>,
 }
 
 impl ExportEntry {
@@ -131,6 +134,7 @@ impl Daemon {
                     .unwrap()
                     .retain(|e| !Arc::ptr_eq(e, &entry));
                 entry.node().remove_user(&export_user(&entry.id));
+                crate::commands::release_bitmaps(&entry.bitmaps);
                 daemon.events.emit(
                     "BLOCK_EXPORT_DELETED",
                     Some(serde_json::json!({ "id": entry.id })),

@@ -37,6 +37,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         backend: BlockBackend::new(node),
         writable: true,
         allocation_depth: false,
+        bitmaps: Vec::new(),
     })?;
     let addr = match args[2].strip_prefix("unix:") {
         Some(p) => ListenAddr::Unix(p.into()),

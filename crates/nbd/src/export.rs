@@ -28,6 +28,35 @@ pub struct ExportConfig {
     /// Offer the `qemu:allocation-depth` metadata context (QEMU's
     /// `block-export-add` `allocation-depth: true`); `base:allocation` is always offered.
     pub allocation_depth: bool,
+    /// Dirty bitmaps offered as `qemu:dirty-bitmap:NAME` contexts, in the
+    /// order given (QEMU's `block-export-add` `bitmaps`); a name may repeat.
+    pub bitmaps: Vec<ExportBitmap>,
+}
+
+/// Where the extents of a `qemu:dirty-bitmap:NAME` context come from: the
+/// owner of the export gives one per bitmap, so this crate needs to know
+/// nothing of where bitmaps live.
+pub trait DirtyExtents: Send + Sync {
+    /// Up to `max` runs covering `[offset, offset+len)` from `offset`, each
+    /// (length, dirty), neighbours differing. Fewer bytes than asked is a
+    /// valid, shorter answer; none at all reads as clean.
+    fn extents(&self, offset: u64, len: u64, max: usize) -> Vec<(u64, bool)>;
+}
+
+/// A dirty bitmap an export offers.
+#[derive(Clone)]
+pub struct ExportBitmap {
+    /// The bitmap's name: the context is `qemu:dirty-bitmap:` + name.
+    pub name: String,
+    /// Its content.
+    pub extents: Arc<dyn DirtyExtents>,
+}
+
+impl ExportBitmap {
+    /// The metadata context's name.
+    pub fn context(&self) -> String {
+        format!("{}{}", crate::proto::META_DIRTY_BITMAP_PREFIX, self.name)
+    }
 }
 
 struct ExportState {

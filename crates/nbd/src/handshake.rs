@@ -27,6 +27,10 @@ pub(crate) const BASE_ALLOCATION_ID: u32 = 1;
 /// Context id given to `qemu:allocation-depth` by `NBD_OPT_SET_META_CONTEXT`.
 pub(crate) const ALLOCATION_DEPTH_ID: u32 = 2;
 
+/// Context id given to the export's first `qemu:dirty-bitmap:NAME`; the
+/// bitmap at index `i` gets this plus `i`.
+pub(crate) const DIRTY_BITMAP_ID: u32 = 3;
+
 /// Handshake flags this server offers.
 const SERVER_FLAGS: u16 = FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES;
 
@@ -41,18 +45,21 @@ pub(crate) struct Session {
 }
 
 /// Metadata contexts selected by `NBD_OPT_SET_META_CONTEXT`, by context id.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub(crate) struct MetaContexts {
     /// Id of `base:allocation`, when selected.
     pub(crate) base_allocation: Option<u32>,
     /// Id of `qemu:allocation-depth`, when selected.
     pub(crate) allocation_depth: Option<u32>,
+    /// Selected `qemu:dirty-bitmap:NAME` contexts as (id, index in the
+    /// export's bitmaps), in the export's order.
+    pub(crate) bitmaps: Vec<(u32, usize)>,
 }
 
 impl MetaContexts {
     /// True when no context is selected (BLOCK_STATUS is then invalid).
     pub(crate) fn is_empty(&self) -> bool {
-        self.base_allocation.is_none() && self.allocation_depth.is_none()
+        self.base_allocation.is_none() && self.allocation_depth.is_none() && self.bitmaps.is_empty()
     }
 }
 
@@ -273,7 +280,9 @@ fn session(st: &Haggle, attach: AttachGuard) -> Session {
     // Contexts only count when negotiated for the export finally chosen (as
     // QEMU, which compares the export itself, not its name).
     let meta = match &st.meta {
-        Some((e, m)) if st.structured && Weak::ptr_eq(e, &Arc::downgrade(attach.export())) => *m,
+        Some((e, m)) if st.structured && Weak::ptr_eq(e, &Arc::downgrade(attach.export())) => {
+            m.clone()
+        }
         _ => MetaContexts::default(),
     };
     Session {
@@ -419,34 +428,32 @@ async fn meta_context<W: AsyncWrite + Unpin>(
         let msg = format!("export '{name}' not present");
         return reply(w, opt, REP_ERR_UNKNOWN, msg.as_bytes()).await;
     };
-    let (base_allocation, allocation_depth) =
-        match_queries(&queries, set, export.config().allocation_depth);
+    let cfg = export.config();
+    let names: Vec<&str> = cfg.bitmaps.iter().map(|b| b.name.as_str()).collect();
+    let wanted = match_queries(&queries, set, cfg.allocation_depth, &names);
     let mut out = Vec::new();
     let mut selected = MetaContexts::default();
-    // Same order as QEMU: base:allocation, then qemu:allocation-depth.
-    for (wanted, ctx, id, slot) in [
-        (
-            base_allocation,
-            META_BASE_ALLOCATION,
-            BASE_ALLOCATION_ID,
-            &mut selected.base_allocation,
-        ),
-        (
-            allocation_depth,
-            META_ALLOCATION_DEPTH,
-            ALLOCATION_DEPTH_ID,
-            &mut selected.allocation_depth,
-        ),
-    ] {
-        if !wanted {
-            continue;
-        }
-        // LIST replies carry the reserved id 0, as the spec asks.
+    // LIST replies carry the reserved id 0, as the spec asks.
+    let mut offer = |ctx: &str, id: u32| {
         let sent_id = if set { id } else { 0 };
         let mut p = sent_id.to_be_bytes().to_vec();
         p.extend_from_slice(ctx.as_bytes());
         push_option_reply(&mut out, opt, REP_META_CONTEXT, &p);
-        *slot = Some(id);
+        id
+    };
+    // Same order as QEMU: base:allocation, qemu:allocation-depth, then the
+    // bitmaps in the export's order.
+    if wanted.base_allocation {
+        selected.base_allocation = Some(offer(META_BASE_ALLOCATION, BASE_ALLOCATION_ID));
+    }
+    if wanted.allocation_depth {
+        selected.allocation_depth = Some(offer(META_ALLOCATION_DEPTH, ALLOCATION_DEPTH_ID));
+    }
+    for (i, b) in cfg.bitmaps.iter().enumerate() {
+        if wanted.bitmaps[i] {
+            let id = offer(&b.context(), DIRTY_BITMAP_ID + i as u32);
+            selected.bitmaps.push((id, i));
+        }
     }
     if set && !selected.is_empty() {
         st.meta = Some((Arc::downgrade(&export), selected));
@@ -455,24 +462,51 @@ async fn meta_context<W: AsyncWrite + Unpin>(
     w.write_all(&out).await
 }
 
-/// Which contexts a LIST or SET query list names, as (`base:allocation`,
-/// `qemu:allocation-depth`). LIST with no queries lists every context, and
-/// takes the namespace wildcards `base:` and `qemu:`; SET takes full names
-/// only. `qemu:allocation-depth` exists only on exports that offer it;
-/// unknown names and namespaces are ignored, as the spec asks.
-fn match_queries(queries: &[&str], set: bool, offer_depth: bool) -> (bool, bool) {
+/// Which contexts a LIST or SET query list names.
+struct Wanted {
+    base_allocation: bool,
+    allocation_depth: bool,
+    /// One per bitmap the export offers, in its order.
+    bitmaps: Vec<bool>,
+}
+
+/// Which contexts a LIST or SET query list names, as QEMU matches them.
+/// LIST with no queries lists every context, and takes the wildcards
+/// `base:`, `qemu:` and `qemu:dirty-bitmap:`; SET takes full names only.
+/// `qemu:allocation-depth` exists only on exports that offer it, and a
+/// bitmap name selects the first bitmap of that name; unknown names and
+/// namespaces are ignored, as the spec asks.
+fn match_queries(queries: &[&str], set: bool, offer_depth: bool, bitmaps: &[&str]) -> Wanted {
+    let mut w = Wanted {
+        base_allocation: false,
+        allocation_depth: false,
+        bitmaps: vec![false; bitmaps.len()],
+    };
     if !set && queries.is_empty() {
-        return (true, offer_depth);
+        w.base_allocation = true;
+        w.allocation_depth = offer_depth;
+        w.bitmaps.fill(true);
+        return w;
     }
-    let (mut base, mut depth) = (false, false);
     for q in queries {
         match *q {
-            META_BASE_ALLOCATION => base = true,
-            "base:" if !set => base = true,
-            META_ALLOCATION_DEPTH => depth = offer_depth,
-            "qemu:" if !set => depth = offer_depth,
-            _ => {}
+            META_BASE_ALLOCATION => w.base_allocation = true,
+            "base:" if !set => w.base_allocation = true,
+            META_ALLOCATION_DEPTH => w.allocation_depth |= offer_depth,
+            "qemu:" if !set => {
+                w.allocation_depth |= offer_depth;
+                w.bitmaps.fill(true);
+            }
+            META_DIRTY_BITMAP_PREFIX if !set => w.bitmaps.fill(true),
+            q => {
+                let name = q
+                    .strip_prefix(META_DIRTY_BITMAP_PREFIX)
+                    .filter(|n| !n.is_empty());
+                if let Some(i) = name.and_then(|n| bitmaps.iter().position(|b| *b == n)) {
+                    w.bitmaps[i] = true;
+                }
+            }
         }
     }
-    (base, depth)
+    w
 }

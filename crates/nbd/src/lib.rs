@@ -3,7 +3,8 @@
 //! This crate owns the NBD wire protocol as `doc/proto.md` of the
 //! NetworkBlockDevice project defines it: fixed newstyle negotiation, simple
 //! and structured replies, `base:allocation` block status (and QEMU's
-//! `qemu:allocation-depth` on exports that enable it, QEMU's
+//! `qemu:allocation-depth` on exports that enable it and
+//! `qemu:dirty-bitmap:NAME` for the bitmaps an export offers, QEMU's
 //! `docs/interop/nbd.rst`), and the listeners and export table a daemon
 //! needs to serve [`livesnap_block::BlockBackend`]s.
 //!
@@ -22,5 +23,5 @@ mod transmission;
 
 pub use client::{ClientError, ExportInfo, NbdClient, Negotiator, RawConn};
 pub use conn::HANDSHAKE_TIMEOUT;
-pub use export::{Export, ExportConfig, ExportTable};
+pub use export::{DirtyExtents, Export, ExportBitmap, ExportConfig, ExportTable};
 pub use server::{ListenAddr, NbdServer, SHUTDOWN_GRACE};

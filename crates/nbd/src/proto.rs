@@ -201,6 +201,12 @@ pub const STATE_ZERO: u32 = 1 << 1;
 /// the layer of the backing chain that allocates it (0 unallocated, 1 the
 /// exported node, 2 its backing, and so on).
 pub const META_ALLOCATION_DEPTH: &str = "qemu:allocation-depth";
+/// Prefix of QEMU's `qemu:dirty-bitmap:NAME` contexts (QEMU
+/// `docs/interop/nbd.rst`), one per bitmap an export offers: an extent is
+/// dirty ([`STATE_DIRTY`]) or clean (0).
+pub const META_DIRTY_BITMAP_PREFIX: &str = "qemu:dirty-bitmap:";
+/// `NBD_STATE_DIRTY` in `qemu:dirty-bitmap:NAME`.
+pub const STATE_DIRTY: u32 = 1 << 0;
 
 // ---- Error values --------------------------------------------------------------
 

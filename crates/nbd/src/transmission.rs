@@ -17,6 +17,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 
 use crate::conn::ConnControl;
+use crate::export::ExportBitmap;
 use crate::handshake::{MetaContexts, Session};
 use crate::proto::*;
 
@@ -34,6 +35,9 @@ const MAX_READ_SEGMENTS: usize = 64;
 /// Most block-status lookups for one NBD_CMD_BLOCK_STATUS (the spec lets the
 /// server answer with fewer extents than the request covers).
 const MAX_STATUS_LOOKUPS: usize = 1024;
+/// Most extents of one dirty-bitmap context in one reply: QEMU's bound, a
+/// 1 MiB payload.
+const MAX_BITMAP_EXTENTS: usize = (1 << 20) / 8;
 /// Frames written with one vectored write at most.
 const MAX_BATCH: usize = 256;
 /// Linux's limit on iovecs per writev.
@@ -150,6 +154,8 @@ struct Ctx {
     read_only: bool,
     structured: bool,
     meta: MetaContexts,
+    /// The export's bitmaps; `meta.bitmaps` indexes into them.
+    bitmaps: Vec<ExportBitmap>,
 }
 
 /// Sends the frames of one reply; the request's budget goes with the last one.
@@ -227,7 +233,8 @@ pub(crate) async fn serve<R, W>(
         pool: pool.clone(),
         read_only: export.read_only(),
         structured: session.structured,
-        meta: session.meta,
+        meta: session.meta.clone(),
+        bitmaps: export.config().bitmaps.clone(),
     });
     let (tx, rx) = mpsc::unbounded_channel();
     let writer = write_loop(writer, rx, pool);
@@ -640,12 +647,13 @@ impl Extents {
 }
 
 /// Answers BLOCK_STATUS: one chunk per negotiated context (`base:allocation`
-/// first, then `qemu:allocation-depth`, as QEMU), the last one with
-/// `NBD_REPLY_FLAG_DONE`. One lookup serves both contexts, so their extents
-/// cover the same range.
+/// first, then `qemu:allocation-depth`, then the dirty bitmaps in the
+/// export's order, as QEMU), the last one with `NBD_REPLY_FLAG_DONE`. One
+/// lookup serves the first two contexts, so their extents cover the same
+/// range; each bitmap answers on its own.
 async fn block_status(ctx: &Ctx, req: &Request) -> Result<Vec<u8>, Fail> {
     validate(ctx, req)?;
-    let meta = ctx.meta;
+    let meta = &ctx.meta;
     if meta.is_empty() {
         return Err(Fail::new(NBD_EINVAL, "no metadata context was negotiated"));
     }
@@ -658,7 +666,8 @@ async fn block_status(ctx: &Ctx, req: &Request) -> Result<Vec<u8>, Fail> {
     let mut depth = Extents::default();
     let mut pos = req.offset;
     let mut lookups = 0;
-    while pos < end && lookups < MAX_STATUS_LOOKUPS {
+    let lookup = meta.base_allocation.is_some() || meta.allocation_depth.is_some();
+    while lookup && pos < end && lookups < MAX_STATUS_LOOKUPS {
         let st = match ctx.backend.block_status(pos, end - pos).await {
             Ok(st) => st,
             Err(e) if lookups == 0 => return Err(Fail::io("block status", &e)),
@@ -676,12 +685,35 @@ async fn block_status(ctx: &Ctx, req: &Request) -> Result<Vec<u8>, Fail> {
             break;
         }
     }
+    let max = if req_one { 1 } else { MAX_BITMAP_EXTENTS };
+    let dirty: Vec<(u32, Extents)> = meta
+        .bitmaps
+        .iter()
+        .map(|&(id, i)| {
+            let mut e = Extents::default();
+            let mut left = u64::from(req.len);
+            for (n, d) in ctx.bitmaps[i].extents.extents(req.offset, left, max) {
+                // Never more than asked, whatever the source answers.
+                let n = n.min(left);
+                if n == 0 {
+                    break;
+                }
+                e.push(n as u32, if d { STATE_DIRTY } else { 0 });
+                left -= n;
+            }
+            if e.0.is_empty() {
+                e.push(req.len, 0);
+            }
+            (id, e)
+        })
+        .collect();
     let chunks: Vec<(u32, &Extents)> = [
         meta.base_allocation.map(|id| (id, &alloc)),
         meta.allocation_depth.map(|id| (id, &depth)),
     ]
     .into_iter()
     .flatten()
+    .chain(dirty.iter().map(|(id, e)| (*id, e)))
     .collect();
     let mut v = Vec::with_capacity(
         chunks

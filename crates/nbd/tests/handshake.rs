@@ -417,6 +417,7 @@ async fn tcp_listener_reports_real_port() {
             backend: livesnap_block::BlockBackend::new(node),
             writable: true,
             allocation_depth: false,
+            bitmaps: Vec::new(),
         })
         .unwrap();
     let c = livesnap_nbd::NbdClient::connect(&addr, "t").await.unwrap();
@@ -425,4 +426,60 @@ async fn tcp_listener_reports_real_port() {
     c.disconnect().await.unwrap();
     server.stop().await;
     assert!(RawConn::connect(&addr).await.is_err());
+}
+
+#[tokio::test]
+async fn dirty_bitmap_contexts_as_qemu_lists_and_selects_them() {
+    let f = Fixture::new(0).await;
+    let node = open_node(&sparse_file(f.dir.path().join("d.img"), MIB), true);
+    let (a, b) = (TestBitmap::new(MIB, 65536), TestBitmap::new(MIB, 65536));
+    // A name may be offered twice (qsd accepts `bitmaps: ["d", "d"]`).
+    f.add_bitmap_node("bm", node, false, &[("a", a), ("b", b.clone()), ("b", b)]);
+    let mut n = Negotiator::connect(&f.addr).await.unwrap();
+    n.structured_reply().await.unwrap().unwrap();
+
+    let (ca, cb) = ("qemu:dirty-bitmap:a", "qemu:dirty-bitmap:b");
+    let bitmaps = ctx(&[(0, ca), (0, cb), (0, cb)]);
+    let mut everything = ctx(&[(0, META_BASE_ALLOCATION)]);
+    everything.extend(bitmaps.clone());
+    for (queries, want) in [
+        (&[][..], everything.clone()),
+        (&["qemu:"][..], bitmaps.clone()),
+        (&["qemu:dirty-bitmap:"][..], bitmaps.clone()),
+        (
+            &["qemu:dirty-bitmap:b", "base:"][..],
+            ctx(&[(0, META_BASE_ALLOCATION), (0, cb)]),
+        ),
+        (&["qemu:dirty-bitmap:a"][..], ctx(&[(0, ca)])),
+        // No depth on this export; names match exactly.
+        (
+            &[
+                "qemu:allocation-depth",
+                "qemu:dirty-bitmap:A",
+                "qemu:dirty-bitmap:a:",
+            ][..],
+            vec![],
+        ),
+        (&["qemu:dirty-bitmap"][..], vec![]),
+    ] {
+        let got = n.list_meta_context("bm", queries).await.unwrap().unwrap();
+        assert_eq!(got, want, "LIST {queries:?}");
+    }
+
+    // SET: full names only; each bitmap its own id, in the export's order
+    // whatever the order of the queries; a repeated name selects the first.
+    for wild in ["qemu:", "qemu:dirty-bitmap:"] {
+        let none = n.set_meta_context("bm", &[wild]).await.unwrap().unwrap();
+        assert!(none.is_empty(), "SET {wild}");
+    }
+    let set = n
+        .set_meta_context("bm", &[cb, META_BASE_ALLOCATION, ca, cb])
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(set, ctx(&[(1, META_BASE_ALLOCATION), (3, ca), (4, cb)]));
+    n.go("bm", &[]).await.unwrap().unwrap();
+    let c = n.into_client().unwrap();
+    assert_eq!(c.context_id(cb), Some(4));
+    c.disconnect().await.unwrap();
 }

@@ -31,6 +31,7 @@ async fn table_add_remove_list() {
         backend: livesnap_block::BlockBackend::new(node.clone()),
         writable: true,
         allocation_depth: false,
+        bitmaps: Vec::new(),
     };
     t.add(cfg("b")).unwrap();
     t.add(cfg("a")).unwrap();

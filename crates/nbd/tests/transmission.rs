@@ -742,3 +742,65 @@ async fn random_requests_never_hurt_the_server() {
     c.write(0, b"alive", false).await.unwrap();
     assert_eq!(c.read(0, 5).await.unwrap(), b"alive");
 }
+
+#[tokio::test]
+async fn block_status_dirty_bitmaps() {
+    const K64: u32 = 64 * 1024;
+    let f = Fixture::new(0).await;
+    let node = open_node(&sparse_file(f.dir.path().join("b.img"), 8 * MIB), false);
+    let (a, b) = (
+        TestBitmap::new(8 * MIB, 65536),
+        TestBitmap::new(4 * MIB, 4096),
+    );
+    a.set(70000, 100);
+    a.set(MIB, 3 * 65536);
+    b.set(0, 1);
+    f.add_bitmap_node("bm", node, true, &[("a", a.clone()), ("b", b)]);
+    let (ca, cb) = ("qemu:dirty-bitmap:a", "qemu:dirty-bitmap:b");
+    let c = meta_client(&f, "bm", &[cb, META_BASE_ALLOCATION, ca]).await;
+    let (base, ida, idb) = (
+        c.base_allocation().unwrap(),
+        c.context_id(ca).unwrap(),
+        c.context_id(cb).unwrap(),
+    );
+    let m = |n: u64| (n * MIB) as u32;
+    // One chunk per context: base:allocation, then the bitmaps in the
+    // export's order; NBD_STATE_DIRTY on dirty extents only.
+    let r = c.request(CMD_BLOCK_STATUS, 0, 0, m(8), None).await.unwrap();
+    assert_eq!(r.error, 0);
+    assert_eq!(
+        r.statuses,
+        vec![
+            (base, vec![(m(8), HZ)]),
+            (
+                ida,
+                vec![
+                    (K64, 0),
+                    (K64, STATE_DIRTY),
+                    (m(1) - 2 * K64, 0),
+                    (3 * K64, STATE_DIRTY),
+                    (m(7) - 3 * K64, 0),
+                ]
+            ),
+            // Past the end of a smaller bitmap: clean.
+            (idb, vec![(4096, STATE_DIRTY), (m(8) - 4096, 0)]),
+        ]
+    );
+    assert_eq!(r.chunks.last().unwrap().1, REPLY_FLAG_DONE);
+    // REQ_ONE: one extent per context; a request inside a chunk stays inside.
+    let one = c.block_status_of(ca, 70000, m(1), true).await.unwrap();
+    assert_eq!(one, vec![(2 * K64 - 70000, STATE_DIRTY)]);
+    let inside = c.block_status_of(ca, MIB + 10, 100, false).await.unwrap();
+    assert_eq!(inside, vec![(100, STATE_DIRTY)]);
+    // The bitmap is read at each request: what is set now shows now.
+    a.set(7 * MIB, 1);
+    let tail = c.block_status_of(ca, 7 * MIB, m(1), false).await.unwrap();
+    assert_eq!(tail, vec![(K64, STATE_DIRTY), (m(1) - K64, 0)]);
+    c.disconnect().await.unwrap();
+
+    // Only a bitmap negotiated: one chunk, the bitmap's.
+    let c = meta_client(&f, "bm", &[cb]).await;
+    let all = c.block_status_all(0, 8192, false).await.unwrap();
+    assert_eq!(all, vec![(idb, vec![(4096, STATE_DIRTY), (4096, 0)])]);
+    c.disconnect().await.unwrap();
+}

@@ -341,6 +341,13 @@ impl Elem {
         invalid_type(&self.path, expected)
     }
 
+    /// QEMU's error for an element that is none of the types of the
+    /// alternate `alternate`: there QEMU names the element `null`, not by
+    /// its path.
+    pub fn invalid_alternate(&self, alternate: &str) -> QmpError {
+        invalid_type(LIST_ELEMENT_NAME, alternate)
+    }
+
     /// The element as `str`.
     pub fn into_str(self) -> Result<String, QmpError> {
         conv_str(self.value, &self.path)

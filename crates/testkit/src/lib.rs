@@ -1,7 +1,8 @@
 //! livesnap's test kit: what the tests of every crate share. It runs the
 //! real peers (qemu-img, qemu-io, qemu-storage-daemon, libnbd's tools,
 //! qemu-system with a writing guest, libvirtd), the daemons and the CLI
-//! under test, a blocking QMP client, and the point-in-time checks on top of
+//! under test, a blocking QMP client, livesnapd and qsd side by side for the
+//! parity tests, and the point-in-time checks on top of
 //! `livesnap-pit`, each workload with its own record format.
 //!
 //! A missing peer tool fails the test with the package to install: these
@@ -11,6 +12,7 @@
 pub mod block;
 pub mod chain;
 pub mod cli;
+pub mod compat;
 pub mod disk;
 pub mod libvirt;
 pub mod nbd;

@@ -1,17 +1,18 @@
-//! The NBD server's fixtures: file-backed nodes, a server on a temp Unix socket, and
-//! test drivers that delay or fail requests on purpose.
+//! The NBD server's fixtures: file-backed nodes, a server on a temp Unix socket,
+//! test drivers that delay or fail requests on purpose, and dirty bitmaps set
+//! by hand.
 
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use livesnap_block::driver::IoFuture;
 use livesnap_block::{
-    BlockBackend, BlockDriver, BlockNode, BlockStatus, FileDriver, FileOptions, IoBuf, RawDriver,
-    RawOptions, WriteFlags, ZeroFlags,
+    BlockBackend, BlockDriver, BlockNode, BlockStatus, DirtyBitmap, FileDriver, FileOptions, IoBuf,
+    RawDriver, RawOptions, WriteFlags, ZeroFlags,
 };
-use livesnap_nbd::{ExportConfig, ExportTable, ListenAddr, NbdServer};
+use livesnap_nbd::{DirtyExtents, ExportBitmap, ExportConfig, ExportTable, ListenAddr, NbdServer};
 
 /// Opens `path` as a raw node over a file node.
 pub fn open_node(path: &Path, read_only: bool) -> Arc<BlockNode> {
@@ -93,6 +94,34 @@ impl Fixture {
                 backend: BlockBackend::new(node),
                 writable,
                 allocation_depth: false,
+                bitmaps: Vec::new(),
+            })
+            .unwrap();
+    }
+
+    /// Exports `node` as `name`, offering `bitmaps` as
+    /// `qemu:dirty-bitmap:NAME` contexts.
+    pub fn add_bitmap_node(
+        &self,
+        name: &str,
+        node: Arc<BlockNode>,
+        writable: bool,
+        bitmaps: &[(&str, Arc<TestBitmap>)],
+    ) {
+        self.table
+            .add(ExportConfig {
+                name: name.into(),
+                description: None,
+                backend: BlockBackend::new(node),
+                writable,
+                allocation_depth: false,
+                bitmaps: bitmaps
+                    .iter()
+                    .map(|(n, b)| ExportBitmap {
+                        name: n.to_string(),
+                        extents: b.clone(),
+                    })
+                    .collect(),
             })
             .unwrap();
     }
@@ -106,6 +135,7 @@ impl Fixture {
                 backend: BlockBackend::new(node),
                 writable: false,
                 allocation_depth: true,
+                bitmaps: Vec::new(),
             })
             .unwrap();
     }
@@ -276,4 +306,25 @@ pub fn depth_node(map: Vec<DepthExtent>, max_lookup: u64, fail_from: u64) -> Arc
         true,
         true,
     )
+}
+
+/// A dirty bitmap the test sets by hand, offered by an export.
+pub struct TestBitmap(pub Mutex<DirtyBitmap>);
+
+impl TestBitmap {
+    /// A clean bitmap over `size` bytes.
+    pub fn new(size: u64, granularity: u64) -> Arc<TestBitmap> {
+        Arc::new(TestBitmap(Mutex::new(DirtyBitmap::new(size, granularity))))
+    }
+
+    /// Marks `[offset, offset+len)` dirty.
+    pub fn set(&self, offset: u64, len: u64) {
+        self.0.lock().unwrap().set(offset, len);
+    }
+}
+
+impl DirtyExtents for TestBitmap {
+    fn extents(&self, offset: u64, len: u64, max: usize) -> Vec<(u64, bool)> {
+        self.0.lock().unwrap().extents(offset, len, max)
+    }
 }

@@ -537,7 +537,8 @@ impl Inner {
                 entry,
                 clusters: clusters.clone(),
             });
-            if !closing {
+            // Only recording bitmaps take marks: a disabled one keeps its bits.
+            if !closing && s.enabled {
                 intents.insert(
                     s.name.clone(),
                     Intent {
@@ -669,30 +670,35 @@ impl Inner {
         spread.max(MIN_INTENT_REGION).max(granularity)
     }
 
-    /// Makes `[offset, offset+len)` dirty on disk in bitmap `name` before
-    /// the write that dirties it goes out (see the module comment).
-    async fn mark(&self, name: &str, offset: u64, len: u64) -> io::Result<()> {
+    /// Makes `[offset, offset+len)` dirty on disk in every recording
+    /// bitmap before the write that dirties it goes out (see the module
+    /// comment).
+    async fn mark(&self, offset: u64, len: u64) -> io::Result<()> {
         if len == 0 {
             return Ok(());
         }
         let generation = {
             let mut marks = self.bitmaps.marks.lock().unwrap();
             let marks = &mut *marks;
-            let Some(intent) = marks.maps.get_mut(name) else {
-                return Ok(());
-            };
-            if intent.durable.all(offset, len) {
-                return Ok(());
+            let mut wait = false;
+            for (name, intent) in marks.maps.iter_mut() {
+                if intent.durable.all(offset, len) {
+                    continue;
+                }
+                wait = true;
+                let start = offset / intent.region * intent.region;
+                let end = (offset + len)
+                    .div_ceil(intent.region)
+                    .saturating_mul(intent.region)
+                    .min(self.geo.size);
+                if !intent.wanted.all(start, end - start) {
+                    intent.wanted.set(start, end - start);
+                    marks.requested += 1;
+                    marks.pending.push((name.clone(), start, end - start));
+                }
             }
-            let start = offset / intent.region * intent.region;
-            let end = (offset + len)
-                .div_ceil(intent.region)
-                .saturating_mul(intent.region)
-                .min(self.geo.size);
-            if !intent.wanted.all(start, end - start) {
-                intent.wanted.set(start, end - start);
-                marks.requested += 1;
-                marks.pending.push((name.to_owned(), start, end - start));
+            if !wait {
+                return Ok(());
             }
             marks.requested
         };
@@ -827,8 +833,7 @@ impl BitmapStore for Inner {
         })
     }
 
-    fn mark_dirty(&self, name: &str, offset: u64, len: u64) -> IoFuture<'_, ()> {
-        let name = name.to_owned();
-        Box::pin(async move { self.mark(&name, offset, len).await })
+    fn mark_dirty(&self, offset: u64, len: u64) -> IoFuture<'_, ()> {
+        Box::pin(self.mark(offset, len))
     }
 }

@@ -201,8 +201,8 @@ pub(super) fn filtered_child(node: &BlockNode) -> Option<Arc<BlockNode>> {
 }
 
 /// What QEMU's `BlockDeviceInfo` has for the filter drivers beyond the
-/// common members: a copy-before-write node's internal dirty bitmaps; a
-/// snapshot-access image without `dirty-flag` (its driver has no info).
+/// common members: a snapshot-access image without `dirty-flag` (its
+/// driver has no info).
 pub(super) fn filter_node_info(node: &BlockNode, info: &mut Value) {
     if node
         .driver::<livesnap_jobs::snapshot_access::SnapshotAccessDriver>()
@@ -212,11 +212,15 @@ pub(super) fn filter_node_info(node: &BlockNode, info: &mut Value) {
             image.shift_remove("dirty-flag");
         }
     }
+}
+
+/// A copy-before-write node's internal dirty bitmaps as QEMU lists them
+/// (unnamed, after any named one); none for other nodes.
+pub(super) fn filter_bitmaps(node: &BlockNode) -> Vec<Value> {
     let Some(cbw) = cbw::cbw_of(node) else {
-        return;
+        return Vec::new();
     };
-    let bitmaps: Vec<Value> = cbw
-        .bitmap_counts()
+    cbw.bitmap_counts()
         .iter()
         .map(|&(granularity, count)| {
             serde_json::json!({
@@ -227,12 +231,5 @@ pub(super) fn filter_node_info(node: &BlockNode, info: &mut Value) {
                 "count": count,
             })
         })
-        .collect();
-    if let Some(m) = info.as_object_mut() {
-        let at = m
-            .keys()
-            .position(|k| k == "write_threshold")
-            .map_or(m.len(), |i| i + 1);
-        m.shift_insert(at, "dirty-bitmaps".into(), Value::Array(bitmaps));
-    }
+        .collect()
 }

@@ -451,6 +451,22 @@ pub fn node_info(node: &BlockNode, flat: bool) -> Value {
         info["backing_file"] = json!(b.filename());
     }
     super::backup::filter_node_info(node, &mut info);
+    // QEMU lists `dirty-bitmaps` only when the node has any, after
+    // `write_threshold`: the named ones newest first, then a filter's own.
+    let bitmaps: Vec<Value> = node
+        .bitmaps()
+        .infos()
+        .iter()
+        .map(super::bitmap::dirty_info)
+        .chain(super::backup::filter_bitmaps(node))
+        .collect();
+    if let (false, Some(m)) = (bitmaps.is_empty(), info.as_object_mut()) {
+        let at = m
+            .keys()
+            .position(|k| k == "write_threshold")
+            .map_or(m.len(), |i| i + 1);
+        m.shift_insert(at, "dirty-bitmaps".into(), Value::Array(bitmaps));
+    }
     info
 }
 

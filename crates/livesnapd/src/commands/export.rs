@@ -6,8 +6,8 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use livesnap_block::BlockNode;
-use livesnap_nbd::{ExportConfig, ListenAddr, NbdServer};
+use livesnap_block::{lookup_bitmap, BitmapRef, BlockNode, Use};
+use livesnap_nbd::{DirtyExtents, ExportBitmap, ExportConfig, ListenAddr, NbdServer};
 use livesnap_qmp::{Args, QmpError};
 use serde_json::{json, Value};
 
@@ -196,6 +196,84 @@ pub struct ExportRequest {
     pub writable: bool,
     /// Offer the `qemu:allocation-depth` NBD metadata context.
     pub allocation_depth: bool,
+    /// Dirty bitmaps offered as `qemu:dirty-bitmap:NAME` contexts.
+    pub bitmaps: Vec<BitmapRef>,
+}
+
+/// A node's bitmap as the extents of an NBD metadata context.
+struct NodeBitmap {
+    node: Arc<BlockNode>,
+    name: String,
+}
+
+impl DirtyExtents for NodeBitmap {
+    fn extents(&self, offset: u64, len: u64, max: usize) -> Vec<(u64, bool)> {
+        // The export holds the bitmap, so it cannot go while exported.
+        self.node
+            .bitmap_extents(&self.name, offset, len, max)
+            .unwrap_or_default()
+    }
+}
+
+/// Finds and checks the bitmaps of an export of `node` as QEMU's
+/// `nbd_export_create` does, in order: a name alone is looked for on the
+/// node and down what it filters or backs (and an enabled bitmap of a
+/// writable node refused for a read-only export: its content would change
+/// under the reader); `{node, name}` anywhere. Then all are held (busy)
+/// until the export is gone; on any failure none is.
+fn hold_export_bitmaps(
+    d: &Daemon,
+    node: &Arc<BlockNode>,
+    refs: &[BitmapRef],
+    read_only: bool,
+) -> Result<Vec<(Arc<BlockNode>, String)>, QmpError> {
+    let mut found = Vec::with_capacity(refs.len());
+    for r in refs {
+        let name = r.name();
+        let holder = match r {
+            BitmapRef::Local(_) => {
+                let holder = node
+                    .find_bitmap_below(name)
+                    .ok_or_else(|| generic(format!("Bitmap '{name}' is not found")))?;
+                let enabled = holder.bitmaps().get(name).is_some_and(|b| b.enabled());
+                if read_only && !holder.read_only() && enabled {
+                    return Err(generic(format!(
+                        "Enabled bitmap '{name}' incompatible with readonly export"
+                    )));
+                }
+                holder
+            }
+            BitmapRef::External { node, .. } => {
+                lookup_bitmap(&d.graph, node, name).map_err(generic)?
+            }
+        };
+        holder.bitmaps().checked(name, Use::Read).map_err(generic)?;
+        found.push((holder, name.to_string()));
+    }
+    // A name given twice is one bitmap, held once.
+    let mut held: Vec<(Arc<BlockNode>, String)> = Vec::new();
+    for (n, name) in &found {
+        if held.iter().any(|(h, hn)| Arc::ptr_eq(h, n) && hn == name) {
+            continue;
+        }
+        if let Err(e) = n.bitmaps().hold(name, Use::Read) {
+            release_bitmaps(&held);
+            return Err(generic(e));
+        }
+        held.push((n.clone(), name.clone()));
+    }
+    Ok(found)
+}
+
+/// Ends the holds of [`hold_export_bitmaps`] (each bitmap once).
+pub(crate) fn release_bitmaps(bitmaps: &[(Arc<BlockNode>, String)]) {
+    let mut done: Vec<(&Arc<BlockNode>, &str)> = Vec::new();
+    for (n, name) in bitmaps {
+        if !done.iter().any(|(h, hn)| Arc::ptr_eq(h, n) && hn == name) {
+            n.bitmaps().release(name);
+            done.push((n, name));
+        }
+    }
 }
 
 /// Adds an NBD export; shared by QMP and the command line.
@@ -237,6 +315,7 @@ pub fn add_export(
             "NBD server already has export named '{name}'"
         )));
     }
+    let bitmaps = hold_export_bitmaps(d, &node, &req.bitmaps, !req.writable)?;
     let nbd = d
         .nbd_exports
         .add(ExportConfig {
@@ -245,13 +324,27 @@ pub fn add_export(
             backend: livesnap_block::BlockBackend::new(node.clone()),
             writable: req.writable,
             allocation_depth: req.allocation_depth,
+            bitmaps: bitmaps
+                .iter()
+                .map(|(n, name)| ExportBitmap {
+                    name: name.clone(),
+                    extents: Arc::new(NodeBitmap {
+                        node: n.clone(),
+                        name: name.clone(),
+                    }),
+                })
+                .collect(),
         })
-        .map_err(generic)?;
+        .map_err(|e| {
+            release_bitmaps(&bitmaps);
+            generic(e)
+        })?;
     node.add_user(export_user(&req.id));
     d.exports.lock().unwrap().push(Arc::new(ExportEntry {
         id: req.id,
         nbd,
         shutting_down: AtomicBool::new(false),
+        bitmaps,
     }));
     Ok(())
 }
@@ -273,16 +366,14 @@ pub(super) async fn block_export_add(d: &Arc<Daemon>, mut args: Args) -> Result<
     }
     let name = args.opt_str("name")?;
     let description = args.opt_str("description")?;
-    let bitmaps = args.take_value("bitmaps");
+    let bitmaps = match args.opt_list("bitmaps")? {
+        Some(elems) => super::bitmap::parse_bitmap_refs(elems)?,
+        None => Vec::new(),
+    };
     let allocation_depth = args.opt_bool("allocation-depth")?.unwrap_or(false);
     args.finish()?;
     if writethrough {
         return Err(generic("writethrough is not supported by livesnapd"));
-    }
-    if bitmaps.is_some() {
-        return Err(generic(
-            "Exporting dirty bitmaps is not supported by livesnapd",
-        ));
     }
     let running = d.nbd_server.lock().await.is_some();
     add_export(
@@ -294,6 +385,7 @@ pub(super) async fn block_export_add(d: &Arc<Daemon>, mut args: Args) -> Result<
             description,
             writable,
             allocation_depth,
+            bitmaps,
         },
         running,
     )?;

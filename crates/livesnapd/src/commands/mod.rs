@@ -1,11 +1,12 @@
 //! QMP command dispatch: every command livesnapd implements, by QEMU's name.
 //!
-//! Handlers live next to what they manage: `blockdev` (nodes), `export` (the
-//! NBD server and block exports), `control` (version, command list, quit),
+//! Handlers live next to what they manage: `blockdev` (nodes), `bitmap`
+//! (named dirty bitmaps), `export` (the NBD server and block exports), `control` (version, command list, quit),
 //! `job` (the job verbs and queries), `mirror`, `backup` and `create` (the
 //! commands that start each kind of job).
 
 mod backup;
+pub mod bitmap;
 mod blkdebug;
 mod blockdev;
 mod control;
@@ -13,6 +14,7 @@ mod create;
 mod job;
 mod mirror;
 pub use control::{package, QEMU_COMPAT_VERSION};
+pub(crate) use export::release_bitmaps;
 pub use export::{parse_listen_addr, start_nbd_server};
 mod export;
 mod snapshot;
@@ -60,6 +62,21 @@ const COMMANDS: &[(&str, Handler)] = &[
         "query-named-block-nodes",
         on_daemon!(blockdev::query_named_block_nodes),
     ),
+    ("block-dirty-bitmap-add", on_daemon!(async bitmap::add)),
+    (
+        "block-dirty-bitmap-remove",
+        on_daemon!(async bitmap::remove),
+    ),
+    ("block-dirty-bitmap-clear", on_daemon!(bitmap::clear)),
+    (
+        "block-dirty-bitmap-enable",
+        on_daemon!(async bitmap::enable),
+    ),
+    (
+        "block-dirty-bitmap-disable",
+        on_daemon!(async bitmap::disable),
+    ),
+    ("block-dirty-bitmap-merge", on_daemon!(async bitmap::merge)),
     (
         "blockdev-snapshot",
         on_daemon!(async snapshot::blockdev_snapshot),
