@@ -104,6 +104,14 @@ pub async fn run(
     };
     let mut notes = Vec::new();
     if let Some(stale) = dir.stale.take() {
+        let p = &stale.pending;
+        if p.undo.is_some() || p.bitmap_added.is_some() || p.bitmap_replaced.is_some() {
+            return Err(Failure::usage(format!(
+                "an earlier run through QMP (pid {}) was killed in {}: run the next backup with --qmp, which undoes what it left",
+                stale.pid,
+                dir.path.display()
+            )));
+        }
         let mut left = Vec::new();
         undo_run(&mut lv, &dir, &stale, true, &mut left).await;
         notes.push(recovered(&dir, &stale, left)?);

@@ -75,6 +75,13 @@ pub async fn run(qmp: &Path, opts: &Options, interrupt: Interrupt) -> Result<Rep
     };
     let mut notes = Vec::new();
     if let Some(stale) = dir.stale.take() {
+        if stale.pending.checkpoint.is_some() {
+            return Err(Failure::usage(format!(
+                "an earlier run through libvirt (pid {}) was killed in {}: run the next backup with --libvirt, which undoes what it left",
+                stale.pid,
+                dir.path.display()
+            )));
+        }
         let mut left = Vec::new();
         undo_run(&mut ep, &disk.node, &dir, &stale, true, &mut left).await;
         notes.push(recovered(&dir, &stale, left)?);
