@@ -256,6 +256,14 @@ fn read_only_export_refuses_writes() {
     let json: serde_json::Value =
         serde_json::from_str(&run(Command::new("nbdinfo").args(["--json", &url]))).unwrap();
     assert_eq!(json["exports"][0]["is_read_only"], true);
+    assert_eq!(
+        json["exports"][0]["can_trim"], false,
+        "as qemu-storage-daemon"
+    );
+    assert_eq!(
+        json["exports"][0]["can_zero"], false,
+        "as qemu-storage-daemon"
+    );
     let (_, out, err) =
         run_status(Command::new("qemu-io").args(["-f", "raw", "-c", "write -P 0x77 0 4k", &url]));
     let text = out + &err;

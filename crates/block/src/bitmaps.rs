@@ -35,8 +35,9 @@ pub const MAX_NAME_LEN: usize = 1023;
 /// One bitmap as QMP reports it (QEMU's `BlockDirtyInfo`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BitmapInfo {
-    /// The bitmap's name.
-    pub name: String,
+    /// The bitmap's name; none for the anonymous bitmap that records
+    /// writes while a job holds the named one frozen (QEMU's successor).
+    pub name: Option<String>,
     /// Dirty bytes.
     pub count: u64,
     /// Bytes per bit.
@@ -111,6 +112,10 @@ pub struct NamedBitmap {
     busy: usize,
     /// Its place in the image's bitmap directory when the image was opened.
     loaded_at: Option<usize>,
+    /// When it was made, and when it was last frozen, on the set's clock:
+    /// QEMU lists bitmaps newest first, a job's successor among them.
+    created: u64,
+    frozen_at: u64,
 }
 
 impl NamedBitmap {
@@ -161,18 +166,35 @@ impl NamedBitmap {
         }
     }
 
-    fn info(&self) -> BitmapInfo {
-        BitmapInfo {
-            name: self.name.clone(),
-            // QEMU counts whole chunks, past the disk's end too (a 2 GiB
-            // chunk of a 1 MiB disk counts 2 GiB, as qsd reports).
-            count: self.content().dirty_chunks() * self.granularity(),
+    /// QMP's view: the named bitmap and, while a job holds it frozen, the
+    /// anonymous successor QEMU creates then, with the writes since the
+    /// freeze; the named one shows the frozen content, busy, recording
+    /// while its successor does.
+    fn infos(&self) -> (BitmapInfo, Option<BitmapInfo>) {
+        // QEMU counts whole chunks, past the disk's end too (a 2 GiB chunk
+        // of a 1 MiB disk counts 2 GiB, as qsd reports).
+        let count = |b: &DirtyBitmap| b.dirty_chunks() * self.granularity();
+        let named = BitmapInfo {
+            name: Some(self.name.clone()),
+            count: count(self.frozen.as_ref().unwrap_or(&self.bits)),
             granularity: self.granularity(),
             recording: self.enabled,
             busy: self.busy(),
             persistent: self.persistent,
             inconsistent: self.inconsistent,
+        };
+        if self.frozen.is_none() {
+            return (named, None);
         }
+        let successor = BitmapInfo {
+            name: None,
+            count: count(&self.bits),
+            busy: false,
+            persistent: false,
+            inconsistent: false,
+            ..named.clone()
+        };
+        (named, Some(successor))
     }
 
     fn stored(&self) -> StoredBitmap {
@@ -188,12 +210,16 @@ impl NamedBitmap {
 /// What a frozen bitmap becomes when the job that froze it ends.
 #[derive(Debug)]
 pub enum Thaw {
-    /// The set-aside content is dropped: only writes since the freeze stay
-    /// (QEMU's abdicate, a successful `on-success` or `always` backup).
-    Drop,
-    /// The given bits are merged back (QEMU's reclaim): the whole set-aside
-    /// content on failure, or what the job did not copy under `always`.
-    MergeBack(DirtyBitmap),
+    /// QEMU's abdicate (a successful `on-success` or `always` backup): the
+    /// set-aside content is dropped, only the writes since the freeze stay,
+    /// plus the given bits (what a failed `always` job did not copy). The
+    /// successor takes the bitmap's name, so the bitmap is listed as made
+    /// at the freeze.
+    Abdicate(Option<DirtyBitmap>),
+    /// QEMU's reclaim (a failed or `never` backup): the set-aside content
+    /// comes back beside the writes since the freeze; the bitmap keeps its
+    /// place.
+    Reclaim,
 }
 
 /// What a bitmap operation wants checked before it changes anything
@@ -216,6 +242,8 @@ pub enum Use {
 #[derive(Debug, Default)]
 pub struct BitmapSet {
     list: Vec<NamedBitmap>,
+    /// Counts bitmaps made and frozen, to list them in QEMU's order.
+    clock: u64,
     /// Some persistent bit was cleared since the image last got the set:
     /// the next flush writes it (clean bits reach the disk lazily).
     cleared: bool,
@@ -249,9 +277,12 @@ impl BitmapSet {
                 readonly,
                 busy: 0,
                 loaded_at: Some(i),
+                created: i as u64,
+                frozen_at: 0,
             })
-            .collect();
+            .collect::<Vec<_>>();
         BitmapSet {
+            clock: list.len() as u64,
             list,
             cleared: false,
         }
@@ -286,7 +317,26 @@ impl BitmapSet {
 
     /// QMP's view of every bitmap, newest first.
     pub fn infos(&self) -> Vec<BitmapInfo> {
-        self.list.iter().map(NamedBitmap::info).collect()
+        // A successor is a bitmap of its own in QEMU, made at the freeze:
+        // it comes before every bitmap made earlier.
+        let infos: Vec<_> = self.list.iter().map(NamedBitmap::infos).collect();
+        let mut successors: Vec<(u64, BitmapInfo)> = self
+            .list
+            .iter()
+            .zip(&infos)
+            .filter_map(|(b, (_, s))| s.clone().map(|s| (b.frozen_at, s)))
+            .collect();
+        successors.sort_by_key(|(at, _)| std::cmp::Reverse(*at));
+        let mut successors = successors.into_iter().peekable();
+        let mut out = Vec::new();
+        for (b, (named, _)) in self.list.iter().zip(infos) {
+            while let Some((_, s)) = successors.next_if(|(at, _)| *at > b.created) {
+                out.push(s);
+            }
+            out.push(named);
+        }
+        out.extend(successors.map(|(_, s)| s));
+        out
     }
 
     /// The persistent bitmaps as the image must hold them, in the order
@@ -362,8 +412,11 @@ impl BitmapSet {
                 readonly: false,
                 busy: 0,
                 loaded_at: None,
+                created: self.clock,
+                frozen_at: 0,
             },
         );
+        self.clock += 1;
     }
 
     /// Removes `name`; gives back whether it was persistent.
@@ -426,28 +479,48 @@ impl BitmapSet {
     }
 
     /// Sets the current content of `name` aside for a job and records new
-    /// writes beside it; gives the job a copy of the set-aside bits.
+    /// writes beside it; gives the job a copy of the set-aside bits. Only
+    /// a busy bitmap refuses (QEMU's `create_successor`): a job that never
+    /// changes the bitmap may freeze a read-only one.
     pub fn freeze(&mut self, name: &str) -> crate::Result<DirtyBitmap> {
-        self.checked(name, Use::Modify)?;
+        let clock = self.clock;
         let b = self.get_mut(name)?;
+        if b.busy() {
+            return Err(busy_error(name));
+        }
         let size = b.bits.size();
         let gran = b.granularity();
         let content = std::mem::replace(&mut b.bits, DirtyBitmap::new(size, gran));
         b.frozen = Some(content.clone());
+        b.frozen_at = clock;
+        self.clock += 1;
         Ok(content)
     }
 
     /// Ends a freeze as the job's outcome says.
     pub fn thaw(&mut self, name: &str, how: Thaw) {
-        let Ok(b) = self.get_mut(name) else { return };
-        if b.frozen.take().is_none() {
+        let Some(i) = self.list.iter().position(|b| b.name == name) else {
             return;
-        }
+        };
+        let b = &mut self.list[i];
+        let Some(frozen) = b.frozen.take() else {
+            return;
+        };
+        self.cleared |= b.persistent;
         match how {
-            Thaw::Drop => self.cleared |= b.persistent,
-            Thaw::MergeBack(bits) => {
-                b.bits.merge(&bits);
-                self.cleared |= b.persistent;
+            Thaw::Reclaim => b.bits.merge(&frozen),
+            Thaw::Abdicate(extra) => {
+                if let Some(bits) = extra {
+                    b.bits.merge(&bits);
+                }
+                b.created = b.frozen_at;
+                let b = self.list.remove(i);
+                let at = self
+                    .list
+                    .iter()
+                    .position(|o| o.created < b.created)
+                    .unwrap_or(self.list.len());
+                self.list.insert(at, b);
             }
         }
     }
@@ -813,11 +886,37 @@ mod tests {
         assert!(s.checked("b", Use::Read).is_err(), "frozen is busy");
         s.mark(65536 * 3, 1);
         assert_eq!(s.get("b").unwrap().content().dirty_chunks(), 2);
-        s.thaw("b", Thaw::MergeBack(frozen));
+        s.thaw("b", Thaw::Reclaim);
         assert_eq!(s.get("b").unwrap().content().dirty_chunks(), 2);
         s.freeze("b").unwrap();
-        s.thaw("b", Thaw::Drop);
+        s.thaw("b", Thaw::Abdicate(None));
         assert!(s.get("b").unwrap().content().is_clean());
+    }
+
+    /// A job's successor is listed as QEMU lists it: as the newest bitmap
+    /// from the freeze on; after an abdicate the bitmap takes its place,
+    /// after a reclaim it keeps its own.
+    #[test]
+    fn frozen_bitmaps_list_as_qemu() {
+        let mut s = BitmapSet::default();
+        s.add("old", 1 << 20, 65536, false, true);
+        s.add("mid", 1 << 20, 65536, false, true);
+        s.mark(0, 1);
+        s.freeze("old").unwrap();
+        s.add("new", 1 << 20, 65536, false, true);
+        s.mark(65536, 1);
+        let names = |s: &BitmapSet| {
+            s.infos()
+                .into_iter()
+                .map(|i| format!("{}:{}", i.name.as_deref().unwrap_or("-"), i.count / 65536))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(names(&s), ["new:1", "-:1", "mid:2", "old:1"]);
+        s.thaw("old", Thaw::Reclaim);
+        assert_eq!(names(&s), ["new:1", "mid:2", "old:2"]);
+        s.freeze("old").unwrap();
+        s.thaw("old", Thaw::Abdicate(None));
+        assert_eq!(names(&s), ["old:0", "new:1", "mid:2"]);
     }
 
     #[test]
@@ -868,7 +967,10 @@ mod tests {
         let mut s = BitmapSet::from_stored(vec![stored("a"), stored("b"), stored("c")], false);
         let names = |v: Vec<StoredBitmap>| v.into_iter().map(|b| b.name).collect::<Vec<_>>();
         assert_eq!(
-            s.infos().into_iter().map(|i| i.name).collect::<Vec<_>>(),
+            s.infos()
+                .into_iter()
+                .filter_map(|i| i.name)
+                .collect::<Vec<_>>(),
             ["c", "b", "a"]
         );
         s.add("d", 4096, 512, true, true);

@@ -243,7 +243,22 @@ impl BlockNode {
     /// Runs `hook` around every later write; returns once every write that
     /// started without it has finished, so none of them can land unseen.
     pub async fn add_write_hook(&self, hook: Arc<dyn WriteHook>) {
-        self.hooks.write().await.push(hook);
+        let _ = self.add_write_hook_with(hook, || Ok(())).await;
+    }
+
+    /// Like [`BlockNode::add_write_hook`], and runs `at_attach` at the
+    /// instant the hook goes on, while no write runs on the node: whatever
+    /// it reads of the node's state (a bitmap it freezes) is exactly what
+    /// the writes before the hook left. If it fails, the hook stays off.
+    pub async fn add_write_hook_with<T>(
+        &self,
+        hook: Arc<dyn WriteHook>,
+        at_attach: impl FnOnce() -> crate::Result<T>,
+    ) -> crate::Result<T> {
+        let mut hooks = self.hooks.write().await;
+        let r = at_attach()?;
+        hooks.push(hook);
+        Ok(r)
     }
 
     /// Detaches `hook` once the writes running inside it have finished.

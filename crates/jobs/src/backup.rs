@@ -14,20 +14,23 @@
 //! does not allocate; sync=none copies nothing in the background and runs
 //! until cancelled, so only what the guest overwrites reaches the target.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 
-use livesnap_block::{BlockGraph, BlockNode, Error, NodeUser};
+use livesnap_block::{BlockGraph, BlockNode, Error, NodeUser, Thaw, Use};
 
 use crate::block_copy::{BlockCopy, CopyError, CopyProgress, MAX_CHUNK, MAX_WORKERS};
-use crate::cbw::{Cbw, CbwDriver, CbwOptions};
+use crate::cbw::{Cbw, CbwDriver, CbwOptions, CLOSE_GRACE};
 use crate::job::{
-    ErrorVerdict, Job, JobCtx, JobDriver, JobFuture, JobManager, JobOptions, JobType, OnError,
+    ErrorVerdict, Job, JobCtx, JobDriver, JobFuture, JobManager, JobOptions, JobTxn, JobType,
+    OnError,
 };
 
-/// QEMU's `MirrorSyncMode` members a backup supports.
+/// QEMU's `MirrorSyncMode` members a backup supports (`incremental` is
+/// `bitmap` with `on-success`, desugared by whoever parses it).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum BackupSync {
     /// The whole disk.
@@ -36,6 +39,52 @@ pub enum BackupSync {
     Top,
     /// Only what the guest overwrites while the job runs.
     None,
+    /// Only what the sync bitmap says is dirty at the job's start.
+    Bitmap,
+}
+
+/// QEMU's `BitmapSyncMode`: what the job's end does to its bitmap.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BitmapMode {
+    /// Cleared of what was copied if the job succeeds, untouched otherwise.
+    OnSuccess,
+    /// Cleared of what was copied whatever the outcome.
+    Always,
+    /// Never changed by the job (writes during the job are still recorded).
+    Never,
+}
+
+impl BitmapMode {
+    /// QEMU's enum members, in schema order.
+    pub const NAMES: &'static [&'static str] = &["on-success", "never", "always"];
+
+    /// Parses a member of [`BitmapMode::NAMES`].
+    pub fn parse(s: &str) -> Option<BitmapMode> {
+        match s {
+            "on-success" => Some(BitmapMode::OnSuccess),
+            "never" => Some(BitmapMode::Never),
+            "always" => Some(BitmapMode::Always),
+            _ => None,
+        }
+    }
+
+    /// QEMU's name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BitmapMode::OnSuccess => "on-success",
+            BitmapMode::Never => "never",
+            BitmapMode::Always => "always",
+        }
+    }
+}
+
+/// The named bitmap of the source a backup reads (sync=bitmap) or updates.
+#[derive(Clone, Debug)]
+pub struct SyncBitmap {
+    /// The bitmap's name on the source node.
+    pub name: String,
+    /// What the job's end does to it.
+    pub mode: BitmapMode,
 }
 
 /// Chunk size of the background pass while the guest is busy: a guest write
@@ -92,6 +141,9 @@ pub struct BackupStart {
     pub cbw: CbwOptions,
     /// The job's own options.
     pub backup: BackupOptions,
+    /// The source's bitmap the job reads or updates (checked by the caller
+    /// against QEMU's rules for sync modes).
+    pub bitmap: Option<SyncBitmap>,
     /// Options every job has.
     pub job: JobOptions,
     /// Longest wait for the source's in-flight writes before the filter
@@ -99,18 +151,66 @@ pub struct BackupStart {
     pub drain_timeout: Duration,
 }
 
-/// Starts a backup as QEMU's `backup_job_create` does: the copy-before-write
-/// filter goes over the source (the point in time), becomes a node of
-/// `graph`, the job's op blockers go on the filter and the target, and the
-/// job starts; if any step fails, what the earlier ones did is undone.
+/// Starts a backup as QEMU's `blockdev-backup` does: [`prepare`], then
+/// the job starts.
 pub async fn start(
     graph: &Arc<BlockGraph>,
     jobs: &Arc<JobManager>,
     s: BackupStart,
 ) -> livesnap_block::Result<Arc<Job>> {
-    let attach = Cbw::attach(s.source.clone(), s.target.clone(), s.cbw);
-    let cbw = match tokio::time::timeout(s.drain_timeout, attach).await {
-        Ok(Ok(cbw)) => cbw,
+    let job = prepare(graph, jobs, s, None).await?;
+    job.start();
+    Ok(job)
+}
+
+/// QEMU's checks of the sync bitmap in `backup_job_create`, which come
+/// after the op blockers and before the sizes: it must exist and not be
+/// busy or inconsistent, and unless the job leaves it alone (`never`) it
+/// must not be read-only.
+pub fn check_bitmap(source: &BlockNode, b: &SyncBitmap) -> livesnap_block::Result<()> {
+    let what = match b.mode {
+        BitmapMode::Never => Use::Read,
+        BitmapMode::OnSuccess | BitmapMode::Always => Use::Modify,
+    };
+    source.bitmaps().checked(&b.name, what).map(|_| ())
+}
+
+/// QEMU's `backup_job_create`: the sync bitmap is frozen and the
+/// copy-before-write filter goes over the source at one instant (the point
+/// in time), the filter becomes a node of `graph`, the job's op blockers go
+/// on the filter and the target, and the job is created in `txn` (grouped
+/// completion) but not started; if any step fails, what the earlier ones
+/// did is undone. A created job that is cancelled instead of started
+/// undoes all of it (a transaction's abort).
+pub async fn prepare(
+    graph: &Arc<BlockGraph>,
+    jobs: &Arc<JobManager>,
+    s: BackupStart,
+    txn: Option<&Arc<JobTxn>>,
+) -> livesnap_block::Result<Arc<Job>> {
+    if let Some(b) = &s.bitmap {
+        check_bitmap(&s.source, b)?;
+    }
+    if s.source.size() != s.target.size() {
+        return Err(Error::invalid(
+            "Source and target image have different sizes",
+        ));
+    }
+    let sync = s.backup.sync;
+    let freeze = s.bitmap.as_ref().map(|b| b.name.clone());
+    let source = s.source.clone();
+    let attach = Cbw::attach_with(s.source.clone(), s.target.clone(), s.cbw, |copy| {
+        let Some(name) = &freeze else {
+            return Ok(false);
+        };
+        let frozen = source.bitmaps().freeze(name)?;
+        if sync == BackupSync::Bitmap {
+            copy.set_pending(&frozen);
+        }
+        Ok(true)
+    });
+    let (cbw, frozen) = match tokio::time::timeout(s.drain_timeout, attach).await {
+        Ok(Ok(r)) => r,
         Ok(Err(e)) => {
             return Err(e.context("Could not create node: Cannot create block-copy-state"))
         }
@@ -122,6 +222,13 @@ pub async fn start(
             )))
         }
     };
+    let sync_bitmap = match (s.bitmap, frozen) {
+        (Some(b), true) => Some(FrozenBitmap {
+            name: b.name,
+            mode: b.mode,
+        }),
+        _ => None,
+    };
     let filter = BlockNode::new(
         s.filter_name.clone(),
         Box::new(CbwDriver::new(cbw.clone())),
@@ -130,6 +237,9 @@ pub async fn start(
     );
     if let Err(e) = graph.insert(filter.clone()) {
         cbw.close().await;
+        if let Some(b) = &sync_bitmap {
+            b.reclaim(&s.source);
+        }
         return Err(e.context("Could not create node"));
     }
     let blocker = NodeUser::Blocker("backup");
@@ -157,19 +267,34 @@ pub async fn start(
             }
         }),
     );
-    match jobs.create(&s.job_id, backup.clone(), s.job) {
+    *backup.sync_bitmap.lock().unwrap() = sync_bitmap;
+    match jobs.create_in(&s.job_id, backup.clone(), s.job, txn) {
         Ok(job) => {
             backup.attach_progress(&job.ctx());
-            job.start();
             Ok(job)
         }
         Err(e) => {
             cbw.close().await;
+            backup.end_sync_bitmap(false).await;
             if let Some(f) = undo.lock().unwrap().take() {
                 f()
             }
             Err(e)
         }
+    }
+}
+
+/// A sync bitmap frozen by a backup.
+struct FrozenBitmap {
+    name: String,
+    mode: BitmapMode,
+}
+
+impl FrozenBitmap {
+    /// Puts the frozen content back (QEMU's reclaim): the bitmap is as if
+    /// the job had never run, plus the writes since.
+    fn reclaim(&self, source: &BlockNode) {
+        source.bitmaps().thaw(&self.name, Thaw::Reclaim);
     }
 }
 
@@ -182,6 +307,10 @@ pub struct Backup {
     cbw: Arc<Cbw>,
     opts: BackupOptions,
     cleanup: Mutex<Option<Cleanup>>,
+    // Taken when the job ends, by commit or abort.
+    sync_bitmap: Mutex<Option<FrozenBitmap>>,
+    // `run` began: the job may have copied something.
+    ran: AtomicBool,
 }
 
 struct JobProgress(JobCtx);
@@ -203,7 +332,38 @@ impl Backup {
             cbw,
             opts,
             cleanup: Mutex::new(Some(cleanup)),
+            sync_bitmap: Mutex::new(None),
+            ran: AtomicBool::new(false),
         })
+    }
+
+    /// Ends the freeze of the sync bitmap as QEMU's
+    /// `backup_cleanup_sync_bitmap`: `on-success` after a success and
+    /// `always` drop what the job was to copy (writes since the start stay
+    /// recorded); otherwise the frozen content comes back; a failed `always`
+    /// job gives back the clusters it did not copy.
+    async fn end_sync_bitmap(&self, succeeded: bool) {
+        let Some(b) = self.sync_bitmap.lock().unwrap().take() else {
+            return;
+        };
+        let source = self.cbw.file();
+        let sync = (succeeded || b.mode == BitmapMode::Always) && b.mode != BitmapMode::Never;
+        // A job that never ran (a transaction rolled back) copied nothing
+        // and leaves the bitmap as it was; QEMU would merge its whole
+        // copy-before-write bitmap into an `always` one (docs/qmp.md).
+        if !sync || !self.ran.load(Ordering::SeqCst) {
+            b.reclaim(source);
+        } else if succeeded {
+            source.bitmaps().thaw(&b.name, Thaw::Abdicate(None));
+        } else {
+            // Copies still in flight decide whether their clusters count as
+            // copied (QEMU waits for them too); one that hangs counts as not.
+            let copy = self.cbw.copy();
+            let _ = tokio::time::timeout(CLOSE_GRACE, copy.wait_settled()).await;
+            source
+                .bitmaps()
+                .thaw(&b.name, Thaw::Abdicate(Some(copy.uncopied())));
+        }
     }
 
     /// Sends the copy's progress to the job from now on (before the job
@@ -420,15 +580,24 @@ impl JobDriver for Backup {
 
     fn run<'a>(&'a self, ctx: &'a JobCtx) -> JobFuture<'a, livesnap_block::Result<()>> {
         Box::pin(async move {
+            self.ran.store(true, Ordering::SeqCst);
             self.attach_progress(ctx);
             if self.opts.sync == BackupSync::Top {
                 self.scan_top(ctx).await?;
             }
             match self.opts.sync {
                 BackupSync::None => self.wait_cancel(ctx).await,
-                BackupSync::Full | BackupSync::Top => self.copy_all(ctx).await,
+                BackupSync::Full | BackupSync::Top | BackupSync::Bitmap => self.copy_all(ctx).await,
             }
         })
+    }
+
+    fn commit<'a>(&'a self, _ctx: &'a JobCtx) -> JobFuture<'a, ()> {
+        Box::pin(self.end_sync_bitmap(true))
+    }
+
+    fn abort<'a>(&'a self, _ctx: &'a JobCtx) -> JobFuture<'a, ()> {
+        Box::pin(self.end_sync_bitmap(false))
     }
 
     fn cancel(&self, _ctx: &JobCtx, _force: bool) -> bool {

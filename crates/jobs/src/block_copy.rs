@@ -349,6 +349,46 @@ impl BlockCopy {
         self.state.lock().unwrap().copied.get(offset)
     }
 
+    /// Makes exactly the clusters that touch a dirty chunk of `bits` pending
+    /// (an incremental backup copies what its bitmap says changed; a
+    /// granularity finer than the cluster rounds out to whole clusters).
+    /// Called before anything is claimed.
+    pub fn set_pending(&self, bits: &DirtyBitmap) {
+        {
+            let mut st = self.state.lock().unwrap();
+            debug_assert!(st.claims.is_empty(), "pending set while copying");
+            st.pending.reset(0, u64::MAX);
+            st.pending.merge(bits);
+        }
+        self.report_remaining();
+    }
+
+    /// Waits until no copy is in flight, cancelled or not (copies of a
+    /// cancelled engine still finish on their own).
+    pub async fn wait_settled(&self) {
+        loop {
+            let notified = self.changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.is_idle() {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    /// The clusters not known to be on the target: pending ones and those
+    /// being copied right now (what a failed `always` backup gives back to
+    /// its bitmap).
+    pub fn uncopied(&self) -> DirtyBitmap {
+        let st = self.state.lock().unwrap();
+        let mut bits = st.pending.clone();
+        for r in &st.claims {
+            bits.set(r.start, r.end - r.start);
+        }
+        bits
+    }
+
     /// Clusters inside `[offset, offset + len)` (rounded inward) stop being
     /// pending without a copy (a snapshot discard, the sync=top scan).
     pub fn reset(&self, offset: u64, len: u64) {

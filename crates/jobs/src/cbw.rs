@@ -113,6 +113,20 @@ impl Cbw {
         target: Arc<BlockNode>,
         opts: CbwOptions,
     ) -> livesnap_block::Result<Arc<Cbw>> {
+        let (cbw, ()) = Cbw::attach_with(file, target, opts, |_| Ok(())).await?;
+        Ok(cbw)
+    }
+
+    /// [`Cbw::attach`], running `at_attach` at the point in time itself,
+    /// while no write runs on `file`: an incremental backup freezes its
+    /// bitmap there and makes only its dirty clusters pending. If it fails
+    /// the filter is not attached.
+    pub async fn attach_with<T>(
+        file: Arc<BlockNode>,
+        target: Arc<BlockNode>,
+        opts: CbwOptions,
+        at_attach: impl FnOnce(&BlockCopy) -> livesnap_block::Result<T>,
+    ) -> livesnap_block::Result<(Arc<Cbw>, T)> {
         let copy = BlockCopy::new(
             file.clone(),
             target.clone(),
@@ -135,9 +149,11 @@ impl Cbw {
             guest: GuestActivity::new(),
         });
         let hook: Arc<dyn WriteHook> = Arc::new(CbwHook(Arc::downgrade(&cbw)));
-        *cbw.hook.lock().unwrap() = Some(hook.clone());
-        file.add_write_hook(hook).await;
-        Ok(cbw)
+        let r = file
+            .add_write_hook_with(hook.clone(), || at_attach(&cbw.copy))
+            .await?;
+        *cbw.hook.lock().unwrap() = Some(hook);
+        Ok((cbw, r))
     }
 
     /// The copy engine (a backup job drives its background pass with it).

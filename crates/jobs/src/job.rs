@@ -313,7 +313,7 @@ impl Default for JobOptions {
 enum Finish {
     /// Never started: conclude now.
     Completed,
-    /// Waiting for finalisation: abort now.
+    /// Waiting for the transaction or for finalisation: abort it now.
     Abort,
     /// Running: wake it so it sees the cancel.
     Kick,
@@ -354,10 +354,58 @@ struct State {
     auto_dismiss: bool,
 }
 
+/// Jobs that end together (QEMU's `JobTxn`, a `transaction` with
+/// `completion-mode: grouped`): if one fails or is cancelled, every other
+/// is cancelled; none is finalised before all are done, and then all are,
+/// each committing or all aborting. A job started on its own is the only
+/// job of its own transaction.
+pub struct JobTxn {
+    state: Mutex<TxnState>,
+}
+
+struct TxnState {
+    /// Newest first, as QEMU lists them: the order of finalisation.
+    jobs: Vec<Arc<Job>>,
+    /// Someone decided how the transaction ends (abort, or finalisation of
+    /// all after success): nobody else may.
+    decided: bool,
+}
+
+impl JobTxn {
+    /// An empty transaction; jobs join it when created with [`JobManager::create_in`].
+    pub fn new() -> Arc<JobTxn> {
+        Arc::new(JobTxn {
+            state: Mutex::new(TxnState {
+                jobs: Vec::new(),
+                decided: false,
+            }),
+        })
+    }
+
+    fn remove(&self, job: &Job) {
+        self.state
+            .lock()
+            .unwrap()
+            .jobs
+            .retain(|j| !std::ptr::eq(Arc::as_ptr(j), job));
+    }
+
+    /// Takes the decision to abort, once; gives every job.
+    fn decide_abort(&self) -> Option<Vec<Arc<Job>>> {
+        let mut t = self.state.lock().unwrap();
+        if t.decided {
+            return None;
+        }
+        t.decided = true;
+        Some(t.jobs.clone())
+    }
+}
+
 /// One job: the state machine around a [`JobDriver`].
 pub struct Job {
     id: String,
     driver: Arc<dyn JobDriver>,
+    txn: Arc<JobTxn>,
     state: Mutex<State>,
     // Bumped on every pause, resume, cancel, complete or speed change: wakes
     // a job waiting at a pause point or in a rate-limit sleep.
@@ -411,10 +459,24 @@ impl JobManager {
         driver: Arc<dyn JobDriver>,
         opts: JobOptions,
     ) -> livesnap_block::Result<Arc<Job>> {
+        self.create_in(id, driver, opts, None)
+    }
+
+    /// Creates job `id` (state CREATED) in transaction `txn` (grouped
+    /// completion), or on its own, without starting it.
+    pub fn create_in(
+        self: &Arc<Self>,
+        id: &str,
+        driver: Arc<dyn JobDriver>,
+        opts: JobOptions,
+        txn: Option<&Arc<JobTxn>>,
+    ) -> livesnap_block::Result<Arc<Job>> {
         self.check_id(id)?;
+        let txn = txn.cloned().unwrap_or_else(JobTxn::new);
         let job = Arc::new(Job {
             id: id.to_string(),
             driver,
+            txn: txn.clone(),
             state: Mutex::new(State {
                 status: JobStatus::Undefined,
                 pause_count: 1,
@@ -441,6 +503,7 @@ impl JobManager {
             manager: Arc::downgrade(self),
         });
         self.jobs.lock().unwrap().insert(0, job.clone());
+        txn.state.lock().unwrap().jobs.insert(0, job.clone());
         job.transition(&mut job.state.lock().unwrap(), JobStatus::Created);
         Ok(job)
     }
@@ -629,42 +692,116 @@ impl Job {
         false
     }
 
-    /// The work is over (QEMU's `job_completed`): abort or move on to finalisation.
+    /// The work is over (QEMU's `job_completed`): a failure aborts the
+    /// whole transaction, a success waits for the other jobs of it.
     async fn completed(self: &Arc<Self>) {
         let failed = {
             let mut st = self.state.lock().unwrap();
-            let failed = self.update_rc(&mut st);
-            if failed {
-                st.finalizing = true;
-            }
-            failed
+            self.update_rc(&mut st)
         };
         if failed {
-            self.finalize_single().await;
-            return;
-        }
-        let auto = {
-            let mut st = self.state.lock().unwrap();
-            self.transition(&mut st, JobStatus::Waiting);
-            self.transition(&mut st, JobStatus::Pending);
-            if !st.auto_finalize {
-                let mut m = Map::new();
-                m.insert("type".into(), json!(self.job_type().as_str()));
-                m.insert("id".into(), json!(self.id));
-                self.block_event("BLOCK_JOB_PENDING", m);
-            } else {
-                st.finalizing = true;
-            }
-            st.auto_finalize
-        };
-        if auto {
-            self.do_finalize().await;
+            self.txn_abort().await;
+        } else {
+            self.txn_success().await;
         }
     }
 
-    /// `prepare`, then commit or abort (QEMU's `job_do_finalize`); the
-    /// caller has set `finalizing`.
-    async fn do_finalize(self: &Arc<Self>) {
+    /// QEMU's `job_completed_txn_success`: WAITING until every job of the
+    /// transaction is done; then all go to PENDING (newest first) and,
+    /// unless one of them waits for `job-finalize`, are finalised.
+    async fn txn_success(self: &Arc<Self>) {
+        let jobs = {
+            let mut t = self.txn.state.lock().unwrap();
+            {
+                let mut st = self.state.lock().unwrap();
+                self.transition(&mut st, JobStatus::Waiting);
+            }
+            // A job still running, or one that failed (its abort is on its way).
+            let unfinished = t.jobs.iter().any(|j| {
+                let s = j.status();
+                !s.is_completed() || s == JobStatus::Aborting
+            });
+            if t.decided || unfinished {
+                return;
+            }
+            let mut auto = true;
+            for j in &t.jobs {
+                let mut st = j.state.lock().unwrap();
+                j.transition(&mut st, JobStatus::Pending);
+                if !st.auto_finalize {
+                    auto = false;
+                    let mut m = Map::new();
+                    m.insert("type".into(), json!(j.job_type().as_str()));
+                    m.insert("id".into(), json!(j.id));
+                    j.block_event("BLOCK_JOB_PENDING", m);
+                }
+            }
+            if !auto {
+                return;
+            }
+            t.decided = true;
+            for j in &t.jobs {
+                j.state.lock().unwrap().finalizing = true;
+            }
+            t.jobs.clone()
+        };
+        Job::finalize_txn(jobs).await;
+    }
+
+    /// QEMU's `job_completed_txn_abort`: every other job of the transaction
+    /// is force-cancelled; once all have stopped, all are finalised (they
+    /// abort), newest first. Whoever comes second does nothing: the first
+    /// one finalises it too.
+    async fn txn_abort(self: &Arc<Self>) {
+        let Some(jobs) = self.txn.decide_abort() else {
+            return;
+        };
+        for j in jobs.iter().filter(|j| !Arc::ptr_eq(j, self)) {
+            j.cancel_async(true);
+        }
+        // All stop before any is finalised: a backup's clean-up in QEMU
+        // polls long enough for the cancelled jobs to reach ABORTING first.
+        for j in &jobs {
+            j.wait_stopped().await;
+        }
+        for j in &jobs {
+            j.state.lock().unwrap().finalizing = true;
+            j.finalize_single().await;
+        }
+    }
+
+    /// Resolves once the job's work is over, or at once if it never started.
+    async fn wait_stopped(&self) {
+        if !self.state.lock().unwrap().started {
+            return;
+        }
+        self.wait_status(JobStatus::is_completed).await;
+    }
+
+    /// QEMU's `job_do_finalize` over a transaction whose end was decided
+    /// (every job PENDING): `prepare` each, newest first; if one fails the
+    /// others are cancelled and all abort, otherwise all commit.
+    async fn finalize_txn(jobs: Vec<Arc<Job>>) {
+        let mut failed = false;
+        for j in &jobs {
+            if !j.prepare_step().await {
+                failed = true;
+                break;
+            }
+        }
+        if failed {
+            for j in &jobs {
+                j.cancel_async(true);
+            }
+        }
+        for j in &jobs {
+            j.finalize_single().await;
+        }
+    }
+
+    /// The driver's `prepare` of a job that has not failed; false if it
+    /// failed (now or before).
+    async fn prepare_step(self: &Arc<Self>) -> bool {
         let ctx = self.ctx();
         let prepare = self.state.lock().unwrap().ret.is_none();
         if prepare {
@@ -673,9 +810,9 @@ impl Job {
             if let Err(e) = ret {
                 st.ret.get_or_insert(e);
             }
-            self.update_rc(&mut st);
         }
-        self.finalize_single().await;
+        let mut st = self.state.lock().unwrap();
+        !self.update_rc(&mut st)
     }
 
     /// Commit or abort, clean, emit the final event, conclude.
@@ -707,6 +844,8 @@ impl Job {
         if st.auto_dismiss || !st.started {
             self.dismiss_locked(&mut st);
         }
+        drop(st);
+        self.txn.remove(self);
     }
 
     fn dismiss_locked(&self, st: &mut State) {
@@ -784,30 +923,20 @@ impl Job {
                 return;
             }
         }
-        let force = self.driver.cancel(&self.ctx(), force);
+        if !self.cancel_async(force) {
+            return;
+        }
         let finish = {
             let mut st = self.state.lock().unwrap();
-            if st.user_paused {
-                st.user_paused = false;
-                st.pause_count -= 1;
-                st.io_status = IoStatus::Ok;
-            }
-            if st.finalizing {
-                return;
-            }
-            if force || !st.deferred {
-                st.cancelled = true;
-                st.force_cancel |= force;
-            }
             if !st.started {
                 st.finalizing = st.force_cancel;
                 Finish::Completed
             } else if st.deferred {
-                // Done already: only a force cancel of a job waiting for
-                // finalisation has anything left to abort. A job still on
-                // its way to PENDING sees the cancel in `completed`.
-                if st.force_cancel && st.status == JobStatus::Pending {
-                    st.finalizing = true;
+                // Done already: only a force cancel of a job waiting (for
+                // the others of its transaction, or for finalisation) has
+                // anything left to abort. A job still on its way there sees
+                // the cancel in `completed`.
+                if st.force_cancel && matches!(st.status, JobStatus::Waiting | JobStatus::Pending) {
                     Finish::Abort
                 } else {
                     Finish::Nothing
@@ -818,10 +947,35 @@ impl Job {
         };
         match finish {
             Finish::Completed => self.completed().await,
-            Finish::Abort => self.finalize_single().await,
+            Finish::Abort => self.txn_abort().await,
             Finish::Kick => self.kick(),
             Finish::Nothing => {}
         }
+    }
+
+    /// QEMU's `job_cancel_async`: the driver hears of the cancel (and may
+    /// turn it into a soft one), and the job is marked cancelled; a soft
+    /// cancel of a job whose work is done is ignored. False when the job's
+    /// end is already decided, so the cancel no longer matters.
+    fn cancel_async(self: &Arc<Self>, force: bool) -> bool {
+        let force = self.driver.cancel(&self.ctx(), force);
+        {
+            let mut st = self.state.lock().unwrap();
+            if st.user_paused {
+                st.user_paused = false;
+                st.pause_count -= 1;
+                st.io_status = IoStatus::Ok;
+            }
+            if st.finalizing {
+                return false;
+            }
+            if force || !st.deferred {
+                st.cancelled = true;
+                st.force_cancel |= force;
+            }
+        }
+        self.kick();
+        true
     }
 
     /// `job-complete` / `block-job-complete`.
@@ -843,20 +997,33 @@ impl Job {
     }
 
     /// `job-finalize` / `block-job-finalize`.
+    /// Finalises every job of the job's transaction (all are PENDING).
     pub async fn finalize(self: &Arc<Self>) -> livesnap_block::Result<()> {
-        let running = {
-            let mut st = self.state.lock().unwrap();
+        {
+            let st = self.state.lock().unwrap();
             self.apply_verb(&st, JobVerb::Finalize)?;
-            std::mem::replace(&mut st.finalizing, true)
+        }
+        let jobs = {
+            let mut t = self.txn.state.lock().unwrap();
+            if t.decided {
+                None
+            } else {
+                t.decided = true;
+                for j in &t.jobs {
+                    j.state.lock().unwrap().finalizing = true;
+                }
+                Some(t.jobs.clone())
+            }
         };
-        if running {
+        match jobs {
+            Some(jobs) => Job::finalize_txn(jobs).await,
             // Another finalize (or a cancel) is doing it: in QEMU the job
             // would be past PENDING by now, so answer once it is.
-            self.wait_status(|s| !matches!(s, JobStatus::Pending | JobStatus::Aborting))
-                .await;
-            return Ok(());
+            None => {
+                self.wait_status(|s| !matches!(s, JobStatus::Pending | JobStatus::Aborting))
+                    .await
+            }
         }
-        self.do_finalize().await;
         Ok(())
     }
 

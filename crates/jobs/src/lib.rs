@@ -1,6 +1,7 @@
-//! Block jobs for livesnap: QEMU's job model ([`job`]), the rate limiter, and
-//! the jobs themselves — mirror, backup with copy-before-write, image
-//! creation.
+//! Block jobs for livesnap: QEMU's job model ([`job`]), the rate limiter,
+//! the jobs themselves — mirror, backup with copy-before-write (full or
+//! incremental), image creation — and what acts on the graph at one
+//! instant: external snapshots and `transaction`.
 //!
 //! This crate owns how data moves between nodes while guests keep writing,
 //! and the state machine QMP sees. It acts on nodes only through
@@ -12,16 +13,19 @@ pub mod backup;
 pub mod block_copy;
 pub mod cbw;
 pub mod create;
+pub mod exports;
 pub mod guest;
 pub mod job;
 pub mod mirror;
 pub mod rangelock;
 pub mod ratelimit;
+pub mod snapshot;
 pub mod snapshot_access;
+pub mod transaction;
 
 pub use job::{
     ErrorVerdict, EventSink, Job, JobCtx, JobDriver, JobFuture, JobManager, JobOptions, JobStatus,
-    JobType, JobVerb, OnError,
+    JobTxn, JobType, JobVerb, OnError,
 };
 pub use livesnap_block::os_error_text;
 

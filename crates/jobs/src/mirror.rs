@@ -22,13 +22,14 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use livesnap_block::{
-    BackendHold, BlockBackend, BlockNode, DirtyBitmap, HookedWrite, IoFuture, WriteFlags,
-    WriteHook, WriteKind, ZeroFlags,
+    BackendHold, BlockNode, DirtyBitmap, HookedWrite, IoFuture, WriteFlags, WriteHook, WriteKind,
+    ZeroFlags,
 };
 use serde_json::{json, Map, Value};
 use tokio::sync::Notify;
 use tokio::task::JoinSet;
 
+use crate::exports::{hold_all, Exports};
 use crate::guest::GuestActivity;
 use crate::job::{
     ErrorVerdict, Job, JobCtx, JobDriver, JobFuture, JobManager, JobOptions, JobType, OnError,
@@ -114,14 +115,6 @@ impl Default for MirrorTuning {
     }
 }
 
-/// How a mirror finds the users it must hold and move: the daemon's exports.
-pub trait MirrorGraph: Send + Sync + 'static {
-    /// The backends (exports) whose root is `node`.
-    fn backends_of(&self, node: &Arc<BlockNode>) -> Vec<Arc<BlockBackend>>;
-    /// Called after the backends of `old` were moved to `new` (bookkeeping of users).
-    fn pivoted(&self, old: &Arc<BlockNode>, new: &Arc<BlockNode>);
-}
-
 /// Everything `blockdev-mirror` decided.
 pub struct MirrorOptions {
     /// The node copied from.
@@ -145,7 +138,7 @@ pub struct MirrorOptions {
     /// Bounds and shares.
     pub tuning: MirrorTuning,
     /// Exports to hold and move.
-    pub graph: Arc<dyn MirrorGraph>,
+    pub exports: Arc<dyn Exports>,
     /// The job's marks on nodes (blockers, in-use marks), removed when it
     /// ends; [`start`] sets them.
     pub users: Vec<(Arc<BlockNode>, livesnap_block::NodeUser)>,
@@ -847,16 +840,7 @@ impl Mirror {
 
     /// Holds every export of the node being replaced, within `limit`.
     async fn hold_guests(&self, limit: Duration) -> Option<Vec<BackendHold>> {
-        let backends = self.opts.graph.backends_of(&self.opts.replaces);
-        let deadline = tokio::time::Instant::now() + limit;
-        let mut held = Vec::with_capacity(backends.len());
-        for b in backends {
-            match tokio::time::timeout_at(deadline, b.hold()).await {
-                Ok(h) => held.push(h),
-                Err(_) => return None,
-            }
-        }
-        Some(held)
+        hold_all(self.opts.exports.backends_of(&self.opts.replaces), limit).await
     }
 
     /// Copies every dirty chunk now, at full speed; `Ok(false)` if `deadline` passed first.
@@ -963,7 +947,7 @@ impl Mirror {
                     h.replace_root(self.opts.target.clone());
                 }
                 self.opts
-                    .graph
+                    .exports
                     .pivoted(&self.opts.replaces, &self.opts.target);
             }
             drop(holds);

@@ -5,21 +5,16 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use livesnap_block::{BlockBackend, BlockNode, FileDriver, FileOptions, IoBuf, WriteFlags};
-use livesnap_jobs::mirror::{
-    CopyMode, Mirror, MirrorGraph, MirrorOptions, MirrorSync, MirrorTuning,
-};
+use livesnap_jobs::exports::Exports;
+use livesnap_jobs::mirror::{CopyMode, Mirror, MirrorOptions, MirrorSync, MirrorTuning};
 use livesnap_jobs::{JobManager, JobOptions, JobStatus, OnError};
 use serde_json::Value;
 
-struct Exports(Vec<Arc<BlockBackend>>);
+struct TestExports(Vec<Arc<BlockBackend>>);
 
-impl MirrorGraph for Exports {
-    fn backends_of(&self, node: &Arc<BlockNode>) -> Vec<Arc<BlockBackend>> {
-        self.0
-            .iter()
-            .filter(|b| Arc::ptr_eq(&b.root(), node))
-            .cloned()
-            .collect()
+impl Exports for TestExports {
+    fn backends(&self) -> Vec<Arc<BlockBackend>> {
+        self.0.clone()
     }
     fn pivoted(&self, _old: &Arc<BlockNode>, _new: &Arc<BlockNode>) {}
 }
@@ -64,7 +59,7 @@ fn mirror(
         on_source_error: OnError::Report,
         on_target_error: OnError::Report,
         tuning: MirrorTuning::default(),
-        graph: Arc::new(Exports(exports)),
+        exports: Arc::new(TestExports(exports)),
         users: Vec::new(),
     })
 }

@@ -75,15 +75,15 @@ pub(crate) fn transmission_flags(export: &Export, structured: bool) -> u16 {
     let mut f = FLAG_HAS_FLAGS
         | FLAG_SEND_FLUSH
         | FLAG_SEND_FUA
-        | FLAG_SEND_TRIM
-        | FLAG_SEND_WRITE_ZEROES
-        | FLAG_SEND_FAST_ZERO
         | FLAG_SEND_CACHE
         // Every connection goes to the same node with no per-connection cache,
         // so a flush on one is a flush for all.
         | FLAG_CAN_MULTI_CONN;
+    // As QEMU: a read-only export offers no command that changes data.
     if export.read_only() {
         f |= FLAG_READ_ONLY;
+    } else {
+        f |= FLAG_SEND_TRIM | FLAG_SEND_WRITE_ZEROES | FLAG_SEND_FAST_ZERO;
     }
     if structured {
         f |= FLAG_SEND_DF;

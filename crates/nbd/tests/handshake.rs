@@ -52,6 +52,10 @@ async fn list_info_and_go() {
 
     let ro = n.info("other", &[]).await.unwrap().unwrap();
     assert_ne!(ro.flags & FLAG_READ_ONLY, 0);
+    // As QEMU: nothing that changes data is offered read-only.
+    for f in [FLAG_SEND_TRIM, FLAG_SEND_WRITE_ZEROES, FLAG_SEND_FAST_ZERO] {
+        assert_eq!(ro.flags & f, 0, "flag {f:#x} on a read-only export");
+    }
 
     let err = n.go("nope", &[]).await.unwrap().unwrap_err();
     assert_eq!(err.reply_type, REP_ERR_UNKNOWN);

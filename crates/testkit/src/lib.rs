@@ -19,6 +19,7 @@ pub mod nbd;
 pub mod pit;
 pub mod qmp;
 pub mod scenarios;
+pub mod transcript;
 pub mod vm;
 
 use std::collections::BTreeSet;

@@ -8,10 +8,13 @@
 
 use std::sync::Arc;
 
-use livesnap_block::BlockNode;
-use livesnap_jobs::backup::{self, BackupOptions, BackupStart, BackupSync, DEFAULT_BUSY_SHARE};
+use livesnap_block::{BlockNode, Use};
+use livesnap_jobs::backup::{
+    self, BackupOptions, BackupStart, BackupSync, BitmapMode, SyncBitmap, DEFAULT_BUSY_SHARE,
+};
 use livesnap_jobs::block_copy::{cluster_size_for, MAX_WORKERS};
 use livesnap_jobs::cbw::{self, CbwDriver, CbwOptions, OnCbwError};
+use livesnap_jobs::{Job, JobTxn, OnError};
 use livesnap_qmp::{Args, QmpError};
 use serde_json::Value;
 
@@ -25,7 +28,7 @@ fn generic(desc: impl Into<String>) -> QmpError {
 }
 
 /// QEMU's `BackupPerf` (`x-perf`).
-#[derive(Default)]
+#[derive(Clone, Copy, Default)]
 struct Perf {
     max_workers: Option<i64>,
     max_chunk: Option<i64>,
@@ -54,32 +57,146 @@ fn filter_name(d: &Daemon, name: Option<String>) -> Result<String, QmpError> {
         .map_err(|e| generic(e.context("Could not create node")))
 }
 
-pub(super) async fn blockdev_backup(d: &Arc<Daemon>, mut args: Args) -> Result<Value, QmpError> {
+/// `blockdev-backup`'s arguments as read (QEMU's `BlockdevBackup`), before
+/// anything is looked up: a `transaction` reads every action first.
+pub(super) struct BackupArgs {
+    job_id: Option<String>,
+    device: String,
+    sync: String,
+    speed: Option<i64>,
+    bitmap: Option<String>,
+    bitmap_mode: Option<BitmapMode>,
+    compress: bool,
+    on_source_error: OnError,
+    on_target_error: OnError,
+    auto_finalize: Option<bool>,
+    auto_dismiss: Option<bool>,
+    filter_node_name: Option<String>,
+    discard_source: bool,
+    perf: Perf,
+    target: String,
+    on_cbw_error: OnCbwError,
+    cbw_timeout: u32,
+    busy_share: Option<f64>,
+}
+
+impl BackupArgs {
+    /// The node backed up, by name.
+    pub(super) fn device(&self) -> &str {
+        &self.device
+    }
+}
+
+/// Reads `blockdev-backup`'s members (the caller checks for extra ones).
+pub(super) fn parse_backup(args: &mut Args) -> Result<BackupArgs, QmpError> {
     // BackupCommon's members in schema order, then BlockdevBackup's own
     // `target`, then livesnap's extensions.
-    let job_id = args.opt_str("job-id")?;
-    let device = args.req_str("device")?;
-    let sync = args.req_enum("sync", &["top", "full", "none", "incremental", "bitmap"])?;
-    let speed = args.opt_i64("speed")?;
-    let bitmap = args.opt_str("bitmap")?;
-    let bitmap_mode = args.opt_enum("bitmap-mode", &["on-success", "never", "always"])?;
-    let compress = args.opt_bool("compress")?.unwrap_or(false);
-    let on_source_error = opt_on_error(&mut args, "on-source-error")?;
-    let on_target_error = opt_on_error(&mut args, "on-target-error")?;
-    let auto_finalize = args.opt_bool("auto-finalize")?;
-    let auto_dismiss = args.opt_bool("auto-dismiss")?;
-    let filter_node_name = args.opt_str("filter-node-name")?;
-    let discard_source = args.opt_bool("discard-source")?.unwrap_or(false);
-    let perf = parse_perf(&mut args)?;
-    let target = args.req_str("target")?;
-    let on_cbw_error = args
-        .opt_enum("on-cbw-error", OnCbwError::NAMES)?
-        .and_then(|s| OnCbwError::parse(&s))
-        .unwrap_or_default();
-    let cbw_timeout = args.opt_u32("cbw-timeout")?.unwrap_or(0);
-    let busy_share = args.opt_f64("x-busy-share")?;
+    Ok(BackupArgs {
+        job_id: args.opt_str("job-id")?,
+        device: args.req_str("device")?,
+        sync: args.req_enum("sync", &["top", "full", "none", "incremental", "bitmap"])?,
+        speed: args.opt_i64("speed")?,
+        bitmap: args.opt_str("bitmap")?,
+        bitmap_mode: args
+            .opt_enum("bitmap-mode", BitmapMode::NAMES)?
+            .and_then(|m| BitmapMode::parse(&m)),
+        compress: args.opt_bool("compress")?.unwrap_or(false),
+        on_source_error: opt_on_error(args, "on-source-error")?,
+        on_target_error: opt_on_error(args, "on-target-error")?,
+        auto_finalize: args.opt_bool("auto-finalize")?,
+        auto_dismiss: args.opt_bool("auto-dismiss")?,
+        filter_node_name: args.opt_str("filter-node-name")?,
+        discard_source: args.opt_bool("discard-source")?.unwrap_or(false),
+        perf: parse_perf(args)?,
+        target: args.req_str("target")?,
+        on_cbw_error: args
+            .opt_enum("on-cbw-error", OnCbwError::NAMES)?
+            .and_then(|s| OnCbwError::parse(&s))
+            .unwrap_or_default(),
+        cbw_timeout: args.opt_u32("cbw-timeout")?.unwrap_or(0),
+        busy_share: args.opt_f64("x-busy-share")?,
+    })
+}
+
+pub(super) async fn blockdev_backup(d: &Arc<Daemon>, mut args: Args) -> Result<Value, QmpError> {
+    let a = parse_backup(&mut args)?;
     args.finish()?;
-    let busy_share = match busy_share {
+    let job = prepare_backup(d, a, None).await?;
+    job.start();
+    Ok(empty())
+}
+
+/// QEMU's rules for `sync`, `bitmap` and `bitmap-mode` (`do_backup_common`),
+/// in its order: `incremental` becomes `bitmap` with `on-success`.
+fn sync_bitmap(
+    source: &BlockNode,
+    sync: &str,
+    bitmap: Option<String>,
+    mode: Option<BitmapMode>,
+) -> Result<(BackupSync, Option<SyncBitmap>), QmpError> {
+    if matches!(sync, "bitmap" | "incremental") && bitmap.is_none() {
+        return Err(generic(format!(
+            "must provide a valid bitmap name for '{sync}' sync mode"
+        )));
+    }
+    let (sync, mode) = match sync {
+        "incremental" => match mode {
+            None | Some(BitmapMode::OnSuccess) => ("bitmap", Some(BitmapMode::OnSuccess)),
+            Some(_) => {
+                return Err(generic(
+                    "Bitmap sync mode must be 'on-success' when using sync mode 'incremental'",
+                ))
+            }
+        },
+        s => (s, mode),
+    };
+    let backup_sync = match sync {
+        "full" => BackupSync::Full,
+        "top" => BackupSync::Top,
+        "bitmap" => BackupSync::Bitmap,
+        _ => BackupSync::None,
+    };
+    let Some(name) = bitmap else {
+        if mode.is_some() {
+            return Err(generic("Cannot specify bitmap sync mode without a bitmap"));
+        }
+        return Ok((backup_sync, None));
+    };
+    if source.bitmaps().get(&name).is_none() {
+        return Err(generic(format!("Bitmap '{name}' could not be found")));
+    }
+    let Some(mode) = mode else {
+        return Err(generic(
+            "Bitmap sync mode must be given when providing a bitmap",
+        ));
+    };
+    source
+        .bitmaps()
+        .checked(&name, Use::Read)
+        .map_err(generic)?;
+    if backup_sync == BackupSync::None {
+        return Err(generic(format!(
+            "sync mode '{sync}' does not produce meaningful bitmap outputs"
+        )));
+    }
+    if mode == BitmapMode::Never && backup_sync != BackupSync::Bitmap {
+        return Err(generic(format!(
+            "Bitmap sync mode 'never' has no meaningful effect when combined with sync mode '{sync}'"
+        )));
+    }
+    Ok((backup_sync, Some(SyncBitmap { name, mode })))
+}
+
+/// Checks a backup as QEMU's `do_backup_common` and `backup_job_create` do,
+/// in their order, and creates its job (in `txn` for grouped completion)
+/// with the filter attached: the backup is the disk as of this call. The
+/// job is not started.
+pub(super) async fn prepare_backup(
+    d: &Arc<Daemon>,
+    a: BackupArgs,
+    txn: Option<&Arc<JobTxn>>,
+) -> Result<Arc<Job>, QmpError> {
+    let busy_share = match a.busy_share {
         None => DEFAULT_BUSY_SHARE,
         Some(s) if s > 0.0 && s <= 1.0 => s,
         Some(_) => {
@@ -88,38 +205,22 @@ pub(super) async fn blockdev_backup(d: &Arc<Daemon>, mut args: Args) -> Result<V
             ))
         }
     };
-
-    let source = lookup_node(d, &device)?;
-    let target = lookup_node(d, &target)?;
-    if matches!(sync.as_str(), "bitmap" | "incremental") && bitmap.is_none() {
-        return Err(generic(format!(
-            "must provide a valid bitmap name for '{sync}' sync mode"
-        )));
-    }
-    // livesnapd has no named dirty bitmaps, so none can be found.
-    if let Some(b) = bitmap {
-        return Err(generic(format!("Bitmap '{b}' could not be found")));
-    }
-    if bitmap_mode.is_some() {
-        return Err(generic("Cannot specify bitmap sync mode without a bitmap"));
-    }
+    let perf = a.perf;
+    let source = lookup_node(d, &a.device)?;
+    let target = lookup_node(d, &a.target)?;
+    let (sync, bitmap) = sync_bitmap(&source, &a.sync, a.bitmap, a.bitmap_mode)?;
     if let Some(m) = perf.min_cluster_size.filter(|&m| m > i64::MAX as u64) {
         return Err(generic(format!(
             "min-cluster-size too large: {m} > {}",
             i64::MAX
         )));
     }
-    let sync = match sync.as_str() {
-        "full" => BackupSync::Full,
-        "top" => BackupSync::Top,
-        _ => BackupSync::None,
-    };
     if Arc::ptr_eq(&source, &target) {
         return Err(generic("Source and target cannot be the same"));
     }
     // qcow2 takes compressed writes in QEMU; livesnapd writes them
     // uncompressed (docs/qmp.md). The drive name is empty for nodes.
-    if compress && target.driver::<livesnap_block::Qcow2Driver>().is_none() {
+    if a.compress && target.driver::<livesnap_block::Qcow2Driver>().is_none() {
         return Err(generic("Compression is not supported for this drive "));
     }
     source.check_not_blocked().map_err(generic)?;
@@ -137,10 +238,13 @@ pub(super) async fn blockdev_backup(d: &Arc<Daemon>, mut args: Args) -> Result<V
             "max-chunk must be zero (which means no limit) or positive",
         ));
     }
+    if let Some(b) = &bitmap {
+        backup::check_bitmap(&source, b).map_err(generic)?;
+    }
     if source.size() != target.size() {
         return Err(generic("Source and target image have different sizes"));
     }
-    let name = filter_name(d, filter_node_name)?;
+    let name = filter_name(d, a.filter_node_name)?;
     let cluster = cluster_size_for(&target, perf.min_cluster_size.unwrap_or(0)).map_err(|e| {
         generic(format!(
             "Could not create node: Cannot create block-copy-state: {e}"
@@ -152,9 +256,9 @@ pub(super) async fn blockdev_backup(d: &Arc<Daemon>, mut args: Args) -> Result<V
         )));
     }
     // QEMU names the job after the device's BlockBackend, which a node has not.
-    let job_id = job_id.unwrap_or_default();
+    let job_id = a.job_id.unwrap_or_default();
     d.jobs.check_id(&job_id).map_err(generic)?;
-    let job_opts = job_options(auto_finalize, auto_dismiss, speed)?;
+    let job_opts = job_options(a.auto_finalize, a.auto_dismiss, a.speed)?;
     if target.read_only() {
         return Err(generic(format!(
             "Block node '{}' is read-only",
@@ -168,26 +272,26 @@ pub(super) async fn blockdev_backup(d: &Arc<Daemon>, mut args: Args) -> Result<V
         target,
         filter_name: name,
         cbw: CbwOptions {
-            on_cbw_error,
-            cbw_timeout,
+            on_cbw_error: a.on_cbw_error,
+            cbw_timeout: a.cbw_timeout,
             min_cluster_size: perf.min_cluster_size.unwrap_or(0),
-            discard_source,
+            discard_source: a.discard_source,
         },
         backup: BackupOptions {
             sync,
-            on_source_error,
-            on_target_error,
+            on_source_error: a.on_source_error,
+            on_target_error: a.on_target_error,
             max_workers: max_workers as usize,
             max_chunk: max_chunk as u64,
             busy_share,
         },
+        bitmap,
         job: job_opts,
         drain_timeout: DRAIN_TIMEOUT,
     };
-    backup::start(&d.graph, &d.jobs, start)
+    backup::prepare(&d.graph, &d.jobs, start, txn)
         .await
-        .map_err(generic)?;
-    Ok(empty())
+        .map_err(generic)
 }
 
 /// The child a filter node shows as its backing image in

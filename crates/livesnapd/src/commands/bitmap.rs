@@ -193,11 +193,11 @@ pub(super) async fn merge(d: &Arc<Daemon>, args: Args) -> Result<Value, QmpError
     parse_merge(args)?.apply(d).await.map(|_| empty())
 }
 
-/// QEMU's `BlockDirtyInfo`, members in qsd's order; `inconsistent` only
-/// when true, as QEMU leaves it out otherwise.
+/// QEMU's `BlockDirtyInfo`, members in qsd's order; `name` only for a
+/// named bitmap and `inconsistent` only when true, as QEMU leaves them out
+/// otherwise.
 pub(super) fn dirty_info(b: &BitmapInfo) -> Value {
     let mut v = json!({
-        "name": b.name,
         "recording": b.recording,
         "persistent": b.persistent,
         "busy": b.busy,
@@ -206,6 +206,9 @@ pub(super) fn dirty_info(b: &BitmapInfo) -> Value {
     });
     if b.inconsistent {
         v["inconsistent"] = json!(true);
+    }
+    if let (Some(name), Some(m)) = (&b.name, v.as_object_mut()) {
+        m.shift_insert(0, "name".into(), json!(name));
     }
     v
 }

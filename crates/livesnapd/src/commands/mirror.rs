@@ -5,8 +5,9 @@ use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use livesnap_block::{BlockBackend, BlockNode, NodeUser};
+use livesnap_jobs::exports::Exports;
 use livesnap_jobs::mirror::{
-    self, CopyMode, MirrorGraph, MirrorOptions, MirrorSync, MirrorTuning, DEFAULT_BUF_SIZE,
+    self, CopyMode, MirrorOptions, MirrorSync, MirrorTuning, DEFAULT_BUF_SIZE,
 };
 use livesnap_jobs::{JobOptions, OnError};
 use livesnap_qmp::{Args, QmpError};
@@ -15,11 +16,12 @@ use serde_json::Value;
 use super::empty;
 use crate::daemon::Daemon;
 
-/// The daemon's exports, as a mirror sees them (held weakly: jobs live inside the daemon).
-pub struct DaemonGraph(pub Weak<Daemon>);
+/// The daemon's exports, as the engine sees them (held weakly: jobs live
+/// inside the daemon).
+pub struct DaemonExports(pub Weak<Daemon>);
 
-impl MirrorGraph for DaemonGraph {
-    fn backends_of(&self, node: &Arc<BlockNode>) -> Vec<Arc<BlockBackend>> {
+impl Exports for DaemonExports {
+    fn backends(&self) -> Vec<Arc<BlockBackend>> {
         let Some(d) = self.0.upgrade() else {
             return Vec::new();
         };
@@ -27,7 +29,6 @@ impl MirrorGraph for DaemonGraph {
         exports
             .iter()
             .map(|e| e.nbd.config().backend.clone())
-            .filter(|b| Arc::ptr_eq(&b.root(), node))
             .collect()
     }
 
@@ -174,7 +175,7 @@ pub(super) async fn blockdev_mirror(d: &Arc<Daemon>, mut args: Args) -> Result<V
         on_source_error,
         on_target_error,
         tuning,
-        graph: Arc::new(DaemonGraph(Arc::downgrade(d))),
+        exports: Arc::new(DaemonExports(Arc::downgrade(d))),
         users: Vec::new(),
     };
     mirror::start(&d.jobs, &job_id, opts, job_opts).map_err(generic)?;

@@ -18,6 +18,7 @@ pub(crate) use export::release_bitmaps;
 pub use export::{parse_listen_addr, start_nbd_server};
 mod export;
 mod snapshot;
+mod transaction;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -56,6 +57,7 @@ const COMMANDS: &[(&str, Handler)] = &[
         Box::pin(std::future::ready(control::query_commands(a)))
     }),
     ("quit", on_daemon!(control::quit)),
+    ("transaction", on_daemon!(async transaction::transaction)),
     ("blockdev-add", on_daemon!(async blockdev::blockdev_add)),
     ("blockdev-del", on_daemon!(async blockdev::blockdev_del)),
     (
