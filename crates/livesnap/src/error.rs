@@ -21,6 +21,9 @@ pub enum Kind {
     Interrupted,
     /// 6: the guest agent failed to freeze the guest's filesystems.
     GuestAgent,
+    /// 7: a backup chain failed verification (a checksum, a file, a
+    /// backing link, an image's consistency).
+    Invalid,
 }
 
 impl Kind {
@@ -33,6 +36,7 @@ impl Kind {
             Kind::Deadline => 4,
             Kind::Interrupted => 5,
             Kind::GuestAgent => 6,
+            Kind::Invalid => 7,
         }
     }
 
@@ -45,6 +49,7 @@ impl Kind {
             Kind::Deadline => "deadline",
             Kind::Interrupted => "interrupted",
             Kind::GuestAgent => "guest-agent",
+            Kind::Invalid => "invalid",
         }
     }
 }
@@ -101,4 +106,5 @@ Exit codes:
   3  job failed: error event, failing target, job cancelled or ended by someone else
   4  deadline expired (the job was force-cancelled and everything removed)
   5  interrupted by SIGINT/SIGTERM (the job was force-cancelled and everything removed)
-  6  guest agent: freezing the guest's filesystems failed (--freeze)";
+  6  guest agent: freezing the guest's filesystems failed (--freeze)
+  7  backup chain invalid: verify or restore found a bad checksum, a missing file or a broken link";

@@ -1,15 +1,18 @@
 //! `livesnap`: takes a live snapshot of a running VM's disk through any
 //! endpoint people run — a QMP socket (livesnapd, qemu-storage-daemon,
-//! qemu-system-*) or libvirt's API for libvirt-managed domains — and the
-//! verbs an operator needs around it (jobs, cancel, watch, nodes, create,
-//! info).
+//! qemu-system-*) or libvirt's API for libvirt-managed domains — keeps
+//! incremental backup chains (backup, restore, verify), and the verbs an
+//! operator needs around it (jobs, cancel, watch, nodes, create, info).
 //!
 //! This crate owns the orchestration only: it speaks QMP, libvirt's API and
-//! the guest agent's protocol, and never touches a disk's data itself. It must end by
+//! the guest agent's protocol, and never touches a running disk's data
+//! itself (restore and verify read backup images through the engine). It must end by
 //! its deadline, never leave a node, job or partial file behind on failure,
 //! never pivot the source onto the copy (`job-complete`), and never send a
 //! soft cancel before READY.
 
+mod backup;
+mod chain;
 mod demo;
 mod disk;
 mod endpoint;
@@ -55,6 +58,11 @@ Examples:
 
   # see the problem livesnap solves, and the fix, in about 30 seconds
   livesnap demo
+
+  # a backup chain in /backup/vm1: the first run is full, later ones incremental
+  livesnap backup --qmp /run/vm1.qmp drive0 /backup/vm1
+  livesnap verify /backup/vm1
+  livesnap restore /backup/vm1 --at 2 /images/vm1-as-of-backup-2.raw
 
   livesnap jobs --qmp /run/vm1.qmp
   livesnap watch --qmp /run/vm1.qmp
@@ -225,6 +233,77 @@ itself is bounded (about 20 s).
         /// Test hook: JSON list of blkdebug inject-error rules under the target
         #[arg(long, hide = true)]
         x_target_blkdebug: Option<String>,
+    },
+    /// Add a backup of DISK to the chain in DIR: full into an empty DIR,
+    /// else incremental (only what changed since the last backup)
+    #[command(after_help = format!("\
+The first backup into an empty DIR is full and starts the disk's change
+tracking (a dirty bitmap, or a libvirt checkpoint) at the backup's instant;
+each later one is a qcow2 holding only what changed since the previous
+backup, backed by it (relative names: DIR can move). DIR/manifest.json lists
+every backup (point in time, size, bytes copied, sha256). A failed or
+interrupted run leaves DIR and the change tracking as they were. If the
+change tracking was lost (the VM restarted without it, a crash), the backup
+fails and says so: --full then starts a new full backup in the chain.
+
+{EXIT_CODES_HELP}"))]
+    Backup {
+        #[command(flatten)]
+        at: EndpointOpts,
+        /// The disk: a node name or a drive/device id (--qmp); a target name
+        /// (vda) or source path (--libvirt)
+        disk: String,
+        /// The chain's directory (created if missing)
+        dir: PathBuf,
+        /// A new full backup, even where an incremental one is possible
+        #[arg(long)]
+        full: bool,
+        /// The whole operation must end by then (e.g. 30s, 10m, 1h)
+        #[arg(long, value_parser = duration_arg, default_value = "10m")]
+        deadline: Duration,
+        /// Job speed limit in bytes per second (e.g. 100M)
+        #[arg(long, value_parser = size_arg)]
+        speed: Option<u64>,
+        /// Print the final report as one JSON object
+        #[arg(long)]
+        json: bool,
+        /// No progress output
+        #[arg(long, short)]
+        quiet: bool,
+        /// Where the backup image is created (QMP endpoints)
+        #[arg(long, value_enum, default_value = "auto")]
+        create_via: CreateChoice,
+    },
+    /// Write the disk as of backup N of the chain in DIR to a new IMAGE
+    Restore {
+        /// The chain's directory
+        dir: PathBuf,
+        /// The new image (must not exist)
+        image: PathBuf,
+        /// Which backup (default: the last)
+        #[arg(long, value_name = "N")]
+        at: Option<u64>,
+        /// The image's format
+        #[arg(long, value_enum, default_value = "raw")]
+        format: FormatArg,
+        /// The whole restore must end by then
+        #[arg(long, value_parser = duration_arg, default_value = "1h")]
+        deadline: Duration,
+        /// Print the report as one JSON object
+        #[arg(long)]
+        json: bool,
+        /// No progress output
+        #[arg(long, short)]
+        quiet: bool,
+    },
+    /// Check every backup of the chain in DIR: files, sizes, checksums,
+    /// backing links, each image's consistency (exit code 7 on any problem)
+    Verify {
+        /// The chain's directory
+        dir: PathBuf,
+        /// Print JSON
+        #[arg(long)]
+        json: bool,
     },
     /// List the endpoint's jobs
     Jobs {
@@ -427,6 +506,75 @@ async fn run(cmd: Cmd) -> Result<(), (Failure, bool)> {
                 Err(f) => Err((f, json)),
             }
         }
+        Cmd::Backup {
+            at,
+            disk,
+            dir,
+            full,
+            deadline,
+            speed,
+            json,
+            quiet,
+            create_via,
+        } => {
+            let opts = backup::Options {
+                endpoint: at.endpoint(),
+                disk,
+                dir,
+                full,
+                deadline,
+                speed,
+                create_via: match create_via {
+                    CreateChoice::Auto => CreateVia::Auto,
+                    CreateChoice::Qmp => CreateVia::Qmp,
+                    CreateChoice::Local => CreateVia::Local,
+                },
+                quiet,
+            };
+            match backup::run(&opts, Interrupt::install()).await {
+                Ok(r) => {
+                    if json {
+                        println!("{}", r.to_json());
+                    } else if !quiet {
+                        print!("{}", r.human());
+                    }
+                    Ok(())
+                }
+                Err(f) => Err((f, json)),
+            }
+        }
+        Cmd::Restore {
+            dir,
+            image,
+            at,
+            format,
+            deadline,
+            json,
+            quiet,
+        } => {
+            let r = verbs::restore::run(
+                &dir,
+                at,
+                &image,
+                format.into(),
+                deadline,
+                quiet,
+                Interrupt::install(),
+            )
+            .await
+            .map_err(|f| (f, json))?;
+            if json {
+                println!("{r}");
+            } else if !quiet {
+                print!("{}", verbs::restore::human(&r));
+            }
+            Ok(())
+        }
+        Cmd::Verify { dir, json } => verbs::verify::run(&dir, json).await.map_err(|f| {
+            // With --json the findings are the report already.
+            let printed = f.kind == error::Kind::Invalid;
+            (f, json && !printed)
+        }),
         Cmd::Jobs { at, json } => {
             let r = match open(&at).await {
                 Ok(Conn::Qmp(mut ep)) => verbs::jobs::run(&mut ep, json).await,

@@ -72,7 +72,7 @@ pub struct Quiesce {
     pub covered_point_in_time: bool,
 }
 
-fn ms(a: &Stamp, b: &Stamp) -> f64 {
+pub(crate) fn ms(a: &Stamp, b: &Stamp) -> f64 {
     micro_round(b.instant.saturating_duration_since(a.instant).as_secs_f64() * 1e3)
 }
 

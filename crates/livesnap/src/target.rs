@@ -236,3 +236,59 @@ pub async fn remove_nodes(ep: &mut Endpoint, nodes: &[String], budget: Duration)
     }
     left
 }
+
+/// The processes that have `path` open, from `/proc/*/fd` (those this
+/// process may look at).
+fn holders(path: &std::path::Path) -> Vec<u32> {
+    let Ok(want) = std::fs::canonicalize(path) else {
+        return Vec::new();
+    };
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for p in procs.flatten() {
+        let Some(pid) = p.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        let Ok(fds) = std::fs::read_dir(p.path().join("fd")) else {
+            continue;
+        };
+        if fds
+            .flatten()
+            .any(|fd| std::fs::read_link(fd.path()).is_ok_and(|l| l == want))
+        {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+/// Waits (at most `timeout`) until no process has `path` open. libvirt
+/// reports a backup job's end before it removes the target's nodes, and
+/// QEMU writes a qcow2's last metadata when it closes the image: the file
+/// is complete only once nobody holds it.
+pub async fn wait_closed(path: &std::path::Path, timeout: Duration) -> Result<()> {
+    let end = tokio::time::Instant::now() + timeout;
+    loop {
+        let p = path.to_path_buf();
+        let held = tokio::task::spawn_blocking(move || holders(&p))
+            .await
+            .unwrap_or_default();
+        if held.is_empty() {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() >= end {
+            return Err(Failure::endpoint(format!(
+                "{} is still open (pid {}) {} after its job ended",
+                path.display(),
+                held.iter()
+                    .map(u32::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                crate::units::duration(timeout)
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -96,6 +96,19 @@ impl Clock {
         }
     }
 
+    /// Runs `work` to its end unless the deadline passes or a signal
+    /// arrives first (then `work` is dropped and that is the failure).
+    pub async fn bound<T>(&mut self, work: impl Future<Output = Result<T>>) -> Result<T> {
+        self.check()?;
+        let deadline = self.deadline;
+        tokio::select! {
+            biased;
+            sig = self.interrupt.wait() => Err(interrupted(sig)),
+            _ = tokio::time::sleep_until(deadline) => Err(self.expired()),
+            r = work => r,
+        }
+    }
+
     /// The next QMP event, or [`Waited::Tick`] at `until`; the deadline and
     /// a signal end the wait with a failure.
     pub async fn next_event(&mut self, ep: &mut Endpoint, until: Instant) -> Result<Waited> {

@@ -6,7 +6,8 @@
 //! A missing peer tool fails the test with the package to install: these
 //! tests must never pass by skipping.
 
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::io::{BufRead, BufReader, Lines};
+use std::process::{Child, ChildStderr, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -66,6 +67,45 @@ pub fn spawn_livesnap(args: &[&str]) -> Child {
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn livesnap")
+}
+
+/// A CLI run followed on stderr up to a line holding a marker.
+pub struct Started {
+    /// The process.
+    pub child: Child,
+    /// Its stderr from the line after the marker's.
+    pub lines: Lines<BufReader<ChildStderr>>,
+    /// Its stderr up to the marker's line.
+    pub seen: Vec<String>,
+}
+
+/// Starts the CLI with `args` and reads its stderr until a line holds
+/// `marker` (e.g. the job has started); panics if it ends first.
+pub fn spawn_until(args: &[&str], marker: &str) -> Started {
+    let mut child = spawn_livesnap(args);
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut seen: Vec<String> = Vec::new();
+    while !seen.last().is_some_and(|l| l.contains(marker)) {
+        let l = lines
+            .next()
+            .unwrap_or_else(|| panic!("livesnap ended before printing {marker:?}: {seen:?}"))
+            .unwrap();
+        seen.push(l);
+    }
+    Started { child, lines, seen }
+}
+
+impl Started {
+    /// Sends `signal`, waits (bounded) for the exit; the result and the
+    /// rest of stderr.
+    pub fn signal(self, signal: i32, limit: Duration) -> (Out, String) {
+        // SAFETY: kill(2) of the child this test spawned.
+        unsafe { libc::kill(self.child.id() as i32, signal) };
+        let lines = self.lines;
+        let rest = std::thread::spawn(move || lines.map_while(Result::ok).collect::<Vec<_>>());
+        let out = wait_out(self.child, limit);
+        (out, rest.join().unwrap().join("\n"))
+    }
 }
 
 /// Waits for a spawned CLI (killing it and panicking after `limit`).

@@ -10,6 +10,7 @@
 //! crate may depend on it.
 
 pub mod block;
+pub mod chain;
 pub mod cli;
 pub mod compat;
 pub mod disk;

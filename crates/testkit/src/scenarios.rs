@@ -3,14 +3,13 @@
 //! SIGINT, failing target) that must leave no node, job or file behind.
 
 use std::collections::BTreeSet;
-use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::cli::{livesnap, spawn_livesnap, wait_out, window_of, Daemon, Kind, Out};
+use crate::cli::{livesnap, spawn_until, window_of, Daemon, Kind, Out};
 use crate::pit::{
     check_source_complete, initial_image, prefill, read_export, read_image, verify_point_in_time,
     Layout, WriterOpts, Writers,
@@ -186,27 +185,8 @@ fn sigint_with(d: &Daemon, method: &str) {
     let target = d.path(&format!("sigint-{method}.raw"));
     let mut a = args(d, target.to_str().unwrap(), method, "raw");
     a.extend(["--speed", "1M"]);
-    let mut child = spawn_livesnap(&a);
     // Progress lines on stderr mean the job is running.
-    let err = child.stderr.take().unwrap();
-    let mut lines = BufReader::new(err).lines();
-    let mut seen = Vec::new();
-    loop {
-        let l = lines
-            .next()
-            .unwrap_or_else(|| panic!("livesnap ended before any progress: {seen:?}"))
-            .unwrap();
-        let started = l.starts_with("progress:");
-        seen.push(l);
-        if started {
-            break;
-        }
-    }
-    // SAFETY: kill on our own child's pid.
-    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
-    let rest = std::thread::spawn(move || lines.map_while(Result::ok).collect::<Vec<_>>());
-    let out = wait_out(child, CLI_LIMIT);
-    let stderr = rest.join().unwrap().join("\n");
+    let (out, stderr) = spawn_until(&a, "progress:").signal(libc::SIGINT, CLI_LIMIT);
     assert_eq!(out.code(), 5, "stderr: {stderr}");
     assert!(stderr.contains("interrupted by SIGINT"), "{stderr}");
     assert_nothing_left(d, &b, &target);

@@ -285,8 +285,38 @@ impl Libvirt {
 
     /// `virDomainBackupBegin` in push mode.
     pub async fn backup_begin(&self, xml: String) -> Result<()> {
-        self.call("backup-begin", move |d| sys::backup_begin(d, &xml, 0))
+        self.call("backup-begin", move |d| sys::backup_begin(d, &xml, None, 0))
             .await
+    }
+
+    /// `virDomainBackupBegin` in push mode with a checkpoint created at the
+    /// backup's instant, with `flags` (`REUSE_EXTERNAL`).
+    pub async fn backup_begin_checkpoint(
+        &self,
+        xml: String,
+        checkpoint: String,
+        flags: u32,
+    ) -> Result<()> {
+        self.call("backup-begin", move |d| {
+            sys::backup_begin(d, &xml, Some(&checkpoint), flags)
+        })
+        .await
+    }
+
+    /// The domain has the checkpoint `name`.
+    pub async fn checkpoint_exists(&self, name: &str) -> Result<bool> {
+        let name = name.to_string();
+        self.call("checkpoint-info", move |d| sys::checkpoint_exists(d, &name))
+            .await
+    }
+
+    /// Deletes checkpoint `name` and its bitmaps; false when it was not there.
+    pub async fn checkpoint_delete(&self, name: &str) -> Result<bool> {
+        let name = name.to_string();
+        self.call("checkpoint-delete", move |d| {
+            sys::checkpoint_delete(d, &name)
+        })
+        .await
     }
 
     /// `virDomainAbortJob`.

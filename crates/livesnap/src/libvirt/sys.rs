@@ -1,5 +1,5 @@
-//! The libvirt calls the `virt` crate does not wrap (backup, block copy and
-//! its job, the guest agent's freeze, typed parameters), as small safe
+//! The libvirt calls the `virt` crate does not wrap (backup, checkpoints,
+//! block copy and its job, the guest agent's freeze, typed parameters), as small safe
 //! functions over `virt-sys`. Every `unsafe` block of the libvirt endpoint
 //! but the event callbacks is here. All of these block the calling thread:
 //! callers run them through [`super::Libvirt::call`].
@@ -26,13 +26,58 @@ fn check(ret: c_int) -> VirtResult<c_int> {
     }
 }
 
-/// `virDomainBackupBegin` without a checkpoint.
-pub fn backup_begin(dom: &Domain, xml: &str, flags: u32) -> VirtResult<()> {
+/// `virDomainBackupBegin`, with a checkpoint created at the backup's
+/// instant when `checkpoint_xml` is given.
+pub fn backup_begin(
+    dom: &Domain,
+    xml: &str,
+    checkpoint_xml: Option<&str>,
+    flags: u32,
+) -> VirtResult<()> {
     let xml = cstring(xml)?;
-    // SAFETY: the domain pointer is valid while `dom` lives; the XML is a
-    // NUL-terminated string that outlives the call.
-    check(unsafe { sys::virDomainBackupBegin(dom.as_ptr(), xml.as_ptr(), ptr::null(), flags) })?;
+    let cp = checkpoint_xml.map(cstring).transpose()?;
+    let cp_ptr = cp.as_ref().map_or(ptr::null(), |c| c.as_ptr());
+    // SAFETY: the domain pointer is valid while `dom` lives; the XML
+    // documents are NUL-terminated strings (or null) that outlive the call.
+    check(unsafe { sys::virDomainBackupBegin(dom.as_ptr(), xml.as_ptr(), cp_ptr, flags) })?;
     Ok(())
+}
+
+/// `virDomainCheckpointLookupByName`: `Ok(None)` when the domain has no
+/// checkpoint `name`. The handle is freed before returning unless `then`
+/// is given, which runs on it first.
+fn with_checkpoint<T>(
+    dom: &Domain,
+    name: &str,
+    then: impl FnOnce(sys::virDomainCheckpointPtr) -> VirtResult<T>,
+) -> VirtResult<Option<T>> {
+    let name = cstring(name)?;
+    // SAFETY: valid domain pointer and string.
+    let cp = unsafe { sys::virDomainCheckpointLookupByName(dom.as_ptr(), name.as_ptr(), 0) };
+    if cp.is_null() {
+        let e = Error::last_error();
+        let none = virt::error::ErrorNumberEnum::from(virt::error::ErrorNumber::NoDomainCheckpoint);
+        return if e.code() == none { Ok(None) } else { Err(e) };
+    }
+    let r = then(cp);
+    // SAFETY: a checkpoint handle returned by the lookup above.
+    unsafe { sys::virDomainCheckpointFree(cp) };
+    r.map(Some)
+}
+
+/// The domain has checkpoint `name`.
+pub fn checkpoint_exists(dom: &Domain, name: &str) -> VirtResult<bool> {
+    Ok(with_checkpoint(dom, name, |_| Ok(()))?.is_some())
+}
+
+/// `virDomainCheckpointDelete` of checkpoint `name` (libvirt removes its
+/// bitmaps); `Ok(false)` when there is no such checkpoint.
+pub fn checkpoint_delete(dom: &Domain, name: &str) -> VirtResult<bool> {
+    Ok(with_checkpoint(dom, name, |cp| {
+        // SAFETY: a valid checkpoint handle.
+        check(unsafe { sys::virDomainCheckpointDelete(cp, 0) }).map(|_| ())
+    })?
+    .is_some())
 }
 
 /// `virDomainAbortJob`.

@@ -124,9 +124,20 @@ pub fn escape(s: &str) -> String {
 
 /// A push-mode `<domainbackup>` of disk `disk` only, into a new `format`
 /// file at `path` (every other disk is listed with `backup='no'`:
-/// libvirt backs up all disks it is not told to skip).
-pub fn push_backup(all: &[DiskDef], disk: &str, path: &str, format: &str) -> String {
-    let mut s = String::from("<domainbackup mode='push'>\n  <disks>\n");
+/// libvirt backs up all disks it is not told to skip); with `incremental`,
+/// only what changed since that checkpoint.
+pub fn push_backup(
+    all: &[DiskDef],
+    disk: &str,
+    path: &str,
+    format: &str,
+    incremental: Option<&str>,
+) -> String {
+    let mut s = String::from("<domainbackup mode='push'>\n");
+    if let Some(cp) = incremental {
+        s += &format!("  <incremental>{}</incremental>\n", escape(cp));
+    }
+    s += "  <disks>\n";
     for d in all {
         if d.target == disk {
             s += &format!(
@@ -140,6 +151,24 @@ pub fn push_backup(all: &[DiskDef], disk: &str, path: &str, format: &str) -> Str
         }
     }
     s + "  </disks>\n</domainbackup>\n"
+}
+
+/// A `<domaincheckpoint>` named `name` tracking disk `disk` only with a
+/// bitmap (libvirt names the bitmap after the checkpoint).
+pub fn checkpoint(all: &[DiskDef], disk: &str, name: &str, description: &str) -> String {
+    let mut s = format!(
+        "<domaincheckpoint>\n  <name>{}</name>\n  <description>{}</description>\n  <disks>\n",
+        escape(name),
+        escape(description)
+    );
+    for d in all {
+        let how = if d.target == disk { "bitmap" } else { "no" };
+        s += &format!(
+            "    <disk name='{}' checkpoint='{how}'/>\n",
+            escape(&d.target)
+        );
+    }
+    s + "  </disks>\n</domaincheckpoint>\n"
 }
 
 /// The destination of a block copy: a `format` file at `path`.
@@ -211,7 +240,7 @@ mod tests {
     #[test]
     fn backup_lists_other_disks_as_skipped_and_escapes() {
         let d = disks(DOMAIN).unwrap();
-        let x = push_backup(&d, "vdb", "/b/it's<1>.raw", "raw");
+        let x = push_backup(&d, "vdb", "/b/it's<1>.raw", "raw", None);
         assert!(x.contains("<disk name='vda' backup='no'/>"), "{x}");
         assert!(
             x.contains("<target file='/b/it&apos;s&lt;1&gt;.raw'/>"),
@@ -220,5 +249,12 @@ mod tests {
         // What we write parses back.
         Document::parse(&x).unwrap();
         Document::parse(&copy_destination("/a&b", "qcow2")).unwrap();
+        let x = push_backup(&d, "vda", "/b/1.qcow2", "qcow2", Some("cp<0>"));
+        assert!(x.contains("<incremental>cp&lt;0&gt;</incremental>"), "{x}");
+        Document::parse(&x).unwrap();
+        let c = checkpoint(&d, "vda", "cp1", "chain c");
+        assert!(c.contains("<disk name='vda' checkpoint='bitmap'/>"), "{c}");
+        assert!(c.contains("<disk name='vdb' checkpoint='no'/>"), "{c}");
+        Document::parse(&c).unwrap();
     }
 }

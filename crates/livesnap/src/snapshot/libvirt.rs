@@ -47,6 +47,8 @@ use virt_sys as sys;
 /// event worker (one for all domains) has handled its end: a budget under
 /// that reports a job as left that a busy host ends a little later.
 const CLEANUP_BUDGET: Duration = Duration::from_secs(40);
+/// How long libvirt may take to close a backup's target after the job's end.
+const CLOSE_WAIT: Duration = Duration::from_secs(30);
 /// How long a job that vanished from the job queries may take to send the
 /// event that says how it ended.
 const EVENT_GRACE: Duration = Duration::from_secs(3);
@@ -68,7 +70,7 @@ impl Method {
 
 /// Which job of the domain livesnap started and must stop on a failure.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Running {
+pub(crate) enum Running {
     /// The domain's backup job.
     Backup,
     /// The block copy job on the disk.
@@ -436,6 +438,7 @@ impl Run<'_> {
             &self.disk.target,
             &self.path.to_string_lossy(),
             self.target_format(),
+            None,
         );
         freezer.freeze().await?;
         self.progress.start(self.size);
@@ -472,6 +475,11 @@ impl Run<'_> {
             .wait_backup()
             .await
             .map_err(|f| during(f, "the backup job ran"))?;
+        if self.lv.is_local() {
+            target::wait_closed(&self.path, CLOSE_WAIT)
+                .await
+                .map_err(|f| during(f, "waiting for libvirt to close the target"))?;
+        }
         Ok(Outcome {
             window: (t0, t1),
             defined_by: "virDomainBackupBegin call to its return",
@@ -481,77 +489,26 @@ impl Run<'_> {
 
     /// Waits for the backup's `JOB_COMPLETED`; returns (processed, total).
     async fn wait_backup(&mut self) -> Result<(u64, u64)> {
-        let mut next_tick = Instant::now() + LINE_INTERVAL;
-        let mut vanished: Option<Instant> = None;
-        loop {
-            match self.next(next_tick).await? {
-                Waited::Event(r) => match r.event {
-                    DomainEvent::JobCompleted { stats } => {
-                        let stats = JobStats {
-                            kind: 0,
-                            params: stats,
-                        };
-                        if stats.operation().is_some_and(|o| o != "backup") {
-                            continue;
-                        }
-                        return self.backup_ended(&stats);
-                    }
-                    DomainEvent::Lifecycle { event, .. } => self.lifecycle(event)?,
-                    _ => {}
-                },
-                Waited::Tick => {
-                    next_tick = Instant::now() + LINE_INTERVAL;
-                    let now = self.lv.job_stats(false).await?;
-                    if now.kind != sys::VIR_DOMAIN_JOB_NONE as i32 {
-                        let (done, total) = now.progress();
-                        self.show(done, total, "running");
-                        continue;
-                    }
-                    // No job any more: the event should be on its way; past
-                    // a grace the completed statistics say how it ended.
-                    let since = *vanished.get_or_insert_with(Instant::now);
-                    if since.elapsed() >= EVENT_GRACE {
-                        let done = self.lv.job_stats(true).await?;
-                        if done.operation().is_some_and(|o| o == "backup") {
-                            return self.backup_ended(&done);
-                        }
-                        return Err(Failure::job(
-                            "the backup job went away without saying how it ended",
-                        ));
-                    }
-                }
+        let r = wait_backup_job(&mut self.lv, &mut self.clock, &mut self.progress).await;
+        match &r {
+            Ok(copied) => {
+                self.st.running = None;
+                self.last = *copied;
             }
+            // The job is over (failed, gone, or the domain stopped).
+            Err(f) if f.kind == crate::error::Kind::Job => self.st.running = None,
+            Err(_) => {}
         }
-    }
-
-    fn backup_ended(&mut self, stats: &JobStats) -> Result<(u64, u64)> {
-        self.st.running = None;
-        let failed = stats.bool("success") == Some(false)
-            || [sys::VIR_DOMAIN_JOB_FAILED, sys::VIR_DOMAIN_JOB_CANCELLED]
-                .iter()
-                .any(|k| stats.kind == *k as i32);
-        let (done, total) = stats.progress();
-        if failed {
-            let why = stats.str("errmsg").unwrap_or("no reason given");
-            return Err(Failure::job(format!("the backup failed: {why}")));
-        }
-        self.show(done, total, "completed");
-        Ok((done, total))
+        r
     }
 
     fn lifecycle(&mut self, event: i32) -> Result<()> {
-        if event == sys::VIR_DOMAIN_EVENT_STOPPED as i32
-            || event == sys::VIR_DOMAIN_EVENT_CRASHED as i32
-        {
+        let r = stopped(&self.lv.name, event);
+        if r.is_err() {
             // Its jobs died with it.
             self.st.running = None;
-            return Err(Failure::job(format!(
-                "domain {} {} while the snapshot ran",
-                self.lv.name,
-                crate::libvirt::lifecycle_event(event)
-            )));
         }
-        Ok(())
+        r
     }
 
     /// Block copy to READY, then an asynchronous abort: the point in time
@@ -786,37 +743,7 @@ impl Run<'_> {
     /// Waits (until `until` at most) for the job to be gone: `None` once it
     /// is, else what the last look at it saw.
     async fn wait_gone(&mut self, job: Running, until: Instant) -> Option<String> {
-        loop {
-            let seen = match job {
-                Running::Backup => match self.lv.job_stats(false).await {
-                    Ok(j) if j.kind == sys::VIR_DOMAIN_JOB_NONE as i32 => return None,
-                    Ok(j) => {
-                        let (done, total) = j.progress();
-                        format!("{} job, {}/{}", job_type(j.kind), bytes(done), bytes(total))
-                    }
-                    Err(f) => format!("its state unknown: {}", f.reason),
-                },
-                Running::Copy => match self.lv.block_job_info(&self.disk.target).await {
-                    Ok(None) => return None,
-                    Ok(Some(j)) => format!(
-                        "{} job, {}/{}",
-                        block_job_kind(j.kind),
-                        bytes(j.cur),
-                        bytes(j.end)
-                    ),
-                    Err(f) => format!("its state unknown: {}", f.reason),
-                },
-            };
-            let left = until.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return Some(seen);
-            }
-            let _ = self
-                .lv
-                .events
-                .next(left.min(Duration::from_millis(200)))
-                .await;
-        }
+        job_gone(&mut self.lv, &self.disk.target, job, until).await
     }
 
     fn report(&mut self, o: Outcome, created_via: &'static str, freezer: &mut Freezer) -> Report {
@@ -871,6 +798,137 @@ impl Run<'_> {
             notes,
         }
     }
+}
+
+/// Waits (until `until` at most) for the job to be gone: `None` once it
+/// is, else what the last look at it saw.
+pub(crate) async fn job_gone(
+    lv: &mut Libvirt,
+    disk: &str,
+    job: Running,
+    until: Instant,
+) -> Option<String> {
+    loop {
+        let seen = match job {
+            Running::Backup => match lv.job_stats(false).await {
+                Ok(j) if j.kind == sys::VIR_DOMAIN_JOB_NONE as i32 => return None,
+                Ok(j) => {
+                    let (done, total) = j.progress();
+                    format!("{} job, {}/{}", job_type(j.kind), bytes(done), bytes(total))
+                }
+                Err(f) => format!("its state unknown: {}", f.reason),
+            },
+            Running::Copy => match lv.block_job_info(disk).await {
+                Ok(None) => return None,
+                Ok(Some(j)) => format!(
+                    "{} job, {}/{}",
+                    block_job_kind(j.kind),
+                    bytes(j.cur),
+                    bytes(j.end)
+                ),
+                Err(f) => format!("its state unknown: {}", f.reason),
+            },
+        };
+        let left = until.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Some(seen);
+        }
+        let _ = lv.events.next(left.min(Duration::from_millis(200))).await;
+    }
+}
+
+/// Waits for the domain's backup job to end (its `JOB_COMPLETED` event,
+/// checked against the completed job's statistics), showing its progress;
+/// returns (processed, total). The job failing, vanishing without saying
+/// how it ended, or the domain stopping is a [`crate::error::Kind::Job`]
+/// failure: the job is over then.
+pub(crate) async fn wait_backup_job(
+    lv: &mut Libvirt,
+    clock: &mut Clock,
+    progress: &mut Progress,
+) -> Result<(u64, u64)> {
+    let mut next_tick = Instant::now() + LINE_INTERVAL;
+    let mut vanished: Option<Instant> = None;
+    let show = |progress: &mut Progress, done: u64, total: u64, status: &str| {
+        progress.update(&Sample {
+            done,
+            total,
+            remaining: None,
+            mode: None,
+            status: status.to_string(),
+        })
+    };
+    loop {
+        let events = &mut lv.events;
+        let next = clock
+            .next(next_tick, |left| async move { Ok(events.next(left).await) })
+            .await?;
+        match next {
+            Waited::Event(r) => match r.event {
+                DomainEvent::JobCompleted { stats } => {
+                    let stats = JobStats {
+                        kind: 0,
+                        params: stats,
+                    };
+                    if stats.operation().is_some_and(|o| o != "backup") {
+                        continue;
+                    }
+                    let (done, total) = backup_ended(&stats)?;
+                    show(progress, done, total, "completed");
+                    return Ok((done, total));
+                }
+                DomainEvent::Lifecycle { event, .. } => stopped(&lv.name, event)?,
+                _ => {}
+            },
+            Waited::Tick => {
+                next_tick = Instant::now() + LINE_INTERVAL;
+                let now = lv.job_stats(false).await?;
+                if now.kind != sys::VIR_DOMAIN_JOB_NONE as i32 {
+                    let (done, total) = now.progress();
+                    show(progress, done, total, "running");
+                    continue;
+                }
+                // No job any more: the event should be on its way; past
+                // a grace the completed statistics say how it ended.
+                let since = *vanished.get_or_insert_with(Instant::now);
+                if since.elapsed() >= EVENT_GRACE {
+                    let done = lv.job_stats(true).await?;
+                    if done.operation().is_some_and(|o| o == "backup") {
+                        return backup_ended(&done);
+                    }
+                    return Err(Failure::job(
+                        "the backup job went away without saying how it ended",
+                    ));
+                }
+            }
+        }
+    }
+}
+
+/// (processed, total) of an ended backup job, or how it failed.
+fn backup_ended(stats: &JobStats) -> Result<(u64, u64)> {
+    let failed = stats.bool("success") == Some(false)
+        || [sys::VIR_DOMAIN_JOB_FAILED, sys::VIR_DOMAIN_JOB_CANCELLED]
+            .iter()
+            .any(|k| stats.kind == *k as i32);
+    if failed {
+        let why = stats.str("errmsg").unwrap_or("no reason given");
+        return Err(Failure::job(format!("the backup failed: {why}")));
+    }
+    Ok(stats.progress())
+}
+
+/// A failure when lifecycle `event` says the domain stopped (its jobs died with it).
+fn stopped(domain: &str, event: i32) -> Result<()> {
+    if event == sys::VIR_DOMAIN_EVENT_STOPPED as i32
+        || event == sys::VIR_DOMAIN_EVENT_CRASHED as i32
+    {
+        return Err(Failure::job(format!(
+            "domain {domain} {} while the job ran",
+            crate::libvirt::lifecycle_event(event)
+        )));
+    }
+    Ok(())
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -60,11 +60,11 @@ const AUTO_SAFETY_PATIENCE: Duration = Duration::from_secs(5);
 /// A new low must be this much below the old one.
 const SWITCH_PROGRESS: f64 = 0.95;
 /// Budget of the clean-up after a failure (on top of the deadline).
-const CLEANUP_BUDGET: Duration = Duration::from_secs(20);
+pub(crate) const CLEANUP_BUDGET: Duration = Duration::from_secs(20);
 /// How long a force-cancelled job may take to go.
 const CANCEL_WAIT: Duration = Duration::from_secs(10);
 /// How long a finished job may take to be dismissed.
-const GONE_WAIT: Duration = Duration::from_secs(5);
+pub(crate) const GONE_WAIT: Duration = Duration::from_secs(5);
 /// Connecting and syncing with the guest agent.
 const QGA_CONNECT: Duration = Duration::from_secs(5);
 
@@ -552,15 +552,19 @@ fn guest_effect(plan: &Plan, opts: &Options, switched: bool, q: Option<&Quiesce>
     s
 }
 
+/// What a [`JobWatch`] waits for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Want {
+pub(crate) enum Want {
+    /// A mirror's BLOCK_JOB_READY.
     Ready,
+    /// BLOCK_JOB_COMPLETED without an error.
     Completed,
+    /// BLOCK_JOB_COMPLETED after a soft cancel.
     CompletedAfterCancel,
 }
 
 /// Follows one job by its events, showing progress between them.
-struct JobWatch {
+pub(crate) struct JobWatch {
     job: String,
     switch: Option<Duration>,
     switched: bool,
@@ -584,13 +588,26 @@ impl JobWatch {
         }
     }
 
+    /// Follows backup job `job` (no copy mode, no switch).
+    pub(crate) fn backup(job: &str) -> JobWatch {
+        JobWatch {
+            job: job.to_string(),
+            switch: None,
+            switched: false,
+            mode: None,
+            mirror: false,
+            best: None,
+            error: None,
+        }
+    }
+
     fn about_job(&self, ev: &Value) -> bool {
         let d = &ev["data"];
         str_of(d, "device") == self.job || str_of(d, "id") == self.job
     }
 
     /// Waits for `want`; any other ending of the job is a failure.
-    async fn wait(
+    pub(crate) async fn wait(
         &mut self,
         ep: &mut Endpoint,
         clock: &mut Clock,
@@ -726,7 +743,7 @@ impl JobWatch {
 }
 
 /// Waits (bounded) for an ended job to be dismissed, so its nodes are free.
-async fn wait_gone(ep: &mut Endpoint, job: &str) {
+pub(crate) async fn wait_gone(ep: &mut Endpoint, job: &str) {
     if !ep.caps.has("query-jobs") {
         return;
     }
@@ -744,6 +761,63 @@ async fn wait_gone(ep: &mut Endpoint, job: &str) {
     }
 }
 
+/// Makes sure the connection answers, reconnecting once: a timed-out
+/// command may have left it unusable.
+pub(crate) async fn revive(ep: &mut Endpoint) -> Result<()> {
+    let alive = matches!(
+        ep.call_within("query-version", Value::Null, Duration::from_secs(5))
+            .await,
+        Ok(Ok(_))
+    );
+    if alive {
+        return Ok(());
+    }
+    ep.reconnect(Duration::from_secs(5)).await
+}
+
+/// `block-job-cancel force=true` of `job` and a bounded wait for it to go;
+/// true when it was cancelled. What could not be done goes into `left`.
+pub(crate) async fn force_cancel(ep: &mut Endpoint, job: &str, left: &mut Vec<String>) -> bool {
+    let r = ep
+        .call("block-job-cancel", json!({"device": job, "force": true}))
+        .await;
+    match r {
+        Ok(Ok(_)) => {
+            let until = Instant::now() + CANCEL_WAIT;
+            let mut gone = false;
+            while let Ok(Some(ev)) = ep
+                .event(until.saturating_duration_since(Instant::now()))
+                .await
+            {
+                let d = &ev["data"];
+                let about = str_of(d, "device") == job || str_of(d, "id") == job;
+                let name = str_of(&ev, "event");
+                if about
+                    && (name == "BLOCK_JOB_CANCELLED"
+                        || name == "BLOCK_JOB_COMPLETED"
+                        || (name == "JOB_STATUS_CHANGE" && str_of(d, "status") == "null"))
+                {
+                    gone = true;
+                    break;
+                }
+            }
+            if !gone {
+                left.push(format!(
+                    "job {job} (did not end within {} of a force cancel)",
+                    duration(CANCEL_WAIT)
+                ));
+            }
+            true
+        }
+        // Already gone (it failed or ended by itself).
+        Ok(Err(_)) => false,
+        Err(f) => {
+            left.push(format!("job {job} ({})", f.reason));
+            false
+        }
+    }
+}
+
 /// After a failure: thaw, force-cancel the job and wait (bounded) for it to
 /// go, remove the nodes, delete the partial file. Returns what is left.
 impl Run<'_> {
@@ -752,61 +826,19 @@ impl Run<'_> {
         let (ep, st) = (&mut self.ep, &mut self.st);
         let end = Instant::now() + CLEANUP_BUDGET;
         let mut left = Vec::new();
-        // A timed-out command may have left the connection unusable.
-        let alive = matches!(
-            ep.call_within("query-version", Value::Null, Duration::from_secs(5))
-                .await,
-            Ok(Ok(_))
-        );
-        if !alive {
-            if let Err(f) = ep.reconnect(Duration::from_secs(5)).await {
-                let mut what: Vec<String> = st.added.iter().map(|n| format!("node {n}")).collect();
-                if let Some(j) = &st.job_running {
-                    what.push(format!("job {j}"));
-                }
-                what.push(format!("({})", f.reason));
-                return (what, false);
+        if let Err(f) = revive(ep).await {
+            let mut what: Vec<String> = st.added.iter().map(|n| format!("node {n}")).collect();
+            if let Some(j) = &st.job_running {
+                what.push(format!("job {j}"));
             }
+            what.push(format!("({})", f.reason));
+            return (what, false);
         }
         let mut cancelled = false;
         if let Some(job) = st.job_running.take() {
             let paused = st.mirror_early && pause_vm(ep).await;
             let since = Instant::now();
-            let r = ep
-                .call("block-job-cancel", json!({"device": job, "force": true}))
-                .await;
-            match r {
-                Ok(Ok(_)) => {
-                    cancelled = true;
-                    let until = Instant::now() + CANCEL_WAIT;
-                    let mut gone = false;
-                    while let Ok(Some(ev)) = ep
-                        .event(until.saturating_duration_since(Instant::now()))
-                        .await
-                    {
-                        let d = &ev["data"];
-                        let about = str_of(d, "device") == job || str_of(d, "id") == job;
-                        let name = str_of(&ev, "event");
-                        if about
-                            && (name == "BLOCK_JOB_CANCELLED"
-                                || name == "BLOCK_JOB_COMPLETED"
-                                || (name == "JOB_STATUS_CHANGE" && str_of(d, "status") == "null"))
-                        {
-                            gone = true;
-                            break;
-                        }
-                    }
-                    if !gone {
-                        left.push(format!(
-                            "job {job} (did not end within {} of a force cancel)",
-                            duration(CANCEL_WAIT)
-                        ));
-                    }
-                }
-                // Already gone (it failed or ended by itself).
-                Ok(Err(_)) => {}
-                Err(f) => left.push(format!("job {job} ({})", f.reason)),
-            }
+            cancelled = force_cancel(ep, &job, &mut left).await;
             if paused {
                 match ep.call("cont", json!({})).await {
                     Ok(Ok(_)) => self.progress.note(&format!(

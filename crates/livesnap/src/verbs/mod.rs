@@ -1,11 +1,13 @@
-//! The operator's verbs besides `snapshot`: jobs, cancel, watch, nodes,
-//! create and info.
+//! The operator's verbs besides `snapshot` and `backup`: jobs, cancel,
+//! watch, nodes, create, info, and a backup chain's restore and verify.
 
 pub mod cancel;
 pub mod create;
 pub mod info;
 pub mod jobs;
 pub mod nodes;
+pub mod restore;
+pub mod verify;
 pub mod watch;
 
 /// A plain text table: a header and left-aligned columns two spaces apart.

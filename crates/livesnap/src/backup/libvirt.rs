@@ -1,0 +1,443 @@
+//! `livesnap backup --libvirt DOMAIN`: the chain's change tracking is
+//! libvirt's checkpoints (persistent qcow2 bitmaps libvirt names after
+//! them), as libvirt's own backup tools keep it:
+//!
+//! - every backup is a push-mode `virDomainBackupBegin` that creates the
+//!   checkpoint of this backup in the same call (libvirt starts QEMU's
+//!   backup and adds the bitmap in one transaction); an incremental names
+//!   the previous backup's checkpoint in `<incremental>`;
+//! - the image is created here first (a qcow2 backed by the previous
+//!   backup, relative names) and handed to libvirt with `REUSE_EXTERNAL`;
+//! - once the backup is in the manifest, the previous checkpoint is
+//!   deleted (`virDomainCheckpointDelete`): only the newest one is needed.
+//!   A run that fails deletes the checkpoint it created, which leaves the
+//!   previous one tracking everything since the last committed backup.
+//!
+//! DIR must be on the libvirt host (the URI local): livesnap writes the
+//! image's header and reads it back to check and checksum it.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use tokio::time::Instant;
+use virt_sys as sys;
+
+use super::{
+    check_identity, commit, failure_after_cleanup, new_record, open_dir, plan, recovered, Dir,
+    Options, Plan, Report, Taken,
+};
+use crate::chain::manifest::{BackupKind, DiskIdentity};
+use crate::chain::run::{Pending, RunLock, RunRecord};
+use crate::error::{Failure, Result};
+use crate::libvirt::xml::{self, DiskDef};
+use crate::libvirt::{resolve_uri, Libvirt};
+use crate::progress::Progress;
+use crate::signals::Interrupt;
+use crate::snapshot::during;
+use crate::snapshot::libvirt::{job_gone, wait_backup_job, Running};
+use crate::target::{self, TargetSpec};
+use crate::units::{bytes, duration, Stamp};
+use crate::wait::Clock;
+
+/// Budget of the clean-up after a failure: an aborted backup may take
+/// libvirt's job lock wait (30 s) to go.
+const CLEANUP_BUDGET: Duration = Duration::from_secs(40);
+
+/// How long libvirt may take to close the image after the job's end.
+const CLOSE_WAIT: Duration = Duration::from_secs(30);
+
+/// The libvirt checkpoint taken with backup `index` of chain `chain`.
+pub fn checkpoint_name(chain: &str, index: u64) -> String {
+    format!("livesnap-chain-{chain}-{index}")
+}
+
+/// Runs `livesnap backup --libvirt DOMAIN`.
+pub async fn run(
+    domain: &str,
+    uri: Option<&str>,
+    opts: &Options,
+    interrupt: Interrupt,
+) -> Result<Report> {
+    let started = Stamp::now();
+    let mut clock = Clock::new(opts.deadline, interrupt);
+    let mut dir = open_dir(&opts.dir)?;
+    let uri = resolve_uri(uri);
+    let mut lv = clock.connect(|t| Libvirt::open(&uri, domain, t)).await?;
+    if !lv.is_local() {
+        return Err(Failure::usage(
+            "a backup chain through libvirt needs a local URI: DIR must be on the libvirt host",
+        ));
+    }
+    if lv.versions.0 < (6, 0, 0) {
+        return Err(Failure::usage(
+            "this libvirt has no backup API with checkpoints (libvirt 6.0 or later)",
+        ));
+    }
+    let disks = lv.disks().await?;
+    let Some(disk) = xml::find(&disks, &opts.disk).cloned() else {
+        return Err(Failure::usage(format!(
+            "domain {} has no disk {} (disks: {})",
+            lv.name,
+            opts.disk,
+            disks
+                .iter()
+                .map(|d| d.target.clone())
+                .collect::<Vec<_>>()
+                .join(", ")
+        )));
+    };
+    if disk.format.as_deref() != Some("qcow2") {
+        return Err(Failure::usage(format!(
+            "disk {} of domain {} is {}: libvirt keeps checkpoints only in qcow2 images",
+            disk.target,
+            lv.name,
+            disk.format.as_deref().unwrap_or("of unknown format")
+        )));
+    }
+    let size = lv.capacity(&disk.target).await?;
+    let identity = DiskIdentity {
+        name: opts.disk.clone(),
+        node: disk.target.clone(),
+        file: disk.source.clone().unwrap_or_default(),
+        size,
+        endpoint: format!("libvirt {} {}", lv.uri, lv.name),
+    };
+    let mut notes = Vec::new();
+    if let Some(stale) = dir.stale.take() {
+        let p = &stale.pending;
+        if p.undo.is_some() || p.bitmap_added.is_some() || p.bitmap_replaced.is_some() {
+            return Err(Failure::usage(format!(
+                "an earlier run through QMP (pid {}) was killed in {}: run the next backup with --qmp, which undoes what it left",
+                stale.pid,
+                dir.path.display()
+            )));
+        }
+        let mut left = Vec::new();
+        undo_run(&mut lv, &dir, &stale, true, &mut left).await;
+        notes.push(recovered(&dir, &stale, left)?);
+    }
+    if let Some(m) = &dir.manifest {
+        check_identity(m, &identity)?;
+        if m.tracking != "libvirt" {
+            return Err(Failure::usage(format!(
+                "the chain in {} tracks changes with a bitmap on a QMP endpoint: continue it with --qmp",
+                dir.path.display()
+            )));
+        }
+    }
+    let plan = plan(dir.manifest.as_ref(), opts.full);
+    let previous = dir
+        .manifest
+        .as_ref()
+        .and_then(|m| m.last())
+        .map(|b| b.bitmap.clone());
+    let previous_there = match &previous {
+        Some(p) => lv.checkpoint_exists(p).await?,
+        None => false,
+    };
+    if plan.kind == BackupKind::Incremental && !previous_there {
+        return Err(Failure::usage(format!(
+            "domain {} has no checkpoint {}: the chain's change tracking is lost (a transient domain restarted, or the checkpoint was deleted); an incremental backup now could miss changes; `livesnap backup --full` starts a new full backup in this chain",
+            lv.name,
+            previous.unwrap_or_default()
+        )));
+    }
+    let checkpoint = checkpoint_name(&plan.chain, plan.index);
+    let pending = Pending {
+        checkpoint: Some(checkpoint.clone()),
+        checkpoint_replaced: previous.filter(|_| previous_there),
+        ..Pending::default()
+    };
+    let lock = RunLock::create(&dir.path, new_record(&plan))?;
+    let mut run = Run {
+        lv,
+        clock,
+        progress: Progress::new(opts.quiet),
+        opts,
+        disk,
+        disks,
+        identity,
+        plan,
+        lock: Some(lock),
+        pending,
+        checkpoint,
+        file_created: false,
+        job_running: false,
+        notes,
+    };
+    match run.take(&dir).await {
+        Ok(backup) => {
+            run.progress.finish();
+            let ((a, b, c), (x, y, z)) = run.lv.versions;
+            Ok(Report {
+                backup,
+                dir: dir.path.clone(),
+                chain: run.plan.chain.clone(),
+                why: run.plan.why.clone(),
+                job_id: "backup".into(),
+                endpoint: format!(
+                    "libvirt {a}.{b}.{c}, hypervisor {x}.{y}.{z} ({}, domain {})",
+                    run.lv.uri, run.lv.name
+                ),
+                started,
+                finished: Stamp::now(),
+                notes: run.notes,
+            })
+        }
+        Err(f) => {
+            run.progress
+                .note(&format!("livesnap: {}; cleaning up", f.reason));
+            let (left, aborted) = run.cleanup(&dir).await;
+            run.progress.finish();
+            Err(failure_after_cleanup(
+                f,
+                aborted.then_some("backup aborted"),
+                &left,
+                &dir.path,
+            ))
+        }
+    }
+}
+
+/// One backup run through libvirt.
+struct Run<'a> {
+    lv: Libvirt,
+    clock: Clock,
+    progress: Progress,
+    opts: &'a Options,
+    disk: DiskDef,
+    disks: Vec<DiskDef>,
+    identity: DiskIdentity,
+    plan: Plan,
+    lock: Option<RunLock>,
+    pending: Pending,
+    /// This backup's checkpoint.
+    checkpoint: String,
+    file_created: bool,
+    job_running: bool,
+    notes: Vec<String>,
+}
+
+impl Run<'_> {
+    fn path(&self, dir: &Dir) -> PathBuf {
+        dir.path.join(&self.plan.file)
+    }
+
+    async fn take(&mut self, dir: &Dir) -> Result<crate::chain::manifest::Backup> {
+        self.progress.note(&format!(
+            "livesnap: {} backup {} of {} of domain {} ({}) -> {} ({}), deadline {}",
+            self.plan.kind.name(),
+            self.plan.index,
+            self.disk.target,
+            self.lv.name,
+            bytes(self.identity.size),
+            self.path(dir).display(),
+            self.plan.why,
+            duration(self.opts.deadline)
+        ));
+        self.clock.check()?;
+        self.file_created = true;
+        target::create_local(&TargetSpec {
+            path: self.path(dir),
+            format: livesnap_block::ImageFormat::Qcow2,
+            size: self.identity.size,
+            backing: self.plan.backing.clone().map(|b| (b, "qcow2".to_string())),
+            blkdebug: None,
+        })
+        .await
+        .map_err(|f| during(f, "creating the target"))?;
+        let incremental = match self.plan.kind {
+            BackupKind::Incremental => self.pending.checkpoint_replaced.clone(),
+            BackupKind::Full => None,
+        };
+        let backup = xml::push_backup(
+            &self.disks,
+            &self.disk.target,
+            &self.path(dir).to_string_lossy(),
+            "qcow2",
+            incremental.as_deref(),
+        );
+        let checkpoint = xml::checkpoint(
+            &self.disks,
+            &self.disk.target,
+            &self.checkpoint,
+            &format!(
+                "livesnap backup chain {}, backup {}",
+                self.plan.chain, self.plan.index
+            ),
+        );
+        let pending = self.pending.clone();
+        self.lock
+            .as_mut()
+            .expect("the run holds its record")
+            .note(|p| *p = pending)?;
+        self.clock.check()?;
+        self.progress.start(self.identity.size);
+        self.job_running = true;
+        let t0 = Stamp::now();
+        let r = self
+            .lv
+            .backup_begin_checkpoint(
+                backup,
+                checkpoint,
+                sys::VIR_DOMAIN_BACKUP_BEGIN_REUSE_EXTERNAL,
+            )
+            .await;
+        let t1 = Stamp::now();
+        if let Err(f) = r {
+            self.job_running = false;
+            return Err(f);
+        }
+        self.progress
+            .note("livesnap: point in time fixed (backup started, checkpoint created); copying");
+        if let Some(speed) = self.opts.speed {
+            // libvirt's backup XML has no bandwidth: the job's is set right after it started.
+            match self.lv.block_job_set_speed(&self.disk.target, speed).await {
+                Ok(()) => self.notes.push(format!(
+                    "--speed {}/s was applied right after the backup started (libvirt's backup has no bandwidth of its own)",
+                    bytes(speed)
+                )),
+                Err(f) => self.notes.push(format!("--speed not applied: {}", f.reason)),
+            }
+        }
+        let copied = wait_backup_job(&mut self.lv, &mut self.clock, &mut self.progress).await;
+        let (done, _) = match copied {
+            Ok(c) => c,
+            Err(f) => {
+                if f.kind == crate::error::Kind::Job {
+                    self.job_running = false;
+                }
+                return Err(during(f, "the backup job ran"));
+            }
+        };
+        self.job_running = false;
+        target::wait_closed(&self.path(dir), CLOSE_WAIT)
+            .await
+            .map_err(|f| during(f, "waiting for libvirt to close the backup"))?;
+        let taken = Taken {
+            window: (t0, t1),
+            defined_by: "virDomainBackupBegin (with its checkpoint) call to its return",
+            bytes_copied: done,
+            bitmap: self.checkpoint.clone(),
+        };
+        let entry = commit(
+            &mut self.clock,
+            dir,
+            &self.plan,
+            &self.identity,
+            "libvirt",
+            taken,
+        )
+        .await
+        .map_err(|f| during(f, "committing the backup"))?;
+        self.file_created = false;
+        self.after_commit().await;
+        Ok(entry)
+    }
+
+    /// After the manifest has the backup, the previous checkpoint goes:
+    /// the new one tracks from here on.
+    async fn after_commit(&mut self) {
+        let mut failed = None;
+        if let Some(old) = self.pending.checkpoint_replaced.clone() {
+            if let Err(f) = self.lv.checkpoint_delete(&old).await {
+                failed = Some(format!("checkpoint {old} ({})", f.reason));
+            }
+        }
+        let lock = self.lock.take().expect("the run holds its record");
+        match failed {
+            None => {
+                if let Err(f) = lock.release() {
+                    self.notes.push(f.reason);
+                }
+            }
+            Some(what) => self.notes.push(format!(
+                "the backup is committed, but {what} could not be deleted; the next backup run deletes it"
+            )),
+        }
+    }
+
+    /// After a failure: the backup aborted and gone, the checkpoint it
+    /// created deleted, the partial file removed. Returns what is left and
+    /// whether a job was aborted.
+    async fn cleanup(&mut self, dir: &Dir) -> (Vec<String>, bool) {
+        let end = Instant::now() + CLEANUP_BUDGET;
+        let mut left = Vec::new();
+        let mut aborted = false;
+        if self.job_running {
+            aborted = self.lv.abort_job().await.is_ok();
+            if let Some(seen) =
+                job_gone(&mut self.lv, &self.disk.target, Running::Backup, end).await
+            {
+                left.push(format!(
+                    "the backup job (still there after its abort: {seen})"
+                ));
+            }
+            self.job_running = false;
+        }
+        let Some(lock) = self.lock.take() else {
+            return (left, aborted);
+        };
+        if !left.is_empty() {
+            left.push(format!(
+                "file {} (the job still uses it)",
+                self.path(dir).display()
+            ));
+            return (left, aborted);
+        }
+        let mut record = lock.record.clone();
+        record.pending = self.pending.clone();
+        undo_run(&mut self.lv, dir, &record, false, &mut left).await;
+        if left.is_empty() {
+            if let Err(f) = lock.release() {
+                left.push(f.reason);
+            }
+        }
+        (left, aborted)
+    }
+}
+
+/// Undoes what run `r` changed unless it committed (`committed` read from
+/// DIR's manifest when `check_manifest`): a killed run's backup job
+/// aborted, the checkpoint it created deleted (the previous one then
+/// tracks everything since the last committed backup), its partial file
+/// removed; once committed, only the checkpoint it replaced goes.
+async fn undo_run(
+    lv: &mut Libvirt,
+    dir: &Dir,
+    r: &RunRecord,
+    check_manifest: bool,
+    left: &mut Vec<String>,
+) {
+    let committed = check_manifest && r.committed(dir.manifest.as_ref());
+    if r.pid != std::process::id() {
+        if let Ok(j) = lv.job_stats(false).await {
+            if j.kind != sys::VIR_DOMAIN_JOB_NONE as i32 && j.operation() == Some("backup") {
+                let _ = lv.abort_job().await;
+                let until = Instant::now() + CLEANUP_BUDGET;
+                if let Some(seen) = job_gone(lv, "", Running::Backup, until).await {
+                    left.push(format!("the killed run's backup job ({seen})"));
+                    return;
+                }
+            }
+        }
+    }
+    let p = &r.pending;
+    if let Some(cp) = &p.checkpoint {
+        if !committed {
+            if let Err(f) = lv.checkpoint_delete(cp).await {
+                left.push(format!("checkpoint {cp} ({})", f.reason));
+            }
+        }
+    }
+    if let Some(cp) = &p.checkpoint_replaced {
+        if committed {
+            if let Err(f) = lv.checkpoint_delete(cp).await {
+                left.push(format!("checkpoint {cp} ({})", f.reason));
+            }
+        }
+    }
+    if !committed {
+        left.extend(crate::snapshot::remove_target_file(&dir.path.join(&r.file)));
+    }
+}

@@ -1,0 +1,494 @@
+//! `livesnap backup DISK DIR`: one more backup in the chain kept in DIR.
+//! The first run into an empty DIR takes a full backup and starts the
+//! disk's change tracking at the same instant; each later run copies only
+//! what changed since the previous backup, into a qcow2 backed by it. The
+//! orchestration for each endpoint is its own module ([`qmp`]: a dirty
+//! bitmap the chain owns; [`libvirt`]: libvirt checkpoints); what they share
+//! is here: the directory, the plan, and committing a finished backup.
+//!
+//! A backup enters the manifest only once it is complete and verified; a
+//! failed or interrupted run leaves DIR and the change tracking as they
+//! were (the next incremental is still correct), and a run killed outright
+//! leaves a record the next run undoes first ([`crate::chain::run`]).
+
+#[cfg(feature = "libvirt")]
+pub mod libvirt;
+pub mod qmp;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+use crate::chain::manifest::{Backup, BackupKind, DiskIdentity, Manifest, PointInTime, MANIFEST};
+use crate::chain::run::{RunRecord, RUN_RECORD};
+use crate::chain::{self, image};
+use crate::error::{Failure, Result};
+use crate::signals::Interrupt;
+use crate::snapshot::EndpointArg;
+use crate::target::CreateVia;
+use crate::units::{bytes, duration, rfc3339, Stamp};
+use crate::wait::Clock;
+
+/// Everything `livesnap backup` was asked.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// The endpoint.
+    pub endpoint: EndpointArg,
+    /// The disk, as `snapshot` takes it.
+    pub disk: String,
+    /// The chain's directory.
+    pub dir: PathBuf,
+    /// Start a new full backup even where an incremental is possible, or
+    /// where the change tracking was lost.
+    pub full: bool,
+    /// The whole operation's bound.
+    pub deadline: Duration,
+    /// Job speed limit, bytes per second.
+    pub speed: Option<u64>,
+    /// Where the target image is created (QMP endpoints).
+    pub create_via: CreateVia,
+    /// No progress output.
+    pub quiet: bool,
+}
+
+/// Runs `livesnap backup` through the endpoint `opts` names.
+pub async fn run(opts: &Options, interrupt: Interrupt) -> Result<Report> {
+    let existed = opts.dir.exists();
+    let r = run_at(opts, interrupt).await;
+    if r.is_err() && !existed {
+        // DIR as before: a directory this run created goes again if it
+        // stayed empty (remove_dir leaves a non-empty one alone).
+        let _ = std::fs::remove_dir(&opts.dir);
+    }
+    r
+}
+
+async fn run_at(opts: &Options, interrupt: Interrupt) -> Result<Report> {
+    match &opts.endpoint {
+        EndpointArg::Qmp(path) => qmp::run(path, opts, interrupt).await,
+        #[cfg(feature = "libvirt")]
+        EndpointArg::Libvirt { domain, uri } => {
+            libvirt::run(domain, uri.as_deref(), opts, interrupt).await
+        }
+        #[cfg(not(feature = "libvirt"))]
+        EndpointArg::Libvirt { .. } => Err(crate::snapshot::without_libvirt()),
+    }
+}
+
+/// DIR as it is before a run: absolute, created if it was not there, and
+/// holding a chain or nothing (but what an interrupted run left).
+pub struct Dir {
+    /// Absolute path.
+    pub path: PathBuf,
+    /// Its manifest, if a chain is there.
+    pub manifest: Option<Manifest>,
+    /// What a run that was killed left to undo.
+    pub stale: Option<RunRecord>,
+}
+
+/// Opens DIR for a backup.
+pub fn open_dir(dir: &Path) -> Result<Dir> {
+    let path = if dir.is_absolute() {
+        dir.to_path_buf()
+    } else {
+        std::env::current_dir()
+            .map_err(|e| Failure::usage(format!("current directory: {e}")))?
+            .join(dir)
+    };
+    if !path.exists() {
+        std::fs::create_dir(&path)
+            .map_err(|e| Failure::usage(format!("cannot create {}: {e}", path.display())))?;
+    }
+    if !path.is_dir() {
+        return Err(Failure::usage(format!(
+            "{} is not a directory",
+            path.display()
+        )));
+    }
+    let manifest = Manifest::load(&path)?;
+    let stale = chain::run::stale(&path)?;
+    if manifest.is_none() {
+        // Never mix a chain with other files: an empty DIR starts one.
+        let pending = stale.as_ref().map(|r| r.file.as_str());
+        let foreign: Vec<String> = std::fs::read_dir(&path)
+            .map_err(|e| Failure::usage(format!("{}: {e}", path.display())))?
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n != RUN_RECORD && Some(n.as_str()) != pending)
+            .collect();
+        if !foreign.is_empty() {
+            return Err(Failure::usage(format!(
+                "{} has no {MANIFEST} but holds other files ({}): a new backup chain starts in an empty directory",
+                path.display(),
+                foreign.join(", ")
+            )));
+        }
+    }
+    Ok(Dir {
+        path,
+        manifest,
+        stale,
+    })
+}
+
+/// What this run takes.
+#[derive(Clone, Debug)]
+pub struct Plan {
+    /// Full or incremental.
+    pub kind: BackupKind,
+    /// The new backup's index.
+    pub index: u64,
+    /// Its file in DIR.
+    pub file: String,
+    /// The previous backup's file (incremental).
+    pub backing: Option<String>,
+    /// The chain's id.
+    pub chain: String,
+    /// Why a full backup, when it is one.
+    pub why: String,
+}
+
+/// The plan: a full backup into an empty DIR or when asked, else an
+/// incremental over the last backup.
+pub fn plan(m: Option<&Manifest>, full: bool) -> Plan {
+    match m.and_then(|m| Some((m, m.last()?))) {
+        Some((m, last)) => {
+            let index = last.index + 1;
+            let kind = if full {
+                BackupKind::Full
+            } else {
+                BackupKind::Incremental
+            };
+            Plan {
+                kind,
+                index,
+                file: chain::file_name(index, kind),
+                backing: (!full).then(|| last.file.clone()),
+                chain: m.chain.clone(),
+                why: if full {
+                    "--full".into()
+                } else {
+                    format!("incremental over backup {}", last.index)
+                },
+            }
+        }
+        None => Plan {
+            kind: BackupKind::Full,
+            index: 0,
+            file: chain::file_name(0, BackupKind::Full),
+            backing: None,
+            chain: m.map_or_else(chain::new_chain_id, |m| m.chain.clone()),
+            why: "the first backup of a new chain".into(),
+        },
+    }
+}
+
+/// Refuses a disk that is not the chain's (another size).
+pub fn check_identity(m: &Manifest, now: &DiskIdentity) -> Result<()> {
+    if m.disk.size != now.size {
+        return Err(Failure::usage(format!(
+            "the disk {} is {} but the chain in this directory is of a disk of {} ({} {}): not the same disk",
+            now.name,
+            bytes(now.size),
+            bytes(m.disk.size),
+            m.disk.endpoint,
+            m.disk.name
+        )));
+    }
+    Ok(())
+}
+
+/// The record a run starts with, before it changes anything.
+pub fn new_record(plan: &Plan) -> RunRecord {
+    RunRecord {
+        pid: std::process::id(),
+        chain: plan.chain.clone(),
+        index: plan.index,
+        file: plan.file.clone(),
+        kind: plan.kind,
+        pending: Default::default(),
+    }
+}
+
+/// After what a killed run left was undone (`left`: what could not be):
+/// the note for the report, or the failure that stops this run.
+pub fn recovered(dir: &Dir, stale: &RunRecord, left: Vec<String>) -> Result<String> {
+    if !left.is_empty() {
+        return Err(Failure::endpoint(format!(
+            "an earlier run (pid {}) was killed and what it left cannot be undone: {}",
+            stale.pid,
+            left.join(", ")
+        )));
+    }
+    chain::run::forget(&dir.path)?;
+    Ok(format!(
+        "undid what an earlier run (pid {}, backup {}) left when it was killed",
+        stale.pid, stale.index
+    ))
+}
+
+/// The failure of a run after its clean-up: how the job was stopped, and
+/// DIR and the change tracking as they were, or what is left.
+pub fn failure_after_cleanup(
+    f: Failure,
+    stopped: Option<&str>,
+    left: &[String],
+    dir: &Path,
+) -> Failure {
+    let mut reason = f.reason;
+    if let Some(how) = stopped {
+        reason += &format!("; {how}");
+    }
+    if left.is_empty() {
+        reason += &format!(
+            ", {} and the disk's change tracking as they were",
+            dir.display()
+        );
+    } else {
+        reason += &format!(
+            "; LEFT BEHIND: {} (the next backup into {} undoes what it can)",
+            left.join(", "),
+            dir.display()
+        );
+    }
+    Failure::new(f.kind, reason)
+}
+
+/// What the job left, to be committed.
+pub struct Taken {
+    /// The point-in-time window.
+    pub window: (Stamp, Stamp),
+    /// What delimits it.
+    pub defined_by: &'static str,
+    /// Bytes the job copied.
+    pub bytes_copied: u64,
+    /// The bitmap or checkpoint that tracks changes since this backup.
+    pub bitmap: String,
+}
+
+/// Checks the finished image and enters it in the manifest: its size, its
+/// checksum, its own consistency as the engine opens it (qcow2, the disk's
+/// size, backed by the previous backup as a qcow2), then the manifest
+/// replaced atomically. Returns the new entry.
+pub async fn commit(
+    clock: &mut Clock,
+    dir: &Dir,
+    plan: &Plan,
+    disk: &DiskIdentity,
+    tracking: &str,
+    taken: Taken,
+) -> Result<Backup> {
+    let path = dir.path.join(&plan.file);
+    let f = std::fs::File::open(&path)
+        .map_err(|e| Failure::job(format!("the backup {} is gone: {e}", path.display())))?;
+    f.sync_all()
+        .map_err(|e| Failure::endpoint(format!("fsync of {}: {e}", path.display())))?;
+    let size = f
+        .metadata()
+        .map_err(|e| Failure::endpoint(format!("{}: {e}", path.display())))?
+        .len();
+    drop(f);
+    clock.bound(check_image(&path, plan, disk.size)).await?;
+    let sha256 = clock.bound(image::sha256(&path)).await?;
+    let entry = Backup {
+        index: plan.index,
+        file: plan.file.clone(),
+        kind: plan.kind,
+        backing: plan.backing.clone(),
+        point_in_time: PointInTime::new(&taken.window.0, &taken.window.1, taken.defined_by),
+        size,
+        bytes_copied: taken.bytes_copied,
+        sha256,
+        bitmap: taken.bitmap,
+        disk: disk.clone(),
+        finished: rfc3339(std::time::SystemTime::now()),
+    };
+    let mut m = dir
+        .manifest
+        .clone()
+        .unwrap_or_else(|| Manifest::new(plan.chain.clone(), disk.clone(), tracking));
+    m.backups.push(entry.clone());
+    clock.check()?;
+    m.save(&dir.path)?;
+    Ok(entry)
+}
+
+/// The image as the engine sees it: a qcow2 of `size` whose header names
+/// the previous backup (as a qcow2) or nothing, and whose chain opens.
+pub async fn check_image(path: &Path, plan: &Plan, size: u64) -> Result<()> {
+    let bad = |what: String| Failure::job(format!("the new backup {}: {what}", path.display()));
+    let backing = image::header_backing(path)
+        .await
+        .map_err(|f| bad(f.reason))?;
+    match (&plan.backing, &backing) {
+        (None, None) => {}
+        (Some(want), Some(b)) if &b.filename == want && b.format.as_deref() == Some("qcow2") => {}
+        (want, got) => {
+            return Err(bad(format!(
+                "its header names backing file {:?}, expected {:?} (qcow2)",
+                got.as_ref().map(|b| (&b.filename, &b.format)),
+                want
+            )))
+        }
+    }
+    let node = image::open(path, livesnap_block::ImageFormat::Qcow2, true)
+        .await
+        .map_err(|f| bad(f.reason))?;
+    let got = node.size();
+    node.close().await;
+    if got != size {
+        return Err(bad(format!(
+            "its virtual size is {got}, the disk's is {size}"
+        )));
+    }
+    Ok(())
+}
+
+/// A backup taken.
+#[derive(Debug)]
+pub struct Report {
+    /// The manifest's new entry.
+    pub backup: Backup,
+    /// DIR.
+    pub dir: PathBuf,
+    /// The chain's id.
+    pub chain: String,
+    /// Why this kind of backup.
+    pub why: String,
+    /// The job's id (QMP) or `backup` (libvirt).
+    pub job_id: String,
+    /// The endpoint's version and package.
+    pub endpoint: String,
+    /// Command start.
+    pub started: Stamp,
+    /// When the report was made.
+    pub finished: Stamp,
+    /// Things the operator should know.
+    pub notes: Vec<String>,
+}
+
+impl Report {
+    /// The `--json` object: the manifest's entry and the run's facts.
+    pub fn to_json(&self) -> Value {
+        let mut v = json!({"result": "ok"});
+        if let (Value::Object(o), Ok(Value::Object(b))) =
+            (&mut v, serde_json::to_value(&self.backup))
+        {
+            o.extend(b);
+        }
+        v["path"] = json!(self.dir.join(&self.backup.file));
+        v["dir"] = json!(self.dir);
+        v["chain"] = json!(self.chain);
+        v["kind_reason"] = json!(self.why);
+        v["job_id"] = json!(self.job_id);
+        v["endpoint"] = json!(self.endpoint);
+        v["started"] = json!(rfc3339(self.started.wall));
+        v["duration_ms"] = json!(crate::report::ms(&self.started, &self.finished));
+        v["notes"] = json!(self.notes);
+        v
+    }
+
+    /// Lines for a person.
+    pub fn human(&self) -> String {
+        let b = &self.backup;
+        let took = self
+            .finished
+            .instant
+            .saturating_duration_since(self.started.instant);
+        let mut s = format!(
+            "backup {} ({}) of '{}' complete: {} ({}, {})\n",
+            b.index,
+            b.kind.name(),
+            b.disk.name,
+            self.dir.join(&b.file).display(),
+            bytes(b.size),
+            match &b.backing {
+                Some(p) => format!("over {p}"),
+                None => "no backing file".into(),
+            }
+        );
+        s += &format!("  chain          {} ({})\n", self.chain, self.why);
+        s += &format!(
+            "  point in time  {} .. {} ({:.3} ms, {})\n",
+            b.point_in_time.start,
+            b.point_in_time.end,
+            b.point_in_time.width_ms,
+            b.point_in_time.defined_by
+        );
+        s += &format!(
+            "  copied         {} in {}, job {}\n",
+            bytes(b.bytes_copied),
+            duration(took),
+            self.job_id
+        );
+        s += &format!("  tracking       {}\n", b.bitmap);
+        s += &format!("  sha256         {}\n", b.sha256);
+        for n in &self.notes {
+            s += &format!("  note           {n}\n");
+        }
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn disk() -> DiskIdentity {
+        DiskIdentity {
+            name: "disk".into(),
+            node: "disk".into(),
+            file: "/d".into(),
+            size: 1 << 20,
+            endpoint: "qmp /q".into(),
+        }
+    }
+
+    fn with_backups(kinds: &[BackupKind]) -> Manifest {
+        let mut m = Manifest::new("c0ffee".into(), disk(), "qmp");
+        for (i, k) in kinds.iter().enumerate() {
+            let i = i as u64;
+            m.backups.push(Backup {
+                index: i,
+                file: chain::file_name(i, *k),
+                kind: *k,
+                backing: (*k == BackupKind::Incremental)
+                    .then(|| m.backups.last().map(|b| b.file.clone()))
+                    .flatten(),
+                point_in_time: PointInTime::new(&Stamp::now(), &Stamp::now(), "test"),
+                size: 1,
+                bytes_copied: 1,
+                sha256: String::new(),
+                bitmap: chain::bitmap_name("c0ffee", 0),
+                disk: disk(),
+                finished: String::new(),
+            });
+        }
+        m
+    }
+
+    #[test]
+    fn the_first_backup_is_full_then_incremental_over_the_last() {
+        let p = plan(None, false);
+        assert_eq!((p.kind, p.index, p.backing), (BackupKind::Full, 0, None));
+        assert_eq!(p.file, "0000-full.qcow2");
+        let m = with_backups(&[BackupKind::Full, BackupKind::Incremental]);
+        let p = plan(Some(&m), false);
+        assert_eq!((p.kind, p.index), (BackupKind::Incremental, 2));
+        assert_eq!(p.backing.as_deref(), Some("0001-incremental.qcow2"));
+        assert_eq!(p.chain, "c0ffee");
+        let p = plan(Some(&m), true);
+        assert_eq!((p.kind, p.index, p.backing), (BackupKind::Full, 2, None));
+        assert_eq!(p.file, "0002-full.qcow2");
+    }
+
+    #[test]
+    fn another_disk_size_is_refused() {
+        let m = with_backups(&[BackupKind::Full]);
+        let mut other = disk();
+        other.size *= 2;
+        assert!(check_identity(&m, &other).is_err());
+        assert!(check_identity(&m, &disk()).is_ok());
+    }
+}
