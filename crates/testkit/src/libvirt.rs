@@ -334,7 +334,24 @@ impl Domain {
     /// Destroys the domain (the guest's in-flight request may or may not land).
     pub fn destroy(&mut self) {
         if !self.destroyed {
-            let _ = virsh(&["destroy", &self.name]);
+            let (ok, _, _) = virsh(&["destroy", &self.name]);
+            if !ok {
+                // libvirtd may be gone (another test process that started it
+                // exited first): its QEMU would run on with nobody to stop it.
+                let pidfile = format!("/run/libvirt/qemu/{}.pid", self.name);
+                if let Some(pid) = std::fs::read_to_string(&pidfile)
+                    .ok()
+                    .and_then(|p| p.trim().parse::<i32>().ok())
+                {
+                    // SAFETY: a plain kill(2) of this domain's QEMU, by the
+                    // pid libvirt recorded for it.
+                    unsafe { libc::kill(pid, libc::SIGKILL) };
+                    eprintln!(
+                        "libvirt harness: virsh destroy {} failed; killed its QEMU (pid {pid})",
+                        self.name
+                    );
+                }
+            }
             self.destroyed = true;
         }
     }
