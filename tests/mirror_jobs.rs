@@ -372,3 +372,66 @@ fn force_cancel_with_a_stalled_target_ends() {
     eprintln!("force cancel over a stalled target ended in {:?}", t1 - t0);
     r.guest_lost_nothing();
 }
+
+/// A guest write to a chunk whose earlier write-blocking copy hangs on the
+/// target waits for that chunk's lock; a force cancel must free it too, or
+/// detaching the mirror (which waits for every guest write) never ends.
+/// Deterministic: the first write's target copy hangs for ever and holds
+/// the chunk, the second write to the same chunk queues behind it.
+#[test]
+fn force_cancel_frees_a_write_queued_behind_a_hung_copy() {
+    let scratch = tempfile::tempdir().unwrap();
+    // Sparse: nothing to copy, every chunk in sync from the start.
+    let image = create_image(scratch.path().join("disk.raw"), "raw", 16 << 20);
+    let d = Livesnapd::with_image(&image, &[]);
+    let mut qmp = d.qmp();
+    let target = create_image(scratch.path().join("target.raw"), "raw", 16 << 20);
+    qmp.ok(
+        "blockdev-add",
+        json!({"driver": "raw", "node-name": "target",
+               "file": {"driver": "blkdebug", "node-name": "faulty",
+                        "image": {"driver": "file", "filename": target.to_str().unwrap()}}}),
+    );
+    qmp.ok(
+        "blockdev-mirror",
+        json!({"job-id": "m", "device": "disk", "target": "target", "sync": "full",
+               "copy-mode": "write-blocking"}),
+    );
+    wait_job_event(&mut qmp, "m", "BLOCK_JOB_READY", Duration::from_secs(30));
+    // In sync: from now on every target write hangs.
+    qmp.ok(
+        "x-blkdebug-set-rules",
+        json!({"node-name": "faulty",
+               "inject-error": [{"event": "none", "iotype": "write", "x-stall": true}]}),
+    );
+    let url = d.url().to_string();
+    // Answered once the guest stops waiting for the hung target copy.
+    harness::qemu_io(&url, "raw", &["write -P 0x11 0 4k"]);
+    let mut second = std::process::Command::new("qemu-io")
+        .args(["-f", "raw", "-c", "write -P 0x22 0 4k", &url])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // It queues behind the first write's copy.
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        second.try_wait().unwrap().is_none(),
+        "the second write did not wait"
+    );
+    qmp.ok("block-job-cancel", json!({"device": "m", "force": true}));
+    wait_job_event(
+        &mut qmp,
+        "m",
+        "BLOCK_JOB_CANCELLED",
+        Duration::from_secs(30),
+    );
+    let (st, _, err) = harness::wait_within(second, Duration::from_secs(30))
+        .unwrap_or_else(|_| panic!("the queued guest write was never answered"));
+    assert!(st.success(), "the queued guest write failed: {err}");
+    assert_eq!(
+        harness::pit::read_export_at(&url, 0, 4096),
+        vec![0x22; 4096],
+        "the disk must hold the last acknowledged write"
+    );
+}

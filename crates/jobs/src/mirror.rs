@@ -326,15 +326,20 @@ impl MirrorHook {
         // Serialised against copies of the same chunks, so the target gets
         // the writes to a chunk in the order the source did; held until both
         // writes have landed.
-        let lock = s.locks.lock(start, end).await;
         let stop = s.stop.notified();
         tokio::pin!(stop);
         // Registered before the flag is read, so a stop in between still wakes us.
         stop.as_mut().enable();
         if s.stopped.load(Ordering::SeqCst) {
-            drop(lock);
             return write.await;
         }
+        // The chunks may be held by an earlier target write that hangs: a
+        // force cancel must free this write too, or detaching the hook
+        // (which waits for every guest write) would wait for ever.
+        let lock = tokio::select! {
+            lock = s.locks.lock(start, end) => lock,
+            _ = &mut stop => return write.await,
+        };
         // The target write starts at once, alongside the source write (the
         // guest waits for the slower of the two, not their sum), in a task
         // that keeps the chunks locked until it lands: a guest whose copy
