@@ -25,7 +25,7 @@ use crate::chain::run::{RunRecord, RUN_RECORD};
 use crate::chain::{self, image};
 use crate::error::{Failure, Result};
 use crate::signals::Interrupt;
-use crate::snapshot::EndpointArg;
+use crate::snapshot::{absolute, EndpointArg};
 use crate::target::CreateVia;
 use crate::units::{bytes, duration, rfc3339, Stamp};
 use crate::wait::Clock;
@@ -89,13 +89,7 @@ pub struct Dir {
 
 /// Opens DIR for a backup.
 pub fn open_dir(dir: &Path) -> Result<Dir> {
-    let path = if dir.is_absolute() {
-        dir.to_path_buf()
-    } else {
-        std::env::current_dir()
-            .map_err(|e| Failure::usage(format!("current directory: {e}")))?
-            .join(dir)
-    };
+    let path = absolute(dir)?;
     if !path.exists() {
         std::fs::create_dir(&path)
             .map_err(|e| Failure::usage(format!("cannot create {}: {e}", path.display())))?;

@@ -176,16 +176,21 @@ pub fn during(f: Failure, what: &str) -> Failure {
     }
 }
 
+/// `p` as an absolute path: a relative one is taken from livesnap's
+/// current directory (an endpoint has its own).
+pub fn absolute(p: &Path) -> Result<PathBuf> {
+    if p.is_absolute() {
+        return Ok(p.to_path_buf());
+    }
+    Ok(std::env::current_dir()
+        .map_err(|e| Failure::usage(format!("current directory: {e}")))?
+        .join(p))
+}
+
 /// The target as an absolute path in an existing directory, not yet there
 /// (livesnap never overwrites a file).
 pub fn new_target_path(p: &Path) -> Result<PathBuf> {
-    let abs = if p.is_absolute() {
-        p.to_path_buf()
-    } else {
-        std::env::current_dir()
-            .map_err(|e| Failure::usage(format!("current directory: {e}")))?
-            .join(p)
-    };
+    let abs = absolute(p)?;
     let parent = abs.parent().unwrap_or(Path::new("/"));
     if !parent.is_dir() {
         return Err(Failure::usage(format!(
