@@ -428,36 +428,16 @@ impl Report {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn disk() -> DiskIdentity {
-        DiskIdentity {
-            name: "disk".into(),
-            node: "disk".into(),
-            file: "/d".into(),
-            size: 1 << 20,
-            endpoint: "qmp /q".into(),
-        }
-    }
+    use crate::chain::manifest::fixtures::{backup, disk};
 
     fn with_backups(kinds: &[BackupKind]) -> Manifest {
         let mut m = Manifest::new("c0ffee".into(), disk(), "qmp");
         for (i, k) in kinds.iter().enumerate() {
-            let i = i as u64;
-            m.backups.push(Backup {
-                index: i,
-                file: chain::file_name(i, *k),
-                kind: *k,
-                backing: (*k == BackupKind::Incremental)
-                    .then(|| m.backups.last().map(|b| b.file.clone()))
-                    .flatten(),
-                point_in_time: PointInTime::new(&Stamp::now(), &Stamp::now(), "test"),
-                size: 1,
-                bytes_copied: 1,
-                sha256: String::new(),
-                bitmap: chain::bitmap_name("c0ffee", 0),
-                disk: disk(),
-                finished: String::new(),
-            });
+            let backing = match k {
+                BackupKind::Incremental => m.backups.last().map(|b| b.file.clone()),
+                BackupKind::Full => None,
+            };
+            m.backups.push(backup(i as u64, *k, backing.as_deref()));
         }
         m
     }
