@@ -168,17 +168,13 @@ pub async fn run(
     match run.take(&dir).await {
         Ok(backup) => {
             run.progress.finish();
-            let ((a, b, c), (x, y, z)) = run.lv.versions;
             Ok(Report {
                 backup,
                 dir: dir.path.clone(),
                 chain: run.plan.chain.clone(),
                 why: run.plan.why.clone(),
                 job_id: "backup".into(),
-                endpoint: format!(
-                    "libvirt {a}.{b}.{c}, hypervisor {x}.{y}.{z} ({}, domain {})",
-                    run.lv.uri, run.lv.name
-                ),
+                endpoint: run.lv.endpoint_name(),
                 started,
                 finished: Stamp::now(),
                 notes: run.notes,

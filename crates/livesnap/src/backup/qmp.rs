@@ -153,7 +153,7 @@ pub async fn run(qmp: &Path, opts: &Options, interrupt: Interrupt) -> Result<Rep
                 chain: run.plan.chain.clone(),
                 why: run.plan.why.clone(),
                 job_id: run.job.clone(),
-                endpoint: endpoint_name(&run.ep),
+                endpoint: run.ep.caps.endpoint_name(),
                 started,
                 finished: Stamp::now(),
                 notes: run.notes,
@@ -172,14 +172,6 @@ pub async fn run(qmp: &Path, opts: &Options, interrupt: Interrupt) -> Result<Rep
             ))
         }
     }
-}
-
-fn endpoint_name(ep: &Endpoint) -> String {
-    let c = &ep.caps;
-    format!(
-        "{}.{}.{} {}",
-        c.version.0, c.version.1, c.version.2, c.package
-    )
 }
 
 /// The `dirty-bitmaps` of node `node`.

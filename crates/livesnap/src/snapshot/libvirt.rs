@@ -759,7 +759,6 @@ impl Run<'_> {
                 q.filesystems, q.frozen_ms
             );
         }
-        let ((a, b, c), (x, y, z)) = self.lv.versions;
         Report {
             method: self.plan.method.name(),
             copy_mode: (self.plan.method == Method::Mirror).then(|| "write-blocking".to_string()),
@@ -790,10 +789,7 @@ impl Run<'_> {
             finished: o.window.1,
             quiesce: freezer.quiesce().cloned(),
             guest_effect,
-            endpoint: format!(
-                "libvirt {a}.{b}.{c}, hypervisor {x}.{y}.{z} ({}, domain {})",
-                self.lv.uri, self.lv.name
-            ),
+            endpoint: self.lv.endpoint_name(),
             why: self.plan.why.clone(),
             notes,
         }

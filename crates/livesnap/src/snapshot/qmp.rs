@@ -478,7 +478,6 @@ impl Run<'_> {
         let guest_effect = guest_effect(&self.plan, self.opts, o.switched, self.freezer.quiesce());
         let mut notes = std::mem::take(&mut self.st.notes);
         notes.extend(self.freezer.take_notes());
-        let caps = &self.ep.caps;
         Report {
             method: self.method_name(),
             copy_mode: o.copy_mode,
@@ -502,10 +501,7 @@ impl Run<'_> {
             finished: o.window.1,
             quiesce: self.freezer.quiesce().cloned(),
             guest_effect,
-            endpoint: format!(
-                "{}.{}.{} {}",
-                caps.version.0, caps.version.1, caps.version.2, caps.package
-            ),
+            endpoint: self.ep.caps.endpoint_name(),
             why: self.plan.why.clone(),
             notes,
         }
