@@ -25,7 +25,7 @@ use crate::chain::run::{RunRecord, RUN_RECORD};
 use crate::chain::{self, image};
 use crate::error::{Failure, Result};
 use crate::signals::Interrupt;
-use crate::snapshot::{absolute, EndpointArg};
+use crate::snapshot::{absolute, after_cleanup, EndpointArg};
 use crate::target::CreateVia;
 use crate::units::{bytes, duration, rfc3339, Stamp};
 use crate::wait::Clock;
@@ -230,23 +230,19 @@ pub fn failure_after_cleanup(
     left: &[String],
     dir: &Path,
 ) -> Failure {
-    let mut reason = f.reason;
-    if let Some(how) = stopped {
-        reason += &format!("; {how}");
-    }
-    if left.is_empty() {
-        reason += &format!(
+    after_cleanup(
+        f,
+        stopped,
+        left,
+        &format!(
             ", {} and the disk's change tracking as they were",
             dir.display()
-        );
-    } else {
-        reason += &format!(
-            "; LEFT BEHIND: {} (the next backup into {} undoes what it can)",
-            left.join(", "),
+        ),
+        &format!(
+            " (the next backup into {} undoes what it can)",
             dir.display()
-        );
-    }
-    Failure::new(f.kind, reason)
+        ),
+    )
 }
 
 /// What the job left, to be committed.
