@@ -32,7 +32,9 @@ use crate::error::{Failure, Result};
 use crate::progress::Progress;
 use crate::signals::Interrupt;
 use crate::snapshot::during;
-use crate::snapshot::qmp::{force_cancel, revive, wait_gone, JobWatch, Want, GONE_WAIT};
+use crate::snapshot::qmp::{
+    force_cancel, remove_after_job, revive, JobWatch, Want, CLEANUP_BUDGET, GONE_WAIT,
+};
 use crate::target::{self, TargetSpec};
 use crate::units::{bytes, duration, Stamp};
 use crate::wait::Clock;
@@ -310,10 +312,7 @@ impl Run<'_> {
             .await
             .map_err(|f| during(f, "the backup job ran"))?;
         self.job_running = false;
-        wait_gone(&mut self.ep, &self.job).await;
-        let nodes: Vec<String> = self.added.iter().rev().cloned().collect();
-        let left = target::remove_nodes(&mut self.ep, &nodes, GONE_WAIT).await;
-        self.added.clear();
+        let left = remove_after_job(&mut self.ep, &self.job, &mut self.added).await;
         if !left.is_empty() {
             return Err(Failure::endpoint(format!(
                 "could not remove the target's nodes: {}",
@@ -420,10 +419,7 @@ impl Run<'_> {
             cancelled = force_cancel(&mut self.ep, &self.job, &mut left).await;
             self.job_running = false;
         }
-        let nodes: Vec<String> = self.added.iter().rev().cloned().collect();
-        let nodes_left =
-            target::remove_nodes(&mut self.ep, &nodes, crate::snapshot::qmp::CLEANUP_BUDGET).await;
-        self.added.clear();
+        let nodes_left = target::remove_added(&mut self.ep, &mut self.added, CLEANUP_BUDGET).await;
         let kept = !nodes_left.is_empty();
         left.extend(nodes_left);
         let Some(lock) = self.lock.take() else {

@@ -454,13 +454,10 @@ impl Run<'_> {
         })
     }
 
-    /// After the job's end: waits (bounded) for it to be dismissed, then
-    /// removes the target's nodes (which flushes a qcow2 target).
+    /// After the job's end: the target's nodes go ([`remove_after_job`]);
+    /// if one cannot, the complete copy is kept and the snapshot fails.
     async fn remove_target_nodes(&mut self) -> Result<()> {
-        wait_gone(&mut self.ep, &self.job).await;
-        let nodes: Vec<String> = self.st.added.iter().rev().cloned().collect();
-        let left = target::remove_nodes(&mut self.ep, &nodes, GONE_WAIT).await;
-        self.st.added.clear();
+        let left = remove_after_job(&mut self.ep, &self.job, &mut self.st.added).await;
         if !left.is_empty() {
             // The copy is complete, but a node still has the file open: keep it.
             self.st.file_created = false;
@@ -738,8 +735,20 @@ impl JobWatch {
     }
 }
 
+/// After the job's end: waits (bounded) for it to be dismissed, then
+/// removes the target's nodes (which flushes a qcow2 target). Returns the
+/// nodes that could not be removed, with why.
+pub(crate) async fn remove_after_job(
+    ep: &mut Endpoint,
+    job: &str,
+    added: &mut Vec<String>,
+) -> Vec<String> {
+    wait_gone(ep, job).await;
+    target::remove_added(ep, added, GONE_WAIT).await
+}
+
 /// Waits (bounded) for an ended job to be dismissed, so its nodes are free.
-pub(crate) async fn wait_gone(ep: &mut Endpoint, job: &str) {
+async fn wait_gone(ep: &mut Endpoint, job: &str) {
     if !ep.caps.has("query-jobs") {
         return;
     }
@@ -849,9 +858,7 @@ impl Run<'_> {
         let budget = end
             .saturating_duration_since(Instant::now())
             .max(Duration::from_secs(1));
-        let nodes: Vec<String> = st.added.iter().rev().cloned().collect();
-        let nodes_left = target::remove_nodes(ep, &nodes, budget).await;
-        st.added.clear();
+        let nodes_left = target::remove_added(ep, &mut st.added, budget).await;
         let kept = !nodes_left.is_empty();
         left.extend(nodes_left);
         if st.file_created {
