@@ -17,7 +17,6 @@
 //! image's header and reads it back to check and checksum it.
 
 use std::path::PathBuf;
-use std::time::Duration;
 
 use tokio::time::Instant;
 use virt_sys as sys;
@@ -34,17 +33,12 @@ use crate::libvirt::{resolve_uri, Libvirt};
 use crate::progress::Progress;
 use crate::signals::Interrupt;
 use crate::snapshot::during;
-use crate::snapshot::libvirt::{job_gone, wait_backup_job, Running};
+use crate::snapshot::libvirt::{
+    job_gone, limit_backup_speed, wait_backup_job, Running, CLEANUP_BUDGET, CLOSE_WAIT,
+};
 use crate::target::{self, TargetSpec};
 use crate::units::{bytes, duration, Stamp};
 use crate::wait::Clock;
-
-/// Budget of the clean-up after a failure: an aborted backup may take
-/// libvirt's job lock wait (30 s) to go.
-const CLEANUP_BUDGET: Duration = Duration::from_secs(40);
-
-/// How long libvirt may take to close the image after the job's end.
-const CLOSE_WAIT: Duration = Duration::from_secs(30);
 
 /// The libvirt checkpoint taken with backup `index` of chain `chain`.
 pub fn checkpoint_name(chain: &str, index: u64) -> String {
@@ -287,14 +281,8 @@ impl Run<'_> {
         self.progress
             .note("livesnap: point in time fixed (backup started, checkpoint created); copying");
         if let Some(speed) = self.opts.speed {
-            // libvirt's backup XML has no bandwidth: the job's is set right after it started.
-            match self.lv.block_job_set_speed(&self.disk.target, speed).await {
-                Ok(()) => self.notes.push(format!(
-                    "--speed {}/s was applied right after the backup started (libvirt's backup has no bandwidth of its own)",
-                    bytes(speed)
-                )),
-                Err(f) => self.notes.push(format!("--speed not applied: {}", f.reason)),
-            }
+            let note = limit_backup_speed(&self.lv, &self.disk.target, speed).await;
+            self.notes.push(note);
         }
         let copied = wait_backup_job(&mut self.lv, &mut self.clock, &mut self.progress).await;
         let (done, _) = match copied {
