@@ -3,8 +3,10 @@
 //! disk's change tracking at the same instant; each later run copies only
 //! what changed since the previous backup, into a qcow2 backed by it. The
 //! orchestration for each endpoint is its own module ([`qmp`]: a dirty
-//! bitmap the chain owns; [`libvirt`]: libvirt checkpoints); what they share
-//! is here: the directory, the plan, and committing a finished backup.
+//! bitmap the chain owns; [`libvirt`]: libvirt checkpoints, each an
+//! [`EndpointRun`]); what they share is here: the directory, the plan, the
+//! run's state and record, committing a finished backup, and how every run
+//! ends ([`take`]: the report, or the clean-up and what it left).
 //!
 //! A backup enters the manifest only once it is complete and verified; a
 //! failed or interrupted run leaves DIR and the change tracking as they
@@ -21,11 +23,12 @@ use std::time::Duration;
 use serde_json::{json, Value};
 
 use crate::chain::manifest::{Backup, BackupKind, DiskIdentity, Manifest, PointInTime, MANIFEST};
-use crate::chain::run::{RunRecord, RUN_RECORD};
+use crate::chain::run::{Pending, RunLock, RunRecord, RUN_RECORD};
 use crate::chain::{self, image};
 use crate::error::{Failure, Result};
+use crate::progress::Progress;
 use crate::signals::Interrupt;
-use crate::snapshot::{absolute, after_cleanup, EndpointArg};
+use crate::snapshot::{absolute, after_cleanup, during, EndpointArg};
 use crate::target::CreateVia;
 use crate::units::{bytes, duration, rfc3339, Stamp};
 use crate::wait::Clock;
@@ -193,18 +196,6 @@ pub fn check_identity(m: &Manifest, now: &DiskIdentity) -> Result<()> {
     Ok(())
 }
 
-/// The record a run starts with, before it changes anything.
-pub fn new_record(plan: &Plan) -> RunRecord {
-    RunRecord {
-        pid: std::process::id(),
-        chain: plan.chain.clone(),
-        index: plan.index,
-        file: plan.file.clone(),
-        kind: plan.kind,
-        pending: Default::default(),
-    }
-}
-
 /// After what a killed run left was undone (`left`: what could not be):
 /// the note for the report, or the failure that stops this run.
 pub fn recovered(dir: &Dir, stale: &RunRecord, left: Vec<String>) -> Result<String> {
@@ -224,7 +215,7 @@ pub fn recovered(dir: &Dir, stale: &RunRecord, left: Vec<String>) -> Result<Stri
 
 /// The failure of a run after its clean-up: how the job was stopped, and
 /// DIR and the change tracking as they were, or what is left.
-pub fn failure_after_cleanup(
+fn failure_after_cleanup(
     f: Failure,
     stopped: Option<&str>,
     left: &[String],
@@ -257,11 +248,195 @@ pub struct Taken {
     pub bitmap: String,
 }
 
+/// Where a backup run stands, whatever the endpoint: what it takes, its
+/// record in DIR, what it will change on the endpoint, its notes.
+pub struct RunState<'a> {
+    /// The run's bound, and the signal that ends it early.
+    pub clock: Clock,
+    /// What the person watching sees.
+    pub progress: Progress,
+    /// What was asked.
+    pub opts: &'a Options,
+    /// The disk, as the manifest records it.
+    pub identity: DiskIdentity,
+    /// What this run takes.
+    pub plan: Plan,
+    /// The run record; `None` once released.
+    lock: Option<RunLock>,
+    /// What the run will change on the endpoint, recorded before it does.
+    pub pending: Pending,
+    /// Things the operator should know.
+    pub notes: Vec<String>,
+}
+
+impl<'a> RunState<'a> {
+    /// Records the run in DIR before it changes anything; the record is
+    /// also the lock that keeps other runs out.
+    pub fn begin(
+        dir: &Dir,
+        opts: &'a Options,
+        clock: Clock,
+        identity: DiskIdentity,
+        plan: Plan,
+        pending: Pending,
+        notes: Vec<String>,
+    ) -> Result<RunState<'a>> {
+        let record = RunRecord {
+            pid: std::process::id(),
+            chain: plan.chain.clone(),
+            index: plan.index,
+            file: plan.file.clone(),
+            kind: plan.kind,
+            pending: Default::default(),
+        };
+        let lock = RunLock::create(&dir.path, record)?;
+        Ok(RunState {
+            clock,
+            progress: Progress::new(opts.quiet),
+            opts,
+            identity,
+            plan,
+            lock: Some(lock),
+            pending,
+            notes,
+        })
+    }
+
+    /// The new backup's file.
+    pub fn path(&self, dir: &Dir) -> PathBuf {
+        dir.path.join(&self.plan.file)
+    }
+
+    /// Says what the run takes (`what`: the disk, as the endpoint knows
+    /// it), unless the deadline or a signal has ended it already.
+    pub fn announce(&self, dir: &Dir, what: &str) -> Result<()> {
+        self.progress.note(&format!(
+            "livesnap: {} backup {} of {what} -> {} ({}), deadline {}",
+            self.plan.kind.name(),
+            self.plan.index,
+            self.path(dir).display(),
+            self.plan.why,
+            duration(self.opts.deadline)
+        ));
+        self.clock.check()
+    }
+
+    /// Records [`RunState::pending`] before the run changes it on the
+    /// endpoint, so that a killed run's successor undoes it.
+    pub fn record_pending(&mut self) -> Result<()> {
+        let pending = self.pending.clone();
+        self.lock
+            .as_mut()
+            .expect("the run holds its record")
+            .note(|p| *p = pending)
+    }
+
+    /// Checks the finished image and enters it in the manifest (see
+    /// [`enter_in_manifest`]); `tracking` is the manifest's. From then on
+    /// nothing is undone.
+    pub async fn commit(&mut self, dir: &Dir, tracking: &str, taken: Taken) -> Result<Backup> {
+        enter_in_manifest(
+            &mut self.clock,
+            dir,
+            &self.plan,
+            &self.identity,
+            tracking,
+            taken,
+        )
+        .await
+        .map_err(|f| during(f, "committing the backup"))
+    }
+
+    /// After the commit: the run record goes, unless what the commit made
+    /// obsolete could not be removed (`unfinished`, the note that says
+    /// so); then the record stays, and the next run removes it.
+    pub fn end_committed(&mut self, unfinished: Option<String>) {
+        let lock = self.lock.take().expect("the run holds its record");
+        match unfinished {
+            None => {
+                if let Err(f) = lock.release() {
+                    self.notes.push(f.reason);
+                }
+            }
+            Some(note) => self.notes.push(note),
+        }
+    }
+
+    /// What the run changed, for its undo after a failure; `None` once it
+    /// committed.
+    pub fn to_undo(&self) -> Option<RunRecord> {
+        let lock = self.lock.as_ref()?;
+        Some(RunRecord {
+            pending: self.pending.clone(),
+            ..lock.record.clone()
+        })
+    }
+
+    /// The end of a failed run's undo: the run record goes if nothing is
+    /// `left`; else it stays, so that the next run undoes what it can.
+    pub fn release_if_undone(&mut self, left: &mut Vec<String>) {
+        if let Some(lock) = self.lock.take() {
+            if left.is_empty() {
+                if let Err(f) = lock.release() {
+                    left.push(f.reason);
+                }
+            }
+        }
+    }
+}
+
+/// What taking a backup depends on the endpoint for; [`take`] runs it and
+/// ends it the same way on every endpoint.
+pub trait EndpointRun<'a> {
+    /// Where the run stands.
+    fn state(&mut self) -> &mut RunState<'a>;
+    /// Takes the backup and commits it.
+    async fn take(&mut self, dir: &Dir) -> Result<Backup>;
+    /// After a failure: stops the job and undoes what the run changed.
+    /// Returns what is left, and how the job was stopped if it was.
+    async fn cleanup(&mut self, dir: &Dir) -> (Vec<String>, Option<&'static str>);
+    /// The job, as the report names it.
+    fn job_id(&self) -> String;
+    /// The endpoint, as the report names it.
+    fn endpoint_name(&self) -> String;
+}
+
+/// Takes the backup through `run` and reports it; after a failure, cleans
+/// up and says what is as it was or what is left.
+pub async fn take<'a>(mut run: impl EndpointRun<'a>, dir: &Dir, started: Stamp) -> Result<Report> {
+    match run.take(dir).await {
+        Ok(backup) => {
+            run.state().progress.finish();
+            let (job_id, endpoint) = (run.job_id(), run.endpoint_name());
+            let st = run.state();
+            Ok(Report {
+                backup,
+                dir: dir.path.clone(),
+                chain: st.plan.chain.clone(),
+                why: st.plan.why.clone(),
+                job_id,
+                endpoint,
+                started,
+                finished: Stamp::now(),
+                notes: std::mem::take(&mut st.notes),
+            })
+        }
+        Err(f) => {
+            run.state()
+                .progress
+                .note(&format!("livesnap: {}; cleaning up", f.reason));
+            let (left, stopped) = run.cleanup(dir).await;
+            run.state().progress.finish();
+            Err(failure_after_cleanup(f, stopped, &left, &dir.path))
+        }
+    }
+}
+
 /// Checks the finished image and enters it in the manifest: its size, its
 /// checksum, its own consistency as the engine opens it (qcow2, the disk's
 /// size, backed by the previous backup as a qcow2), then the manifest
 /// replaced atomically. Returns the new entry.
-pub async fn commit(
+async fn enter_in_manifest(
     clock: &mut Clock,
     dir: &Dir,
     plan: &Plan,

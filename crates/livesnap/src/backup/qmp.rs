@@ -20,23 +20,22 @@ use std::path::Path;
 use serde_json::{json, Value};
 
 use super::{
-    check_identity, commit, failure_after_cleanup, new_record, open_dir, plan, recovered, Dir,
-    Options, Plan, Report, Taken,
+    check_identity, open_dir, plan, recovered, take, Dir, EndpointRun, Options, Report, RunState,
+    Taken,
 };
 use crate::chain;
-use crate::chain::manifest::{BackupKind, DiskIdentity};
-use crate::chain::run::{Pending, RunLock, RunRecord};
+use crate::chain::manifest::{Backup, BackupKind, DiskIdentity};
+use crate::chain::run::{Pending, RunRecord};
 use crate::disk::{self, Disk};
 use crate::endpoint::{array, str_of, Endpoint};
 use crate::error::{Failure, Result};
-use crate::progress::Progress;
 use crate::signals::Interrupt;
 use crate::snapshot::during;
 use crate::snapshot::qmp::{
     force_cancel, remove_after_job, revive, JobWatch, Want, CLEANUP_BUDGET, GONE_WAIT,
 };
 use crate::target::{self, TargetSpec};
-use crate::units::{bytes, duration, Stamp};
+use crate::units::{bytes, Stamp};
 use crate::wait::Clock;
 
 /// The commands a chain needs from the endpoint.
@@ -127,53 +126,17 @@ pub async fn run(qmp: &Path, opts: &Options, interrupt: Interrupt) -> Result<Rep
             disk.driver
         ));
     }
-    let lock = RunLock::create(&dir.path, new_record(&plan))?;
-    let mut run = Run {
+    let run = Run {
+        st: RunState::begin(&dir, opts, clock, identity, plan, pending, notes)?,
         ep,
-        clock,
-        progress: Progress::new(opts.quiet),
-        opts,
         disk,
-        identity,
-        plan,
-        lock: Some(lock),
-        pending,
         tracking,
         persistent,
         job: format!("{}-job", target::node_prefix()),
         added: Vec::new(),
-        file_created: false,
         job_running: false,
-        notes,
     };
-    match run.take(&dir).await {
-        Ok(backup) => {
-            run.progress.finish();
-            Ok(Report {
-                backup,
-                dir: dir.path.clone(),
-                chain: run.plan.chain.clone(),
-                why: run.plan.why.clone(),
-                job_id: run.job.clone(),
-                endpoint: run.ep.caps.endpoint_name(),
-                started,
-                finished: Stamp::now(),
-                notes: run.notes,
-            })
-        }
-        Err(f) => {
-            run.progress
-                .note(&format!("livesnap: {}; cleaning up", f.reason));
-            let (left, cancelled) = run.cleanup(&dir).await;
-            run.progress.finish();
-            Err(failure_after_cleanup(
-                f,
-                cancelled.then_some("job force-cancelled"),
-                &left,
-                &dir.path,
-            ))
-        }
-    }
+    take(run, &dir, started).await
 }
 
 /// The `dirty-bitmaps` of node `node`.
@@ -220,74 +183,60 @@ fn usable(bitmaps: &[Value], name: &str, disk: &Disk, given: &str) -> Result<()>
 
 /// One backup run through QMP.
 struct Run<'a> {
+    st: RunState<'a>,
     ep: Endpoint,
-    clock: Clock,
-    progress: Progress,
-    opts: &'a Options,
     disk: Disk,
-    identity: DiskIdentity,
-    plan: Plan,
-    /// The run record; `None` once released.
-    lock: Option<RunLock>,
-    /// What the run will change on the endpoint, recorded before it does.
-    pending: Pending,
     /// The bitmap that tracks changes after this backup.
     tracking: String,
     persistent: bool,
     job: String,
     added: Vec<String>,
-    file_created: bool,
     job_running: bool,
-    notes: Vec<String>,
 }
 
-impl Run<'_> {
-    fn path(&self, dir: &Dir) -> std::path::PathBuf {
-        dir.path.join(&self.plan.file)
+impl<'a> EndpointRun<'a> for Run<'a> {
+    fn state(&mut self) -> &mut RunState<'a> {
+        &mut self.st
     }
 
-    async fn take(&mut self, dir: &Dir) -> Result<crate::chain::manifest::Backup> {
-        self.progress.note(&format!(
-            "livesnap: {} backup {} of {} ({}, {}) -> {} ({}), deadline {}",
-            self.plan.kind.name(),
-            self.plan.index,
-            self.opts.disk,
+    async fn take(&mut self, dir: &Dir) -> Result<Backup> {
+        let what = format!(
+            "{} ({}, {})",
+            self.st.opts.disk,
             self.disk.node,
-            bytes(self.disk.size),
-            self.path(dir).display(),
-            self.plan.why,
-            duration(self.opts.deadline)
-        ));
-        self.clock.check()?;
+            bytes(self.disk.size)
+        );
+        self.st.announce(dir, &what)?;
         let spec = TargetSpec {
-            path: self.path(dir),
+            path: self.st.path(dir),
             format: livesnap_block::ImageFormat::Qcow2,
             size: self.disk.size,
             // Relative, so that DIR can move with its chain.
-            backing: self.plan.backing.clone().map(|b| (b, "qcow2".to_string())),
+            backing: self
+                .st
+                .plan
+                .backing
+                .clone()
+                .map(|b| (b, "qcow2".to_string())),
             blkdebug: None,
         };
-        self.file_created = true;
         let target = target::create(
             &mut self.ep,
-            &mut self.clock,
+            &mut self.st.clock,
             &spec,
-            self.opts.create_via,
+            self.st.opts.create_via,
             &mut self.added,
         )
         .await
         .map_err(|f| during(f, "creating the target"))?;
-        self.clock
+        self.st
+            .clock
             .check()
             .map_err(|f| during(f, "creating the target"))?;
         let actions = self.actions(&target.node);
-        let pending = self.pending.clone();
-        self.lock
-            .as_mut()
-            .expect("the run holds its record")
-            .note(|p| *p = pending)?;
+        self.st.record_pending()?;
         let mut watch = JobWatch::backup(&self.job);
-        self.progress.start(self.disk.size);
+        self.st.progress.start(self.disk.size);
         self.job_running = true;
         let t0 = Stamp::now();
         let r = self
@@ -299,14 +248,14 @@ impl Run<'_> {
             self.job_running = false;
             return Err(Failure::endpoint(format!("transaction: {}", e.desc)));
         }
-        self.progress.note(
+        self.st.progress.note(
             "livesnap: point in time fixed (backup started, change tracking from here on); copying",
         );
         let end = watch
             .wait(
                 &mut self.ep,
-                &mut self.clock,
-                &mut self.progress,
+                &mut self.st.clock,
+                &mut self.st.progress,
                 Want::Completed,
             )
             .await
@@ -326,29 +275,68 @@ impl Run<'_> {
             bytes_copied: end["data"]["offset"].as_u64().unwrap_or(0),
             bitmap: self.tracking.clone(),
         };
-        let entry = commit(
-            &mut self.clock,
-            dir,
-            &self.plan,
-            &self.identity,
-            "qmp",
-            taken,
-        )
-        .await
-        .map_err(|f| during(f, "committing the backup"))?;
-        // Committed: from here on nothing is undone.
-        self.file_created = false;
+        let entry = self.st.commit(dir, "qmp", taken).await?;
         self.after_commit().await;
         Ok(entry)
     }
 
+    /// After a failure: the job cancelled, the target's nodes and file
+    /// removed, the bitmaps as they were.
+    async fn cleanup(&mut self, dir: &Dir) -> (Vec<String>, Option<&'static str>) {
+        let mut left = Vec::new();
+        if let Err(f) = revive(&mut self.ep).await {
+            left.push(format!("everything on the endpoint ({})", f.reason));
+            return (left, None);
+        }
+        let mut cancelled = false;
+        if self.job_running {
+            cancelled = force_cancel(&mut self.ep, &self.job, &mut left).await;
+            self.job_running = false;
+        }
+        let stopped = cancelled.then_some("job force-cancelled");
+        let nodes_left = target::remove_added(&mut self.ep, &mut self.added, CLEANUP_BUDGET).await;
+        let kept = !nodes_left.is_empty();
+        left.extend(nodes_left);
+        let Some(record) = self.st.to_undo() else {
+            return (left, stopped);
+        };
+        if kept {
+            left.push(format!(
+                "file {} (a node still uses it)",
+                self.st.path(dir).display()
+            ));
+        } else {
+            undo_run(
+                &mut self.ep,
+                &self.disk.node,
+                dir,
+                &record,
+                false,
+                &mut left,
+            )
+            .await;
+        }
+        self.st.release_if_undone(&mut left);
+        (left, stopped)
+    }
+
+    fn job_id(&self) -> String {
+        self.job.clone()
+    }
+
+    fn endpoint_name(&self) -> String {
+        self.ep.caps.endpoint_name()
+    }
+}
+
+impl Run<'_> {
     /// The transaction's actions.
     fn actions(&self, target: &str) -> Vec<Value> {
         let node = &self.disk.node;
         let mut backup = json!({
             "job-id": self.job, "device": node, "target": target,
         });
-        if let Some(s) = self.opts.speed {
+        if let Some(s) = self.st.opts.speed {
             backup["speed"] = json!(s);
         }
         if self.ep.caps.backup_cbw_args() {
@@ -356,7 +344,7 @@ impl Run<'_> {
             backup["on-cbw-error"] = json!("break-snapshot");
         }
         let mut actions = Vec::new();
-        match &self.pending.undo {
+        match &self.st.pending.undo {
             Some((undo, chain_bitmap)) => {
                 actions.push(json!({"type": "block-dirty-bitmap-add", "data": {
                     "node": node, "name": undo, "persistent": self.persistent, "disabled": true}}));
@@ -380,10 +368,10 @@ impl Run<'_> {
     /// run removes them (the backup itself stands).
     async fn after_commit(&mut self) {
         let mut gone = Vec::new();
-        if let Some((undo, _)) = &self.pending.undo {
+        if let Some((undo, _)) = &self.st.pending.undo {
             gone.push(undo.clone());
         }
-        if let Some(old) = &self.pending.bitmap_replaced {
+        if let Some(old) = &self.st.pending.bitmap_replaced {
             gone.push(old.clone());
         }
         let mut failed = Vec::new();
@@ -392,63 +380,12 @@ impl Run<'_> {
                 failed.push(format!("bitmap {b} ({why})"));
             }
         }
-        let lock = self.lock.take().expect("the run holds its record");
-        if failed.is_empty() {
-            if let Err(f) = lock.release() {
-                self.notes.push(f.reason);
-            }
-        } else {
-            self.notes.push(format!(
+        self.st.end_committed((!failed.is_empty()).then(|| {
+            format!(
                 "the backup is committed, but {} could not be removed; the next backup run removes it",
                 failed.join(", ")
-            ));
-        }
-    }
-
-    /// After a failure: the job cancelled, the target's nodes and file
-    /// removed, the bitmaps as they were. Returns what is left and whether
-    /// a job was cancelled.
-    async fn cleanup(&mut self, dir: &Dir) -> (Vec<String>, bool) {
-        let mut left = Vec::new();
-        if let Err(f) = revive(&mut self.ep).await {
-            left.push(format!("everything on the endpoint ({})", f.reason));
-            return (left, false);
-        }
-        let mut cancelled = false;
-        if self.job_running {
-            cancelled = force_cancel(&mut self.ep, &self.job, &mut left).await;
-            self.job_running = false;
-        }
-        let nodes_left = target::remove_added(&mut self.ep, &mut self.added, CLEANUP_BUDGET).await;
-        let kept = !nodes_left.is_empty();
-        left.extend(nodes_left);
-        let Some(lock) = self.lock.take() else {
-            return (left, cancelled);
-        };
-        if kept {
-            left.push(format!(
-                "file {} (a node still uses it)",
-                self.path(dir).display()
-            ));
-        } else {
-            let mut record = lock.record.clone();
-            record.pending = self.pending.clone();
-            undo_run(
-                &mut self.ep,
-                &self.disk.node,
-                dir,
-                &record,
-                false,
-                &mut left,
             )
-            .await;
-        }
-        if left.is_empty() {
-            if let Err(f) = lock.release() {
-                left.push(f.reason);
-            }
-        }
-        (left, cancelled)
+        }));
     }
 }
 
