@@ -20,8 +20,8 @@ use tokio::time::Instant;
 use virt_sys as sys;
 
 use super::{
-    check_identity, open_dir, plan, recovered, take, Dir, EndpointRun, Options, Report, RunState,
-    Taken,
+    open_dir, plan, recover_and_check, take, Dir, EndpointRun, Options, Report, RunState, Taken,
+    Tracking,
 };
 use crate::chain::manifest::{Backup, BackupKind, DiskIdentity};
 use crate::chain::run::{Pending, RunRecord};
@@ -93,29 +93,18 @@ pub async fn run(
         size,
         endpoint: format!("libvirt {} {}", lv.uri, lv.name),
     };
-    let mut notes = Vec::new();
-    if let Some(stale) = dir.stale.take() {
-        let p = &stale.pending;
-        if p.undo.is_some() || p.bitmap_added.is_some() || p.bitmap_replaced.is_some() {
-            return Err(Failure::usage(format!(
-                "an earlier run through QMP (pid {}) was killed in {}: run the next backup with --qmp, which undoes what it left",
-                stale.pid,
-                dir.path.display()
-            )));
-        }
-        let mut left = Vec::new();
-        undo_run(&mut lv, &dir, &stale, true, &mut left).await;
-        notes.push(recovered(&dir, &stale, left)?);
-    }
-    if let Some(m) = &dir.manifest {
-        check_identity(m, &identity)?;
-        if m.tracking != "libvirt" {
-            return Err(Failure::usage(format!(
-                "the chain in {} tracks changes with a bitmap on a QMP endpoint: continue it with --qmp",
-                dir.path.display()
-            )));
-        }
-    }
+    let recovered = recover_and_check(
+        &mut dir,
+        &identity,
+        Tracking::Libvirt,
+        async |dir, stale, committed| {
+            let mut left = Vec::new();
+            undo_run(&mut lv, dir, stale, committed, &mut left).await;
+            left
+        },
+    )
+    .await?;
+    let notes: Vec<String> = recovered.into_iter().collect();
     let plan = plan(dir.manifest.as_ref(), opts.full);
     let previous = dir
         .manifest
@@ -249,7 +238,7 @@ impl<'a> EndpointRun<'a> for Run<'a> {
             bytes_copied: done,
             bitmap: self.checkpoint.clone(),
         };
-        let entry = self.st.commit(dir, "libvirt", taken).await?;
+        let entry = self.st.commit(dir, Tracking::Libvirt, taken).await?;
         self.after_commit().await;
         Ok(entry)
     }
@@ -314,8 +303,7 @@ impl Run<'_> {
     }
 }
 
-/// Undoes what run `r` changed unless it committed (`committed` read from
-/// DIR's manifest when `check_manifest`): a killed run's backup job
+/// Undoes what run `r` changed unless it `committed`: a killed run's backup job
 /// aborted, the checkpoint it created deleted (the previous one then
 /// tracks everything since the last committed backup), its partial file
 /// removed; once committed, only the checkpoint it replaced goes.
@@ -323,10 +311,9 @@ async fn undo_run(
     lv: &mut Libvirt,
     dir: &Dir,
     r: &RunRecord,
-    check_manifest: bool,
+    committed: bool,
     left: &mut Vec<String>,
 ) {
-    let committed = check_manifest && r.committed(dir.manifest.as_ref());
     if r.pid != std::process::id() {
         if let Ok(j) = lv.job_stats(false).await {
             if j.kind != sys::VIR_DOMAIN_JOB_NONE as i32 && j.operation() == Some("backup") {

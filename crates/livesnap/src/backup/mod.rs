@@ -181,8 +181,91 @@ pub fn plan(m: Option<&Manifest>, full: bool) -> Plan {
     }
 }
 
+/// How a chain keeps track of what changed between its backups, which
+/// also says which kind of endpoint continues it (the manifest's
+/// `tracking`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Tracking {
+    /// A dirty bitmap the chain owns, on a QMP endpoint.
+    Qmp,
+    /// libvirt checkpoints.
+    Libvirt,
+}
+
+impl Tracking {
+    /// The manifest's name, also the option that selects the endpoint.
+    pub fn name(self) -> &'static str {
+        match self {
+            Tracking::Qmp => "qmp",
+            Tracking::Libvirt => "libvirt",
+        }
+    }
+
+    /// A run that tracks changes this way recorded `p`: only this kind of
+    /// endpoint can undo it.
+    fn recorded(self, p: &Pending) -> bool {
+        match self {
+            Tracking::Qmp => {
+                p.undo.is_some() || p.bitmap_added.is_some() || p.bitmap_replaced.is_some()
+            }
+            Tracking::Libvirt => p.checkpoint.is_some(),
+        }
+    }
+}
+
+/// Before a run through `mine` changes anything: what a killed run left
+/// is undone by `undo` (told whether that run committed, as DIR's manifest
+/// says; it returns what it could not undo), or refused when only the
+/// other kind of endpoint can undo it; then the chain in DIR must be of
+/// the same disk and keep its change tracking through `mine`. Returns the
+/// note that says what was undone.
+pub async fn recover_and_check(
+    dir: &mut Dir,
+    identity: &DiskIdentity,
+    mine: Tracking,
+    undo: impl AsyncFnOnce(&Dir, &RunRecord, bool) -> Vec<String>,
+) -> Result<Option<String>> {
+    let mut note = None;
+    if let Some(stale) = dir.stale.take() {
+        let (other, through) = match mine {
+            Tracking::Qmp => (Tracking::Libvirt, "libvirt"),
+            Tracking::Libvirt => (Tracking::Qmp, "QMP"),
+        };
+        if other.recorded(&stale.pending) {
+            return Err(Failure::usage(format!(
+                "an earlier run through {through} (pid {}) was killed in {}: run the next backup with --{}, which undoes what it left",
+                stale.pid,
+                dir.path.display(),
+                other.name()
+            )));
+        }
+        let committed = stale.committed(dir.manifest.as_ref());
+        let left = undo(dir, &stale, committed).await;
+        note = Some(recovered(dir, &stale, left)?);
+    }
+    if let Some(m) = &dir.manifest {
+        check_identity(m, identity)?;
+        if m.tracking != mine.name() {
+            let how = match mine {
+                Tracking::Qmp => format!(
+                    "through {0} checkpoints: continue it with --{0}",
+                    m.tracking
+                ),
+                Tracking::Libvirt => {
+                    "with a bitmap on a QMP endpoint: continue it with --qmp".to_string()
+                }
+            };
+            return Err(Failure::usage(format!(
+                "the chain in {} tracks changes {how}",
+                dir.path.display()
+            )));
+        }
+    }
+    Ok(note)
+}
+
 /// Refuses a disk that is not the chain's (another size).
-pub fn check_identity(m: &Manifest, now: &DiskIdentity) -> Result<()> {
+fn check_identity(m: &Manifest, now: &DiskIdentity) -> Result<()> {
     if m.disk.size != now.size {
         return Err(Failure::usage(format!(
             "the disk {} is {} but the chain in this directory is of a disk of {} ({} {}): not the same disk",
@@ -198,7 +281,7 @@ pub fn check_identity(m: &Manifest, now: &DiskIdentity) -> Result<()> {
 
 /// After what a killed run left was undone (`left`: what could not be):
 /// the note for the report, or the failure that stops this run.
-pub fn recovered(dir: &Dir, stale: &RunRecord, left: Vec<String>) -> Result<String> {
+fn recovered(dir: &Dir, stale: &RunRecord, left: Vec<String>) -> Result<String> {
     if !left.is_empty() {
         return Err(Failure::endpoint(format!(
             "an earlier run (pid {}) was killed and what it left cannot be undone: {}",
@@ -332,15 +415,15 @@ impl<'a> RunState<'a> {
     }
 
     /// Checks the finished image and enters it in the manifest (see
-    /// [`enter_in_manifest`]); `tracking` is the manifest's. From then on
-    /// nothing is undone.
-    pub async fn commit(&mut self, dir: &Dir, tracking: &str, taken: Taken) -> Result<Backup> {
+    /// [`enter_in_manifest`]) of a chain that tracks changes by
+    /// `tracking`. From then on nothing is undone.
+    pub async fn commit(&mut self, dir: &Dir, tracking: Tracking, taken: Taken) -> Result<Backup> {
         enter_in_manifest(
             &mut self.clock,
             dir,
             &self.plan,
             &self.identity,
-            tracking,
+            tracking.name(),
             taken,
         )
         .await
@@ -626,6 +709,99 @@ mod tests {
         let p = plan(Some(&m), true);
         assert_eq!((p.kind, p.index, p.backing), (BackupKind::Full, 2, None));
         assert_eq!(p.file, "0002-full.qcow2");
+    }
+
+    /// Leaves in `dir` the record of a run killed after it recorded `pending`.
+    fn killed_run(dir: &Path, pending: Pending) {
+        let record = RunRecord {
+            pid: std::process::id(),
+            chain: "c0ffee".into(),
+            index: 1,
+            file: "0001-incremental.qcow2".into(),
+            kind: BackupKind::Incremental,
+            pending: Pending::default(),
+        };
+        let mut lock = RunLock::create(dir, record).unwrap();
+        lock.note(|p| *p = pending).unwrap();
+    }
+
+    /// Why a run through `mine` does not start in `dir`, where it must not
+    /// undo what a killed run left.
+    async fn refusal(dir: &Path, mine: Tracking) -> String {
+        let mut dir = open_dir(dir).unwrap();
+        let not_undone = async |_: &Dir, _: &RunRecord, _: bool| -> Vec<String> {
+            panic!("undone by the wrong endpoint kind")
+        };
+        let e = recover_and_check(&mut dir, &disk(), mine, not_undone).await;
+        e.unwrap_err().reason
+    }
+
+    #[tokio::test]
+    async fn a_killed_run_is_undone_only_through_its_endpoint_kind() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (at, pid) = (tmp.path().display(), std::process::id());
+        let cases = [
+            (
+                Pending {
+                    checkpoint: Some("cp".into()),
+                    ..Pending::default()
+                },
+                Tracking::Qmp,
+                format!("an earlier run through libvirt (pid {pid}) was killed in {at}: run the next backup with --libvirt, which undoes what it left"),
+            ),
+            (
+                Pending {
+                    bitmap_added: Some("b".into()),
+                    ..Pending::default()
+                },
+                Tracking::Libvirt,
+                format!("an earlier run through QMP (pid {pid}) was killed in {at}: run the next backup with --qmp, which undoes what it left"),
+            ),
+        ];
+        for (pending, mine, why) in cases {
+            killed_run(tmp.path(), pending);
+            assert_eq!(refusal(tmp.path(), mine).await, why);
+            chain::run::forget(tmp.path()).unwrap();
+        }
+    }
+
+    #[tokio::test]
+    async fn a_chain_goes_on_only_through_its_endpoint_kind() {
+        let tmp = tempfile::tempdir().unwrap();
+        with_backups(&[BackupKind::Full]).save(tmp.path()).unwrap();
+        killed_run(
+            tmp.path(),
+            Pending {
+                checkpoint: Some("cp".into()),
+                ..Pending::default()
+            },
+        );
+        // The killed libvirt run is undone (it had not committed), but the
+        // chain is a QMP endpoint's.
+        let mut dir = open_dir(tmp.path()).unwrap();
+        let e = recover_and_check(
+            &mut dir,
+            &disk(),
+            Tracking::Libvirt,
+            async |_: &Dir, r: &RunRecord, committed: bool| {
+                assert_eq!((r.index, committed), (1, false));
+                Vec::new()
+            },
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(
+            e.reason,
+            format!(
+                "the chain in {} tracks changes with a bitmap on a QMP endpoint: continue it with --qmp",
+                tmp.path().display()
+            )
+        );
+        let mut dir = open_dir(tmp.path()).unwrap();
+        assert!(dir.stale.is_none(), "the undone run's record is gone");
+        let nothing_to_undo = async |_: &Dir, _: &RunRecord, _: bool| Vec::new();
+        let note = recover_and_check(&mut dir, &disk(), Tracking::Qmp, nothing_to_undo).await;
+        assert_eq!(note.unwrap(), None);
     }
 
     #[test]

@@ -20,8 +20,8 @@ use std::path::Path;
 use serde_json::{json, Value};
 
 use super::{
-    check_identity, open_dir, plan, recovered, take, Dir, EndpointRun, Options, Report, RunState,
-    Taken,
+    open_dir, plan, recover_and_check, take, Dir, EndpointRun, Options, Report, RunState, Taken,
+    Tracking,
 };
 use crate::chain;
 use crate::chain::manifest::{Backup, BackupKind, DiskIdentity};
@@ -74,30 +74,18 @@ pub async fn run(qmp: &Path, opts: &Options, interrupt: Interrupt) -> Result<Rep
         size: disk.size,
         endpoint: format!("qmp {}", qmp.display()),
     };
-    let mut notes = Vec::new();
-    if let Some(stale) = dir.stale.take() {
-        if stale.pending.checkpoint.is_some() {
-            return Err(Failure::usage(format!(
-                "an earlier run through libvirt (pid {}) was killed in {}: run the next backup with --libvirt, which undoes what it left",
-                stale.pid,
-                dir.path.display()
-            )));
-        }
-        let mut left = Vec::new();
-        undo_run(&mut ep, &disk.node, &dir, &stale, true, &mut left).await;
-        notes.push(recovered(&dir, &stale, left)?);
-    }
-    if let Some(m) = &dir.manifest {
-        check_identity(m, &identity)?;
-        if m.tracking != "qmp" {
-            return Err(Failure::usage(format!(
-                "the chain in {} tracks changes through {} checkpoints: continue it with --{}",
-                dir.path.display(),
-                m.tracking,
-                m.tracking
-            )));
-        }
-    }
+    let recovered = recover_and_check(
+        &mut dir,
+        &identity,
+        Tracking::Qmp,
+        async |dir, stale, committed| {
+            let mut left = Vec::new();
+            undo_run(&mut ep, &disk.node, dir, stale, committed, &mut left).await;
+            left
+        },
+    )
+    .await?;
+    let mut notes: Vec<String> = recovered.into_iter().collect();
     let plan = plan(dir.manifest.as_ref(), opts.full);
     let present = bitmaps_of(&mut ep, &disk.node).await?;
     let current = dir
@@ -275,7 +263,7 @@ impl<'a> EndpointRun<'a> for Run<'a> {
             bytes_copied: end["data"]["offset"].as_u64().unwrap_or(0),
             bitmap: self.tracking.clone(),
         };
-        let entry = self.st.commit(dir, "qmp", taken).await?;
+        let entry = self.st.commit(dir, Tracking::Qmp, taken).await?;
         self.after_commit().await;
         Ok(entry)
     }
@@ -409,8 +397,7 @@ async fn remove_bitmap(
     }
 }
 
-/// Undoes what the run `r` changed, unless it committed (`committed`
-/// taken from DIR's manifest when `check_manifest`, else false): a job
+/// Undoes what the run `r` changed, unless it `committed`: a job
 /// and nodes of a killed run, the undo bitmap merged back into the chain's
 /// bitmap, a bitmap it added, its partial file. Once it committed, only
 /// what commit makes obsolete goes (the undo bitmap, a replaced bitmap).
@@ -420,10 +407,9 @@ async fn undo_run(
     node: &str,
     dir: &Dir,
     r: &RunRecord,
-    check_manifest: bool,
+    committed: bool,
     left: &mut Vec<String>,
 ) {
-    let committed = check_manifest && r.committed(dir.manifest.as_ref());
     if r.pid != std::process::id() {
         // A killed run's job may still run, its nodes still hold the file.
         let prefix = format!("livesnap-{}-", r.pid);
