@@ -61,12 +61,6 @@ pub async fn run(qmp: &Path, opts: &Options, interrupt: Interrupt) -> Result<Rep
         )));
     }
     let disk = disk::resolve(&mut ep, &opts.disk).await?;
-    if disk.size == 0 {
-        return Err(Failure::endpoint(format!(
-            "the endpoint reports no size for node {}",
-            disk.node
-        )));
-    }
     let identity = DiskIdentity {
         name: opts.disk.clone(),
         node: disk.node.clone(),

@@ -202,12 +202,6 @@ pub async fn run(qmp: &Path, opts: &Options, interrupt: Interrupt) -> Result<Rep
     let path = new_target_path(&opts.target)?;
     let mut ep = clock.connect(|t| Endpoint::connect(qmp, t)).await?;
     let disk = disk::resolve(&mut ep, &opts.disk).await?;
-    if disk.size == 0 {
-        return Err(Failure::endpoint(format!(
-            "the endpoint reports no size for node {}",
-            disk.node
-        )));
-    }
     let plan = decide(&ep.caps, opts, &disk)?;
     let backing = match (&plan.sync, &disk.backing) {
         (SyncMode::Top, Some(b)) => match &b.format {
