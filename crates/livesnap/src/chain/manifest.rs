@@ -195,10 +195,8 @@ impl Manifest {
     /// Reads `DIR/manifest.json`; `Ok(None)` when there is none.
     pub fn load(dir: &Path) -> Result<Option<Manifest>> {
         let path = dir.join(MANIFEST);
-        let text = match std::fs::read_to_string(&path) {
-            Ok(t) => t,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(Failure::usage(format!("{}: {e}", path.display()))),
+        let Some(text) = super::read_if_there(&path)? else {
+            return Ok(None);
         };
         let v: serde_json::Value = serde_json::from_str(&text)
             .map_err(|e| Failure::usage(format!("{}: not JSON: {e}", path.display())))?;
