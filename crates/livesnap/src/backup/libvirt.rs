@@ -97,11 +97,7 @@ pub async fn run(
         &mut dir,
         &identity,
         Tracking::Libvirt,
-        async |dir, stale, committed| {
-            let mut left = Vec::new();
-            undo_run(&mut lv, dir, stale, committed, &mut left).await;
-            left
-        },
+        async |dir, stale, committed| undo_run(&mut lv, dir, stale, committed).await,
     )
     .await?;
     let notes: Vec<String> = recovered.into_iter().collect();
@@ -271,7 +267,7 @@ impl<'a> EndpointRun<'a> for Run<'a> {
             ));
             return (left, stopped);
         }
-        undo_run(&mut self.lv, dir, &record, false, &mut left).await;
+        left.extend(undo_run(&mut self.lv, dir, &record, false).await);
         self.st.release_if_undone(&mut left);
         (left, stopped)
     }
@@ -307,13 +303,9 @@ impl Run<'_> {
 /// aborted, the checkpoint it created deleted (the previous one then
 /// tracks everything since the last committed backup), its partial file
 /// removed; once committed, only the checkpoint it replaced goes.
-async fn undo_run(
-    lv: &mut Libvirt,
-    dir: &Dir,
-    r: &RunRecord,
-    committed: bool,
-    left: &mut Vec<String>,
-) {
+/// Returns what could not be undone.
+async fn undo_run(lv: &mut Libvirt, dir: &Dir, r: &RunRecord, committed: bool) -> Vec<String> {
+    let mut left = Vec::new();
     if r.pid != std::process::id() {
         if let Ok(j) = lv.job_stats(false).await {
             if j.kind != sys::VIR_DOMAIN_JOB_NONE as i32 && j.operation() == Some("backup") {
@@ -321,7 +313,7 @@ async fn undo_run(
                 let until = Instant::now() + CLEANUP_BUDGET;
                 if let Some(seen) = job_gone(lv, "", Running::Backup, until).await {
                     left.push(format!("the killed run's backup job ({seen})"));
-                    return;
+                    return left;
                 }
             }
         }
@@ -344,4 +336,5 @@ async fn undo_run(
     if !committed {
         left.extend(crate::snapshot::remove_target_file(&dir.path.join(&r.file)));
     }
+    left
 }

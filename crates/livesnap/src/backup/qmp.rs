@@ -72,11 +72,7 @@ pub async fn run(qmp: &Path, opts: &Options, interrupt: Interrupt) -> Result<Rep
         &mut dir,
         &identity,
         Tracking::Qmp,
-        async |dir, stale, committed| {
-            let mut left = Vec::new();
-            undo_run(&mut ep, &disk.node, dir, stale, committed, &mut left).await;
-            left
-        },
+        async |dir, stale, committed| undo_run(&mut ep, &disk.node, dir, stale, committed).await,
     )
     .await?;
     let mut notes: Vec<String> = recovered.into_iter().collect();
@@ -288,15 +284,7 @@ impl<'a> EndpointRun<'a> for Run<'a> {
                 self.st.path(dir).display()
             ));
         } else {
-            undo_run(
-                &mut self.ep,
-                &self.disk.node,
-                dir,
-                &record,
-                false,
-                &mut left,
-            )
-            .await;
+            left.extend(undo_run(&mut self.ep, &self.disk.node, dir, &record, false).await);
         }
         self.st.release_if_undone(&mut left);
         (left, stopped)
@@ -358,9 +346,7 @@ impl Run<'_> {
         }
         let mut failed = Vec::new();
         for b in gone {
-            if let Err(why) = remove_bitmap(&mut self.ep, &self.disk.node, &b).await {
-                failed.push(format!("bitmap {b} ({why})"));
-            }
+            failed.extend(remove_bitmap(&mut self.ep, &self.disk.node, &b).await);
         }
         self.st.end_committed((!failed.is_empty()).then(|| {
             format!(
@@ -371,46 +357,44 @@ impl Run<'_> {
     }
 }
 
-/// `block-dirty-bitmap-remove`; a bitmap that is not there counts as removed.
-async fn remove_bitmap(
-    ep: &mut Endpoint,
-    node: &str,
-    name: &str,
-) -> std::result::Result<(), String> {
-    match ep
+/// `block-dirty-bitmap-remove`; a bitmap that is not there counts as
+/// removed. Returns what is left if it could not be removed.
+async fn remove_bitmap(ep: &mut Endpoint, node: &str, name: &str) -> Option<String> {
+    let why = match ep
         .call(
             "block-dirty-bitmap-remove",
             json!({"node": node, "name": name}),
         )
         .await
     {
-        Ok(Ok(_)) => Ok(()),
-        Ok(Err(e)) if e.desc.contains("not found") => Ok(()),
-        Ok(Err(e)) => Err(e.desc),
-        Err(f) => Err(f.reason),
-    }
+        Ok(Ok(_)) => return None,
+        Ok(Err(e)) if e.desc.contains("not found") => return None,
+        Ok(Err(e)) => e.desc,
+        Err(f) => f.reason,
+    };
+    Some(format!("bitmap {name} ({why})"))
 }
 
 /// Undoes what the run `r` changed, unless it `committed`: a job
 /// and nodes of a killed run, the undo bitmap merged back into the chain's
 /// bitmap, a bitmap it added, its partial file. Once it committed, only
 /// what commit makes obsolete goes (the undo bitmap, a replaced bitmap).
-/// What cannot be undone goes into `left`.
+/// Returns what could not be undone.
 async fn undo_run(
     ep: &mut Endpoint,
     node: &str,
     dir: &Dir,
     r: &RunRecord,
     committed: bool,
-    left: &mut Vec<String>,
-) {
+) -> Vec<String> {
+    let mut left = Vec::new();
     if r.pid != std::process::id() {
         // A killed run's job may still run, its nodes still hold the file.
         let prefix = format!("livesnap-{}-", r.pid);
         let job = format!("{prefix}job");
         if let Ok(jobs) = ep.block_jobs().await {
             if jobs.iter().any(|j| str_of(j, "device") == job) {
-                force_cancel(ep, &job, left).await;
+                force_cancel(ep, &job, &mut left).await;
             }
         }
         let mut nodes: Vec<String> = ep
@@ -429,7 +413,7 @@ async fn undo_run(
         Ok(b) => b,
         Err(f) => {
             left.push(format!("the bitmaps of {node} ({})", f.reason));
-            return;
+            return left;
         }
     };
     let p = &r.pending;
@@ -463,29 +447,24 @@ async fn undo_run(
                 true
             };
             if merged {
-                if let Err(why) = remove_bitmap(ep, node, undo).await {
-                    left.push(format!("bitmap {undo} ({why})"));
-                }
+                left.extend(remove_bitmap(ep, node, undo).await);
             }
         }
     }
     if let Some(b) = &p.bitmap_added {
         if !committed && find(&present, b).is_some() {
-            if let Err(why) = remove_bitmap(ep, node, b).await {
-                left.push(format!("bitmap {b} ({why})"));
-            }
+            left.extend(remove_bitmap(ep, node, b).await);
         }
     }
     if let Some(b) = &p.bitmap_replaced {
         if committed && find(&present, b).is_some() {
-            if let Err(why) = remove_bitmap(ep, node, b).await {
-                left.push(format!("bitmap {b} ({why})"));
-            }
+            left.extend(remove_bitmap(ep, node, b).await);
         }
     }
     if !committed {
         left.extend(crate::snapshot::remove_target_file(&dir.path.join(&r.file)));
     }
+    left
 }
 
 #[cfg(test)]
