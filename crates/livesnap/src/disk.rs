@@ -36,8 +36,20 @@ pub struct Disk {
 }
 
 /// Finds `name` among the node names, then among `query-block`'s drive
-/// names and device ids.
+/// names and device ids; a node whose size the endpoint does not report
+/// cannot be copied.
 pub async fn resolve(ep: &mut Endpoint, name: &str) -> Result<Disk> {
+    let disk = find(ep, name).await?;
+    if disk.size == 0 {
+        return Err(Failure::endpoint(format!(
+            "the endpoint reports no size for node {}",
+            disk.node
+        )));
+    }
+    Ok(disk)
+}
+
+async fn find(ep: &mut Endpoint, name: &str) -> Result<Disk> {
     // Not flat: a node's `image` then nests its backing image, whose
     // format is needed when the header does not name it.
     let nodes = crate::endpoint::array(ep.must("query-named-block-nodes", Value::Null).await?);

@@ -54,6 +54,12 @@ impl Caps {
         }
     }
 
+    /// The endpoint as reports name it: its version and package.
+    pub fn endpoint_name(&self) -> String {
+        let (major, minor, micro) = self.version;
+        format!("{major}.{minor}.{micro} {}", self.package)
+    }
+
     /// The endpoint has `command`.
     pub fn has(&self, command: &str) -> bool {
         self.commands.contains(command)

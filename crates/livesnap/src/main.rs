@@ -128,6 +128,33 @@ enum CreateChoice {
     Local,
 }
 
+impl From<CreateChoice> for CreateVia {
+    fn from(c: CreateChoice) -> CreateVia {
+        match c {
+            CreateChoice::Auto => CreateVia::Auto,
+            CreateChoice::Qmp => CreateVia::Qmp,
+            CreateChoice::Local => CreateVia::Local,
+        }
+    }
+}
+
+/// How a verb that runs a job is bounded and reports.
+#[derive(clap::Args, Clone, Copy)]
+struct JobOpts {
+    /// The whole operation must end by then (e.g. 30s, 10m, 1h)
+    #[arg(long, value_parser = duration_arg, default_value = "10m")]
+    deadline: Duration,
+    /// Job speed limit in bytes per second (e.g. 100M)
+    #[arg(long, value_parser = size_arg)]
+    speed: Option<u64>,
+    /// Print the final report as one JSON object
+    #[arg(long)]
+    json: bool,
+    /// No progress output
+    #[arg(long, short)]
+    quiet: bool,
+}
+
 /// Where the disk is: a QMP socket, or a libvirt domain.
 #[derive(clap::Args, Clone)]
 struct EndpointOpts {
@@ -199,18 +226,8 @@ itself is bounded (about 20 s).
         /// Which job takes the snapshot
         #[arg(long, value_enum, default_value = "backup")]
         method: MethodChoice,
-        /// The whole operation must end by then (e.g. 30s, 10m, 1h)
-        #[arg(long, value_parser = duration_arg, default_value = "10m")]
-        deadline: Duration,
-        /// Job speed limit in bytes per second (e.g. 100M)
-        #[arg(long, value_parser = size_arg)]
-        speed: Option<u64>,
-        /// Print the final report as one JSON object
-        #[arg(long)]
-        json: bool,
-        /// No progress output
-        #[arg(long, short)]
-        quiet: bool,
+        #[command(flatten)]
+        job: JobOpts,
         /// Freeze the guest's filesystems around the instant: with --qmp through
         /// qemu-guest-agent's socket QGA_SOCKET; with --libvirt through libvirt's
         /// agent (no value: write --freeze after TARGET or before another option)
@@ -258,18 +275,8 @@ fails and says so: --full then starts a new full backup in the chain.
         /// A new full backup, even where an incremental one is possible
         #[arg(long)]
         full: bool,
-        /// The whole operation must end by then (e.g. 30s, 10m, 1h)
-        #[arg(long, value_parser = duration_arg, default_value = "10m")]
-        deadline: Duration,
-        /// Job speed limit in bytes per second (e.g. 100M)
-        #[arg(long, value_parser = size_arg)]
-        speed: Option<u64>,
-        /// Print the final report as one JSON object
-        #[arg(long)]
-        json: bool,
-        /// No progress output
-        #[arg(long, short)]
-        quiet: bool,
+        #[command(flatten)]
+        job: JobOpts,
         /// Where the backup image is created (QMP endpoints)
         #[arg(long, value_enum, default_value = "auto")]
         create_via: CreateChoice,
@@ -438,6 +445,21 @@ fn freeze_arg(f: Option<Option<PathBuf>>, libvirt: bool) -> Result<Option<Freeze
     }
 }
 
+/// Prints a finished verb's report on stdout: one JSON object with
+/// --json, else lines for a person unless --quiet.
+fn print_report<J: std::fmt::Display>(
+    json: bool,
+    quiet: bool,
+    as_json: impl FnOnce() -> J,
+    human: impl FnOnce() -> String,
+) {
+    if json {
+        println!("{}", as_json());
+    } else if !quiet {
+        print!("{}", human());
+    }
+}
+
 async fn run(cmd: Cmd) -> Result<(), (Failure, bool)> {
     match cmd {
         Cmd::Snapshot {
@@ -447,10 +469,7 @@ async fn run(cmd: Cmd) -> Result<(), (Failure, bool)> {
             format,
             shallow,
             method,
-            deadline,
-            speed,
-            json,
-            quiet,
+            job,
             freeze,
             freeze_hold,
             cbw_timeout,
@@ -458,6 +477,7 @@ async fn run(cmd: Cmd) -> Result<(), (Failure, bool)> {
             create_via,
             x_target_blkdebug,
         } => {
+            let json = job.json;
             let blkdebug = match x_target_blkdebug {
                 Some(s) => Some(
                     serde_json::from_str(&s)
@@ -477,8 +497,8 @@ async fn run(cmd: Cmd) -> Result<(), (Failure, bool)> {
                     MethodChoice::Mirror => MethodArg::Mirror,
                     MethodChoice::Auto => MethodArg::Auto,
                 },
-                deadline,
-                speed,
+                deadline: job.deadline,
+                speed: job.speed,
                 freeze,
                 freeze_hold,
                 cbw_timeout,
@@ -486,35 +506,22 @@ async fn run(cmd: Cmd) -> Result<(), (Failure, bool)> {
                     CopyModeChoice::WriteBlocking => CopyMode::WriteBlocking,
                     CopyModeChoice::Auto => CopyMode::Auto,
                 }),
-                create_via: match create_via {
-                    CreateChoice::Auto => CreateVia::Auto,
-                    CreateChoice::Qmp => CreateVia::Qmp,
-                    CreateChoice::Local => CreateVia::Local,
-                },
+                create_via: create_via.into(),
                 target_blkdebug: blkdebug,
-                quiet,
+                quiet: job.quiet,
             };
-            match snapshot::run(&opts, Interrupt::install()).await {
-                Ok(r) => {
-                    if json {
-                        println!("{}", r.to_json());
-                    } else if !quiet {
-                        print!("{}", r.human());
-                    }
-                    Ok(())
-                }
-                Err(f) => Err((f, json)),
-            }
+            let r = snapshot::run(&opts, Interrupt::install())
+                .await
+                .map_err(|f| (f, json))?;
+            print_report(json, job.quiet, || r.to_json(), || r.human());
+            Ok(())
         }
         Cmd::Backup {
             at,
             disk,
             dir,
             full,
-            deadline,
-            speed,
-            json,
-            quiet,
+            job,
             create_via,
         } => {
             let opts = backup::Options {
@@ -522,26 +529,16 @@ async fn run(cmd: Cmd) -> Result<(), (Failure, bool)> {
                 disk,
                 dir,
                 full,
-                deadline,
-                speed,
-                create_via: match create_via {
-                    CreateChoice::Auto => CreateVia::Auto,
-                    CreateChoice::Qmp => CreateVia::Qmp,
-                    CreateChoice::Local => CreateVia::Local,
-                },
-                quiet,
+                deadline: job.deadline,
+                speed: job.speed,
+                create_via: create_via.into(),
+                quiet: job.quiet,
             };
-            match backup::run(&opts, Interrupt::install()).await {
-                Ok(r) => {
-                    if json {
-                        println!("{}", r.to_json());
-                    } else if !quiet {
-                        print!("{}", r.human());
-                    }
-                    Ok(())
-                }
-                Err(f) => Err((f, json)),
-            }
+            let r = backup::run(&opts, Interrupt::install())
+                .await
+                .map_err(|f| (f, job.json))?;
+            print_report(job.json, job.quiet, || r.to_json(), || r.human());
+            Ok(())
         }
         Cmd::Restore {
             dir,
@@ -563,11 +560,7 @@ async fn run(cmd: Cmd) -> Result<(), (Failure, bool)> {
             )
             .await
             .map_err(|f| (f, json))?;
-            if json {
-                println!("{r}");
-            } else if !quiet {
-                print!("{}", verbs::restore::human(&r));
-            }
+            print_report(json, quiet, || &r, || verbs::restore::human(&r));
             Ok(())
         }
         Cmd::Verify { dir, json } => verbs::verify::run(&dir, json).await.map_err(|f| {

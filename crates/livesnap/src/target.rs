@@ -237,6 +237,20 @@ pub async fn remove_nodes(ep: &mut Endpoint, nodes: &[String], budget: Duration)
     left
 }
 
+/// Removes the nodes a run added (`added`, in the order it added them):
+/// the newest first, each before the node under it; `added` is emptied.
+/// Returns the ones that could not be removed, with why.
+pub async fn remove_added(
+    ep: &mut Endpoint,
+    added: &mut Vec<String>,
+    budget: Duration,
+) -> Vec<String> {
+    let nodes: Vec<String> = added.iter().rev().cloned().collect();
+    let left = remove_nodes(ep, &nodes, budget).await;
+    added.clear();
+    left
+}
+
 /// The processes that have `path` open, from `/proc/*/fd` (those this
 /// process may look at).
 fn holders(path: &std::path::Path) -> Vec<u32> {

@@ -16,35 +16,26 @@
 //! DIR must be on the libvirt host (the URI local): livesnap writes the
 //! image's header and reads it back to check and checksum it.
 
-use std::path::PathBuf;
-use std::time::Duration;
-
 use tokio::time::Instant;
 use virt_sys as sys;
 
 use super::{
-    check_identity, commit, failure_after_cleanup, new_record, open_dir, plan, recovered, Dir,
-    Options, Plan, Report, Taken,
+    open_dir, plan, recover_and_check, take, Dir, EndpointRun, Options, Report, RunState, Taken,
+    Tracking,
 };
-use crate::chain::manifest::{BackupKind, DiskIdentity};
-use crate::chain::run::{Pending, RunLock, RunRecord};
+use crate::chain::manifest::{Backup, BackupKind, DiskIdentity};
+use crate::chain::run::{Pending, RunRecord};
 use crate::error::{Failure, Result};
 use crate::libvirt::xml::{self, DiskDef};
 use crate::libvirt::{resolve_uri, Libvirt};
-use crate::progress::Progress;
 use crate::signals::Interrupt;
 use crate::snapshot::during;
-use crate::snapshot::libvirt::{job_gone, wait_backup_job, Running};
+use crate::snapshot::libvirt::{
+    job_gone, limit_backup_speed, wait_backup_job, Running, CLEANUP_BUDGET, CLOSE_WAIT,
+};
 use crate::target::{self, TargetSpec};
-use crate::units::{bytes, duration, Stamp};
+use crate::units::{bytes, Stamp};
 use crate::wait::Clock;
-
-/// Budget of the clean-up after a failure: an aborted backup may take
-/// libvirt's job lock wait (30 s) to go.
-const CLEANUP_BUDGET: Duration = Duration::from_secs(40);
-
-/// How long libvirt may take to close the image after the job's end.
-const CLOSE_WAIT: Duration = Duration::from_secs(30);
 
 /// The libvirt checkpoint taken with backup `index` of chain `chain`.
 pub fn checkpoint_name(chain: &str, index: u64) -> String {
@@ -102,29 +93,14 @@ pub async fn run(
         size,
         endpoint: format!("libvirt {} {}", lv.uri, lv.name),
     };
-    let mut notes = Vec::new();
-    if let Some(stale) = dir.stale.take() {
-        let p = &stale.pending;
-        if p.undo.is_some() || p.bitmap_added.is_some() || p.bitmap_replaced.is_some() {
-            return Err(Failure::usage(format!(
-                "an earlier run through QMP (pid {}) was killed in {}: run the next backup with --qmp, which undoes what it left",
-                stale.pid,
-                dir.path.display()
-            )));
-        }
-        let mut left = Vec::new();
-        undo_run(&mut lv, &dir, &stale, true, &mut left).await;
-        notes.push(recovered(&dir, &stale, left)?);
-    }
-    if let Some(m) = &dir.manifest {
-        check_identity(m, &identity)?;
-        if m.tracking != "libvirt" {
-            return Err(Failure::usage(format!(
-                "the chain in {} tracks changes with a bitmap on a QMP endpoint: continue it with --qmp",
-                dir.path.display()
-            )));
-        }
-    }
+    let recovered = recover_and_check(
+        &mut dir,
+        &identity,
+        Tracking::Libvirt,
+        async |dir, stale, committed| undo_run(&mut lv, dir, stale, committed).await,
+    )
+    .await?;
+    let notes: Vec<String> = recovered.into_iter().collect();
     let plan = plan(dir.manifest.as_ref(), opts.full);
     let previous = dir
         .manifest
@@ -148,112 +124,59 @@ pub async fn run(
         checkpoint_replaced: previous.filter(|_| previous_there),
         ..Pending::default()
     };
-    let lock = RunLock::create(&dir.path, new_record(&plan))?;
-    let mut run = Run {
+    let run = Run {
+        st: RunState::begin(&dir, opts, clock, identity, plan, pending, notes)?,
         lv,
-        clock,
-        progress: Progress::new(opts.quiet),
-        opts,
         disk,
         disks,
-        identity,
-        plan,
-        lock: Some(lock),
-        pending,
         checkpoint,
-        file_created: false,
         job_running: false,
-        notes,
     };
-    match run.take(&dir).await {
-        Ok(backup) => {
-            run.progress.finish();
-            let ((a, b, c), (x, y, z)) = run.lv.versions;
-            Ok(Report {
-                backup,
-                dir: dir.path.clone(),
-                chain: run.plan.chain.clone(),
-                why: run.plan.why.clone(),
-                job_id: "backup".into(),
-                endpoint: format!(
-                    "libvirt {a}.{b}.{c}, hypervisor {x}.{y}.{z} ({}, domain {})",
-                    run.lv.uri, run.lv.name
-                ),
-                started,
-                finished: Stamp::now(),
-                notes: run.notes,
-            })
-        }
-        Err(f) => {
-            run.progress
-                .note(&format!("livesnap: {}; cleaning up", f.reason));
-            let (left, aborted) = run.cleanup(&dir).await;
-            run.progress.finish();
-            Err(failure_after_cleanup(
-                f,
-                aborted.then_some("backup aborted"),
-                &left,
-                &dir.path,
-            ))
-        }
-    }
+    take(run, &dir, started).await
 }
 
 /// One backup run through libvirt.
 struct Run<'a> {
+    st: RunState<'a>,
     lv: Libvirt,
-    clock: Clock,
-    progress: Progress,
-    opts: &'a Options,
     disk: DiskDef,
     disks: Vec<DiskDef>,
-    identity: DiskIdentity,
-    plan: Plan,
-    lock: Option<RunLock>,
-    pending: Pending,
     /// This backup's checkpoint.
     checkpoint: String,
-    file_created: bool,
     job_running: bool,
-    notes: Vec<String>,
 }
 
-impl Run<'_> {
-    fn path(&self, dir: &Dir) -> PathBuf {
-        dir.path.join(&self.plan.file)
+impl<'a> EndpointRun<'a> for Run<'a> {
+    fn state(&mut self) -> &mut RunState<'a> {
+        &mut self.st
     }
 
-    async fn take(&mut self, dir: &Dir) -> Result<crate::chain::manifest::Backup> {
-        self.progress.note(&format!(
-            "livesnap: {} backup {} of {} of domain {} ({}) -> {} ({}), deadline {}",
-            self.plan.kind.name(),
-            self.plan.index,
+    async fn take(&mut self, dir: &Dir) -> Result<Backup> {
+        let what = format!(
+            "{} of domain {} ({})",
             self.disk.target,
             self.lv.name,
-            bytes(self.identity.size),
-            self.path(dir).display(),
-            self.plan.why,
-            duration(self.opts.deadline)
-        ));
-        self.clock.check()?;
-        self.file_created = true;
+            bytes(self.st.identity.size)
+        );
+        self.st.announce(dir, &what)?;
+        let plan = &self.st.plan;
         target::create_local(&TargetSpec {
-            path: self.path(dir),
+            path: self.st.path(dir),
             format: livesnap_block::ImageFormat::Qcow2,
-            size: self.identity.size,
-            backing: self.plan.backing.clone().map(|b| (b, "qcow2".to_string())),
+            size: self.st.identity.size,
+            backing: plan.backing.clone().map(|b| (b, "qcow2".to_string())),
             blkdebug: None,
         })
         .await
         .map_err(|f| during(f, "creating the target"))?;
-        let incremental = match self.plan.kind {
-            BackupKind::Incremental => self.pending.checkpoint_replaced.clone(),
+        let incremental = match plan.kind {
+            BackupKind::Incremental => self.st.pending.checkpoint_replaced.clone(),
             BackupKind::Full => None,
         };
         let backup = xml::push_backup(
             &self.disks,
             &self.disk.target,
-            &self.path(dir).to_string_lossy(),
+            &self.st.path(dir).to_string_lossy(),
             "qcow2",
             incremental.as_deref(),
         );
@@ -263,16 +186,12 @@ impl Run<'_> {
             &self.checkpoint,
             &format!(
                 "livesnap backup chain {}, backup {}",
-                self.plan.chain, self.plan.index
+                plan.chain, plan.index
             ),
         );
-        let pending = self.pending.clone();
-        self.lock
-            .as_mut()
-            .expect("the run holds its record")
-            .note(|p| *p = pending)?;
-        self.clock.check()?;
-        self.progress.start(self.identity.size);
+        self.st.record_pending()?;
+        self.st.clock.check()?;
+        self.st.progress.start(self.st.identity.size);
         self.job_running = true;
         let t0 = Stamp::now();
         let r = self
@@ -288,19 +207,14 @@ impl Run<'_> {
             self.job_running = false;
             return Err(f);
         }
-        self.progress
+        self.st
+            .progress
             .note("livesnap: point in time fixed (backup started, checkpoint created); copying");
-        if let Some(speed) = self.opts.speed {
-            // libvirt's backup XML has no bandwidth: the job's is set right after it started.
-            match self.lv.block_job_set_speed(&self.disk.target, speed).await {
-                Ok(()) => self.notes.push(format!(
-                    "--speed {}/s was applied right after the backup started (libvirt's backup has no bandwidth of its own)",
-                    bytes(speed)
-                )),
-                Err(f) => self.notes.push(format!("--speed not applied: {}", f.reason)),
-            }
+        if let Some(speed) = self.st.opts.speed {
+            let note = limit_backup_speed(&self.lv, &self.disk.target, speed).await;
+            self.st.notes.push(note);
         }
-        let copied = wait_backup_job(&mut self.lv, &mut self.clock, &mut self.progress).await;
+        let copied = wait_backup_job(&mut self.lv, &mut self.st.clock, &mut self.st.progress).await;
         let (done, _) = match copied {
             Ok(c) => c,
             Err(f) => {
@@ -311,7 +225,7 @@ impl Run<'_> {
             }
         };
         self.job_running = false;
-        target::wait_closed(&self.path(dir), CLOSE_WAIT)
+        target::wait_closed(&self.st.path(dir), CLOSE_WAIT)
             .await
             .map_err(|f| during(f, "waiting for libvirt to close the backup"))?;
         let taken = Taken {
@@ -320,47 +234,14 @@ impl Run<'_> {
             bytes_copied: done,
             bitmap: self.checkpoint.clone(),
         };
-        let entry = commit(
-            &mut self.clock,
-            dir,
-            &self.plan,
-            &self.identity,
-            "libvirt",
-            taken,
-        )
-        .await
-        .map_err(|f| during(f, "committing the backup"))?;
-        self.file_created = false;
+        let entry = self.st.commit(dir, Tracking::Libvirt, taken).await?;
         self.after_commit().await;
         Ok(entry)
     }
 
-    /// After the manifest has the backup, the previous checkpoint goes:
-    /// the new one tracks from here on.
-    async fn after_commit(&mut self) {
-        let mut failed = None;
-        if let Some(old) = self.pending.checkpoint_replaced.clone() {
-            if let Err(f) = self.lv.checkpoint_delete(&old).await {
-                failed = Some(format!("checkpoint {old} ({})", f.reason));
-            }
-        }
-        let lock = self.lock.take().expect("the run holds its record");
-        match failed {
-            None => {
-                if let Err(f) = lock.release() {
-                    self.notes.push(f.reason);
-                }
-            }
-            Some(what) => self.notes.push(format!(
-                "the backup is committed, but {what} could not be deleted; the next backup run deletes it"
-            )),
-        }
-    }
-
     /// After a failure: the backup aborted and gone, the checkpoint it
-    /// created deleted, the partial file removed. Returns what is left and
-    /// whether a job was aborted.
-    async fn cleanup(&mut self, dir: &Dir) -> (Vec<String>, bool) {
+    /// created deleted, the partial file removed.
+    async fn cleanup(&mut self, dir: &Dir) -> (Vec<String>, Option<&'static str>) {
         let end = Instant::now() + CLEANUP_BUDGET;
         let mut left = Vec::new();
         let mut aborted = false;
@@ -375,41 +256,56 @@ impl Run<'_> {
             }
             self.job_running = false;
         }
-        let Some(lock) = self.lock.take() else {
-            return (left, aborted);
+        let stopped = aborted.then_some("backup aborted");
+        let Some(record) = self.st.to_undo() else {
+            return (left, stopped);
         };
         if !left.is_empty() {
             left.push(format!(
                 "file {} (the job still uses it)",
-                self.path(dir).display()
+                self.st.path(dir).display()
             ));
-            return (left, aborted);
+            return (left, stopped);
         }
-        let mut record = lock.record.clone();
-        record.pending = self.pending.clone();
-        undo_run(&mut self.lv, dir, &record, false, &mut left).await;
-        if left.is_empty() {
-            if let Err(f) = lock.release() {
-                left.push(f.reason);
-            }
-        }
-        (left, aborted)
+        left.extend(undo_run(&mut self.lv, dir, &record, false).await);
+        self.st.release_if_undone(&mut left);
+        (left, stopped)
+    }
+
+    fn job_id(&self) -> String {
+        "backup".into()
+    }
+
+    fn endpoint_name(&self) -> String {
+        self.lv.endpoint_name()
     }
 }
 
-/// Undoes what run `r` changed unless it committed (`committed` read from
-/// DIR's manifest when `check_manifest`): a killed run's backup job
+impl Run<'_> {
+    /// After the manifest has the backup, the previous checkpoint goes:
+    /// the new one tracks from here on.
+    async fn after_commit(&mut self) {
+        let mut failed = None;
+        if let Some(old) = self.st.pending.checkpoint_replaced.clone() {
+            if let Err(f) = self.lv.checkpoint_delete(&old).await {
+                failed = Some(format!("checkpoint {old} ({})", f.reason));
+            }
+        }
+        self.st.end_committed(failed.map(|what| {
+            format!(
+                "the backup is committed, but {what} could not be deleted; the next backup run deletes it"
+            )
+        }));
+    }
+}
+
+/// Undoes what run `r` changed unless it `committed`: a killed run's backup job
 /// aborted, the checkpoint it created deleted (the previous one then
 /// tracks everything since the last committed backup), its partial file
 /// removed; once committed, only the checkpoint it replaced goes.
-async fn undo_run(
-    lv: &mut Libvirt,
-    dir: &Dir,
-    r: &RunRecord,
-    check_manifest: bool,
-    left: &mut Vec<String>,
-) {
-    let committed = check_manifest && r.committed(dir.manifest.as_ref());
+/// Returns what could not be undone.
+async fn undo_run(lv: &mut Libvirt, dir: &Dir, r: &RunRecord, committed: bool) -> Vec<String> {
+    let mut left = Vec::new();
     if r.pid != std::process::id() {
         if let Ok(j) = lv.job_stats(false).await {
             if j.kind != sys::VIR_DOMAIN_JOB_NONE as i32 && j.operation() == Some("backup") {
@@ -417,7 +313,7 @@ async fn undo_run(
                 let until = Instant::now() + CLEANUP_BUDGET;
                 if let Some(seen) = job_gone(lv, "", Running::Backup, until).await {
                     left.push(format!("the killed run's backup job ({seen})"));
-                    return;
+                    return left;
                 }
             }
         }
@@ -440,4 +336,5 @@ async fn undo_run(
     if !committed {
         left.extend(crate::snapshot::remove_target_file(&dir.path.join(&r.file)));
     }
+    left
 }

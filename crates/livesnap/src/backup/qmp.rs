@@ -20,21 +20,22 @@ use std::path::Path;
 use serde_json::{json, Value};
 
 use super::{
-    check_identity, commit, failure_after_cleanup, new_record, open_dir, plan, recovered, Dir,
-    Options, Plan, Report, Taken,
+    open_dir, plan, recover_and_check, take, Dir, EndpointRun, Options, Report, RunState, Taken,
+    Tracking,
 };
 use crate::chain;
-use crate::chain::manifest::{BackupKind, DiskIdentity};
-use crate::chain::run::{Pending, RunLock, RunRecord};
+use crate::chain::manifest::{Backup, BackupKind, DiskIdentity};
+use crate::chain::run::{Pending, RunRecord};
 use crate::disk::{self, Disk};
 use crate::endpoint::{array, str_of, Endpoint};
 use crate::error::{Failure, Result};
-use crate::progress::Progress;
 use crate::signals::Interrupt;
 use crate::snapshot::during;
-use crate::snapshot::qmp::{force_cancel, revive, wait_gone, JobWatch, Want, GONE_WAIT};
+use crate::snapshot::qmp::{
+    force_cancel, remove_after_job, revive, JobWatch, Want, CLEANUP_BUDGET, GONE_WAIT,
+};
 use crate::target::{self, TargetSpec};
-use crate::units::{bytes, duration, Stamp};
+use crate::units::{bytes, Stamp};
 use crate::wait::Clock;
 
 /// The commands a chain needs from the endpoint.
@@ -60,12 +61,6 @@ pub async fn run(qmp: &Path, opts: &Options, interrupt: Interrupt) -> Result<Rep
         )));
     }
     let disk = disk::resolve(&mut ep, &opts.disk).await?;
-    if disk.size == 0 {
-        return Err(Failure::endpoint(format!(
-            "the endpoint reports no size for node {}",
-            disk.node
-        )));
-    }
     let identity = DiskIdentity {
         name: opts.disk.clone(),
         node: disk.node.clone(),
@@ -73,30 +68,14 @@ pub async fn run(qmp: &Path, opts: &Options, interrupt: Interrupt) -> Result<Rep
         size: disk.size,
         endpoint: format!("qmp {}", qmp.display()),
     };
-    let mut notes = Vec::new();
-    if let Some(stale) = dir.stale.take() {
-        if stale.pending.checkpoint.is_some() {
-            return Err(Failure::usage(format!(
-                "an earlier run through libvirt (pid {}) was killed in {}: run the next backup with --libvirt, which undoes what it left",
-                stale.pid,
-                dir.path.display()
-            )));
-        }
-        let mut left = Vec::new();
-        undo_run(&mut ep, &disk.node, &dir, &stale, true, &mut left).await;
-        notes.push(recovered(&dir, &stale, left)?);
-    }
-    if let Some(m) = &dir.manifest {
-        check_identity(m, &identity)?;
-        if m.tracking != "qmp" {
-            return Err(Failure::usage(format!(
-                "the chain in {} tracks changes through {} checkpoints: continue it with --{}",
-                dir.path.display(),
-                m.tracking,
-                m.tracking
-            )));
-        }
-    }
+    let recovered = recover_and_check(
+        &mut dir,
+        &identity,
+        Tracking::Qmp,
+        async |dir, stale, committed| undo_run(&mut ep, &disk.node, dir, stale, committed).await,
+    )
+    .await?;
+    let mut notes: Vec<String> = recovered.into_iter().collect();
     let plan = plan(dir.manifest.as_ref(), opts.full);
     let present = bitmaps_of(&mut ep, &disk.node).await?;
     let current = dir
@@ -125,61 +104,17 @@ pub async fn run(qmp: &Path, opts: &Options, interrupt: Interrupt) -> Result<Rep
             disk.driver
         ));
     }
-    let lock = RunLock::create(&dir.path, new_record(&plan))?;
-    let mut run = Run {
+    let run = Run {
+        st: RunState::begin(&dir, opts, clock, identity, plan, pending, notes)?,
         ep,
-        clock,
-        progress: Progress::new(opts.quiet),
-        opts,
         disk,
-        identity,
-        plan,
-        lock: Some(lock),
-        pending,
         tracking,
         persistent,
         job: format!("{}-job", target::node_prefix()),
         added: Vec::new(),
-        file_created: false,
         job_running: false,
-        notes,
     };
-    match run.take(&dir).await {
-        Ok(backup) => {
-            run.progress.finish();
-            Ok(Report {
-                backup,
-                dir: dir.path.clone(),
-                chain: run.plan.chain.clone(),
-                why: run.plan.why.clone(),
-                job_id: run.job.clone(),
-                endpoint: endpoint_name(&run.ep),
-                started,
-                finished: Stamp::now(),
-                notes: run.notes,
-            })
-        }
-        Err(f) => {
-            run.progress
-                .note(&format!("livesnap: {}; cleaning up", f.reason));
-            let (left, cancelled) = run.cleanup(&dir).await;
-            run.progress.finish();
-            Err(failure_after_cleanup(
-                f,
-                cancelled.then_some("job force-cancelled"),
-                &left,
-                &dir.path,
-            ))
-        }
-    }
-}
-
-fn endpoint_name(ep: &Endpoint) -> String {
-    let c = &ep.caps;
-    format!(
-        "{}.{}.{} {}",
-        c.version.0, c.version.1, c.version.2, c.package
-    )
+    take(run, &dir, started).await
 }
 
 /// The `dirty-bitmaps` of node `node`.
@@ -226,74 +161,60 @@ fn usable(bitmaps: &[Value], name: &str, disk: &Disk, given: &str) -> Result<()>
 
 /// One backup run through QMP.
 struct Run<'a> {
+    st: RunState<'a>,
     ep: Endpoint,
-    clock: Clock,
-    progress: Progress,
-    opts: &'a Options,
     disk: Disk,
-    identity: DiskIdentity,
-    plan: Plan,
-    /// The run record; `None` once released.
-    lock: Option<RunLock>,
-    /// What the run will change on the endpoint, recorded before it does.
-    pending: Pending,
     /// The bitmap that tracks changes after this backup.
     tracking: String,
     persistent: bool,
     job: String,
     added: Vec<String>,
-    file_created: bool,
     job_running: bool,
-    notes: Vec<String>,
 }
 
-impl Run<'_> {
-    fn path(&self, dir: &Dir) -> std::path::PathBuf {
-        dir.path.join(&self.plan.file)
+impl<'a> EndpointRun<'a> for Run<'a> {
+    fn state(&mut self) -> &mut RunState<'a> {
+        &mut self.st
     }
 
-    async fn take(&mut self, dir: &Dir) -> Result<crate::chain::manifest::Backup> {
-        self.progress.note(&format!(
-            "livesnap: {} backup {} of {} ({}, {}) -> {} ({}), deadline {}",
-            self.plan.kind.name(),
-            self.plan.index,
-            self.opts.disk,
+    async fn take(&mut self, dir: &Dir) -> Result<Backup> {
+        let what = format!(
+            "{} ({}, {})",
+            self.st.opts.disk,
             self.disk.node,
-            bytes(self.disk.size),
-            self.path(dir).display(),
-            self.plan.why,
-            duration(self.opts.deadline)
-        ));
-        self.clock.check()?;
+            bytes(self.disk.size)
+        );
+        self.st.announce(dir, &what)?;
         let spec = TargetSpec {
-            path: self.path(dir),
+            path: self.st.path(dir),
             format: livesnap_block::ImageFormat::Qcow2,
             size: self.disk.size,
             // Relative, so that DIR can move with its chain.
-            backing: self.plan.backing.clone().map(|b| (b, "qcow2".to_string())),
+            backing: self
+                .st
+                .plan
+                .backing
+                .clone()
+                .map(|b| (b, "qcow2".to_string())),
             blkdebug: None,
         };
-        self.file_created = true;
         let target = target::create(
             &mut self.ep,
-            &mut self.clock,
+            &mut self.st.clock,
             &spec,
-            self.opts.create_via,
+            self.st.opts.create_via,
             &mut self.added,
         )
         .await
         .map_err(|f| during(f, "creating the target"))?;
-        self.clock
+        self.st
+            .clock
             .check()
             .map_err(|f| during(f, "creating the target"))?;
         let actions = self.actions(&target.node);
-        let pending = self.pending.clone();
-        self.lock
-            .as_mut()
-            .expect("the run holds its record")
-            .note(|p| *p = pending)?;
+        self.st.record_pending()?;
         let mut watch = JobWatch::backup(&self.job);
-        self.progress.start(self.disk.size);
+        self.st.progress.start(self.disk.size);
         self.job_running = true;
         let t0 = Stamp::now();
         let r = self
@@ -305,23 +226,20 @@ impl Run<'_> {
             self.job_running = false;
             return Err(Failure::endpoint(format!("transaction: {}", e.desc)));
         }
-        self.progress.note(
+        self.st.progress.note(
             "livesnap: point in time fixed (backup started, change tracking from here on); copying",
         );
         let end = watch
             .wait(
                 &mut self.ep,
-                &mut self.clock,
-                &mut self.progress,
+                &mut self.st.clock,
+                &mut self.st.progress,
                 Want::Completed,
             )
             .await
             .map_err(|f| during(f, "the backup job ran"))?;
         self.job_running = false;
-        wait_gone(&mut self.ep, &self.job).await;
-        let nodes: Vec<String> = self.added.iter().rev().cloned().collect();
-        let left = target::remove_nodes(&mut self.ep, &nodes, GONE_WAIT).await;
-        self.added.clear();
+        let left = remove_after_job(&mut self.ep, &self.job, &mut self.added).await;
         if !left.is_empty() {
             return Err(Failure::endpoint(format!(
                 "could not remove the target's nodes: {}",
@@ -335,29 +253,60 @@ impl Run<'_> {
             bytes_copied: end["data"]["offset"].as_u64().unwrap_or(0),
             bitmap: self.tracking.clone(),
         };
-        let entry = commit(
-            &mut self.clock,
-            dir,
-            &self.plan,
-            &self.identity,
-            "qmp",
-            taken,
-        )
-        .await
-        .map_err(|f| during(f, "committing the backup"))?;
-        // Committed: from here on nothing is undone.
-        self.file_created = false;
+        let entry = self.st.commit(dir, Tracking::Qmp, taken).await?;
         self.after_commit().await;
         Ok(entry)
     }
 
+    /// After a failure: the job cancelled, the target's nodes and file
+    /// removed, the bitmaps as they were.
+    async fn cleanup(&mut self, dir: &Dir) -> (Vec<String>, Option<&'static str>) {
+        let mut left = Vec::new();
+        if let Err(f) = revive(&mut self.ep).await {
+            left.push(format!("everything on the endpoint ({})", f.reason));
+            return (left, None);
+        }
+        let mut cancelled = false;
+        if self.job_running {
+            cancelled = force_cancel(&mut self.ep, &self.job, &mut left).await;
+            self.job_running = false;
+        }
+        let stopped = cancelled.then_some("job force-cancelled");
+        let nodes_left = target::remove_added(&mut self.ep, &mut self.added, CLEANUP_BUDGET).await;
+        let kept = !nodes_left.is_empty();
+        left.extend(nodes_left);
+        let Some(record) = self.st.to_undo() else {
+            return (left, stopped);
+        };
+        if kept {
+            left.push(format!(
+                "file {} (a node still uses it)",
+                self.st.path(dir).display()
+            ));
+        } else {
+            left.extend(undo_run(&mut self.ep, &self.disk.node, dir, &record, false).await);
+        }
+        self.st.release_if_undone(&mut left);
+        (left, stopped)
+    }
+
+    fn job_id(&self) -> String {
+        self.job.clone()
+    }
+
+    fn endpoint_name(&self) -> String {
+        self.ep.caps.endpoint_name()
+    }
+}
+
+impl Run<'_> {
     /// The transaction's actions.
     fn actions(&self, target: &str) -> Vec<Value> {
         let node = &self.disk.node;
         let mut backup = json!({
             "job-id": self.job, "device": node, "target": target,
         });
-        if let Some(s) = self.opts.speed {
+        if let Some(s) = self.st.opts.speed {
             backup["speed"] = json!(s);
         }
         if self.ep.caps.backup_cbw_args() {
@@ -365,7 +314,7 @@ impl Run<'_> {
             backup["on-cbw-error"] = json!("break-snapshot");
         }
         let mut actions = Vec::new();
-        match &self.pending.undo {
+        match &self.st.pending.undo {
             Some((undo, chain_bitmap)) => {
                 actions.push(json!({"type": "block-dirty-bitmap-add", "data": {
                     "node": node, "name": undo, "persistent": self.persistent, "disabled": true}}));
@@ -389,123 +338,63 @@ impl Run<'_> {
     /// run removes them (the backup itself stands).
     async fn after_commit(&mut self) {
         let mut gone = Vec::new();
-        if let Some((undo, _)) = &self.pending.undo {
+        if let Some((undo, _)) = &self.st.pending.undo {
             gone.push(undo.clone());
         }
-        if let Some(old) = &self.pending.bitmap_replaced {
+        if let Some(old) = &self.st.pending.bitmap_replaced {
             gone.push(old.clone());
         }
         let mut failed = Vec::new();
         for b in gone {
-            if let Err(why) = remove_bitmap(&mut self.ep, &self.disk.node, &b).await {
-                failed.push(format!("bitmap {b} ({why})"));
-            }
+            failed.extend(remove_bitmap(&mut self.ep, &self.disk.node, &b).await);
         }
-        let lock = self.lock.take().expect("the run holds its record");
-        if failed.is_empty() {
-            if let Err(f) = lock.release() {
-                self.notes.push(f.reason);
-            }
-        } else {
-            self.notes.push(format!(
+        self.st.end_committed((!failed.is_empty()).then(|| {
+            format!(
                 "the backup is committed, but {} could not be removed; the next backup run removes it",
                 failed.join(", ")
-            ));
-        }
-    }
-
-    /// After a failure: the job cancelled, the target's nodes and file
-    /// removed, the bitmaps as they were. Returns what is left and whether
-    /// a job was cancelled.
-    async fn cleanup(&mut self, dir: &Dir) -> (Vec<String>, bool) {
-        let mut left = Vec::new();
-        if let Err(f) = revive(&mut self.ep).await {
-            left.push(format!("everything on the endpoint ({})", f.reason));
-            return (left, false);
-        }
-        let mut cancelled = false;
-        if self.job_running {
-            cancelled = force_cancel(&mut self.ep, &self.job, &mut left).await;
-            self.job_running = false;
-        }
-        let nodes: Vec<String> = self.added.iter().rev().cloned().collect();
-        let nodes_left =
-            target::remove_nodes(&mut self.ep, &nodes, crate::snapshot::qmp::CLEANUP_BUDGET).await;
-        self.added.clear();
-        let kept = !nodes_left.is_empty();
-        left.extend(nodes_left);
-        let Some(lock) = self.lock.take() else {
-            return (left, cancelled);
-        };
-        if kept {
-            left.push(format!(
-                "file {} (a node still uses it)",
-                self.path(dir).display()
-            ));
-        } else {
-            let mut record = lock.record.clone();
-            record.pending = self.pending.clone();
-            undo_run(
-                &mut self.ep,
-                &self.disk.node,
-                dir,
-                &record,
-                false,
-                &mut left,
             )
-            .await;
-        }
-        if left.is_empty() {
-            if let Err(f) = lock.release() {
-                left.push(f.reason);
-            }
-        }
-        (left, cancelled)
+        }));
     }
 }
 
-/// `block-dirty-bitmap-remove`; a bitmap that is not there counts as removed.
-async fn remove_bitmap(
-    ep: &mut Endpoint,
-    node: &str,
-    name: &str,
-) -> std::result::Result<(), String> {
-    match ep
+/// `block-dirty-bitmap-remove`; a bitmap that is not there counts as
+/// removed. Returns what is left if it could not be removed.
+async fn remove_bitmap(ep: &mut Endpoint, node: &str, name: &str) -> Option<String> {
+    let why = match ep
         .call(
             "block-dirty-bitmap-remove",
             json!({"node": node, "name": name}),
         )
         .await
     {
-        Ok(Ok(_)) => Ok(()),
-        Ok(Err(e)) if e.desc.contains("not found") => Ok(()),
-        Ok(Err(e)) => Err(e.desc),
-        Err(f) => Err(f.reason),
-    }
+        Ok(Ok(_)) => return None,
+        Ok(Err(e)) if e.desc.contains("not found") => return None,
+        Ok(Err(e)) => e.desc,
+        Err(f) => f.reason,
+    };
+    Some(format!("bitmap {name} ({why})"))
 }
 
-/// Undoes what the run `r` changed, unless it committed (`committed`
-/// taken from DIR's manifest when `check_manifest`, else false): a job
+/// Undoes what the run `r` changed, unless it `committed`: a job
 /// and nodes of a killed run, the undo bitmap merged back into the chain's
 /// bitmap, a bitmap it added, its partial file. Once it committed, only
 /// what commit makes obsolete goes (the undo bitmap, a replaced bitmap).
-/// What cannot be undone goes into `left`.
+/// Returns what could not be undone.
 async fn undo_run(
     ep: &mut Endpoint,
     node: &str,
     dir: &Dir,
     r: &RunRecord,
-    check_manifest: bool,
-    left: &mut Vec<String>,
-) {
-    let committed = check_manifest && r.committed(dir.manifest.as_ref());
+    committed: bool,
+) -> Vec<String> {
+    let mut left = Vec::new();
     if r.pid != std::process::id() {
         // A killed run's job may still run, its nodes still hold the file.
         let prefix = format!("livesnap-{}-", r.pid);
         let job = format!("{prefix}job");
         if let Ok(jobs) = ep.block_jobs().await {
             if jobs.iter().any(|j| str_of(j, "device") == job) {
-                force_cancel(ep, &job, left).await;
+                force_cancel(ep, &job, &mut left).await;
             }
         }
         let mut nodes: Vec<String> = ep
@@ -524,7 +413,7 @@ async fn undo_run(
         Ok(b) => b,
         Err(f) => {
             left.push(format!("the bitmaps of {node} ({})", f.reason));
-            return;
+            return left;
         }
     };
     let p = &r.pending;
@@ -558,29 +447,24 @@ async fn undo_run(
                 true
             };
             if merged {
-                if let Err(why) = remove_bitmap(ep, node, undo).await {
-                    left.push(format!("bitmap {undo} ({why})"));
-                }
+                left.extend(remove_bitmap(ep, node, undo).await);
             }
         }
     }
     if let Some(b) = &p.bitmap_added {
         if !committed && find(&present, b).is_some() {
-            if let Err(why) = remove_bitmap(ep, node, b).await {
-                left.push(format!("bitmap {b} ({why})"));
-            }
+            left.extend(remove_bitmap(ep, node, b).await);
         }
     }
     if let Some(b) = &p.bitmap_replaced {
         if committed && find(&present, b).is_some() {
-            if let Err(why) = remove_bitmap(ep, node, b).await {
-                left.push(format!("bitmap {b} ({why})"));
-            }
+            left.extend(remove_bitmap(ep, node, b).await);
         }
     }
     if !committed {
         left.extend(crate::snapshot::remove_target_file(&dir.path.join(&r.file)));
     }
+    left
 }
 
 #[cfg(test)]

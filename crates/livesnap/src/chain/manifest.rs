@@ -195,10 +195,8 @@ impl Manifest {
     /// Reads `DIR/manifest.json`; `Ok(None)` when there is none.
     pub fn load(dir: &Path) -> Result<Option<Manifest>> {
         let path = dir.join(MANIFEST);
-        let text = match std::fs::read_to_string(&path) {
-            Ok(t) => t,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(Failure::usage(format!("{}: {e}", path.display()))),
+        let Some(text) = super::read_if_there(&path)? else {
+            return Ok(None);
         };
         let v: serde_json::Value = serde_json::from_str(&text)
             .map_err(|e| Failure::usage(format!("{}: not JSON: {e}", path.display())))?;
@@ -247,14 +245,16 @@ pub fn sync_dir(dir: &Path) -> std::io::Result<()> {
     std::fs::File::open(dir)?.sync_all()
 }
 
+/// What unit tests build manifests from.
 #[cfg(test)]
-mod tests {
+pub mod fixtures {
     use super::*;
 
-    fn backup(index: u64, kind: BackupKind, backing: Option<&str>) -> Backup {
+    /// Backup `index` over `backing`, of the disk [`disk`].
+    pub fn backup(index: u64, kind: BackupKind, backing: Option<&str>) -> Backup {
         Backup {
             index,
-            file: format!("{index:04}-{}.qcow2", kind.name()),
+            file: crate::chain::file_name(index, kind),
             kind,
             backing: backing.map(String::from),
             point_in_time: PointInTime {
@@ -274,7 +274,8 @@ mod tests {
         }
     }
 
-    fn disk() -> DiskIdentity {
+    /// A disk of 1 MiB on a QMP endpoint.
+    pub fn disk() -> DiskIdentity {
         DiskIdentity {
             name: "disk".into(),
             node: "disk".into(),
@@ -283,6 +284,12 @@ mod tests {
             endpoint: "qmp /q".into(),
         }
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fixtures::{backup, disk};
+    use super::*;
 
     #[test]
     fn chain_to_follows_backing_links_to_the_full_backup() {

@@ -16,8 +16,10 @@ pub mod manifest;
 pub mod run;
 
 use std::io::Read;
+use std::path::Path;
 
 use crate::chain::manifest::BackupKind;
+use crate::error::{Failure, Result};
 
 /// The image file of backup `index`.
 pub fn file_name(index: u64, kind: BackupKind) -> String {
@@ -48,6 +50,15 @@ pub fn new_chain_id() -> String {
         b = (t.as_nanos() as u64 ^ u64::from(std::process::id()).rotate_left(40)).to_le_bytes();
     }
     b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// The text of `path`, a file of DIR; `None` when it is not there.
+fn read_if_there(path: &Path) -> Result<Option<String>> {
+    match std::fs::read_to_string(path) {
+        Ok(t) => Ok(Some(t)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(Failure::usage(format!("{}: {e}", path.display()))),
+    }
 }
 
 #[cfg(test)]

@@ -81,10 +81,8 @@ fn pid_alive(pid: u32) -> bool {
 /// a run is still going on in DIR.
 pub fn stale(dir: &Path) -> Result<Option<RunRecord>> {
     let path = dir.join(RUN_RECORD);
-    let text = match std::fs::read_to_string(&path) {
-        Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(Failure::usage(format!("{}: {e}", path.display()))),
+    let Some(text) = super::read_if_there(&path)? else {
+        return Ok(None);
     };
     let r: RunRecord = serde_json::from_str(&text).map_err(|e| {
         Failure::usage(format!(

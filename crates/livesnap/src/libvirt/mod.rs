@@ -249,6 +249,15 @@ impl Libvirt {
         })
     }
 
+    /// The endpoint as reports name it: the versions, the URI, the domain.
+    pub fn endpoint_name(&self) -> String {
+        let ((a, b, c), (x, y, z)) = self.versions;
+        format!(
+            "libvirt {a}.{b}.{c}, hypervisor {x}.{y}.{z} ({}, domain {})",
+            self.uri, self.name
+        )
+    }
+
     /// True when the URI names no remote host: files libvirt writes are on
     /// this machine.
     pub fn is_local(&self) -> bool {

@@ -46,9 +46,9 @@ use virt_sys as sys;
 /// for a domain's job lock, and an aborted job ends only once libvirt's
 /// event worker (one for all domains) has handled its end: a budget under
 /// that reports a job as left that a busy host ends a little later.
-const CLEANUP_BUDGET: Duration = Duration::from_secs(40);
+pub(crate) const CLEANUP_BUDGET: Duration = Duration::from_secs(40);
 /// How long libvirt may take to close a backup's target after the job's end.
-const CLOSE_WAIT: Duration = Duration::from_secs(30);
+pub(crate) const CLOSE_WAIT: Duration = Duration::from_secs(30);
 /// How long a job that vanished from the job queries may take to send the
 /// event that says how it ended.
 const EVENT_GRACE: Duration = Duration::from_secs(3);
@@ -462,14 +462,8 @@ impl Run<'_> {
         self.progress
             .note("livesnap: point in time fixed (backup started); copying");
         if let Some(speed) = self.opts.speed {
-            // libvirt's backup XML has no bandwidth: the job's is set right after it started.
-            match self.lv.block_job_set_speed(&self.disk.target, speed).await {
-                Ok(()) => self.st.notes.push(format!(
-                    "--speed {}/s was applied right after the backup started (libvirt's backup has no bandwidth of its own)",
-                    bytes(speed)
-                )),
-                Err(f) => self.st.notes.push(format!("--speed not applied: {}", f.reason)),
-            }
+            let note = limit_backup_speed(&self.lv, &self.disk.target, speed).await;
+            self.st.notes.push(note);
         }
         let copied = self
             .wait_backup()
@@ -759,7 +753,6 @@ impl Run<'_> {
                 q.filesystems, q.frozen_ms
             );
         }
-        let ((a, b, c), (x, y, z)) = self.lv.versions;
         Report {
             method: self.plan.method.name(),
             copy_mode: (self.plan.method == Method::Mirror).then(|| "write-blocking".to_string()),
@@ -790,10 +783,7 @@ impl Run<'_> {
             finished: o.window.1,
             quiesce: freezer.quiesce().cloned(),
             guest_effect,
-            endpoint: format!(
-                "libvirt {a}.{b}.{c}, hypervisor {x}.{y}.{z} ({}, domain {})",
-                self.lv.uri, self.lv.name
-            ),
+            endpoint: self.lv.endpoint_name(),
             why: self.plan.why.clone(),
             notes,
         }
@@ -834,6 +824,19 @@ pub(crate) async fn job_gone(
             return Some(seen);
         }
         let _ = lv.events.next(left.min(Duration::from_millis(200))).await;
+    }
+}
+
+/// Limits the speed of the push backup just started on `disk` (libvirt's
+/// backup XML has no bandwidth, so it is set on the running job); returns
+/// the note that says how that went.
+pub(crate) async fn limit_backup_speed(lv: &Libvirt, disk: &str, speed: u64) -> String {
+    match lv.block_job_set_speed(disk, speed).await {
+        Ok(()) => format!(
+            "--speed {}/s was applied right after the backup started (libvirt's backup has no bandwidth of its own)",
+            bytes(speed)
+        ),
+        Err(f) => format!("--speed not applied: {}", f.reason),
     }
 }
 

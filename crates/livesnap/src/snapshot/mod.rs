@@ -176,16 +176,21 @@ pub fn during(f: Failure, what: &str) -> Failure {
     }
 }
 
+/// `p` as an absolute path: a relative one is taken from livesnap's
+/// current directory (an endpoint has its own).
+pub fn absolute(p: &Path) -> Result<PathBuf> {
+    if p.is_absolute() {
+        return Ok(p.to_path_buf());
+    }
+    Ok(std::env::current_dir()
+        .map_err(|e| Failure::usage(format!("current directory: {e}")))?
+        .join(p))
+}
+
 /// The target as an absolute path in an existing directory, not yet there
 /// (livesnap never overwrites a file).
 pub fn new_target_path(p: &Path) -> Result<PathBuf> {
-    let abs = if p.is_absolute() {
-        p.to_path_buf()
-    } else {
-        std::env::current_dir()
-            .map_err(|e| Failure::usage(format!("current directory: {e}")))?
-            .join(p)
-    };
+    let abs = absolute(p)?;
     let parent = abs.parent().unwrap_or(Path::new("/"));
     if !parent.is_dir() {
         return Err(Failure::usage(format!(
@@ -202,6 +207,28 @@ pub fn new_target_path(p: &Path) -> Result<PathBuf> {
     Ok(abs)
 }
 
+/// A failed run's reason after its clean-up: how the job was stopped
+/// (`stopped`), then what is as it was (`intact`) if nothing is left, else
+/// what is LEFT BEHIND and what becomes of it (`then`).
+pub fn after_cleanup(
+    f: Failure,
+    stopped: Option<&str>,
+    left: &[String],
+    intact: &str,
+    then: &str,
+) -> Failure {
+    let mut reason = f.reason;
+    if let Some(how) = stopped {
+        reason += &format!("; {how}");
+    }
+    if left.is_empty() {
+        reason += intact;
+    } else {
+        reason += &format!("; LEFT BEHIND: {}{then}", left.join(", "));
+    }
+    Failure::new(f.kind, reason)
+}
+
 /// The reason of a failed snapshot after its clean-up: what was undone, or
 /// what is left behind.
 pub fn failure_after_cleanup(
@@ -210,20 +237,12 @@ pub fn failure_after_cleanup(
     left: &[String],
     file_created: bool,
 ) -> Failure {
-    let mut reason = f.reason;
-    if let Some(how) = cancelled {
-        reason += &format!("; {how}");
-    }
-    if left.is_empty() {
-        reason += if file_created {
-            ", target removed, source untouched"
-        } else {
-            ", source untouched"
-        };
+    let intact = if file_created {
+        ", target removed, source untouched"
     } else {
-        reason += &format!("; LEFT BEHIND: {}", left.join(", "));
-    }
-    Failure::new(f.kind, reason)
+        ", source untouched"
+    };
+    after_cleanup(f, cancelled, left, intact, "")
 }
 
 /// Removes the partial target file, if it is there; what is left otherwise.

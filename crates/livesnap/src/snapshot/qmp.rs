@@ -202,12 +202,6 @@ pub async fn run(qmp: &Path, opts: &Options, interrupt: Interrupt) -> Result<Rep
     let path = new_target_path(&opts.target)?;
     let mut ep = clock.connect(|t| Endpoint::connect(qmp, t)).await?;
     let disk = disk::resolve(&mut ep, &opts.disk).await?;
-    if disk.size == 0 {
-        return Err(Failure::endpoint(format!(
-            "the endpoint reports no size for node {}",
-            disk.node
-        )));
-    }
     let plan = decide(&ep.caps, opts, &disk)?;
     let backing = match (&plan.sync, &disk.backing) {
         (SyncMode::Top, Some(b)) => match &b.format {
@@ -454,13 +448,10 @@ impl Run<'_> {
         })
     }
 
-    /// After the job's end: waits (bounded) for it to be dismissed, then
-    /// removes the target's nodes (which flushes a qcow2 target).
+    /// After the job's end: the target's nodes go ([`remove_after_job`]);
+    /// if one cannot, the complete copy is kept and the snapshot fails.
     async fn remove_target_nodes(&mut self) -> Result<()> {
-        wait_gone(&mut self.ep, &self.job).await;
-        let nodes: Vec<String> = self.st.added.iter().rev().cloned().collect();
-        let left = target::remove_nodes(&mut self.ep, &nodes, GONE_WAIT).await;
-        self.st.added.clear();
+        let left = remove_after_job(&mut self.ep, &self.job, &mut self.st.added).await;
         if !left.is_empty() {
             // The copy is complete, but a node still has the file open: keep it.
             self.st.file_created = false;
@@ -478,7 +469,6 @@ impl Run<'_> {
         let guest_effect = guest_effect(&self.plan, self.opts, o.switched, self.freezer.quiesce());
         let mut notes = std::mem::take(&mut self.st.notes);
         notes.extend(self.freezer.take_notes());
-        let caps = &self.ep.caps;
         Report {
             method: self.method_name(),
             copy_mode: o.copy_mode,
@@ -502,10 +492,7 @@ impl Run<'_> {
             finished: o.window.1,
             quiesce: self.freezer.quiesce().cloned(),
             guest_effect,
-            endpoint: format!(
-                "{}.{}.{} {}",
-                caps.version.0, caps.version.1, caps.version.2, caps.package
-            ),
+            endpoint: self.ep.caps.endpoint_name(),
             why: self.plan.why.clone(),
             notes,
         }
@@ -742,8 +729,20 @@ impl JobWatch {
     }
 }
 
+/// After the job's end: waits (bounded) for it to be dismissed, then
+/// removes the target's nodes (which flushes a qcow2 target). Returns the
+/// nodes that could not be removed, with why.
+pub(crate) async fn remove_after_job(
+    ep: &mut Endpoint,
+    job: &str,
+    added: &mut Vec<String>,
+) -> Vec<String> {
+    wait_gone(ep, job).await;
+    target::remove_added(ep, added, GONE_WAIT).await
+}
+
 /// Waits (bounded) for an ended job to be dismissed, so its nodes are free.
-pub(crate) async fn wait_gone(ep: &mut Endpoint, job: &str) {
+async fn wait_gone(ep: &mut Endpoint, job: &str) {
     if !ep.caps.has("query-jobs") {
         return;
     }
@@ -853,9 +852,7 @@ impl Run<'_> {
         let budget = end
             .saturating_duration_since(Instant::now())
             .max(Duration::from_secs(1));
-        let nodes: Vec<String> = st.added.iter().rev().cloned().collect();
-        let nodes_left = target::remove_nodes(ep, &nodes, budget).await;
-        st.added.clear();
+        let nodes_left = target::remove_added(ep, &mut st.added, budget).await;
         let kept = !nodes_left.is_empty();
         left.extend(nodes_left);
         if st.file_created {
