@@ -212,21 +212,6 @@ fn read_only_and_inconsistent_bitmaps_as_qsd() {
     });
 }
 
-/// A raw node `bad` over blkdebug over a new file, whose writes over
-/// `[1 MiB, 1 MiB + 64 KiB)` fail with EIO.
-fn add_failing_target(s: &mut Side) {
-    let path = s.path("bad.img");
-    harness::sparse_file(&path, harness::transcript::DISK);
-    s.qmp.ok(
-        "blockdev-add",
-        json!({"driver": "raw", "node-name": "bad",
-               "file": {"driver": "blkdebug",
-                        "inject-error": [{"event": "none", "iotype": "write",
-                                          "sector": 2048, "errno": 5}],
-                        "image": {"driver": "file", "filename": path.to_str().unwrap()}}}),
-    );
-}
-
 /// One cluster at 0, 1 MiB and 2 MiB written over NBD.
 fn dirty_three(url: &str) {
     qemu_io(
@@ -240,7 +225,7 @@ fn dirty_three(url: &str) {
 fn bitmap_modes_after_success_failure_and_cancel_as_qsd() {
     compare(|s| {
         let url = s.export("src");
-        add_failing_target(s);
+        s.add_failing_target();
         s.cmd(
             "block-dirty-bitmap-add",
             json!({"node": "src", "name": "b0", "granularity": 65536}),

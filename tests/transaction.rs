@@ -305,27 +305,13 @@ fn sort_waiting(mut events: Vec<String>) -> Vec<String> {
     events
 }
 
-/// A raw node `bad` over blkdebug whose writes at 1 MiB fail with EIO.
-fn add_failing_target(s: &mut Side) {
-    let path = s.path("bad.img");
-    harness::sparse_file(&path, harness::transcript::DISK);
-    s.qmp.ok(
-        "blockdev-add",
-        json!({"driver": "raw", "node-name": "bad",
-               "file": {"driver": "blkdebug",
-                        "inject-error": [{"event": "none", "iotype": "write",
-                                          "sector": 2048, "errno": 5}],
-                        "image": {"driver": "file", "filename": path.to_str().unwrap()}}}),
-    );
-}
-
 #[test]
 fn grouped_completion_as_qsd() {
     compare(|s| {
         s.canon = Some(sort_waiting);
         s.add_raw("src2");
         s.add_raw("tgt2");
-        add_failing_target(s);
+        s.add_failing_target();
         let url = s.export("src2");
         qemu_io(&url, "raw", &["write 1M 64k"]);
         // Both succeed: each waits for the other, then both finalise.

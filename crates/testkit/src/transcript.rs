@@ -107,6 +107,22 @@ impl Side {
         );
     }
 
+    /// Adds raw node `bad` over blkdebug over a new sparse file, whose
+    /// writes at 1 MiB (`[1 MiB, 1 MiB + 64 KiB)` of a backup's copies)
+    /// fail with EIO (setup, not part of the transcript).
+    pub fn add_failing_target(&mut self) {
+        let path = self.dir.join("bad.img");
+        sparse_file(&path, DISK);
+        self.qmp.ok(
+            "blockdev-add",
+            json!({"driver": "raw", "node-name": "bad",
+                   "file": {"driver": "blkdebug",
+                            "inject-error": [{"event": "none", "iotype": "write",
+                                              "sector": 2048, "errno": 5}],
+                            "image": {"driver": "file", "filename": path.to_str().unwrap()}}}),
+        );
+    }
+
     /// Exports `node` writable over NBD as export `node` (setup, not part of
     /// the transcript); returns its NBD URL.
     pub fn export(&mut self, node: &str) -> String {
