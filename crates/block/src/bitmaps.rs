@@ -80,9 +80,10 @@ pub trait BitmapStore: Send + Sync {
     /// read-only and nothing is written back.
     fn read_only(&self) -> bool;
 
-    /// QEMU's `can_store_new_dirty_bitmap` check for a new bitmap, with
-    /// QEMU's reason text (the node adds "Can't make bitmap ... persistent").
-    fn check_storable(&self, name: &str, granularity: u64, existing: usize) -> crate::Result<()>;
+    /// QEMU's `can_store_new_dirty_bitmap` check for a new bitmap beside the
+    /// ones the image holds, with QEMU's reason text (the node adds "Can't
+    /// make bitmap ... persistent").
+    fn check_storable(&self, name: &str, granularity: u64) -> crate::Result<()>;
 
     /// Writes `bitmaps`, the node's whole persistent set, to the image in
     /// place of what it held. While the image stays open (`closing` false)
@@ -360,11 +361,6 @@ impl BitmapSet {
             .chain(new)
             .map(NamedBitmap::stored)
             .collect()
-    }
-
-    /// Number of persistent bitmaps.
-    pub fn persistent_count(&self) -> usize {
-        self.list.iter().filter(|b| b.persistent).count()
     }
 
     /// Checks a new bitmap `name` as QEMU's `block-dirty-bitmap-add` does
@@ -665,18 +661,15 @@ impl BlockNode {
                     self.name()
                 ))
             })?;
-            let existing = self.bitmaps().persistent_count();
-            store
-                .check_storable(name, granularity, existing)
-                .map_err(|e| {
-                    crate::Error::new(
-                        e.kind(),
-                        format!(
-                            "Can't make bitmap '{name}' persistent in '{}': {e}",
-                            self.name()
-                        ),
-                    )
-                })?;
+            store.check_storable(name, granularity).map_err(|e| {
+                crate::Error::new(
+                    e.kind(),
+                    format!(
+                        "Can't make bitmap '{name}' persistent in '{}': {e}",
+                        self.name()
+                    ),
+                )
+            })?;
         }
         let size = self.size();
         {

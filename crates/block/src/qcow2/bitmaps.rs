@@ -388,13 +388,13 @@ impl Inner {
                 clusters: Vec::new(),
             });
         }
+        *self.bitmaps.infos.lock().unwrap() = on_disk.iter().map(|b| info_of(&b.entry)).collect();
         {
             let mut disk = self.bitmaps.disk.lock().await;
             disk.autoclear = header.autoclear;
             disk.ext = Some(ext);
             disk.bitmaps = on_disk;
         }
-        *self.bitmaps.infos.lock().unwrap() = self.disk_infos().await;
         if !self.read_only {
             self.write_bitmaps(&loaded, false, header)
                 .await
@@ -402,11 +402,6 @@ impl Inner {
         }
         *self.bitmaps.loaded.lock().unwrap() = loaded;
         Ok(())
-    }
-
-    async fn disk_infos(&self) -> Vec<Qcow2BitmapInfo> {
-        let disk = self.bitmaps.disk.lock().await;
-        disk.bitmaps.iter().map(|b| info_of(&b.entry)).collect()
     }
 
     /// Writes the header with `autoclear` and no bitmaps when what the image
@@ -775,7 +770,7 @@ impl BitmapStore for Inner {
         self.read_only
     }
 
-    fn check_storable(&self, name: &str, granularity: u64, _existing: usize) -> crate::Result<()> {
+    fn check_storable(&self, name: &str, granularity: u64) -> crate::Result<()> {
         if self.header.version < 3 {
             return Err(crate::Error::invalid(
                 "Cannot store dirty bitmaps in qcow2 v2 files",
