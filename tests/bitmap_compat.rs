@@ -8,8 +8,8 @@
 //! Besides agreeing with qsd, each step asserts what the bitmaps must hold
 //! (the writes made since a bitmap was created, by its granularity), so a
 //! wrong answer shared by both would still fail.
-//!
-//! `persistent_bitmaps_on_qcow2_match_qsd` needs the qcow2 bitmap store.
+//! `persistent_bitmaps_on_qcow2_match_qsd` does the same for bitmaps stored
+//! in qcow2 images.
 
 use livesnap_testkit as harness;
 
