@@ -767,16 +767,6 @@ t("pwrite-40MiB", lambda: h.pwrite(b"y" * (40 << 20), 0))
     f.finish();
 }
 
-/// nbdsh runs `python3 -m nbd`; the module comes with Debian's
-/// python3-libnbd, which only the system python3 sees.
-fn nbdsh() -> Command {
-    require_tool("nbdsh");
-    let mut c = Command::new("nbdsh");
-    let path = std::env::var("PATH").unwrap_or_default();
-    c.env("PATH", format!("/usr/bin:{path}"));
-    c
-}
-
 // ---- QMP --------------------------------------------------------------------------
 
 const NOT_OBJECT: (&str, &str) = ("GenericError", "QMP input must be a JSON object");

@@ -10,8 +10,8 @@
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, Weak};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::time::{Duration, Instant};
 
 use serde_json::{json, Map, Value};
 use tokio::sync::watch;
@@ -54,6 +54,21 @@ pub enum JobStatus {
 }
 
 impl JobStatus {
+    /// Every state, in QEMU's order.
+    pub const ALL: [JobStatus; 11] = [
+        JobStatus::Undefined,
+        JobStatus::Created,
+        JobStatus::Running,
+        JobStatus::Paused,
+        JobStatus::Ready,
+        JobStatus::Standby,
+        JobStatus::Waiting,
+        JobStatus::Pending,
+        JobStatus::Aborting,
+        JobStatus::Concluded,
+        JobStatus::Null,
+    ];
+
     /// QEMU's name for the state.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -414,6 +429,22 @@ pub struct Job {
     changed: watch::Sender<u64>,
     events: EventSink,
     manager: Weak<JobManager>,
+    started_at: OnceLock<Instant>,
+}
+
+/// A job's progress at one moment, for a metrics endpoint.
+#[derive(Clone, Copy, Debug)]
+pub struct JobProgress {
+    /// The state.
+    pub status: JobStatus,
+    /// Bytes done (`offset` of `query-block-jobs`).
+    pub offset: u64,
+    /// Bytes to do in all (`len`).
+    pub len: u64,
+    /// Speed limit in bytes per second, 0 for none (`speed`).
+    pub speed: u64,
+    /// Time since the job started; zero before it did.
+    pub running_for: Duration,
 }
 
 /// The handle a driver uses to talk to its job.
@@ -501,6 +532,7 @@ impl JobManager {
             changed: watch::channel(0).0,
             events: self.events.clone(),
             manager: Arc::downgrade(self),
+            started_at: OnceLock::new(),
         });
         self.jobs.lock().unwrap().insert(0, job.clone());
         txn.state.lock().unwrap().jobs.insert(0, job.clone());
@@ -643,6 +675,7 @@ impl Job {
         {
             let mut st = self.state.lock().unwrap();
             assert!(!st.started);
+            let _ = self.started_at.set(Instant::now());
             st.started = true;
             st.pause_count -= 1;
             st.busy = true;
@@ -1100,6 +1133,21 @@ impl Job {
             m.insert("error".into(), json!(e.text()));
         }
         Value::Object(m)
+    }
+
+    /// Progress, speed limit and state, read under one lock, so they agree.
+    pub fn progress(&self) -> JobProgress {
+        let st = self.state.lock().unwrap();
+        JobProgress {
+            status: st.status,
+            offset: st.progress_current,
+            len: st.progress_total,
+            speed: st.rate.speed(),
+            running_for: self
+                .started_at
+                .get()
+                .map_or(Duration::ZERO, Instant::elapsed),
+        }
     }
 
     /// A member of `query-block-jobs` (QEMU's `BlockJobInfo`).

@@ -24,8 +24,8 @@ pub mod snapshot_access;
 pub mod transaction;
 
 pub use job::{
-    ErrorVerdict, EventSink, Job, JobCtx, JobDriver, JobFuture, JobManager, JobOptions, JobStatus,
-    JobTxn, JobType, JobVerb, OnError,
+    ErrorVerdict, EventSink, Job, JobCtx, JobDriver, JobFuture, JobManager, JobOptions,
+    JobProgress, JobStatus, JobTxn, JobType, JobVerb, OnError,
 };
 pub use livesnap_block::os_error_text;
 

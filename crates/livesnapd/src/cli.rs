@@ -37,7 +37,10 @@ EXAMPLES:
   qemu-img info 'nbd+unix:///disk?socket=/tmp/nbd.sock'
   nbdinfo --map 'nbd+unix:///disk?socket=/tmp/nbd.sock'
 
-SIGINT or SIGTERM: stop accepting clients, finish in-flight requests, flush, exit 0."
+SIGINT or SIGTERM: stop accepting clients, finish in-flight requests, flush, exit 0.
+
+Under systemd (Type=notify, contrib/livesnapd.service): READY=1 once every
+listener given on the command line listens, STOPPING=1 when a stop begins."
 )]
 pub struct Cli {
     /// QMP monitor socket to create (unix socket, mode 0600).
@@ -79,6 +82,17 @@ pub struct Cli {
     #[arg(long, value_name = "MODE", default_value = "auto",
           value_parser = ["auto", "background", "write-blocking"])]
     pub default_copy_mode: String,
+
+    /// Log line format on stderr: `text` for people, `json` (one object per
+    /// line: timestamp, level, target, message and fields) for a log collector.
+    /// The level comes from LIVESNAP_LOG (default: warn).
+    #[arg(long, value_name = "FORMAT", default_value = "text", value_parser = ["text", "json"])]
+    pub log_format: String,
+
+    /// Serve Prometheus metrics on HOST:PORT (plain HTTP, GET /metrics):
+    /// NBD requests, bytes and latency per export, connections, job progress.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<String>,
 
     /// Demo only: keep the demo image and QMP socket in DIR instead of
     /// /tmp/livesnap-demo (tests use it, with `--nbd 127.0.0.1:0`, so they

@@ -9,6 +9,8 @@
 pub mod cli;
 pub mod commands;
 pub mod daemon;
+pub mod metrics;
+pub mod notify;
 
 use std::path::Path;
 use std::sync::Arc;

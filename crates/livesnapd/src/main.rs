@@ -12,6 +12,8 @@ use livesnap_jobs::mirror::CopyMode;
 use livesnapd::cli::{Cli, DEMO_DIR, DEMO_SIZE};
 use livesnapd::commands::{self, Commands};
 use livesnapd::daemon::{Daemon, Settings};
+use livesnapd::metrics::MetricsServer;
+use livesnapd::notify::Notifier;
 use livesnapd::{bind_qmp, export_image, nbd_uri, ImageExport};
 
 /// Allocations below this come from malloc's heap instead of fresh mmaps.
@@ -30,13 +32,9 @@ fn main() -> ExitCode {
             .error(clap::error::ErrorKind::ArgumentConflict, msg)
             .exit();
     }
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("LIVESNAP_LOG")
-                .unwrap_or_else(|_| "warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    init_logging(&cli.log_format);
+    // Read before any thread starts; a stop or failure is reported there too.
+    let notifier = Notifier::from_env();
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -47,12 +45,29 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match rt.block_on(run(cli)) {
+    match rt.block_on(run(cli, &notifier)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
+            notifier.status(&format!("start-up failed: {e}"));
             eprintln!("livesnapd: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Logs to stderr (the journal, under systemd) in `format`, at the level LIVESNAP_LOG sets.
+fn init_logging(format: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("LIVESNAP_LOG")
+        .unwrap_or_else(|_| "warn".into());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if format == "json" {
+        // Message and fields at the top level, next to level and target, so
+        // a collector needs no knowledge of tracing's nesting.
+        builder.json().flatten_event(true).init();
+    } else {
+        builder.init();
     }
 }
 
@@ -66,7 +81,7 @@ fn ensure_demo_image(path: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn run(mut cli: Cli) -> anyhow::Result<()> {
+async fn run(mut cli: Cli, notifier: &Notifier) -> anyhow::Result<()> {
     // Before anything is created: a SIGTERM from here on is a graceful stop
     // (exit 0, sockets removed), never the default action of dying at once.
     let signals = Signals::new();
@@ -104,13 +119,16 @@ async fn run(mut cli: Cli) -> anyhow::Result<()> {
             },
         )
         .await?;
-        nbd_url = Some(nbd_uri(&local, cli.export_name()));
+        let url = nbd_uri(&local, cli.export_name());
+        tracing::info!(url = %url, "NBD export listening");
+        nbd_url = Some(url);
     } else if let Some(nbd) = &cli.nbd {
         // --qmp with --nbd: qemu-storage-daemon's --nbd-server; exports come over QMP.
         let addr = commands::parse_listen_addr(nbd).map_err(|e| anyhow::anyhow!("--nbd: {e}"))?;
         let local = commands::start_nbd_server(&daemon, &addr, cli.max_connections)
             .await
             .map_err(|e| anyhow::anyhow!("{}", e.desc))?;
+        tracing::info!(addr = %local, "NBD server listening");
         nbd_server = Some(local);
     }
 
@@ -119,17 +137,56 @@ async fn run(mut cli: Cli) -> anyhow::Result<()> {
         None => None,
     };
 
-    print_banner(&cli, nbd_url.as_deref(), nbd_server.as_deref());
+    let metrics = match &cli.metrics {
+        Some(addr) => Some(MetricsServer::bind(addr, daemon.clone()).await?),
+        None => None,
+    };
+    let metrics_addr = metrics.as_ref().map(MetricsServer::local_addr);
+
+    print_banner(
+        &cli,
+        nbd_url.as_deref(),
+        nbd_server.as_deref(),
+        metrics_addr,
+    );
+    // Every listener asked for is bound, so a unit ordered after this one finds them.
+    notifier.ready(&ready_status(
+        &cli,
+        nbd_url.as_deref(),
+        nbd_server.as_deref(),
+    ));
+    tracing::info!(version = env!("CARGO_PKG_VERSION"), "livesnapd ready");
 
     signals.wait(&daemon).await;
+    notifier.stopping("stopping: finishing in-flight requests and flushing");
+    tracing::info!("stopping: finishing in-flight requests and flushing");
+    drop(metrics);
     if let Some(server) = qmp_server {
         server.close().await;
     }
     daemon.shutdown().await;
+    tracing::info!("stopped");
     Ok(())
 }
 
-fn print_banner(cli: &Cli, nbd_url: Option<&str>, nbd_server: Option<&str>) {
+/// The `STATUS=` a service manager shows once the daemon is ready.
+fn ready_status(cli: &Cli, nbd_url: Option<&str>, nbd_server: Option<&str>) -> String {
+    let mut parts = Vec::new();
+    if let Some(qmp) = &cli.qmp {
+        parts.push(format!("QMP {}", qmp.display()));
+    }
+    if let Some(nbd) = nbd_url.or(nbd_server) {
+        parts.push(format!("NBD {nbd}"));
+    }
+    format!("serving: {}", parts.join(", "))
+}
+
+fn print_banner(
+    cli: &Cli,
+    nbd_url: Option<&str>,
+    nbd_server: Option<&str>,
+    metrics: Option<std::net::SocketAddr>,
+) {
     println!("livesnapd {} ready", env!("CARGO_PKG_VERSION"));
     if let (Some(image), Some(url)) = (&cli.image, nbd_url) {
         let mode = if cli.read_only {
@@ -151,6 +208,9 @@ fn print_banner(cli: &Cli, nbd_url: Option<&str>, nbd_server: Option<&str>) {
             "  try:   echo '{{\"execute\":\"qmp_capabilities\"}}{{\"execute\":\"query-block-exports\"}}' | socat - UNIX-CONNECT:{}",
             qmp.display()
         );
+    }
+    if let Some(addr) = metrics {
+        println!("  metrics: http://{addr}/metrics");
     }
     println!("  stop:  Ctrl-C (finishes in-flight requests and flushes)");
 }

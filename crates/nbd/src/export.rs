@@ -13,6 +13,7 @@ use livesnap_block::BlockBackend;
 use tokio::sync::watch;
 
 use crate::conn::ConnControl;
+use crate::stats::ExportStats;
 
 /// What to export under one name.
 #[derive(Clone)]
@@ -71,6 +72,7 @@ pub struct Export {
     cfg: ExportConfig,
     state: Mutex<ExportState>,
     count: watch::Sender<usize>,
+    stats: Arc<ExportStats>,
 }
 
 impl Export {
@@ -82,6 +84,7 @@ impl Export {
                 removed: false,
             }),
             count: watch::Sender::new(0),
+            stats: Arc::default(),
         }
     }
 
@@ -94,6 +97,11 @@ impl Export {
     /// The configuration this export was added with.
     pub fn config(&self) -> &ExportConfig {
         &self.cfg
+    }
+
+    /// What this export's clients asked for so far.
+    pub fn stats(&self) -> &Arc<ExportStats> {
+        &self.stats
     }
 
     /// True when clients may not write (by configuration or because the node is read-only).

@@ -19,9 +19,11 @@ pub mod export;
 mod handshake;
 pub mod proto;
 pub mod server;
+pub mod stats;
 mod transmission;
 
 pub use client::{ClientError, ExportInfo, NbdClient, Negotiator, RawConn};
 pub use conn::HANDSHAKE_TIMEOUT;
 pub use export::{DirtyExtents, Export, ExportBitmap, ExportConfig, ExportTable};
 pub use server::{ListenAddr, NbdServer, SHUTDOWN_GRACE};
+pub use stats::{ExportStats, ServerStats};

@@ -17,6 +17,7 @@ use tokio::task::JoinHandle;
 
 use crate::conn::{self, ConnControl};
 use crate::export::ExportTable;
+use crate::stats::ServerStats;
 
 /// How long `shutdown` lets in-flight requests finish before closing anyway.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
@@ -45,6 +46,7 @@ struct Shared {
     live: watch::Sender<usize>,
     next_id: AtomicU64,
     max_connections: u32,
+    stats: Arc<ServerStats>,
 }
 
 impl Shared {
@@ -79,9 +81,11 @@ impl Shared {
                     "NBD connection refused: limit of {} reached",
                     self.max_connections
                 );
+                self.stats.count_refused();
                 return; // dropping r and w closes the socket
             }
             conns.insert(id, ctl.clone());
+            self.stats.count_accepted();
             self.live.send_replace(conns.len());
         }
         // The guard lives inside the task's future, so it runs whether the
@@ -132,6 +136,7 @@ impl NbdServer {
             live: watch::Sender::new(0),
             next_id: AtomicU64::new(1),
             max_connections,
+            stats: Arc::default(),
         });
         match addr {
             ListenAddr::Unix(path) => {
@@ -179,6 +184,11 @@ impl NbdServer {
     /// Clients currently connected, attached to an export or still negotiating.
     pub fn connections(&self) -> usize {
         self.shared.lock().len()
+    }
+
+    /// How many connections the server took and refused.
+    pub fn stats(&self) -> &Arc<ServerStats> {
+        &self.shared.stats
     }
 
     fn stop_listening(&mut self) {

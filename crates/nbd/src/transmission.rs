@@ -20,6 +20,7 @@ use crate::conn::ConnControl;
 use crate::export::ExportBitmap;
 use crate::handshake::{MetaContexts, Session};
 use crate::proto::*;
+use crate::stats::ExportStats;
 
 /// Requests of one connection being served at once.
 const MAX_IN_FLIGHT: usize = 64;
@@ -156,6 +157,7 @@ struct Ctx {
     meta: MetaContexts,
     /// The export's bitmaps; `meta.bitmaps` indexes into them.
     bitmaps: Vec<ExportBitmap>,
+    stats: Arc<ExportStats>,
 }
 
 /// Sends the frames of one reply; the request's budget goes with the last one.
@@ -235,6 +237,7 @@ pub(crate) async fn serve<R, W>(
         structured: session.structured,
         meta: session.meta.clone(),
         bitmaps: export.config().bitmaps.clone(),
+        stats: export.stats().clone(),
     });
     let (tx, rx) = mpsc::unbounded_channel();
     let writer = write_loop(writer, rx, pool);
@@ -357,8 +360,10 @@ where
             }
             payload = Some(buf);
         }
+        let timer = ctx.stats.begin(req.typ, req.len.into());
         let ctx = ctx.clone();
         tasks.spawn(async move {
+            let _timer = timer;
             match req.typ {
                 CMD_READ => read(&ctx, &req, rep).await,
                 CMD_BLOCK_STATUS => match block_status(&ctx, &req).await {

@@ -122,6 +122,16 @@ pub fn require_tool(name: &str) {
     );
 }
 
+/// An `nbdsh` command. nbdsh runs `python3 -m nbd`; the module comes with
+/// Debian's python3-libnbd, which only the system python3 sees.
+pub fn nbdsh() -> Command {
+    require_tool("nbdsh");
+    let mut c = Command::new("nbdsh");
+    let path = std::env::var("PATH").unwrap_or_default();
+    c.env("PATH", format!("/usr/bin:{path}"));
+    c
+}
+
 /// Runs a command to completion, panics with its output unless it succeeded, returns stdout.
 pub fn run(cmd: &mut Command) -> String {
     let out = run_status(cmd);
