@@ -223,6 +223,83 @@ fn nbd_error<T: std::fmt::Debug>(r: Result<T, ClientError>, case: &str) -> u32 {
     }
 }
 
+// ---- NBD: memory bounds ---------------------------------------------------------
+
+/// Clients that pipeline 32 MiB reads and never read a reply.
+const SLOW_CLIENTS: usize = 6;
+/// Reads each of them queues.
+const SLOW_READS: u64 = 200;
+/// What the daemon may grow to with them connected (docs/decisions.md:
+/// 160 MiB of shared budget, the small lanes, and the daemon itself).
+const RSS_BOUND_KIB: u64 = 256 << 10;
+
+#[test]
+fn clients_that_never_read_replies_cannot_grow_the_daemon_without_bound() {
+    let mut f = Fixture::new();
+    let pid = f.d.pid();
+    let base = status_kib(pid, "VmRSS");
+    let addr = f.addr.clone();
+    let slow: Vec<RawConn> = f.block("slow clients", async {
+        let mut v = Vec::new();
+        for i in 0..SLOW_CLIENTS {
+            let mut raw = attached(&addr, false).await.into_raw();
+            let mut burst = Vec::new();
+            for n in 0..SLOW_READS {
+                let off = (n % 2) * 32 * MIB;
+                burst.extend_from_slice(&request(CMD_READ, 0, n, off, 32 << 20));
+            }
+            raw.send(&burst)
+                .await
+                .unwrap_or_else(|e| panic!("slow client {i}: {e}"));
+            v.push(raw);
+        }
+        v
+    });
+    // The daemon takes their requests and pins read buffers for them; wait
+    // until at least four buffers' worth is held, so the bound is tested
+    // with the pressure on.
+    let loaded = base + 4 * 32 * 1024;
+    let t0 = Instant::now();
+    while status_kib(pid, "VmRSS") < loaded {
+        assert!(
+            t0.elapsed() < WAIT,
+            "the slow clients never made the daemon hold their reads: \
+             VmRSS {} KiB, expected at least {loaded} KiB",
+            status_kib(pid, "VmRSS")
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // A normal client keeps reading and writing its own data meanwhile.
+    for i in 0..20 {
+        f.check(&format!("round {i} beside {SLOW_CLIENTS} slow readers"));
+    }
+    let hwm = status_kib(pid, "VmHWM");
+    assert!(
+        hwm < RSS_BOUND_KIB,
+        "{SLOW_CLIENTS} clients queuing {SLOW_READS} reads of 32 MiB grew the daemon \
+         to {hwm} KiB (VmHWM), over the bound of {RSS_BOUND_KIB} KiB (started at {base} KiB)"
+    );
+    drop(slow);
+    // Their buffers go back to the kernel once they are gone.
+    let back = base + 32 * 1024;
+    let t0 = Instant::now();
+    loop {
+        f.check("after the slow clients left");
+        let rss = status_kib(pid, "VmRSS");
+        if rss < back {
+            eprintln!("daemon VmRSS: {base} KiB before, peak {hwm} KiB, {rss} KiB after");
+            break;
+        }
+        assert!(
+            t0.elapsed() < WAIT,
+            "after the slow clients left the daemon still holds {rss} KiB \
+             (VmRSS; {base} KiB before they came, peak {hwm} KiB)"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    f.finish();
+}
+
 // ---- NBD: handshake --------------------------------------------------------------
 
 #[test]
@@ -1161,12 +1238,17 @@ fn qmp_monitors_that_hang_up_or_stop_reading_do_not_disturb_the_daemon() {
 }
 
 fn rss_kib(pid: u32) -> u64 {
+    status_kib(pid, "VmRSS")
+}
+
+/// A memory figure (VmRSS, VmHWM, ...) of a process, in KiB.
+fn status_kib(pid: u32, field: &str) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     status
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmRSS in /proc/PID/status")
+        .unwrap_or_else(|| panic!("{field} in /proc/{pid}/status"))
 }
 
 #[test]

@@ -8,6 +8,7 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, BufReader};
 use tokio::sync::Notify;
 
+use crate::budget::Budget;
 use crate::export::ExportTable;
 use crate::handshake;
 use crate::transmission;
@@ -92,6 +93,7 @@ pub(crate) async fn run<R, W>(
     reader: R,
     mut writer: W,
     exports: Arc<ExportTable>,
+    budget: Arc<Budget>,
     ctl: Arc<ConnControl>,
 ) where
     R: AsyncRead + Unpin + Send + 'static,
@@ -120,7 +122,7 @@ pub(crate) async fn run<R, W>(
                 return;
             }
         };
-        transmission::serve(reader, writer, session, &ctl).await;
+        transmission::serve(reader, writer, session, budget.conn(), &ctl).await;
     };
     tokio::select! {
         _ = serve => {}

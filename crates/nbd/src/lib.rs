@@ -13,6 +13,7 @@
 //! input — however malformed — panic, block or end anything but that client's
 //! own connection. Memory held per connection is bounded.
 
+mod budget;
 pub mod client;
 mod conn;
 pub mod export;

@@ -15,6 +15,7 @@ use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use crate::budget::Budget;
 use crate::conn::{self, ConnControl};
 use crate::export::ExportTable;
 
@@ -41,6 +42,7 @@ pub enum ListenAddr {
 /// State shared by the accept loops and connection tasks.
 struct Shared {
     exports: Arc<ExportTable>,
+    budget: Arc<Budget>,
     conns: Mutex<HashMap<u64, Arc<ConnControl>>>,
     live: watch::Sender<usize>,
     next_id: AtomicU64,
@@ -91,9 +93,10 @@ impl Shared {
             id,
         };
         let exports = self.exports.clone();
+        let budget = self.budget.clone();
         tokio::spawn(async move {
             let _guard = guard;
-            conn::run(r, w, exports, ctl).await;
+            conn::run(r, w, exports, budget, ctl).await;
         });
     }
 }
@@ -128,6 +131,7 @@ impl NbdServer {
     ) -> io::Result<NbdServer> {
         let shared = Arc::new(Shared {
             exports,
+            budget: Budget::new(),
             conns: Mutex::new(HashMap::new()),
             live: watch::Sender::new(0),
             next_id: AtomicU64::new(1),

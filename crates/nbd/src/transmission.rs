@@ -2,31 +2,25 @@
 //! own task; one writer sends replies, so requests complete out of order but
 //! reply frames never interleave.
 //!
-//! Memory per connection is bounded: at most `MAX_IN_FLIGHT` requests and
-//! `BYTE_BUDGET` bytes of payload (write data read in, read data waiting to go
-//! out) exist at once; the reader stops reading while the budget is spent.
+//! Memory is bounded by the budgets of [`crate::budget`]: payload bytes (write
+//! data read in, read data waiting to go out) are counted from the moment a
+//! request is accepted until its last reply frame is written, and the reader
+//! stops reading while its connection cannot get budget.
 
-use std::collections::HashMap;
 use std::io::{self, IoSlice};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use livesnap_block::{BlockBackend, IoBuf, WriteFlags, ZeroFlags};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::sync::mpsc::{self, UnboundedReceiver, UnboundedSender};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 
+use crate::budget::{Budget, ConnBudget, Permits};
 use crate::conn::ConnControl;
 use crate::export::ExportBitmap;
 use crate::handshake::{MetaContexts, Session};
 use crate::proto::*;
 
-/// Requests of one connection being served at once.
-const MAX_IN_FLIGHT: usize = 64;
-/// Payload bytes one connection may hold at once.
-const BYTE_BUDGET: usize = 128 << 20;
-/// Payload budget is counted in these units so it fits a semaphore comfortably.
-const BUDGET_UNIT: usize = 4096;
 /// Reads up to this size skip the block-status lookup: one read, and a hole
 /// chunk only if the data turns out to be all zeroes.
 const SMALL_READ: u32 = 64 * 1024;
@@ -42,10 +36,6 @@ const MAX_BITMAP_EXTENTS: usize = (1 << 20) / 8;
 const MAX_BATCH: usize = 256;
 /// Linux's limit on iovecs per writev.
 const MAX_IOV: usize = 1024;
-/// Read buffers kept for reuse per connection, in bytes.
-const POOL_BYTES: usize = 16 << 20;
-/// Buffers smaller than this are cheap to allocate and not pooled.
-const POOL_MIN_BUF: usize = 64 * 1024;
 
 /// Bytes written before a reply's payload: a reply or chunk header and any fixed fields.
 enum Head {
@@ -70,12 +60,6 @@ impl Head {
             Head::Heap(v) => v,
         }
     }
-}
-
-/// Budget held by one request until its last reply frame has been written.
-struct Permits {
-    _count: OwnedSemaphorePermit,
-    _bytes: Option<OwnedSemaphorePermit>,
 }
 
 /// One message for the writer: a header and an optional payload.
@@ -110,47 +94,10 @@ enum Seg {
     Hole(u64, u32),
 }
 
-/// Read buffers kept for reuse, keyed by exact length: fresh large
-/// allocations cost page faults and zeroing on every request.
-struct BufPool {
-    free: Mutex<(HashMap<usize, Vec<IoBuf>>, usize)>,
-}
-
-impl BufPool {
-    fn new() -> BufPool {
-        BufPool {
-            free: Mutex::new((HashMap::new(), 0)),
-        }
-    }
-
-    /// A buffer of exactly `len` bytes; its contents are stale and must be overwritten.
-    fn take(&self, len: usize) -> IoBuf {
-        let mut g = self.free.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(b) = g.0.get_mut(&len).and_then(Vec::pop) {
-            g.1 -= len;
-            return b;
-        }
-        drop(g);
-        IoBuf::zeroed(len)
-    }
-
-    fn give(&self, b: IoBuf) {
-        let len = b.len();
-        if len < POOL_MIN_BUF {
-            return;
-        }
-        let mut g = self.free.lock().unwrap_or_else(|e| e.into_inner());
-        if g.1 + len <= POOL_BYTES {
-            g.0.entry(len).or_default().push(b);
-            g.1 += len;
-        }
-    }
-}
-
 /// What every request task needs from its connection.
 struct Ctx {
     backend: Arc<BlockBackend>,
-    pool: Arc<BufPool>,
+    pool: Arc<Budget>,
     read_only: bool,
     structured: bool,
     meta: MetaContexts,
@@ -221,13 +168,14 @@ pub(crate) async fn serve<R, W>(
     reader: BufReader<R>,
     writer: W,
     session: Session,
+    budget: ConnBudget,
     ctl: &Arc<ConnControl>,
 ) where
     R: AsyncRead + Unpin + Send + 'static,
     W: AsyncWrite + Unpin + Send + 'static,
 {
     let export = session.export().clone();
-    let pool = Arc::new(BufPool::new());
+    let pool = budget.server().clone();
     let ctx = Arc::new(Ctx {
         backend: export.config().backend.clone(),
         pool: pool.clone(),
@@ -238,7 +186,7 @@ pub(crate) async fn serve<R, W>(
     });
     let (tx, rx) = mpsc::unbounded_channel();
     let writer = write_loop(writer, rx, pool);
-    let reader = read_loop(reader, ctx, tx, ctl);
+    let reader = read_loop(reader, ctx, tx, &budget, ctl);
     tokio::pin!(writer, reader);
     tokio::select! {
         exit = &mut reader => {
@@ -260,33 +208,16 @@ pub(crate) async fn serve<R, W>(
     drop(session);
 }
 
-/// A request cannot be served without these permits; the semaphores are never
-/// closed, so acquisition only fails if that invariant is broken.
-async fn acquire(count: &Arc<Semaphore>, bytes: &Arc<Semaphore>, len: u32) -> Option<Permits> {
-    let c = count.clone().acquire_owned().await.ok()?;
-    let b = if len > 0 {
-        let units = (len as usize).div_ceil(BUDGET_UNIT) as u32;
-        Some(bytes.clone().acquire_many_owned(units).await.ok()?)
-    } else {
-        None
-    };
-    Some(Permits {
-        _count: c,
-        _bytes: b,
-    })
-}
-
 async fn read_loop<R>(
     mut r: BufReader<R>,
     ctx: Arc<Ctx>,
     tx: UnboundedSender<Frame>,
+    budget: &ConnBudget,
     ctl: &Arc<ConnControl>,
 ) -> Exit
 where
     R: AsyncRead + Unpin,
 {
-    let count = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
-    let bytes = Arc::new(Semaphore::new(BYTE_BUDGET / BUDGET_UNIT));
     let mut tasks = JoinSet::new();
     let exit = loop {
         while tasks.try_join_next().is_some() {}
@@ -318,11 +249,16 @@ where
         if req.typ == CMD_DISC {
             break Exit::Graceful;
         }
-        let budget = match req.typ {
+        let payload_len = match req.typ {
             CMD_READ | CMD_WRITE => req.len.min(MAX_PAYLOAD),
             _ => 0,
         };
-        let Some(permits) = acquire(&count, &bytes, budget).await else {
+        let permits = tokio::select! {
+            biased;
+            _ = ctl.drain_switch().wait() => break Exit::Graceful,
+            p = budget.acquire(payload_len as usize) => p,
+        };
+        let Some(permits) = permits else {
             break Exit::Abort;
         };
         let rep = Replier {
@@ -491,7 +427,7 @@ async fn read(ctx: &Ctx, req: &Request, rep: Replier) {
         return rep.fail(f);
     }
     if !ctx.structured {
-        let buf = ctx.pool.take(req.len as usize);
+        let buf = ctx.pool.take_buf(req.len as usize);
         return match ctx.backend.read_into(req.offset, buf).await {
             Ok(buf) => {
                 let mut rep = rep;
@@ -521,14 +457,14 @@ fn is_zero(b: &[u8]) -> bool {
 
 /// Reads `len` bytes at `offset` as one segment, a hole if they are all zero.
 async fn read_one(ctx: &Ctx, offset: u64, len: u32) -> Result<Seg, Fail> {
-    let buf = ctx.pool.take(len as usize);
+    let buf = ctx.pool.take_buf(len as usize);
     let buf = ctx
         .backend
         .read_into(offset, buf)
         .await
         .map_err(|e| Fail::io("read", &e))?;
     if is_zero(&buf) {
-        ctx.pool.give(buf);
+        ctx.pool.give_buf(buf);
         return Ok(Seg::Hole(offset, len));
     }
     Ok(Seg::Data(offset, buf))
@@ -731,7 +667,7 @@ async fn block_status(ctx: &Ctx, req: &Request) -> Result<Vec<u8>, Fail> {
 async fn write_loop<W: AsyncWrite + Unpin>(
     mut w: W,
     mut rx: UnboundedReceiver<Frame>,
-    pool: Arc<BufPool>,
+    pool: Arc<Budget>,
 ) -> io::Result<()> {
     let mut batch: Vec<Frame> = Vec::with_capacity(MAX_BATCH);
     while let Some(f) = rx.recv().await {
@@ -746,7 +682,7 @@ async fn write_loop<W: AsyncWrite + Unpin>(
         // Dropping the frames returns their budget to the reader.
         for f in batch.drain(..) {
             if let Some(d) = f.data {
-                pool.give(d);
+                pool.give_buf(d);
             }
         }
     }
