@@ -39,13 +39,13 @@ const MAX_IOV: usize = 1024;
 
 /// Bytes written before a reply's payload: a reply or chunk header and any fixed fields.
 enum Head {
-    Inline([u8; 32], u8),
+    Inline([u8; 48], u8),
     Heap(Vec<u8>),
 }
 
 impl Head {
     fn inline(parts: &[&[u8]]) -> Head {
-        let mut b = [0u8; 32];
+        let mut b = [0u8; 48];
         let mut n = 0;
         for p in parts {
             b[n..n + p.len()].copy_from_slice(p);
@@ -99,7 +99,10 @@ struct Ctx {
     backend: Arc<BlockBackend>,
     pool: Arc<Budget>,
     read_only: bool,
+    /// Structured replies or extended headers: reads may come in chunks.
     structured: bool,
+    /// Extended headers: 32-byte requests and replies, 64-bit lengths.
+    extended: bool,
     meta: MetaContexts,
     /// The export's bitmaps; `meta.bitmaps` indexes into them.
     bitmaps: Vec<ExportBitmap>,
@@ -108,12 +111,32 @@ struct Ctx {
 /// Sends the frames of one reply; the request's budget goes with the last one.
 struct Replier {
     cookie: u64,
+    /// The request's offset, echoed by extended reply headers.
+    offset: u64,
     structured: bool,
+    extended: bool,
     tx: UnboundedSender<Frame>,
     permits: Option<Permits>,
 }
 
 impl Replier {
+    /// A chunk header for a payload of `len` bytes followed by `fields`:
+    /// a structured one, or an extended one once those were negotiated.
+    fn chunk(&self, flags: u16, typ: u16, len: usize, fields: &[&[u8]]) -> Head {
+        let h;
+        let e;
+        let head: &[u8] = if self.extended {
+            e = encode_extended_reply_header(flags, typ, self.cookie, self.offset, len as u64);
+            &e
+        } else {
+            h = encode_chunk_header(flags, typ, self.cookie, len as u32);
+            &h
+        };
+        let mut parts = vec![head];
+        parts.extend_from_slice(fields);
+        Head::inline(&parts)
+    }
+
     fn send(&mut self, head: Head, data: Option<IoBuf>, last: bool) {
         let permits = if last { self.permits.take() } else { None };
         // A closed channel means the writer is gone and the connection is ending.
@@ -125,20 +148,22 @@ impl Replier {
     }
 
     fn done(mut self) {
-        let head = Head::inline(&[&encode_simple_reply(0, self.cookie)]);
+        // Extended headers leave no room for simple replies.
+        let head = if self.extended {
+            self.chunk(REPLY_FLAG_DONE, REPLY_TYPE_NONE, 0, &[])
+        } else {
+            Head::inline(&[&encode_simple_reply(0, self.cookie)])
+        };
         self.send(head, None, true);
     }
 
     fn fail(mut self, f: Fail) {
         if self.structured {
             let payload = encode_error_payload(f.err, &f.msg);
-            let mut v = encode_chunk_header(
-                REPLY_FLAG_DONE,
-                REPLY_TYPE_ERROR,
-                self.cookie,
-                payload.len() as u32,
-            )
-            .to_vec();
+            let mut v = self
+                .chunk(REPLY_FLAG_DONE, REPLY_TYPE_ERROR, payload.len(), &[])
+                .bytes()
+                .to_vec();
             v.extend_from_slice(&payload);
             self.send(Head::Heap(v), None, true);
         } else {
@@ -180,7 +205,8 @@ pub(crate) async fn serve<R, W>(
         backend: export.config().backend.clone(),
         pool: pool.clone(),
         read_only: export.read_only(),
-        structured: session.structured,
+        structured: session.structured || session.extended,
+        extended: session.extended,
         meta: session.meta.clone(),
         bitmaps: export.config().bitmaps.clone(),
     });
@@ -221,11 +247,16 @@ where
     let mut tasks = JoinSet::new();
     let exit = loop {
         while tasks.try_join_next().is_some() {}
-        let mut hdr = [0u8; REQUEST_LEN];
+        let mut hdr = [0u8; EXTENDED_REQUEST_LEN];
+        let hdr_len = if ctx.extended {
+            EXTENDED_REQUEST_LEN
+        } else {
+            REQUEST_LEN
+        };
         let got = tokio::select! {
             biased;
             _ = ctl.drain_switch().wait() => break Exit::Graceful,
-            r = r.read_exact(&mut hdr) => r,
+            r = r.read_exact(&mut hdr[..hdr_len]) => r,
         };
         if let Err(e) = got {
             // EOF between requests is a client going away without DISC; treat
@@ -235,7 +266,7 @@ where
             }
             break Exit::Graceful;
         }
-        let Some(req) = Request::decode(&hdr) else {
+        let Some(mut req) = decode_request(&hdr, ctx.extended) else {
             tracing::debug!(conn = ctl.id(), "NBD request with bad magic; closing");
             break Exit::Abort;
         };
@@ -249,57 +280,77 @@ where
         if req.typ == CMD_DISC {
             break Exit::Graceful;
         }
-        let payload_len = match req.typ {
-            CMD_READ | CMD_WRITE => req.len.min(MAX_PAYLOAD),
-            _ => 0,
-        };
+        // With extended headers any command may carry a payload when flagged;
+        // WRITE always does.
+        let payload_len =
+            if req.typ == CMD_WRITE || (ctx.extended && req.flags & CMD_FLAG_PAYLOAD_LEN != 0) {
+                req.len
+            } else {
+                0
+            };
+        let held = match req.typ {
+            CMD_READ => req.len,
+            _ => payload_len,
+        }
+        .min(MAX_PAYLOAD.into());
         let permits = tokio::select! {
             biased;
             _ = ctl.drain_switch().wait() => break Exit::Graceful,
-            p = budget.acquire(payload_len as usize) => p,
+            p = budget.acquire(held as usize) => p,
         };
         let Some(permits) = permits else {
             break Exit::Abort;
         };
         let rep = Replier {
             cookie: req.cookie,
+            offset: req.offset,
             structured: ctx.structured,
+            extended: ctx.extended,
             tx: tx.clone(),
             permits: Some(permits),
         };
         let mut payload = None;
-        if req.typ == CMD_WRITE {
-            if req.len > MAX_PAYLOAD {
+        if payload_len > 0 {
+            if payload_len > MAX_PAYLOAD.into() {
                 // The payload cannot be skipped safely without trusting its
-                // length, so answer EINVAL and stop reading, as QEMU does.
+                // length (the spec asks for a hard disconnect), so answer
+                // EINVAL and stop reading, as QEMU does.
                 tracing::debug!(
                     conn = ctl.id(),
-                    len = req.len,
-                    "NBD write larger than the maximum payload"
+                    len = payload_len,
+                    "NBD payload larger than the maximum"
                 );
                 rep.fail(Fail::new(
                     NBD_EINVAL,
                     format!(
-                        "write of {} bytes exceeds the maximum payload of {MAX_PAYLOAD}",
-                        req.len
+                        "{} payload of {payload_len} bytes exceeds the maximum of {MAX_PAYLOAD}",
+                        command_name(req.typ)
                     ),
                 ));
                 break Exit::Graceful;
             }
-            let mut buf = IoBuf::zeroed(req.len as usize);
+            let mut buf = IoBuf::zeroed(payload_len as usize);
             if let Err(e) = r.read_exact(&mut buf).await {
-                tracing::debug!(conn = ctl.id(), "NBD write payload truncated: {e}");
+                tracing::debug!(conn = ctl.id(), "NBD payload truncated: {e}");
                 break Exit::Abort;
             }
-            payload = Some(buf);
+            if req.typ == CMD_WRITE {
+                payload = Some(buf);
+            } else {
+                // No other command takes a payload here: it was consumed so
+                // the stream stays in step, and the flag fails the request
+                // (its length described the payload, not the export).
+                req.len = 0;
+            }
         }
         let ctx = ctx.clone();
         tasks.spawn(async move {
             match req.typ {
                 CMD_READ => read(&ctx, &req, rep).await,
                 CMD_BLOCK_STATUS => match block_status(&ctx, &req).await {
-                    Ok(v) => {
+                    Ok(chunks) => {
                         let mut rep = rep;
+                        let v = encode_status_chunks(&rep, &chunks);
                         rep.send(Head::Heap(v), None, true);
                     }
                     Err(f) => rep.fail(f),
@@ -323,6 +374,9 @@ where
 fn validate(ctx: &Ctx, req: &Request) -> Result<(), Fail> {
     let mut valid = CMD_FLAG_FUA;
     let writes = matches!(req.typ, CMD_WRITE | CMD_TRIM | CMD_WRITE_ZEROES);
+    if req.typ == CMD_WRITE && ctx.extended {
+        valid |= CMD_FLAG_PAYLOAD_LEN;
+    }
     match req.typ {
         CMD_READ if ctx.structured => valid |= CMD_FLAG_DF,
         CMD_WRITE_ZEROES => valid |= CMD_FLAG_NO_HOLE | CMD_FLAG_FAST_ZERO,
@@ -335,7 +389,7 @@ fn validate(ctx: &Ctx, req: &Request) -> Result<(), Fail> {
     }
     if req.typ != CMD_FLUSH {
         let size = ctx.backend.size();
-        let in_range = req.offset <= size && u64::from(req.len) <= size - req.offset;
+        let in_range = req.offset <= size && req.len <= size - req.offset;
         if !in_range {
             // The spec asks for ENOSPC on writes past the end, EINVAL otherwise.
             let err = if matches!(req.typ, CMD_WRITE | CMD_WRITE_ZEROES) {
@@ -358,7 +412,7 @@ fn validate(ctx: &Ctx, req: &Request) -> Result<(), Fail> {
             format!("unsupported flags {:#x}", req.flags & !valid),
         ));
     }
-    if req.typ == CMD_READ && req.len > MAX_PAYLOAD {
+    if req.typ == CMD_READ && req.len > MAX_PAYLOAD.into() {
         return Err(Fail::new(
             NBD_EINVAL,
             format!(
@@ -384,7 +438,7 @@ async fn execute(ctx: &Ctx, req: &Request, payload: Option<IoBuf>) -> Result<(),
         }
         CMD_FLUSH => node.flush().await.map_err(|e| Fail::io("flush", &e)),
         CMD_TRIM => {
-            match node.discard(req.offset, req.len.into()).await {
+            match node.discard(req.offset, req.len).await {
                 // Trim is advisory: a backend that cannot discard just keeps the data.
                 Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {}
                 r => r.map_err(|e| Fail::io("trim", &e))?,
@@ -400,7 +454,7 @@ async fn execute(ctx: &Ctx, req: &Request, payload: Option<IoBuf>) -> Result<(),
                 may_unmap: req.flags & CMD_FLAG_NO_HOLE == 0,
                 fast_only: req.flags & CMD_FLAG_FAST_ZERO != 0,
             };
-            node.write_zeroes(req.offset, req.len.into(), flags)
+            node.write_zeroes(req.offset, req.len, flags)
                 .await
                 .map_err(|e| {
                     if !flags.fast_only && e.raw_os_error() == Some(libc::EOPNOTSUPP) {
@@ -438,7 +492,7 @@ async fn read(ctx: &Ctx, req: &Request, rep: Replier) {
         };
     }
     match read_segments(ctx, req).await {
-        Ok(segs) => send_segments(rep, req.cookie, segs),
+        Ok(segs) => send_segments(rep, segs),
         Err(f) => rep.fail(f),
     }
 }
@@ -471,7 +525,8 @@ async fn read_one(ctx: &Ctx, offset: u64, len: u32) -> Result<Seg, Fail> {
 }
 
 async fn read_segments(ctx: &Ctx, req: &Request) -> Result<Vec<Seg>, Fail> {
-    let (offset, len) = (req.offset, req.len);
+    // Validated: at most MAX_PAYLOAD.
+    let (offset, len) = (req.offset, req.len as u32);
     if len == 0 {
         return Ok(Vec::new());
     }
@@ -516,14 +571,9 @@ async fn read_extents(node: &BlockBackend, offset: u64, len: u32) -> Vec<(u64, u
     out
 }
 
-fn send_segments(mut rep: Replier, cookie: u64, segs: Vec<Seg>) {
+fn send_segments(mut rep: Replier, segs: Vec<Seg>) {
     if segs.is_empty() {
-        let head = Head::inline(&[&encode_chunk_header(
-            REPLY_FLAG_DONE,
-            REPLY_TYPE_NONE,
-            cookie,
-            0,
-        )]);
+        let head = rep.chunk(REPLY_FLAG_DONE, REPLY_TYPE_NONE, 0, &[]);
         return rep.send(head, None, true);
     }
     let n = segs.len();
@@ -532,21 +582,14 @@ fn send_segments(mut rep: Replier, cookie: u64, segs: Vec<Seg>) {
         let flags = if last { REPLY_FLAG_DONE } else { 0 };
         match s {
             Seg::Data(off, buf) => {
-                let h = encode_chunk_header(
-                    flags,
-                    REPLY_TYPE_OFFSET_DATA,
-                    cookie,
-                    8 + buf.len() as u32,
-                );
-                rep.send(Head::inline(&[&h, &off.to_be_bytes()]), Some(buf), last);
+                let off = off.to_be_bytes();
+                let h = rep.chunk(flags, REPLY_TYPE_OFFSET_DATA, 8 + buf.len(), &[&off]);
+                rep.send(h, Some(buf), last);
             }
             Seg::Hole(off, len) => {
-                let h = encode_chunk_header(flags, REPLY_TYPE_OFFSET_HOLE, cookie, 12);
-                rep.send(
-                    Head::inline(&[&h, &off.to_be_bytes(), &len.to_be_bytes()]),
-                    None,
-                    last,
-                );
+                let (off, len) = (off.to_be_bytes(), len.to_be_bytes());
+                let h = rep.chunk(flags, REPLY_TYPE_OFFSET_HOLE, 12, &[&off, &len]);
+                rep.send(h, None, last);
             }
         }
     }
@@ -554,32 +597,55 @@ fn send_segments(mut rep: Replier, cookie: u64, segs: Vec<Seg>) {
 
 /// Extents (length, flags) of one metadata context, merging neighbours with equal flags.
 #[derive(Default)]
-struct Extents(Vec<(u32, u32)>);
+struct Extents(Vec<(u64, u32)>);
 
 impl Extents {
-    fn push(&mut self, len: u32, flags: u32) {
+    fn push(&mut self, len: u64, flags: u32) {
         match self.0.last_mut() {
             Some(last) if last.1 == flags => last.0 += len,
             _ => self.0.push((len, flags)),
         }
     }
+}
 
-    /// Appends one `NBD_REPLY_TYPE_BLOCK_STATUS` chunk for context `id`.
-    fn encode_chunk(&self, out: &mut Vec<u8>, cookie: u64, id: u32, last: bool) {
-        let flags = if last { REPLY_FLAG_DONE } else { 0 };
-        let payload_len = 4 + 8 * self.0.len() as u32;
-        out.extend_from_slice(&encode_chunk_header(
-            flags,
-            REPLY_TYPE_BLOCK_STATUS,
-            cookie,
-            payload_len,
-        ));
-        out.extend_from_slice(&id.to_be_bytes());
-        for (n, f) in &self.0 {
-            out.extend_from_slice(&n.to_be_bytes());
-            out.extend_from_slice(&f.to_be_bytes());
+/// Encodes one status chunk per context, the last with `NBD_REPLY_FLAG_DONE`:
+/// `NBD_REPLY_TYPE_BLOCK_STATUS` (32-bit lengths; the request's length, which
+/// bounds them, is 32-bit too) or, with extended headers, `_EXT`.
+fn encode_status_chunks(rep: &Replier, chunks: &[(u32, Extents)]) -> Vec<u8> {
+    let per = if rep.extended { 16 } else { 8 };
+    let mut out = Vec::with_capacity(
+        chunks
+            .iter()
+            .map(|(_, e)| EXTENDED_REPLY_LEN + 8 + per * e.0.len())
+            .sum(),
+    );
+    for (i, (id, e)) in chunks.iter().enumerate() {
+        let flags = if i + 1 == chunks.len() {
+            REPLY_FLAG_DONE
+        } else {
+            0
+        };
+        let id = id.to_be_bytes();
+        if rep.extended {
+            let count = (e.0.len() as u32).to_be_bytes();
+            let len = 8 + per * e.0.len();
+            let h = rep.chunk(flags, REPLY_TYPE_BLOCK_STATUS_EXT, len, &[&id, &count]);
+            out.extend_from_slice(h.bytes());
+            for (n, f) in &e.0 {
+                out.extend_from_slice(&n.to_be_bytes());
+                out.extend_from_slice(&u64::from(*f).to_be_bytes());
+            }
+        } else {
+            let len = 4 + per * e.0.len();
+            let h = rep.chunk(flags, REPLY_TYPE_BLOCK_STATUS, len, &[&id]);
+            out.extend_from_slice(h.bytes());
+            for (n, f) in &e.0 {
+                out.extend_from_slice(&(*n as u32).to_be_bytes());
+                out.extend_from_slice(&f.to_be_bytes());
+            }
         }
     }
+    out
 }
 
 /// Answers BLOCK_STATUS: one chunk per negotiated context (`base:allocation`
@@ -587,7 +653,7 @@ impl Extents {
 /// export's order, as QEMU), the last one with `NBD_REPLY_FLAG_DONE`. One
 /// lookup serves the first two contexts, so their extents cover the same
 /// range; each bitmap answers on its own.
-async fn block_status(ctx: &Ctx, req: &Request) -> Result<Vec<u8>, Fail> {
+async fn block_status(ctx: &Ctx, req: &Request) -> Result<Vec<(u32, Extents)>, Fail> {
     validate(ctx, req)?;
     let meta = &ctx.meta;
     if meta.is_empty() {
@@ -597,7 +663,7 @@ async fn block_status(ctx: &Ctx, req: &Request) -> Result<Vec<u8>, Fail> {
         return Err(Fail::new(NBD_EINVAL, "block status of zero length"));
     }
     let req_one = req.flags & CMD_FLAG_REQ_ONE != 0;
-    let end = req.offset + u64::from(req.len);
+    let end = req.offset + req.len;
     let mut alloc = Extents::default();
     let mut depth = Extents::default();
     let mut pos = req.offset;
@@ -611,11 +677,11 @@ async fn block_status(ctx: &Ctx, req: &Request) -> Result<Vec<u8>, Fail> {
             Err(_) => break,
         };
         lookups += 1;
-        let n = st.len.min(end - pos) as u32;
+        let n = st.len.min(end - pos);
         let flags = if st.data { 0 } else { STATE_HOLE } | if st.zero { STATE_ZERO } else { 0 };
         alloc.push(n, flags);
         depth.push(n, st.depth);
-        pos += u64::from(n);
+        pos += n;
         if req_one {
             // At most one extent per context.
             break;
@@ -627,14 +693,14 @@ async fn block_status(ctx: &Ctx, req: &Request) -> Result<Vec<u8>, Fail> {
         .iter()
         .map(|&(id, i)| {
             let mut e = Extents::default();
-            let mut left = u64::from(req.len);
+            let mut left = req.len;
             for (n, d) in ctx.bitmaps[i].extents.extents(req.offset, left, max) {
                 // Never more than asked, whatever the source answers.
                 let n = n.min(left);
                 if n == 0 {
                     break;
                 }
-                e.push(n as u32, if d { STATE_DIRTY } else { 0 });
+                e.push(n, if d { STATE_DIRTY } else { 0 });
                 left -= n;
             }
             if e.0.is_empty() {
@@ -643,24 +709,24 @@ async fn block_status(ctx: &Ctx, req: &Request) -> Result<Vec<u8>, Fail> {
             (id, e)
         })
         .collect();
-    let chunks: Vec<(u32, &Extents)> = [
-        meta.base_allocation.map(|id| (id, &alloc)),
-        meta.allocation_depth.map(|id| (id, &depth)),
+    Ok([
+        meta.base_allocation.map(|id| (id, alloc)),
+        meta.allocation_depth.map(|id| (id, depth)),
     ]
     .into_iter()
     .flatten()
-    .chain(dirty.iter().map(|(id, e)| (*id, e)))
-    .collect();
-    let mut v = Vec::with_capacity(
-        chunks
-            .iter()
-            .map(|(_, e)| CHUNK_HEADER_LEN + 4 + 8 * e.0.len())
-            .sum(),
-    );
-    for (i, (id, e)) in chunks.iter().enumerate() {
-        e.encode_chunk(&mut v, req.cookie, *id, i + 1 == chunks.len());
+    .chain(dirty)
+    .collect())
+}
+
+/// Decodes the request header the connection negotiated.
+fn decode_request(hdr: &[u8; EXTENDED_REQUEST_LEN], extended: bool) -> Option<Request> {
+    if extended {
+        return Request::decode_extended(hdr);
     }
-    Ok(v)
+    let mut compact = [0u8; REQUEST_LEN];
+    compact.copy_from_slice(&hdr[..REQUEST_LEN]);
+    Request::decode(&compact)
 }
 
 /// Sends frames as they come, batching whatever is queued into one vectored write.

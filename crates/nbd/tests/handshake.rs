@@ -64,8 +64,8 @@ async fn list_info_and_go() {
     let r = n.option(99, b"whatever").await.unwrap();
     assert_eq!(r.len(), 1);
     assert_eq!(r[0].reply_type, REP_ERR_UNSUP);
-    let r = n.option(OPT_EXTENDED_HEADERS, &[]).await.unwrap();
-    assert_eq!(r[0].reply_type, REP_ERR_UNSUP);
+    let r = n.option(OPT_EXTENDED_HEADERS, b"x").await.unwrap();
+    assert_eq!(r[0].reply_type, REP_ERR_INVALID);
     let r = n.option(OPT_STARTTLS, &[]).await.unwrap();
     assert_eq!(r[0].reply_type, REP_ERR_POLICY);
     let r = n.option(OPT_LIST, b"x").await.unwrap();
