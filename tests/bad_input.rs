@@ -210,7 +210,7 @@ fn request(typ: u16, flags: u16, cookie: u64, offset: u64, len: u32) -> [u8; REQ
         typ,
         cookie,
         offset,
-        len,
+        len: len.into(),
     }
     .encode()
 }
@@ -221,6 +221,57 @@ fn nbd_error<T: std::fmt::Debug>(r: Result<T, ClientError>, case: &str) -> u32 {
         Err(ClientError::Nbd { code, .. }) => code,
         other => panic!("{case}: expected an NBD error reply, got {other:?}"),
     }
+}
+
+/// The request that makes qemu-storage-daemon 10.0.2 abort on an assertion
+/// (docs/reliability.md): with extended headers and no metadata context,
+/// BLOCK_STATUS with `NBD_CMD_FLAG_PAYLOAD_LEN`. livesnapd consumes the
+/// payload, fails the request with EINVAL and keeps the connection.
+#[test]
+fn extended_block_status_payload_without_context_fails_cleanly() {
+    let mut f = Fixture::new();
+    let addr = f.addr.clone();
+    let case = "extended BLOCK_STATUS with a payload and no context";
+    f.block(case, async {
+        let mut n = Negotiator::connect(&addr).await.unwrap();
+        let r = n.option(OPT_EXTENDED_HEADERS, &[]).await.unwrap();
+        assert_eq!(r[0].reply_type, REP_ACK, "{case}: extended headers refused");
+        n.go("disk", &[]).await.unwrap().unwrap();
+        let mut raw = n.into_raw();
+        let ext = |typ, flags, cookie, len| {
+            Request {
+                flags,
+                typ,
+                cookie,
+                offset: 0,
+                len,
+            }
+            .encode_extended()
+            .to_vec()
+        };
+        let mut req = ext(CMD_BLOCK_STATUS, CMD_FLAG_PAYLOAD_LEN, 1, 12);
+        req.extend_from_slice(&4096u64.to_be_bytes());
+        req.extend_from_slice(&1u32.to_be_bytes());
+        req.extend_from_slice(&ext(CMD_READ, 0, 2, 4096));
+        raw.send(&req).await.unwrap();
+        for cookie in [1, 2] {
+            let h = raw.recv_exact(EXTENDED_REPLY_LEN).await.unwrap();
+            let p = raw.recv_exact(be64(&h, 24) as usize).await.unwrap();
+            assert_eq!(be32(&h, 0), EXTENDED_REPLY_MAGIC, "{case}");
+            assert_eq!(be64(&h, 8), cookie, "{case}");
+            if cookie == 1 {
+                assert_eq!(be16(&h, 6), REPLY_TYPE_ERROR, "{case}");
+                assert_eq!(be32(&p, 0), NBD_EINVAL, "{case}");
+            } else {
+                // The read after it is answered: the connection is in step.
+                assert_eq!(be16(&h, 6), REPLY_TYPE_OFFSET_DATA, "{case}");
+                assert_eq!(be16(&h, 4), REPLY_FLAG_DONE, "{case}");
+                assert_eq!(p.len(), 8 + 4096, "{case}");
+            }
+        }
+    });
+    f.check(case);
+    f.finish();
 }
 
 // ---- NBD: memory bounds ---------------------------------------------------------

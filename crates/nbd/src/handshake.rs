@@ -79,8 +79,10 @@ impl Session {
     }
 }
 
-/// Transmission flags for `export` as seen by a client with or without structured replies.
-pub(crate) fn transmission_flags(export: &Export, structured: bool) -> u16 {
+/// Transmission flags for `export` as seen by a client with or without
+/// structured replies, and with or without extended headers and a metadata
+/// context selected for this export (the payload form of BLOCK_STATUS).
+pub(crate) fn transmission_flags(export: &Export, structured: bool, status_payload: bool) -> u16 {
     let mut f = FLAG_HAS_FLAGS
         | FLAG_SEND_FLUSH
         | FLAG_SEND_FUA
@@ -96,6 +98,9 @@ pub(crate) fn transmission_flags(export: &Export, structured: bool) -> u16 {
     }
     if structured {
         f |= FLAG_SEND_DF;
+    }
+    if status_payload {
+        f |= FLAG_BLOCK_STATUS_PAYLOAD;
     }
     f
 }
@@ -354,7 +359,7 @@ async fn export_name<W: AsyncWrite + Unpin>(
         .ok_or_else(|| proto_err(format!("export '{name}' not present")))?;
     let mut out = Vec::with_capacity(10 + 124);
     out.extend_from_slice(&export.config().backend.size().to_be_bytes());
-    out.extend_from_slice(&transmission_flags(&export, st.chunked()).to_be_bytes());
+    out.extend_from_slice(&transmission_flags(&export, st.chunked(), false).to_be_bytes());
     if !st.no_zeroes {
         out.extend_from_slice(&[0u8; 124]);
     }
@@ -420,7 +425,9 @@ async fn info_or_go<W: AsyncWrite + Unpin>(
     info(&p);
     let mut p = INFO_EXPORT.to_be_bytes().to_vec();
     p.extend_from_slice(&cfg.backend.size().to_be_bytes());
-    p.extend_from_slice(&transmission_flags(&export, st.chunked()).to_be_bytes());
+    let status_payload = st.extended
+        && matches!(&st.meta, Some((e, _)) if Weak::ptr_eq(e, &Arc::downgrade(&export)));
+    p.extend_from_slice(&transmission_flags(&export, st.chunked(), status_payload).to_be_bytes());
     info(&p);
 
     if opt == OPT_INFO {

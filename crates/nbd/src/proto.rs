@@ -62,8 +62,7 @@ pub const FLAG_SEND_RESIZE: u16 = 1 << 9;
 pub const FLAG_SEND_CACHE: u16 = 1 << 10;
 /// `NBD_FLAG_SEND_FAST_ZERO`.
 pub const FLAG_SEND_FAST_ZERO: u16 = 1 << 11;
-/// `NBD_FLAG_BLOCK_STATUS_PAYLOAD` (never set here: as QEMU 10.0, the
-/// payload form of BLOCK_STATUS is not offered).
+/// `NBD_FLAG_BLOCK_STATUS_PAYLOAD`: BLOCK_STATUS may name its contexts in a payload.
 pub const FLAG_BLOCK_STATUS_PAYLOAD: u16 = 1 << 12;
 
 // ---- Options ----------------------------------------------------------------

@@ -108,6 +108,15 @@ struct Ctx {
     bitmaps: Vec<ExportBitmap>,
 }
 
+impl Ctx {
+    /// BLOCK_STATUS may name the contexts it wants in a payload
+    /// (`NBD_FLAG_BLOCK_STATUS_PAYLOAD`, offered as QEMU does: with extended
+    /// headers and a context selected).
+    fn status_payload(&self) -> bool {
+        self.extended && !self.meta.is_empty()
+    }
+}
+
 /// Sends the frames of one reply; the request's budget goes with the last one.
 struct Replier {
     cookie: u64,
@@ -334,7 +343,7 @@ where
                 tracing::debug!(conn = ctl.id(), "NBD payload truncated: {e}");
                 break Exit::Abort;
             }
-            if req.typ == CMD_WRITE {
+            if req.typ == CMD_WRITE || (req.typ == CMD_BLOCK_STATUS && ctx.status_payload()) {
                 payload = Some(buf);
             } else {
                 // No other command takes a payload here: it was consumed so
@@ -347,7 +356,7 @@ where
         tasks.spawn(async move {
             match req.typ {
                 CMD_READ => read(&ctx, &req, rep).await,
-                CMD_BLOCK_STATUS => match block_status(&ctx, &req).await {
+                CMD_BLOCK_STATUS => match block_status(&ctx, &req, payload).await {
                     Ok(chunks) => {
                         let mut rep = rep;
                         let v = encode_status_chunks(&rep, &chunks);
@@ -653,7 +662,22 @@ fn encode_status_chunks(rep: &Replier, chunks: &[(u32, Extents)]) -> Vec<u8> {
 /// export's order, as QEMU), the last one with `NBD_REPLY_FLAG_DONE`. One
 /// lookup serves the first two contexts, so their extents cover the same
 /// range; each bitmap answers on its own.
-async fn block_status(ctx: &Ctx, req: &Request) -> Result<Vec<(u32, Extents)>, Fail> {
+async fn block_status(
+    ctx: &Ctx,
+    req: &Request,
+    payload: Option<IoBuf>,
+) -> Result<Vec<(u32, Extents)>, Fail> {
+    let mut req = *req;
+    let only = match payload {
+        Some(p) => {
+            let (len, ids) = status_payload(&ctx.meta, &p)?;
+            req.len = len;
+            req.flags &= !CMD_FLAG_PAYLOAD_LEN;
+            Some(ids)
+        }
+        None => None,
+    };
+    let req = &req;
     validate(ctx, req)?;
     let meta = &ctx.meta;
     if meta.is_empty() {
@@ -716,7 +740,36 @@ async fn block_status(ctx: &Ctx, req: &Request) -> Result<Vec<(u32, Extents)>, F
     .into_iter()
     .flatten()
     .chain(dirty)
+    .filter(|(id, _)| only.as_ref().is_none_or(|o| o.contains(id)))
     .collect())
+}
+
+/// Reads the payload form of BLOCK_STATUS: an effect length and the
+/// context ids to answer for, each one selected and named once.
+fn status_payload(meta: &MetaContexts, p: &[u8]) -> Result<(u64, Vec<u32>), Fail> {
+    let bad = |why: &str| Fail::new(NBD_EINVAL, format!("block status payload {why}"));
+    if p.len() < 12 || !(p.len() - 8).is_multiple_of(4) {
+        return Err(bad(&format!("of {} bytes is not 8 + 4n, n > 0", p.len())));
+    }
+    let selected: Vec<u32> = [meta.base_allocation, meta.allocation_depth]
+        .into_iter()
+        .flatten()
+        .chain(meta.bitmaps.iter().map(|&(id, _)| id))
+        .collect();
+    let mut ids = Vec::with_capacity((p.len() - 8) / 4);
+    for at in (8..p.len()).step_by(4) {
+        let id = be32(p, at);
+        if !selected.contains(&id) {
+            return Err(bad(&format!(
+                "names context {id}, which was not negotiated"
+            )));
+        }
+        if ids.contains(&id) {
+            return Err(bad(&format!("names context {id} twice")));
+        }
+        ids.push(id);
+    }
+    Ok((be64(p, 0), ids))
 }
 
 /// Decodes the request header the connection negotiated.

@@ -848,7 +848,8 @@ async fn extended_headers_exchange() {
         }
         let info = n.go("disk", &[]).await.unwrap().unwrap();
         assert_ne!(info.flags & FLAG_SEND_DF, 0);
-        assert_eq!(info.flags & FLAG_BLOCK_STATUS_PAYLOAD, 0);
+        // The payload form of BLOCK_STATUS is offered only with a context.
+        assert_eq!(info.flags & FLAG_BLOCK_STATUS_PAYLOAD != 0, with_meta);
         let mut raw = n.into_raw();
 
         // A write carries its payload with the flag; its reply is a chunk, never simple.
@@ -905,16 +906,45 @@ async fn extended_headers_exchange() {
             assert_eq!(be32(&p, 0), NBD_EINVAL);
         }
 
-        // What makes qemu-storage-daemon 10.0.2 abort: BLOCK_STATUS with a
-        // payload. The payload is consumed, the request fails, the
-        // connection goes on.
+        // BLOCK_STATUS with a payload naming context 1 and an effect length.
+        // Without a context this is what makes qemu-storage-daemon 10.0.2
+        // abort; here the payload is consumed, the request fails with
+        // EINVAL, and the connection goes on.
         let mut req = ext_request(CMD_BLOCK_STATUS, CMD_FLAG_PAYLOAD_LEN, 4, 0, 12);
         req.extend_from_slice(&(4096u64).to_be_bytes());
         req.extend_from_slice(&1u32.to_be_bytes());
         raw.send(&req).await.unwrap();
         let (flags, typ, cookie, _, p) = ext_chunk(&mut raw).await;
-        assert_eq!((flags, typ, cookie), (REPLY_FLAG_DONE, REPLY_TYPE_ERROR, 4));
-        assert_eq!(be32(&p, 0), NBD_EINVAL);
+        assert_eq!((flags, cookie), (REPLY_FLAG_DONE, 4));
+        if with_meta {
+            assert_eq!(typ, REPLY_TYPE_BLOCK_STATUS_EXT);
+            assert_eq!((be32(&p, 0), be32(&p, 4)), (1, 1));
+            assert_eq!(be64(&p, 8), 4096, "the payload's effect length");
+            // Contexts that were not negotiated, or named twice, are EINVAL.
+            for ids in [&[9u32][..], &[1, 1], &[]] {
+                let mut req = ext_request(
+                    CMD_BLOCK_STATUS,
+                    CMD_FLAG_PAYLOAD_LEN,
+                    8,
+                    0,
+                    8 + 4 * ids.len() as u64,
+                );
+                req.extend_from_slice(&(4096u64).to_be_bytes());
+                for id in ids {
+                    req.extend_from_slice(&id.to_be_bytes());
+                }
+                raw.send(&req).await.unwrap();
+                let (_, typ, cookie, _, p) = ext_chunk(&mut raw).await;
+                assert_eq!(
+                    (typ, cookie, be32(&p, 0)),
+                    (REPLY_TYPE_ERROR, 8, NBD_EINVAL),
+                    "{ids:?}"
+                );
+            }
+        } else {
+            assert_eq!(typ, REPLY_TYPE_ERROR);
+            assert_eq!(be32(&p, 0), NBD_EINVAL);
+        }
         // The same flag on a read: its payload is skipped too.
         let mut req = ext_request(CMD_READ, CMD_FLAG_PAYLOAD_LEN, 5, 0, 100);
         req.extend_from_slice(&[0xab; 100]);
