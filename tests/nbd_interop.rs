@@ -331,3 +331,50 @@ fn qemu_negotiates_extended_headers() {
         .collect();
     assert_eq!(data, vec![(MIB, MIB)], "qemu-img map: {map}");
 }
+
+/// A client past `--max-connections` is told why, in qemu-img's and
+/// nbdinfo's own error output.
+#[test]
+fn client_past_max_connections_gets_a_clear_refusal() {
+    use std::io::Read;
+    let dir = tempfile::tempdir().unwrap();
+    let served = dir.path().join("served.img");
+    sparse_file(&served, SIZE);
+    let d = Livesnapd::with_image(&served, &["--max-connections", "1"]);
+    let mut held = std::os::unix::net::UnixStream::connect(d.dir.path().join("nbd.sock")).unwrap();
+    held.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    // The greeting proves the daemon counted this connection.
+    let mut greeting = [0u8; 18];
+    held.read_exact(&mut greeting).unwrap();
+    let (st, out, err) = run_status(Command::new("qemu-img").args(["info", d.url()]));
+    let text = format!("{out}{err}");
+    assert!(!st.success(), "a client past the limit was served: {text}");
+    assert!(
+        text.contains("server is at its limit of 1 connections (max-connections)"),
+        "qemu-img should print why it was refused: {text}"
+    );
+    // libnbd 1.14 reports the refusal of NBD_OPT_GO without the server's text.
+    let (st, out, err) = run_status(Command::new("nbdinfo").arg(d.url()));
+    let text = format!("{out}{err}");
+    assert!(!st.success(), "a client past the limit was served: {text}");
+    assert!(
+        text.contains("server replied with error to opt_go request"),
+        "nbdinfo should report the refusal: {text}"
+    );
+    drop(held);
+    // The slot is free again once the held client leaves.
+    let t0 = std::time::Instant::now();
+    loop {
+        let (st, out, err) = run_status(Command::new("nbdinfo").arg("--size").arg(d.url()));
+        if st.success() {
+            assert_eq!(out.trim(), SIZE.to_string());
+            break;
+        }
+        assert!(
+            t0.elapsed() < std::time::Duration::from_secs(10),
+            "the slot never came back: {out}{err}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}

@@ -81,7 +81,9 @@ impl Shared {
                     "NBD connection refused: limit of {} reached",
                     self.max_connections
                 );
-                return; // dropping r and w closes the socket
+                // Not counted: the refusal is a greeting and one error reply.
+                tokio::spawn(conn::refuse(r, w, self.max_connections));
+                return;
             }
             conns.insert(id, ctl.clone());
             self.live.send_replace(conns.len());
