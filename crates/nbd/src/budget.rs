@@ -59,6 +59,8 @@ pub(crate) struct Budget {
     pool: BufPool,
     /// Connections in the transmission phase.
     conns: AtomicUsize,
+    /// A trim is queued: connections that end together share one.
+    trim_queued: Arc<AtomicBool>,
 }
 
 impl Budget {
@@ -68,6 +70,7 @@ impl Budget {
             reserve: Arc::new(Semaphore::new(RESERVE_TOTAL / UNIT)),
             pool: BufPool::new(),
             conns: AtomicUsize::new(0),
+            trim_queued: Arc::new(AtomicBool::new(false)),
         })
     }
 
@@ -184,10 +187,15 @@ impl Drop for ConnBudget {
         if left == 0 {
             self.server.pool.clear();
         }
-        if left == 0 || self.used_shared.load(Ordering::Relaxed) {
+        let wanted = left == 0 || self.used_shared.load(Ordering::Relaxed);
+        if wanted && !self.server.trim_queued.swap(true, Ordering::SeqCst) {
             // The large buffers this connection pinned are free now; give
             // their pages back without holding up a runtime thread.
-            let trim = || livesnap_block::buf::release_free_memory();
+            let queued = self.server.trim_queued.clone();
+            let trim = move || {
+                queued.store(false, Ordering::SeqCst);
+                livesnap_block::buf::release_free_memory();
+            };
             if tokio::runtime::Handle::try_current().is_ok() {
                 drop(tokio::task::spawn_blocking(trim));
             } else {
