@@ -7,7 +7,7 @@ use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::os::unix::fs::FileTypeExt;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -24,6 +24,10 @@ pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
 /// How long to wait for killed connections to unwind (they do so at their next poll).
 const KILL_WAIT: Duration = Duration::from_secs(5);
+
+/// Clients past the connection limit being told why at once; further ones
+/// are just closed, so a flood cannot hold sockets through the refusals.
+const MAX_REFUSALS: usize = 16;
 
 /// Where the server listens.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -47,6 +51,7 @@ struct Shared {
     live: watch::Sender<usize>,
     next_id: AtomicU64,
     max_connections: u32,
+    refusals: Arc<AtomicUsize>,
 }
 
 impl Shared {
@@ -81,8 +86,17 @@ impl Shared {
                     "NBD connection refused: limit of {} reached",
                     self.max_connections
                 );
-                // Not counted: the refusal is a greeting and one error reply.
-                tokio::spawn(conn::refuse(r, w, self.max_connections));
+                // Not counted as a connection: the refusal is a greeting and
+                // error replies, bounded in time and in number.
+                if self.refusals.fetch_add(1, Ordering::SeqCst) < MAX_REFUSALS {
+                    let (refusals, limit) = (self.refusals.clone(), self.max_connections);
+                    tokio::spawn(async move {
+                        conn::refuse(r, w, limit).await;
+                        refusals.fetch_sub(1, Ordering::SeqCst);
+                    });
+                } else {
+                    self.refusals.fetch_sub(1, Ordering::SeqCst);
+                }
                 return;
             }
             conns.insert(id, ctl.clone());
@@ -138,6 +152,7 @@ impl NbdServer {
             live: watch::Sender::new(0),
             next_id: AtomicU64::new(1),
             max_connections,
+            refusals: Arc::new(AtomicUsize::new(0)),
         });
         match addr {
             ListenAddr::Unix(path) => {
