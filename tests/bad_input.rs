@@ -210,7 +210,7 @@ fn request(typ: u16, flags: u16, cookie: u64, offset: u64, len: u32) -> [u8; REQ
         typ,
         cookie,
         offset,
-        len,
+        len: len.into(),
     }
     .encode()
 }
@@ -221,6 +221,134 @@ fn nbd_error<T: std::fmt::Debug>(r: Result<T, ClientError>, case: &str) -> u32 {
         Err(ClientError::Nbd { code, .. }) => code,
         other => panic!("{case}: expected an NBD error reply, got {other:?}"),
     }
+}
+
+/// The request that makes qemu-storage-daemon 10.0.2 abort on an assertion
+/// (docs/reliability.md): with extended headers and no metadata context,
+/// BLOCK_STATUS with `NBD_CMD_FLAG_PAYLOAD_LEN`. livesnapd consumes the
+/// payload, fails the request with EINVAL and keeps the connection.
+#[test]
+fn extended_block_status_payload_without_context_fails_cleanly() {
+    let mut f = Fixture::new();
+    let addr = f.addr.clone();
+    let case = "extended BLOCK_STATUS with a payload and no context";
+    f.block(case, async {
+        let mut n = Negotiator::connect(&addr).await.unwrap();
+        let r = n.option(OPT_EXTENDED_HEADERS, &[]).await.unwrap();
+        assert_eq!(r[0].reply_type, REP_ACK, "{case}: extended headers refused");
+        n.go("disk", &[]).await.unwrap().unwrap();
+        let mut raw = n.into_raw();
+        let ext = |typ, flags, cookie, len| {
+            Request {
+                flags,
+                typ,
+                cookie,
+                offset: 0,
+                len,
+            }
+            .encode_extended()
+            .to_vec()
+        };
+        let mut req = ext(CMD_BLOCK_STATUS, CMD_FLAG_PAYLOAD_LEN, 1, 12);
+        req.extend_from_slice(&4096u64.to_be_bytes());
+        req.extend_from_slice(&1u32.to_be_bytes());
+        req.extend_from_slice(&ext(CMD_READ, 0, 2, 4096));
+        raw.send(&req).await.unwrap();
+        for cookie in [1, 2] {
+            let h = raw.recv_exact(EXTENDED_REPLY_LEN).await.unwrap();
+            let p = raw.recv_exact(be64(&h, 24) as usize).await.unwrap();
+            assert_eq!(be32(&h, 0), EXTENDED_REPLY_MAGIC, "{case}");
+            assert_eq!(be64(&h, 8), cookie, "{case}");
+            if cookie == 1 {
+                assert_eq!(be16(&h, 6), REPLY_TYPE_ERROR, "{case}");
+                assert_eq!(be32(&p, 0), NBD_EINVAL, "{case}");
+            } else {
+                // The read after it is answered: the connection is in step.
+                assert_eq!(be16(&h, 6), REPLY_TYPE_OFFSET_DATA, "{case}");
+                assert_eq!(be16(&h, 4), REPLY_FLAG_DONE, "{case}");
+                assert_eq!(p.len(), 8 + 4096, "{case}");
+            }
+        }
+    });
+    f.check(case);
+    f.finish();
+}
+
+// ---- NBD: memory bounds ---------------------------------------------------------
+
+/// Clients that pipeline 32 MiB reads and never read a reply.
+const SLOW_CLIENTS: usize = 6;
+/// Reads each of them queues.
+const SLOW_READS: u64 = 200;
+/// What the daemon may grow to with them connected (docs/decisions.md:
+/// 160 MiB of shared budget, the small lanes, and the daemon itself).
+const RSS_BOUND_KIB: u64 = 256 << 10;
+
+#[test]
+fn clients_that_never_read_replies_cannot_grow_the_daemon_without_bound() {
+    let mut f = Fixture::new();
+    let pid = f.d.pid();
+    let base = status_kib(pid, "VmRSS");
+    let addr = f.addr.clone();
+    let slow: Vec<RawConn> = f.block("slow clients", async {
+        let mut v = Vec::new();
+        for i in 0..SLOW_CLIENTS {
+            let mut raw = attached(&addr, false).await.into_raw();
+            let mut burst = Vec::new();
+            for n in 0..SLOW_READS {
+                let off = (n % 2) * 32 * MIB;
+                burst.extend_from_slice(&request(CMD_READ, 0, n, off, 32 << 20));
+            }
+            raw.send(&burst)
+                .await
+                .unwrap_or_else(|e| panic!("slow client {i}: {e}"));
+            v.push(raw);
+        }
+        v
+    });
+    // The daemon takes their requests and pins read buffers for them; wait
+    // until at least four buffers' worth is held, so the bound is tested
+    // with the pressure on.
+    let loaded = base + 4 * 32 * 1024;
+    let t0 = Instant::now();
+    while status_kib(pid, "VmRSS") < loaded {
+        assert!(
+            t0.elapsed() < WAIT,
+            "the slow clients never made the daemon hold their reads: \
+             VmRSS {} KiB, expected at least {loaded} KiB",
+            status_kib(pid, "VmRSS")
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // A normal client keeps reading and writing its own data meanwhile.
+    for i in 0..20 {
+        f.check(&format!("round {i} beside {SLOW_CLIENTS} slow readers"));
+    }
+    let hwm = status_kib(pid, "VmHWM");
+    assert!(
+        hwm < RSS_BOUND_KIB,
+        "{SLOW_CLIENTS} clients queuing {SLOW_READS} reads of 32 MiB grew the daemon \
+         to {hwm} KiB (VmHWM), over the bound of {RSS_BOUND_KIB} KiB (started at {base} KiB)"
+    );
+    drop(slow);
+    // Their buffers go back to the kernel once they are gone.
+    let back = base + 32 * 1024;
+    let t0 = Instant::now();
+    loop {
+        f.check("after the slow clients left");
+        let rss = status_kib(pid, "VmRSS");
+        if rss < back {
+            eprintln!("daemon VmRSS: {base} KiB before, peak {hwm} KiB, {rss} KiB after");
+            break;
+        }
+        assert!(
+            t0.elapsed() < WAIT,
+            "after the slow clients left the daemon still holds {rss} KiB \
+             (VmRSS; {base} KiB before they came, peak {hwm} KiB)"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    f.finish();
 }
 
 // ---- NBD: handshake --------------------------------------------------------------
@@ -1151,12 +1279,17 @@ fn qmp_monitors_that_hang_up_or_stop_reading_do_not_disturb_the_daemon() {
 }
 
 fn rss_kib(pid: u32) -> u64 {
+    status_kib(pid, "VmRSS")
+}
+
+/// A memory figure (VmRSS, VmHWM, ...) of a process, in KiB.
+fn status_kib(pid: u32, field: &str) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     status
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmRSS in /proc/PID/status")
+        .unwrap_or_else(|| panic!("{field} in /proc/{pid}/status"))
 }
 
 #[test]

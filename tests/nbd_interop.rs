@@ -274,3 +274,107 @@ fn read_only_export_refuses_writes() {
     drop(d);
     assert_eq!(std::fs::read(&served).unwrap(), pattern(5, MIB as usize));
 }
+
+/// qemu-io and qemu-img 10.0 ask for extended headers and get them: the
+/// trace shows the ACK and extended reply chunks (never a simple reply),
+/// and writes, reads, zeroes and the allocation map come out right.
+#[test]
+fn qemu_negotiates_extended_headers() {
+    let dir = tempfile::tempdir().unwrap();
+    let served = dir.path().join("served.img");
+    sparse_file(&served, SIZE);
+    let d = Livesnapd::with_image(&served, &[]);
+    let (st, out, err) = run_status(Command::new("qemu-io").args([
+        "--trace",
+        "nbd_receive_option_reply",
+        "--trace",
+        "nbd_receive_reply_chunk_header",
+        "--trace",
+        "nbd_receive_simple_reply",
+        "-f",
+        "raw",
+        "-c",
+        "write -P 0x5a 1M 1M",
+        "-c",
+        "write -z 3M 64k",
+        "-c",
+        "read -P 0x5a 1M 1M",
+        "-c",
+        "read -P 0 0 1M",
+        "-c",
+        "flush",
+        d.url(),
+    ]));
+    let text = format!("{out}{err}");
+    assert!(st.success(), "qemu-io over extended headers failed: {text}");
+    assert!(
+        text.contains("Received option reply 11 (extended headers), type 1 (ack)"),
+        "qemu-io did not get extended headers: {text}"
+    );
+    assert!(
+        !text.contains("Pattern verification failed") && !text.contains("nbd_receive_simple_reply"),
+        "{text}"
+    );
+    assert!(
+        text.contains("type = 0 (none)") && text.contains("type = 1 (data)"),
+        "replies should be extended chunks: {text}"
+    );
+    // Block status over extended headers: exactly the written megabyte is data.
+    let map = run(Command::new("qemu-img").args(["map", "--output=json", "-f", "raw", d.url()]));
+    let map: serde_json::Value = serde_json::from_str(&map).unwrap();
+    let data: Vec<(u64, u64)> = map
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["data"] == true)
+        .map(|e| (e["start"].as_u64().unwrap(), e["length"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(data, vec![(MIB, MIB)], "qemu-img map: {map}");
+}
+
+/// A client past `--max-connections` is told why, in qemu-img's and
+/// nbdinfo's own error output.
+#[test]
+fn client_past_max_connections_gets_a_clear_refusal() {
+    use std::io::Read;
+    let dir = tempfile::tempdir().unwrap();
+    let served = dir.path().join("served.img");
+    sparse_file(&served, SIZE);
+    let d = Livesnapd::with_image(&served, &["--max-connections", "1"]);
+    let mut held = std::os::unix::net::UnixStream::connect(d.dir.path().join("nbd.sock")).unwrap();
+    held.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    // The greeting proves the daemon counted this connection.
+    let mut greeting = [0u8; 18];
+    held.read_exact(&mut greeting).unwrap();
+    let (st, out, err) = run_status(Command::new("qemu-img").args(["info", d.url()]));
+    let text = format!("{out}{err}");
+    assert!(!st.success(), "a client past the limit was served: {text}");
+    assert!(
+        text.contains("server is at its limit of 1 connections (max-connections)"),
+        "qemu-img should print why it was refused: {text}"
+    );
+    // libnbd 1.14 reports the refusal of NBD_OPT_GO without the server's text.
+    let (st, out, err) = run_status(Command::new("nbdinfo").arg(d.url()));
+    let text = format!("{out}{err}");
+    assert!(!st.success(), "a client past the limit was served: {text}");
+    assert!(
+        text.contains("server replied with error to opt_go request"),
+        "nbdinfo should report the refusal: {text}"
+    );
+    drop(held);
+    // The slot is free again once the held client leaves.
+    let t0 = std::time::Instant::now();
+    loop {
+        let (st, out, err) = run_status(Command::new("nbdinfo").arg("--size").arg(d.url()));
+        if st.success() {
+            assert_eq!(out.trim(), SIZE.to_string());
+            break;
+        }
+        assert!(
+            t0.elapsed() < std::time::Duration::from_secs(10),
+            "the slot never came back: {out}{err}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}

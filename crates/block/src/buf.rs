@@ -86,6 +86,21 @@ impl fmt::Debug for IoBuf {
     }
 }
 
+/// Hands memory that malloc holds but no allocation uses back to the kernel.
+///
+/// Large request buffers come from malloc's heap (livesnapd raises the mmap
+/// threshold for speed), and a heap fragmented by them keeps its free pages
+/// after the buffers are gone; glibc's `malloc_trim` releases those pages
+/// wherever they are. Costs a walk of malloc's arenas, so callers run it
+/// after a burst of large buffers ends, not per request.
+pub fn release_free_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only returns unused pages; it touches no live allocation.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

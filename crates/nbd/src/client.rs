@@ -707,7 +707,7 @@ impl NbdClient {
             typ,
             cookie,
             offset,
-            len,
+            len: len.into(),
         };
         let mut w = self.w.lock().await;
         let sent = async {

@@ -5,12 +5,21 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncWrite, BufReader};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::sync::Notify;
 
+use crate::budget::Budget;
 use crate::export::ExportTable;
 use crate::handshake;
+use crate::proto::*;
 use crate::transmission;
+
+/// How long a refused client gets to send its options.
+const REFUSAL_TIMEOUT: Duration = Duration::from_secs(2);
+/// Options a refused client may send before it is closed.
+const REFUSAL_OPTIONS: usize = 16;
+/// Longest option a refused client may send (a GO with a 4 KiB name fits).
+const MAX_REFUSED_OPTION: u32 = 8 * 1024;
 
 /// How long a client may take to finish option haggling (QEMU's
 /// `handshake-max-seconds` default), so an idle socket cannot hold a slot forever.
@@ -92,6 +101,7 @@ pub(crate) async fn run<R, W>(
     reader: R,
     mut writer: W,
     exports: Arc<ExportTable>,
+    budget: Arc<Budget>,
     ctl: Arc<ConnControl>,
 ) where
     R: AsyncRead + Unpin + Send + 'static,
@@ -120,10 +130,58 @@ pub(crate) async fn run<R, W>(
                 return;
             }
         };
-        transmission::serve(reader, writer, session, &ctl).await;
+        transmission::serve(reader, writer, session, budget.conn(), &ctl).await;
     };
     tokio::select! {
         _ = serve => {}
         _ = ctl.kill.wait() => tracing::debug!(conn = id, "NBD connection closed by the server"),
+    }
+}
+
+/// Turns away a client past `max-connections` so that it learns why: the
+/// greeting, then `NBD_REP_ERR_POLICY` with a message to each option until it
+/// gives up (clients treat a refused optional option as "not supported" and go
+/// on, so the message that counts is the one to `NBD_OPT_GO`). QEMU leaves
+/// such clients waiting in the listen backlog instead. `NBD_OPT_EXPORT_NAME`,
+/// which has no error reply, just gets the close.
+pub(crate) async fn refuse<R, W>(mut r: R, mut w: W, limit: u32)
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let talk = async {
+        let mut greeting = Vec::with_capacity(18);
+        greeting.extend_from_slice(&NBDMAGIC.to_be_bytes());
+        greeting.extend_from_slice(&IHAVEOPT.to_be_bytes());
+        greeting.extend_from_slice(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes());
+        w.write_all(&greeting).await?;
+        let _client_flags = r.read_u32().await?;
+        let msg = format!("server is at its limit of {limit} connections (max-connections)");
+        for _ in 0..REFUSAL_OPTIONS {
+            let mut hdr = [0u8; OPTION_HEADER_LEN];
+            r.read_exact(&mut hdr).await?;
+            let Some((opt, len)) = decode_option_header(&hdr) else {
+                break;
+            };
+            if opt == OPT_EXPORT_NAME || len > MAX_REFUSED_OPTION {
+                break;
+            }
+            tokio::io::copy(&mut (&mut r).take(len.into()), &mut tokio::io::sink()).await?;
+            let (typ, data) = if opt == OPT_ABORT {
+                (REP_ACK, &[][..])
+            } else {
+                (REP_ERR_POLICY, msg.as_bytes())
+            };
+            let mut out = Vec::new();
+            push_option_reply(&mut out, opt, typ, data);
+            w.write_all(&out).await?;
+            if opt == OPT_ABORT {
+                break;
+            }
+        }
+        w.flush().await
+    };
+    if let Ok(Err(e)) = tokio::time::timeout(REFUSAL_TIMEOUT, talk).await {
+        tracing::debug!("NBD refusal not delivered: {e}");
     }
 }

@@ -40,6 +40,8 @@ pub(crate) struct Session {
     pub(crate) attach: AttachGuard,
     /// Structured replies were negotiated.
     pub(crate) structured: bool,
+    /// Extended headers were negotiated (they imply structured replies).
+    pub(crate) extended: bool,
     /// Metadata contexts the client selected for this export.
     pub(crate) meta: MetaContexts,
 }
@@ -63,6 +65,13 @@ impl MetaContexts {
     }
 }
 
+impl Haggle {
+    /// Replies may come in chunks: structured replies or extended headers.
+    fn chunked(&self) -> bool {
+        self.structured || self.extended
+    }
+}
+
 impl Session {
     /// The export this session serves.
     pub(crate) fn export(&self) -> &Arc<Export> {
@@ -70,8 +79,10 @@ impl Session {
     }
 }
 
-/// Transmission flags for `export` as seen by a client with or without structured replies.
-pub(crate) fn transmission_flags(export: &Export, structured: bool) -> u16 {
+/// Transmission flags for `export` as seen by a client with or without
+/// structured replies, and with or without extended headers and a metadata
+/// context selected for this export (the payload form of BLOCK_STATUS).
+pub(crate) fn transmission_flags(export: &Export, structured: bool, status_payload: bool) -> u16 {
     let mut f = FLAG_HAS_FLAGS
         | FLAG_SEND_FLUSH
         | FLAG_SEND_FUA
@@ -87,6 +98,9 @@ pub(crate) fn transmission_flags(export: &Export, structured: bool) -> u16 {
     }
     if structured {
         f |= FLAG_SEND_DF;
+    }
+    if status_payload {
+        f |= FLAG_BLOCK_STATUS_PAYLOAD;
     }
     f
 }
@@ -106,6 +120,7 @@ struct Haggle {
     fixed: bool,
     no_zeroes: bool,
     structured: bool,
+    extended: bool,
     /// Export of the last successful SET_META_CONTEXT and what it selected,
     /// when it selected anything. Weak: a handshake must not keep a removed
     /// export alive, and a new export of the same name is another export.
@@ -146,6 +161,7 @@ where
         fixed: client_flags & FLAG_C_FIXED_NEWSTYLE != 0,
         no_zeroes: client_flags & FLAG_C_NO_ZEROES != 0,
         structured: false,
+        extended: false,
         meta: None,
     };
 
@@ -240,8 +256,16 @@ async fn handle_option<W: AsyncWrite + Unpin>(
             Ok(Next::Continue)
         }
         OPT_INFO | OPT_GO => info_or_go(w, st, opt, data, exports, ctl).await,
+        OPT_EXTENDED_HEADERS => {
+            extended_headers(w, st, opt, data).await?;
+            Ok(Next::Continue)
+        }
         OPT_STRUCTURED_REPLY => {
-            if !data.is_empty() {
+            if st.extended {
+                // The spec's answer: extended headers take precedence.
+                let msg = "extended headers already negotiated";
+                reply(w, opt, REP_ERR_EXT_HEADER_REQD, msg.as_bytes()).await?;
+            } else if !data.is_empty() {
                 reply(
                     w,
                     opt,
@@ -280,7 +304,7 @@ fn session(st: &Haggle, attach: AttachGuard) -> Session {
     // Contexts only count when negotiated for the export finally chosen (as
     // QEMU, which compares the export itself, not its name).
     let meta = match &st.meta {
-        Some((e, m)) if st.structured && Weak::ptr_eq(e, &Arc::downgrade(attach.export())) => {
+        Some((e, m)) if st.chunked() && Weak::ptr_eq(e, &Arc::downgrade(attach.export())) => {
             m.clone()
         }
         _ => MetaContexts::default(),
@@ -288,8 +312,29 @@ fn session(st: &Haggle, attach: AttachGuard) -> Session {
     Session {
         attach,
         structured: st.structured,
+        extended: st.extended,
         meta,
     }
+}
+
+/// `NBD_OPT_EXTENDED_HEADERS`: 32-byte request and reply headers from the
+/// transmission phase on.
+async fn extended_headers<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    st: &mut Haggle,
+    opt: u32,
+    data: &[u8],
+) -> io::Result<()> {
+    if !data.is_empty() {
+        let msg = "NBD_OPT_EXTENDED_HEADERS must not carry data";
+        return reply(w, opt, REP_ERR_INVALID, msg.as_bytes()).await;
+    }
+    if st.extended {
+        let msg = "extended headers already negotiated";
+        return reply(w, opt, REP_ERR_INVALID, msg.as_bytes()).await;
+    }
+    st.extended = true;
+    reply(w, opt, REP_ACK, &[]).await
 }
 
 async fn export_name<W: AsyncWrite + Unpin>(
@@ -299,6 +344,11 @@ async fn export_name<W: AsyncWrite + Unpin>(
     exports: &ExportTable,
     ctl: &Arc<ConnControl>,
 ) -> io::Result<Next> {
+    if st.extended {
+        // The spec forbids it: EXPORT_NAME has no reply that could tell the
+        // client its headers are extended.
+        return Err(proto_err("NBD_OPT_EXPORT_NAME after extended headers"));
+    }
     let name = std::str::from_utf8(data).map_err(|_| proto_err("export name is not UTF-8"))?;
     // EXPORT_NAME cannot return an error: the only refusal is closing the socket.
     let export = exports
@@ -309,7 +359,7 @@ async fn export_name<W: AsyncWrite + Unpin>(
         .ok_or_else(|| proto_err(format!("export '{name}' not present")))?;
     let mut out = Vec::with_capacity(10 + 124);
     out.extend_from_slice(&export.config().backend.size().to_be_bytes());
-    out.extend_from_slice(&transmission_flags(&export, st.structured).to_be_bytes());
+    out.extend_from_slice(&transmission_flags(&export, st.chunked(), false).to_be_bytes());
     if !st.no_zeroes {
         out.extend_from_slice(&[0u8; 124]);
     }
@@ -375,7 +425,9 @@ async fn info_or_go<W: AsyncWrite + Unpin>(
     info(&p);
     let mut p = INFO_EXPORT.to_be_bytes().to_vec();
     p.extend_from_slice(&cfg.backend.size().to_be_bytes());
-    p.extend_from_slice(&transmission_flags(&export, st.structured).to_be_bytes());
+    let status_payload = st.extended
+        && matches!(&st.meta, Some((e, _)) if Weak::ptr_eq(e, &Arc::downgrade(&export)));
+    p.extend_from_slice(&transmission_flags(&export, st.chunked(), status_payload).to_be_bytes());
     info(&p);
 
     if opt == OPT_INFO {
@@ -406,7 +458,7 @@ async fn meta_context<W: AsyncWrite + Unpin>(
         // A SET replaces the previous selection even when it fails.
         st.meta = None;
     }
-    if !st.structured {
+    if !st.chunked() {
         let msg = "request not valid prior to negotiating structured replies";
         return reply(w, opt, REP_ERR_INVALID, msg.as_bytes()).await;
     }

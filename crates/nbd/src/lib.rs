@@ -2,7 +2,7 @@
 //!
 //! This crate owns the NBD wire protocol as `doc/proto.md` of the
 //! NetworkBlockDevice project defines it: fixed newstyle negotiation, simple
-//! and structured replies, `base:allocation` block status (and QEMU's
+//! and structured replies, extended headers, `base:allocation` block status (and QEMU's
 //! `qemu:allocation-depth` on exports that enable it and
 //! `qemu:dirty-bitmap:NAME` for the bitmaps an export offers, QEMU's
 //! `docs/interop/nbd.rst`), and the listeners and export table a daemon
@@ -11,8 +11,10 @@
 //! It must not reach into block drivers (only [`livesnap_block::BlockBackend`]
 //! methods), must not know about QMP or jobs, and must never let one client's
 //! input — however malformed — panic, block or end anything but that client's
-//! own connection. Memory held per connection is bounded.
+//! own connection. Memory held per connection and by all connections
+//! together is bounded (`budget.rs`).
 
+mod budget;
 pub mod client;
 mod conn;
 pub mod export;

@@ -1,9 +1,8 @@
 //! Wire constants of the NBD protocol and small encode/decode helpers.
 //!
 //! Every value here is checked against `doc/proto.md` of the
-//! NetworkBlockDevice/nbd project (master of 2026). Extended headers
-//! (`NBD_OPT_EXTENDED_HEADERS`) are not implemented; their magic numbers are
-//! listed only so that they are recognised and refused.
+//! NetworkBlockDevice/nbd project (master of 2026, and its
+//! `extension-ext-header` branch for extended headers).
 
 use std::io;
 
@@ -21,8 +20,10 @@ pub const REQUEST_MAGIC: u32 = 0x2560_9513;
 pub const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
 /// `NBD_STRUCTURED_REPLY_MAGIC`.
 pub const STRUCTURED_REPLY_MAGIC: u32 = 0x668e_33ef;
-/// `NBD_EXTENDED_REQUEST_MAGIC` (extended headers; not supported here).
+/// `NBD_EXTENDED_REQUEST_MAGIC` of a request once extended headers are negotiated.
 pub const EXTENDED_REQUEST_MAGIC: u32 = 0x21e4_1c71;
+/// `NBD_EXTENDED_REPLY_MAGIC` of every reply chunk once extended headers are negotiated.
+pub const EXTENDED_REPLY_MAGIC: u32 = 0x6e8a_278c;
 
 // ---- Handshake flags (server, 16 bits) and client flags (32 bits) -----------
 
@@ -61,7 +62,7 @@ pub const FLAG_SEND_RESIZE: u16 = 1 << 9;
 pub const FLAG_SEND_CACHE: u16 = 1 << 10;
 /// `NBD_FLAG_SEND_FAST_ZERO`.
 pub const FLAG_SEND_FAST_ZERO: u16 = 1 << 11;
-/// `NBD_FLAG_BLOCK_STATUS_PAYLOAD` (extended headers; never set here).
+/// `NBD_FLAG_BLOCK_STATUS_PAYLOAD`: BLOCK_STATUS may name its contexts in a payload.
 pub const FLAG_BLOCK_STATUS_PAYLOAD: u16 = 1 << 12;
 
 // ---- Options ----------------------------------------------------------------
@@ -86,7 +87,7 @@ pub const OPT_STRUCTURED_REPLY: u32 = 8;
 pub const OPT_LIST_META_CONTEXT: u32 = 9;
 /// `NBD_OPT_SET_META_CONTEXT`.
 pub const OPT_SET_META_CONTEXT: u32 = 10;
-/// `NBD_OPT_EXTENDED_HEADERS` (not supported: answered with `REP_ERR_UNSUP`).
+/// `NBD_OPT_EXTENDED_HEADERS`.
 pub const OPT_EXTENDED_HEADERS: u32 = 11;
 
 // ---- Option reply types -----------------------------------------------------
@@ -164,7 +165,7 @@ pub const CMD_FLAG_DF: u16 = 1 << 2;
 pub const CMD_FLAG_REQ_ONE: u16 = 1 << 3;
 /// `NBD_CMD_FLAG_FAST_ZERO`.
 pub const CMD_FLAG_FAST_ZERO: u16 = 1 << 4;
-/// `NBD_CMD_FLAG_PAYLOAD_LEN` (extended headers; refused here).
+/// `NBD_CMD_FLAG_PAYLOAD_LEN`: with extended headers, the length is a payload length.
 pub const CMD_FLAG_PAYLOAD_LEN: u16 = 1 << 5;
 
 // ---- Structured replies ------------------------------------------------------
@@ -179,7 +180,7 @@ pub const REPLY_TYPE_OFFSET_DATA: u16 = 1;
 pub const REPLY_TYPE_OFFSET_HOLE: u16 = 2;
 /// `NBD_REPLY_TYPE_BLOCK_STATUS`.
 pub const REPLY_TYPE_BLOCK_STATUS: u16 = 5;
-/// `NBD_REPLY_TYPE_BLOCK_STATUS_EXT` (extended headers; never sent here).
+/// `NBD_REPLY_TYPE_BLOCK_STATUS_EXT`, the only block status chunk with extended headers.
 pub const REPLY_TYPE_BLOCK_STATUS_EXT: u16 = 6;
 /// Bit 15 marks every error chunk type.
 pub const REPLY_TYPE_FLAG_ERROR: u16 = 1 << 15;
@@ -235,8 +236,12 @@ pub const MAX_PAYLOAD: u32 = 32 << 20;
 pub const PREFERRED_BLOCK: u32 = 4096;
 /// Longest string (export name, query, message) the spec allows.
 pub const MAX_STRING: usize = 4096;
-/// Size of a request header.
+/// Size of a (compact) request header.
 pub const REQUEST_LEN: usize = 28;
+/// Size of an extended request header.
+pub const EXTENDED_REQUEST_LEN: usize = 32;
+/// Size of an extended reply chunk header.
+pub const EXTENDED_REPLY_LEN: usize = 32;
 /// Size of a simple reply header.
 pub const SIMPLE_REPLY_LEN: usize = 16;
 /// Size of a structured reply chunk header.
@@ -304,7 +309,7 @@ pub fn command_name(cmd: u16) -> &'static str {
 
 // ---- Requests ---------------------------------------------------------------------
 
-/// A transmission-phase request header.
+/// A transmission-phase request header, compact or extended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Request {
     /// Command flags (`NBD_CMD_FLAG_*`).
@@ -315,12 +320,14 @@ pub struct Request {
     pub cookie: u64,
     /// Byte offset into the export.
     pub offset: u64,
-    /// Length of the effect (and of the payload for WRITE).
-    pub len: u32,
+    /// Length of the effect, or of the payload for WRITE (and, with
+    /// extended headers, for any command flagged `NBD_CMD_FLAG_PAYLOAD_LEN`).
+    /// Compact headers carry 32 bits of it, extended ones 64.
+    pub len: u64,
 }
 
 impl Request {
-    /// Decodes a header; `None` when the magic is not `NBD_REQUEST_MAGIC`.
+    /// Decodes a compact header; `None` when the magic is not `NBD_REQUEST_MAGIC`.
     pub fn decode(b: &[u8; REQUEST_LEN]) -> Option<Request> {
         if be32(b, 0) != REQUEST_MAGIC {
             return None;
@@ -330,19 +337,50 @@ impl Request {
             typ: be16(b, 6),
             cookie: be64(b, 8),
             offset: be64(b, 16),
-            len: be32(b, 24),
+            len: be32(b, 24).into(),
         })
     }
 
-    /// Encodes the header (client side).
+    /// Decodes an extended header; `None` when the magic is not
+    /// `NBD_EXTENDED_REQUEST_MAGIC`.
+    pub fn decode_extended(b: &[u8; EXTENDED_REQUEST_LEN]) -> Option<Request> {
+        if be32(b, 0) != EXTENDED_REQUEST_MAGIC {
+            return None;
+        }
+        Some(Request {
+            flags: be16(b, 4),
+            typ: be16(b, 6),
+            cookie: be64(b, 8),
+            offset: be64(b, 16),
+            len: be64(b, 24),
+        })
+    }
+
+    /// Encodes a compact header (client side); `len` must fit 32 bits.
     pub fn encode(&self) -> [u8; REQUEST_LEN] {
         let mut b = [0u8; REQUEST_LEN];
         b[0..4].copy_from_slice(&REQUEST_MAGIC.to_be_bytes());
-        b[4..6].copy_from_slice(&self.flags.to_be_bytes());
-        b[6..8].copy_from_slice(&self.typ.to_be_bytes());
-        b[8..16].copy_from_slice(&self.cookie.to_be_bytes());
-        b[16..24].copy_from_slice(&self.offset.to_be_bytes());
-        b[24..28].copy_from_slice(&self.len.to_be_bytes());
+        b[4..28].copy_from_slice(&self.encode_fields()[..24]);
+        b[24..28].copy_from_slice(&(self.len as u32).to_be_bytes());
+        b
+    }
+
+    /// Encodes an extended header (client side).
+    pub fn encode_extended(&self) -> [u8; EXTENDED_REQUEST_LEN] {
+        let mut b = [0u8; EXTENDED_REQUEST_LEN];
+        b[0..4].copy_from_slice(&EXTENDED_REQUEST_MAGIC.to_be_bytes());
+        b[4..32].copy_from_slice(&self.encode_fields());
+        b
+    }
+
+    /// Everything after the magic, with a 64-bit length.
+    fn encode_fields(&self) -> [u8; 28] {
+        let mut b = [0u8; 28];
+        b[0..2].copy_from_slice(&self.flags.to_be_bytes());
+        b[2..4].copy_from_slice(&self.typ.to_be_bytes());
+        b[4..12].copy_from_slice(&self.cookie.to_be_bytes());
+        b[12..20].copy_from_slice(&self.offset.to_be_bytes());
+        b[20..28].copy_from_slice(&self.len.to_be_bytes());
         b
     }
 }
@@ -364,6 +402,25 @@ pub fn encode_chunk_header(flags: u16, typ: u16, cookie: u64, len: u32) -> [u8; 
     b[6..8].copy_from_slice(&typ.to_be_bytes());
     b[8..16].copy_from_slice(&cookie.to_be_bytes());
     b[16..20].copy_from_slice(&len.to_be_bytes());
+    b
+}
+
+/// Encodes an extended reply chunk header: `offset` is the request's, as
+/// the spec asks, whatever the payload says.
+pub fn encode_extended_reply_header(
+    flags: u16,
+    typ: u16,
+    cookie: u64,
+    offset: u64,
+    len: u64,
+) -> [u8; EXTENDED_REPLY_LEN] {
+    let mut b = [0u8; EXTENDED_REPLY_LEN];
+    b[0..4].copy_from_slice(&EXTENDED_REPLY_MAGIC.to_be_bytes());
+    b[4..6].copy_from_slice(&flags.to_be_bytes());
+    b[6..8].copy_from_slice(&typ.to_be_bytes());
+    b[8..16].copy_from_slice(&cookie.to_be_bytes());
+    b[16..24].copy_from_slice(&offset.to_be_bytes());
+    b[24..32].copy_from_slice(&len.to_be_bytes());
     b
 }
 
@@ -594,6 +651,23 @@ mod tests {
         let mut bad = b;
         bad[0] ^= 1;
         assert_eq!(Request::decode(&bad), None);
+
+        let r = Request {
+            len: (1 << 40) + 3,
+            ..r
+        };
+        let b = r.encode_extended();
+        assert_eq!(&b[0..4], &[0x21, 0xe4, 0x1c, 0x71]);
+        assert_eq!(be64(&b, 24), (1 << 40) + 3);
+        assert_eq!(Request::decode_extended(&b), Some(r));
+        let mut bad = b;
+        bad[3] ^= 1;
+        assert_eq!(Request::decode_extended(&bad), None);
+
+        let h = encode_extended_reply_header(REPLY_FLAG_DONE, REPLY_TYPE_NONE, 9, 4096, 0);
+        assert_eq!(be32(&h, 0), EXTENDED_REPLY_MAGIC);
+        assert_eq!((be16(&h, 4), be16(&h, 6)), (1, 0));
+        assert_eq!((be64(&h, 8), be64(&h, 16), be64(&h, 24)), (9, 4096, 0));
     }
 
     #[test]

@@ -7,7 +7,7 @@ use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::os::unix::fs::FileTypeExt;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -15,6 +15,7 @@ use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use crate::budget::Budget;
 use crate::conn::{self, ConnControl};
 use crate::export::ExportTable;
 use crate::stats::ServerStats;
@@ -24,6 +25,10 @@ pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
 /// How long to wait for killed connections to unwind (they do so at their next poll).
 const KILL_WAIT: Duration = Duration::from_secs(5);
+
+/// Clients past the connection limit being told why at once; further ones
+/// are just closed, so a flood cannot hold sockets through the refusals.
+const MAX_REFUSALS: usize = 16;
 
 /// Where the server listens.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -42,11 +47,13 @@ pub enum ListenAddr {
 /// State shared by the accept loops and connection tasks.
 struct Shared {
     exports: Arc<ExportTable>,
+    budget: Arc<Budget>,
     conns: Mutex<HashMap<u64, Arc<ConnControl>>>,
     live: watch::Sender<usize>,
     next_id: AtomicU64,
     max_connections: u32,
     stats: Arc<ServerStats>,
+    refusals: Arc<AtomicUsize>,
 }
 
 impl Shared {
@@ -82,7 +89,18 @@ impl Shared {
                     self.max_connections
                 );
                 self.stats.count_refused();
-                return; // dropping r and w closes the socket
+                // Not counted as a connection: the refusal is a greeting and
+                // error replies, bounded in time and in number.
+                if self.refusals.fetch_add(1, Ordering::SeqCst) < MAX_REFUSALS {
+                    let (refusals, limit) = (self.refusals.clone(), self.max_connections);
+                    tokio::spawn(async move {
+                        conn::refuse(r, w, limit).await;
+                        refusals.fetch_sub(1, Ordering::SeqCst);
+                    });
+                } else {
+                    self.refusals.fetch_sub(1, Ordering::SeqCst);
+                }
+                return;
             }
             conns.insert(id, ctl.clone());
             self.stats.count_accepted();
@@ -95,9 +113,10 @@ impl Shared {
             id,
         };
         let exports = self.exports.clone();
+        let budget = self.budget.clone();
         tokio::spawn(async move {
             let _guard = guard;
-            conn::run(r, w, exports, ctl).await;
+            conn::run(r, w, exports, budget, ctl).await;
         });
     }
 }
@@ -132,11 +151,13 @@ impl NbdServer {
     ) -> io::Result<NbdServer> {
         let shared = Arc::new(Shared {
             exports,
+            budget: Budget::new(),
             conns: Mutex::new(HashMap::new()),
             live: watch::Sender::new(0),
             next_id: AtomicU64::new(1),
             max_connections,
             stats: Arc::default(),
+            refusals: Arc::new(AtomicUsize::new(0)),
         });
         match addr {
             ListenAddr::Unix(path) => {

@@ -2,32 +2,26 @@
 //! own task; one writer sends replies, so requests complete out of order but
 //! reply frames never interleave.
 //!
-//! Memory per connection is bounded: at most `MAX_IN_FLIGHT` requests and
-//! `BYTE_BUDGET` bytes of payload (write data read in, read data waiting to go
-//! out) exist at once; the reader stops reading while the budget is spent.
+//! Memory is bounded by the budgets of [`crate::budget`]: payload bytes (write
+//! data read in, read data waiting to go out) are counted from the moment a
+//! request is accepted until its last reply frame is written, and the reader
+//! stops reading while its connection cannot get budget.
 
-use std::collections::HashMap;
 use std::io::{self, IoSlice};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use livesnap_block::{BlockBackend, IoBuf, WriteFlags, ZeroFlags};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::sync::mpsc::{self, UnboundedReceiver, UnboundedSender};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 
+use crate::budget::{Budget, ConnBudget, Permits};
 use crate::conn::ConnControl;
 use crate::export::ExportBitmap;
 use crate::handshake::{MetaContexts, Session};
 use crate::proto::*;
 use crate::stats::ExportStats;
 
-/// Requests of one connection being served at once.
-const MAX_IN_FLIGHT: usize = 64;
-/// Payload bytes one connection may hold at once.
-const BYTE_BUDGET: usize = 128 << 20;
-/// Payload budget is counted in these units so it fits a semaphore comfortably.
-const BUDGET_UNIT: usize = 4096;
 /// Reads up to this size skip the block-status lookup: one read, and a hole
 /// chunk only if the data turns out to be all zeroes.
 const SMALL_READ: u32 = 64 * 1024;
@@ -43,20 +37,16 @@ const MAX_BITMAP_EXTENTS: usize = (1 << 20) / 8;
 const MAX_BATCH: usize = 256;
 /// Linux's limit on iovecs per writev.
 const MAX_IOV: usize = 1024;
-/// Read buffers kept for reuse per connection, in bytes.
-const POOL_BYTES: usize = 16 << 20;
-/// Buffers smaller than this are cheap to allocate and not pooled.
-const POOL_MIN_BUF: usize = 64 * 1024;
 
 /// Bytes written before a reply's payload: a reply or chunk header and any fixed fields.
 enum Head {
-    Inline([u8; 32], u8),
+    Inline([u8; 48], u8),
     Heap(Vec<u8>),
 }
 
 impl Head {
     fn inline(parts: &[&[u8]]) -> Head {
-        let mut b = [0u8; 32];
+        let mut b = [0u8; 48];
         let mut n = 0;
         for p in parts {
             b[n..n + p.len()].copy_from_slice(p);
@@ -71,12 +61,6 @@ impl Head {
             Head::Heap(v) => v,
         }
     }
-}
-
-/// Budget held by one request until its last reply frame has been written.
-struct Permits {
-    _count: OwnedSemaphorePermit,
-    _bytes: Option<OwnedSemaphorePermit>,
 }
 
 /// One message for the writer: a header and an optional payload.
@@ -111,64 +95,59 @@ enum Seg {
     Hole(u64, u32),
 }
 
-/// Read buffers kept for reuse, keyed by exact length: fresh large
-/// allocations cost page faults and zeroing on every request.
-struct BufPool {
-    free: Mutex<(HashMap<usize, Vec<IoBuf>>, usize)>,
-}
-
-impl BufPool {
-    fn new() -> BufPool {
-        BufPool {
-            free: Mutex::new((HashMap::new(), 0)),
-        }
-    }
-
-    /// A buffer of exactly `len` bytes; its contents are stale and must be overwritten.
-    fn take(&self, len: usize) -> IoBuf {
-        let mut g = self.free.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(b) = g.0.get_mut(&len).and_then(Vec::pop) {
-            g.1 -= len;
-            return b;
-        }
-        drop(g);
-        IoBuf::zeroed(len)
-    }
-
-    fn give(&self, b: IoBuf) {
-        let len = b.len();
-        if len < POOL_MIN_BUF {
-            return;
-        }
-        let mut g = self.free.lock().unwrap_or_else(|e| e.into_inner());
-        if g.1 + len <= POOL_BYTES {
-            g.0.entry(len).or_default().push(b);
-            g.1 += len;
-        }
-    }
-}
-
 /// What every request task needs from its connection.
 struct Ctx {
     backend: Arc<BlockBackend>,
-    pool: Arc<BufPool>,
+    pool: Arc<Budget>,
     read_only: bool,
+    /// Structured replies or extended headers: reads may come in chunks.
     structured: bool,
+    /// Extended headers: 32-byte requests and replies, 64-bit lengths.
+    extended: bool,
     meta: MetaContexts,
     /// The export's bitmaps; `meta.bitmaps` indexes into them.
     bitmaps: Vec<ExportBitmap>,
     stats: Arc<ExportStats>,
 }
 
+impl Ctx {
+    /// BLOCK_STATUS may name the contexts it wants in a payload
+    /// (`NBD_FLAG_BLOCK_STATUS_PAYLOAD`, offered as QEMU does: with extended
+    /// headers and a context selected).
+    fn status_payload(&self) -> bool {
+        self.extended && !self.meta.is_empty()
+    }
+}
+
 /// Sends the frames of one reply; the request's budget goes with the last one.
 struct Replier {
     cookie: u64,
+    /// The request's offset, echoed by extended reply headers.
+    offset: u64,
     structured: bool,
+    extended: bool,
     tx: UnboundedSender<Frame>,
     permits: Option<Permits>,
 }
 
 impl Replier {
+    /// A chunk header for a payload of `len` bytes followed by `fields`:
+    /// a structured one, or an extended one once those were negotiated.
+    fn chunk(&self, flags: u16, typ: u16, len: usize, fields: &[&[u8]]) -> Head {
+        let h;
+        let e;
+        let head: &[u8] = if self.extended {
+            e = encode_extended_reply_header(flags, typ, self.cookie, self.offset, len as u64);
+            &e
+        } else {
+            h = encode_chunk_header(flags, typ, self.cookie, len as u32);
+            &h
+        };
+        let mut parts = vec![head];
+        parts.extend_from_slice(fields);
+        Head::inline(&parts)
+    }
+
     fn send(&mut self, head: Head, data: Option<IoBuf>, last: bool) {
         let permits = if last { self.permits.take() } else { None };
         // A closed channel means the writer is gone and the connection is ending.
@@ -180,20 +159,22 @@ impl Replier {
     }
 
     fn done(mut self) {
-        let head = Head::inline(&[&encode_simple_reply(0, self.cookie)]);
+        // Extended headers leave no room for simple replies.
+        let head = if self.extended {
+            self.chunk(REPLY_FLAG_DONE, REPLY_TYPE_NONE, 0, &[])
+        } else {
+            Head::inline(&[&encode_simple_reply(0, self.cookie)])
+        };
         self.send(head, None, true);
     }
 
     fn fail(mut self, f: Fail) {
         if self.structured {
             let payload = encode_error_payload(f.err, &f.msg);
-            let mut v = encode_chunk_header(
-                REPLY_FLAG_DONE,
-                REPLY_TYPE_ERROR,
-                self.cookie,
-                payload.len() as u32,
-            )
-            .to_vec();
+            let mut v = self
+                .chunk(REPLY_FLAG_DONE, REPLY_TYPE_ERROR, payload.len(), &[])
+                .bytes()
+                .to_vec();
             v.extend_from_slice(&payload);
             self.send(Head::Heap(v), None, true);
         } else {
@@ -223,25 +204,27 @@ pub(crate) async fn serve<R, W>(
     reader: BufReader<R>,
     writer: W,
     session: Session,
+    budget: ConnBudget,
     ctl: &Arc<ConnControl>,
 ) where
     R: AsyncRead + Unpin + Send + 'static,
     W: AsyncWrite + Unpin + Send + 'static,
 {
     let export = session.export().clone();
-    let pool = Arc::new(BufPool::new());
+    let pool = budget.server().clone();
     let ctx = Arc::new(Ctx {
         backend: export.config().backend.clone(),
         pool: pool.clone(),
         read_only: export.read_only(),
-        structured: session.structured,
+        structured: session.structured || session.extended,
+        extended: session.extended,
         meta: session.meta.clone(),
         bitmaps: export.config().bitmaps.clone(),
         stats: export.stats().clone(),
     });
     let (tx, rx) = mpsc::unbounded_channel();
     let writer = write_loop(writer, rx, pool);
-    let reader = read_loop(reader, ctx, tx, ctl);
+    let reader = read_loop(reader, ctx, tx, &budget, ctl);
     tokio::pin!(writer, reader);
     tokio::select! {
         exit = &mut reader => {
@@ -263,41 +246,29 @@ pub(crate) async fn serve<R, W>(
     drop(session);
 }
 
-/// A request cannot be served without these permits; the semaphores are never
-/// closed, so acquisition only fails if that invariant is broken.
-async fn acquire(count: &Arc<Semaphore>, bytes: &Arc<Semaphore>, len: u32) -> Option<Permits> {
-    let c = count.clone().acquire_owned().await.ok()?;
-    let b = if len > 0 {
-        let units = (len as usize).div_ceil(BUDGET_UNIT) as u32;
-        Some(bytes.clone().acquire_many_owned(units).await.ok()?)
-    } else {
-        None
-    };
-    Some(Permits {
-        _count: c,
-        _bytes: b,
-    })
-}
-
 async fn read_loop<R>(
     mut r: BufReader<R>,
     ctx: Arc<Ctx>,
     tx: UnboundedSender<Frame>,
+    budget: &ConnBudget,
     ctl: &Arc<ConnControl>,
 ) -> Exit
 where
     R: AsyncRead + Unpin,
 {
-    let count = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
-    let bytes = Arc::new(Semaphore::new(BYTE_BUDGET / BUDGET_UNIT));
     let mut tasks = JoinSet::new();
     let exit = loop {
         while tasks.try_join_next().is_some() {}
-        let mut hdr = [0u8; REQUEST_LEN];
+        let mut hdr = [0u8; EXTENDED_REQUEST_LEN];
+        let hdr_len = if ctx.extended {
+            EXTENDED_REQUEST_LEN
+        } else {
+            REQUEST_LEN
+        };
         let got = tokio::select! {
             biased;
             _ = ctl.drain_switch().wait() => break Exit::Graceful,
-            r = r.read_exact(&mut hdr) => r,
+            r = r.read_exact(&mut hdr[..hdr_len]) => r,
         };
         if let Err(e) = got {
             // EOF between requests is a client going away without DISC; treat
@@ -307,7 +278,7 @@ where
             }
             break Exit::Graceful;
         }
-        let Some(req) = Request::decode(&hdr) else {
+        let Some(mut req) = decode_request(&hdr, ctx.extended) else {
             tracing::debug!(conn = ctl.id(), "NBD request with bad magic; closing");
             break Exit::Abort;
         };
@@ -321,44 +292,68 @@ where
         if req.typ == CMD_DISC {
             break Exit::Graceful;
         }
-        let budget = match req.typ {
-            CMD_READ | CMD_WRITE => req.len.min(MAX_PAYLOAD),
-            _ => 0,
+        // With extended headers any command may carry a payload when flagged;
+        // WRITE always does.
+        let payload_len =
+            if req.typ == CMD_WRITE || (ctx.extended && req.flags & CMD_FLAG_PAYLOAD_LEN != 0) {
+                req.len
+            } else {
+                0
+            };
+        let held = match req.typ {
+            CMD_READ => req.len,
+            _ => payload_len,
+        }
+        .min(MAX_PAYLOAD.into());
+        let permits = tokio::select! {
+            biased;
+            _ = ctl.drain_switch().wait() => break Exit::Graceful,
+            p = budget.acquire(held as usize) => p,
         };
-        let Some(permits) = acquire(&count, &bytes, budget).await else {
+        let Some(permits) = permits else {
             break Exit::Abort;
         };
         let rep = Replier {
             cookie: req.cookie,
+            offset: req.offset,
             structured: ctx.structured,
+            extended: ctx.extended,
             tx: tx.clone(),
             permits: Some(permits),
         };
         let mut payload = None;
-        if req.typ == CMD_WRITE {
-            if req.len > MAX_PAYLOAD {
+        if payload_len > 0 {
+            if payload_len > MAX_PAYLOAD.into() {
                 // The payload cannot be skipped safely without trusting its
-                // length, so answer EINVAL and stop reading, as QEMU does.
+                // length (the spec asks for a hard disconnect), so answer
+                // EINVAL and stop reading, as QEMU does.
                 tracing::debug!(
                     conn = ctl.id(),
-                    len = req.len,
-                    "NBD write larger than the maximum payload"
+                    len = payload_len,
+                    "NBD payload larger than the maximum"
                 );
                 rep.fail(Fail::new(
                     NBD_EINVAL,
                     format!(
-                        "write of {} bytes exceeds the maximum payload of {MAX_PAYLOAD}",
-                        req.len
+                        "{} payload of {payload_len} bytes exceeds the maximum of {MAX_PAYLOAD}",
+                        command_name(req.typ)
                     ),
                 ));
                 break Exit::Graceful;
             }
-            let mut buf = IoBuf::zeroed(req.len as usize);
+            let mut buf = IoBuf::zeroed(payload_len as usize);
             if let Err(e) = r.read_exact(&mut buf).await {
-                tracing::debug!(conn = ctl.id(), "NBD write payload truncated: {e}");
+                tracing::debug!(conn = ctl.id(), "NBD payload truncated: {e}");
                 break Exit::Abort;
             }
-            payload = Some(buf);
+            if req.typ == CMD_WRITE || (req.typ == CMD_BLOCK_STATUS && ctx.status_payload()) {
+                payload = Some(buf);
+            } else {
+                // No other command takes a payload here: it was consumed so
+                // the stream stays in step, and the flag fails the request
+                // (its length described the payload, not the export).
+                req.len = 0;
+            }
         }
         let timer = ctx.stats.begin(req.typ, req.len.into());
         let ctx = ctx.clone();
@@ -366,9 +361,10 @@ where
             let _timer = timer;
             match req.typ {
                 CMD_READ => read(&ctx, &req, rep).await,
-                CMD_BLOCK_STATUS => match block_status(&ctx, &req).await {
-                    Ok(v) => {
+                CMD_BLOCK_STATUS => match block_status(&ctx, &req, payload).await {
+                    Ok(chunks) => {
                         let mut rep = rep;
+                        let v = encode_status_chunks(&rep, &chunks);
                         rep.send(Head::Heap(v), None, true);
                     }
                     Err(f) => rep.fail(f),
@@ -392,6 +388,9 @@ where
 fn validate(ctx: &Ctx, req: &Request) -> Result<(), Fail> {
     let mut valid = CMD_FLAG_FUA;
     let writes = matches!(req.typ, CMD_WRITE | CMD_TRIM | CMD_WRITE_ZEROES);
+    if req.typ == CMD_WRITE && ctx.extended {
+        valid |= CMD_FLAG_PAYLOAD_LEN;
+    }
     match req.typ {
         CMD_READ if ctx.structured => valid |= CMD_FLAG_DF,
         CMD_WRITE_ZEROES => valid |= CMD_FLAG_NO_HOLE | CMD_FLAG_FAST_ZERO,
@@ -404,7 +403,7 @@ fn validate(ctx: &Ctx, req: &Request) -> Result<(), Fail> {
     }
     if req.typ != CMD_FLUSH {
         let size = ctx.backend.size();
-        let in_range = req.offset <= size && u64::from(req.len) <= size - req.offset;
+        let in_range = req.offset <= size && req.len <= size - req.offset;
         if !in_range {
             // The spec asks for ENOSPC on writes past the end, EINVAL otherwise.
             let err = if matches!(req.typ, CMD_WRITE | CMD_WRITE_ZEROES) {
@@ -427,7 +426,7 @@ fn validate(ctx: &Ctx, req: &Request) -> Result<(), Fail> {
             format!("unsupported flags {:#x}", req.flags & !valid),
         ));
     }
-    if req.typ == CMD_READ && req.len > MAX_PAYLOAD {
+    if req.typ == CMD_READ && req.len > MAX_PAYLOAD.into() {
         return Err(Fail::new(
             NBD_EINVAL,
             format!(
@@ -453,7 +452,7 @@ async fn execute(ctx: &Ctx, req: &Request, payload: Option<IoBuf>) -> Result<(),
         }
         CMD_FLUSH => node.flush().await.map_err(|e| Fail::io("flush", &e)),
         CMD_TRIM => {
-            match node.discard(req.offset, req.len.into()).await {
+            match node.discard(req.offset, req.len).await {
                 // Trim is advisory: a backend that cannot discard just keeps the data.
                 Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {}
                 r => r.map_err(|e| Fail::io("trim", &e))?,
@@ -469,7 +468,7 @@ async fn execute(ctx: &Ctx, req: &Request, payload: Option<IoBuf>) -> Result<(),
                 may_unmap: req.flags & CMD_FLAG_NO_HOLE == 0,
                 fast_only: req.flags & CMD_FLAG_FAST_ZERO != 0,
             };
-            node.write_zeroes(req.offset, req.len.into(), flags)
+            node.write_zeroes(req.offset, req.len, flags)
                 .await
                 .map_err(|e| {
                     if !flags.fast_only && e.raw_os_error() == Some(libc::EOPNOTSUPP) {
@@ -496,7 +495,7 @@ async fn read(ctx: &Ctx, req: &Request, rep: Replier) {
         return rep.fail(f);
     }
     if !ctx.structured {
-        let buf = ctx.pool.take(req.len as usize);
+        let buf = ctx.pool.take_buf(req.len as usize);
         return match ctx.backend.read_into(req.offset, buf).await {
             Ok(buf) => {
                 let mut rep = rep;
@@ -507,7 +506,7 @@ async fn read(ctx: &Ctx, req: &Request, rep: Replier) {
         };
     }
     match read_segments(ctx, req).await {
-        Ok(segs) => send_segments(rep, req.cookie, segs),
+        Ok(segs) => send_segments(rep, segs),
         Err(f) => rep.fail(f),
     }
 }
@@ -526,21 +525,22 @@ fn is_zero(b: &[u8]) -> bool {
 
 /// Reads `len` bytes at `offset` as one segment, a hole if they are all zero.
 async fn read_one(ctx: &Ctx, offset: u64, len: u32) -> Result<Seg, Fail> {
-    let buf = ctx.pool.take(len as usize);
+    let buf = ctx.pool.take_buf(len as usize);
     let buf = ctx
         .backend
         .read_into(offset, buf)
         .await
         .map_err(|e| Fail::io("read", &e))?;
     if is_zero(&buf) {
-        ctx.pool.give(buf);
+        ctx.pool.give_buf(buf);
         return Ok(Seg::Hole(offset, len));
     }
     Ok(Seg::Data(offset, buf))
 }
 
 async fn read_segments(ctx: &Ctx, req: &Request) -> Result<Vec<Seg>, Fail> {
-    let (offset, len) = (req.offset, req.len);
+    // Validated: at most MAX_PAYLOAD.
+    let (offset, len) = (req.offset, req.len as u32);
     if len == 0 {
         return Ok(Vec::new());
     }
@@ -585,14 +585,9 @@ async fn read_extents(node: &BlockBackend, offset: u64, len: u32) -> Vec<(u64, u
     out
 }
 
-fn send_segments(mut rep: Replier, cookie: u64, segs: Vec<Seg>) {
+fn send_segments(mut rep: Replier, segs: Vec<Seg>) {
     if segs.is_empty() {
-        let head = Head::inline(&[&encode_chunk_header(
-            REPLY_FLAG_DONE,
-            REPLY_TYPE_NONE,
-            cookie,
-            0,
-        )]);
+        let head = rep.chunk(REPLY_FLAG_DONE, REPLY_TYPE_NONE, 0, &[]);
         return rep.send(head, None, true);
     }
     let n = segs.len();
@@ -601,21 +596,14 @@ fn send_segments(mut rep: Replier, cookie: u64, segs: Vec<Seg>) {
         let flags = if last { REPLY_FLAG_DONE } else { 0 };
         match s {
             Seg::Data(off, buf) => {
-                let h = encode_chunk_header(
-                    flags,
-                    REPLY_TYPE_OFFSET_DATA,
-                    cookie,
-                    8 + buf.len() as u32,
-                );
-                rep.send(Head::inline(&[&h, &off.to_be_bytes()]), Some(buf), last);
+                let off = off.to_be_bytes();
+                let h = rep.chunk(flags, REPLY_TYPE_OFFSET_DATA, 8 + buf.len(), &[&off]);
+                rep.send(h, Some(buf), last);
             }
             Seg::Hole(off, len) => {
-                let h = encode_chunk_header(flags, REPLY_TYPE_OFFSET_HOLE, cookie, 12);
-                rep.send(
-                    Head::inline(&[&h, &off.to_be_bytes(), &len.to_be_bytes()]),
-                    None,
-                    last,
-                );
+                let (off, len) = (off.to_be_bytes(), len.to_be_bytes());
+                let h = rep.chunk(flags, REPLY_TYPE_OFFSET_HOLE, 12, &[&off, &len]);
+                rep.send(h, None, last);
             }
         }
     }
@@ -623,32 +611,55 @@ fn send_segments(mut rep: Replier, cookie: u64, segs: Vec<Seg>) {
 
 /// Extents (length, flags) of one metadata context, merging neighbours with equal flags.
 #[derive(Default)]
-struct Extents(Vec<(u32, u32)>);
+struct Extents(Vec<(u64, u32)>);
 
 impl Extents {
-    fn push(&mut self, len: u32, flags: u32) {
+    fn push(&mut self, len: u64, flags: u32) {
         match self.0.last_mut() {
             Some(last) if last.1 == flags => last.0 += len,
             _ => self.0.push((len, flags)),
         }
     }
+}
 
-    /// Appends one `NBD_REPLY_TYPE_BLOCK_STATUS` chunk for context `id`.
-    fn encode_chunk(&self, out: &mut Vec<u8>, cookie: u64, id: u32, last: bool) {
-        let flags = if last { REPLY_FLAG_DONE } else { 0 };
-        let payload_len = 4 + 8 * self.0.len() as u32;
-        out.extend_from_slice(&encode_chunk_header(
-            flags,
-            REPLY_TYPE_BLOCK_STATUS,
-            cookie,
-            payload_len,
-        ));
-        out.extend_from_slice(&id.to_be_bytes());
-        for (n, f) in &self.0 {
-            out.extend_from_slice(&n.to_be_bytes());
-            out.extend_from_slice(&f.to_be_bytes());
+/// Encodes one status chunk per context, the last with `NBD_REPLY_FLAG_DONE`:
+/// `NBD_REPLY_TYPE_BLOCK_STATUS` (32-bit lengths; the request's length, which
+/// bounds them, is 32-bit too) or, with extended headers, `_EXT`.
+fn encode_status_chunks(rep: &Replier, chunks: &[(u32, Extents)]) -> Vec<u8> {
+    let per = if rep.extended { 16 } else { 8 };
+    let mut out = Vec::with_capacity(
+        chunks
+            .iter()
+            .map(|(_, e)| EXTENDED_REPLY_LEN + 8 + per * e.0.len())
+            .sum(),
+    );
+    for (i, (id, e)) in chunks.iter().enumerate() {
+        let flags = if i + 1 == chunks.len() {
+            REPLY_FLAG_DONE
+        } else {
+            0
+        };
+        let id = id.to_be_bytes();
+        if rep.extended {
+            let count = (e.0.len() as u32).to_be_bytes();
+            let len = 8 + per * e.0.len();
+            let h = rep.chunk(flags, REPLY_TYPE_BLOCK_STATUS_EXT, len, &[&id, &count]);
+            out.extend_from_slice(h.bytes());
+            for (n, f) in &e.0 {
+                out.extend_from_slice(&n.to_be_bytes());
+                out.extend_from_slice(&u64::from(*f).to_be_bytes());
+            }
+        } else {
+            let len = 4 + per * e.0.len();
+            let h = rep.chunk(flags, REPLY_TYPE_BLOCK_STATUS, len, &[&id]);
+            out.extend_from_slice(h.bytes());
+            for (n, f) in &e.0 {
+                out.extend_from_slice(&(*n as u32).to_be_bytes());
+                out.extend_from_slice(&f.to_be_bytes());
+            }
         }
     }
+    out
 }
 
 /// Answers BLOCK_STATUS: one chunk per negotiated context (`base:allocation`
@@ -656,7 +667,22 @@ impl Extents {
 /// export's order, as QEMU), the last one with `NBD_REPLY_FLAG_DONE`. One
 /// lookup serves the first two contexts, so their extents cover the same
 /// range; each bitmap answers on its own.
-async fn block_status(ctx: &Ctx, req: &Request) -> Result<Vec<u8>, Fail> {
+async fn block_status(
+    ctx: &Ctx,
+    req: &Request,
+    payload: Option<IoBuf>,
+) -> Result<Vec<(u32, Extents)>, Fail> {
+    let mut req = *req;
+    let only = match payload {
+        Some(p) => {
+            let (len, ids) = status_payload(&ctx.meta, &p)?;
+            req.len = len;
+            req.flags &= !CMD_FLAG_PAYLOAD_LEN;
+            Some(ids)
+        }
+        None => None,
+    };
+    let req = &req;
     validate(ctx, req)?;
     let meta = &ctx.meta;
     if meta.is_empty() {
@@ -666,7 +692,7 @@ async fn block_status(ctx: &Ctx, req: &Request) -> Result<Vec<u8>, Fail> {
         return Err(Fail::new(NBD_EINVAL, "block status of zero length"));
     }
     let req_one = req.flags & CMD_FLAG_REQ_ONE != 0;
-    let end = req.offset + u64::from(req.len);
+    let end = req.offset + req.len;
     let mut alloc = Extents::default();
     let mut depth = Extents::default();
     let mut pos = req.offset;
@@ -680,11 +706,11 @@ async fn block_status(ctx: &Ctx, req: &Request) -> Result<Vec<u8>, Fail> {
             Err(_) => break,
         };
         lookups += 1;
-        let n = st.len.min(end - pos) as u32;
+        let n = st.len.min(end - pos);
         let flags = if st.data { 0 } else { STATE_HOLE } | if st.zero { STATE_ZERO } else { 0 };
         alloc.push(n, flags);
         depth.push(n, st.depth);
-        pos += u64::from(n);
+        pos += n;
         if req_one {
             // At most one extent per context.
             break;
@@ -696,14 +722,14 @@ async fn block_status(ctx: &Ctx, req: &Request) -> Result<Vec<u8>, Fail> {
         .iter()
         .map(|&(id, i)| {
             let mut e = Extents::default();
-            let mut left = u64::from(req.len);
+            let mut left = req.len;
             for (n, d) in ctx.bitmaps[i].extents.extents(req.offset, left, max) {
                 // Never more than asked, whatever the source answers.
                 let n = n.min(left);
                 if n == 0 {
                     break;
                 }
-                e.push(n as u32, if d { STATE_DIRTY } else { 0 });
+                e.push(n, if d { STATE_DIRTY } else { 0 });
                 left -= n;
             }
             if e.0.is_empty() {
@@ -712,31 +738,60 @@ async fn block_status(ctx: &Ctx, req: &Request) -> Result<Vec<u8>, Fail> {
             (id, e)
         })
         .collect();
-    let chunks: Vec<(u32, &Extents)> = [
-        meta.base_allocation.map(|id| (id, &alloc)),
-        meta.allocation_depth.map(|id| (id, &depth)),
+    Ok([
+        meta.base_allocation.map(|id| (id, alloc)),
+        meta.allocation_depth.map(|id| (id, depth)),
     ]
     .into_iter()
     .flatten()
-    .chain(dirty.iter().map(|(id, e)| (*id, e)))
-    .collect();
-    let mut v = Vec::with_capacity(
-        chunks
-            .iter()
-            .map(|(_, e)| CHUNK_HEADER_LEN + 4 + 8 * e.0.len())
-            .sum(),
-    );
-    for (i, (id, e)) in chunks.iter().enumerate() {
-        e.encode_chunk(&mut v, req.cookie, *id, i + 1 == chunks.len());
+    .chain(dirty)
+    .filter(|(id, _)| only.as_ref().is_none_or(|o| o.contains(id)))
+    .collect())
+}
+
+/// Reads the payload form of BLOCK_STATUS: an effect length and the
+/// context ids to answer for, each one selected and named once.
+fn status_payload(meta: &MetaContexts, p: &[u8]) -> Result<(u64, Vec<u32>), Fail> {
+    let bad = |why: &str| Fail::new(NBD_EINVAL, format!("block status payload {why}"));
+    if p.len() < 12 || !(p.len() - 8).is_multiple_of(4) {
+        return Err(bad(&format!("of {} bytes is not 8 + 4n, n > 0", p.len())));
     }
-    Ok(v)
+    let selected: Vec<u32> = [meta.base_allocation, meta.allocation_depth]
+        .into_iter()
+        .flatten()
+        .chain(meta.bitmaps.iter().map(|&(id, _)| id))
+        .collect();
+    let mut ids = Vec::with_capacity((p.len() - 8) / 4);
+    for at in (8..p.len()).step_by(4) {
+        let id = be32(p, at);
+        if !selected.contains(&id) {
+            return Err(bad(&format!(
+                "names context {id}, which was not negotiated"
+            )));
+        }
+        if ids.contains(&id) {
+            return Err(bad(&format!("names context {id} twice")));
+        }
+        ids.push(id);
+    }
+    Ok((be64(p, 0), ids))
+}
+
+/// Decodes the request header the connection negotiated.
+fn decode_request(hdr: &[u8; EXTENDED_REQUEST_LEN], extended: bool) -> Option<Request> {
+    if extended {
+        return Request::decode_extended(hdr);
+    }
+    let mut compact = [0u8; REQUEST_LEN];
+    compact.copy_from_slice(&hdr[..REQUEST_LEN]);
+    Request::decode(&compact)
 }
 
 /// Sends frames as they come, batching whatever is queued into one vectored write.
 async fn write_loop<W: AsyncWrite + Unpin>(
     mut w: W,
     mut rx: UnboundedReceiver<Frame>,
-    pool: Arc<BufPool>,
+    pool: Arc<Budget>,
 ) -> io::Result<()> {
     let mut batch: Vec<Frame> = Vec::with_capacity(MAX_BATCH);
     while let Some(f) = rx.recv().await {
@@ -751,7 +806,7 @@ async fn write_loop<W: AsyncWrite + Unpin>(
         // Dropping the frames returns their budget to the reader.
         for f in batch.drain(..) {
             if let Some(d) = f.data {
-                pool.give(d);
+                pool.give_buf(d);
             }
         }
     }

@@ -64,8 +64,8 @@ async fn list_info_and_go() {
     let r = n.option(99, b"whatever").await.unwrap();
     assert_eq!(r.len(), 1);
     assert_eq!(r[0].reply_type, REP_ERR_UNSUP);
-    let r = n.option(OPT_EXTENDED_HEADERS, &[]).await.unwrap();
-    assert_eq!(r[0].reply_type, REP_ERR_UNSUP);
+    let r = n.option(OPT_EXTENDED_HEADERS, b"x").await.unwrap();
+    assert_eq!(r[0].reply_type, REP_ERR_INVALID);
     let r = n.option(OPT_STARTTLS, &[]).await.unwrap();
     assert_eq!(r[0].reply_type, REP_ERR_POLICY);
     let r = n.option(OPT_LIST, b"x").await.unwrap();
@@ -486,4 +486,27 @@ async fn dirty_bitmap_contexts_as_qemu_lists_and_selects_them() {
     let c = n.into_client().unwrap();
     assert_eq!(c.context_id(cb), Some(4));
     c.disconnect().await.unwrap();
+}
+
+#[tokio::test]
+async fn extended_headers_option_rules() {
+    let f = Fixture::new(0).await;
+    f.add_file_export("disk", MIB, true);
+    let mut n = Negotiator::connect(&f.addr).await.unwrap();
+    let r = n.option(OPT_EXTENDED_HEADERS, &[]).await.unwrap();
+    assert_eq!(r[0].reply_type, REP_ACK);
+    let r = n.option(OPT_EXTENDED_HEADERS, &[]).await.unwrap();
+    assert_eq!(r[0].reply_type, REP_ERR_INVALID, "negotiated twice");
+    // INFO still answers, with DF offered (extended headers imply chunked reads).
+    let info = n.info("disk", &[]).await.unwrap().unwrap();
+    assert_ne!(info.flags & FLAG_SEND_DF, 0);
+    // EXPORT_NAME cannot tell the client its headers are extended: closed.
+    assert!(n.export_name("disk").await.is_err());
+    // The server is unaffected.
+    livesnap_nbd::NbdClient::connect(&f.addr, "disk")
+        .await
+        .unwrap()
+        .flush()
+        .await
+        .unwrap();
 }

@@ -104,8 +104,17 @@ async fn max_connections_refuses_extra_clients() {
     f.add_file_export("disk", MIB, true);
     let c1 = NbdClient::connect(&f.addr, "disk").await.unwrap();
     let mut n2 = Negotiator::connect(&f.addr).await.unwrap();
-    // Third is closed at once, before any greeting.
-    let mut raw = RawConn::connect(&f.addr).await.unwrap();
+    // A third is told why it cannot have a connection, then closed.
+    let mut n3 = Negotiator::connect(&f.addr).await.unwrap();
+    let err = n3.go("disk", &[]).await.unwrap().unwrap_err();
+    assert_eq!(err.reply_type, REP_ERR_POLICY);
+    assert!(
+        err.message
+            .contains("limit of 2 connections (max-connections)"),
+        "{}",
+        err.message
+    );
+    let mut raw = n3.into_raw();
     assert!(raw.closed_within(Duration::from_secs(5)).await);
     n2.go("disk", &[]).await.unwrap().unwrap();
     let c2 = n2.into_client().unwrap();

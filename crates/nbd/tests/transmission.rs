@@ -804,3 +804,187 @@ async fn block_status_dirty_bitmaps() {
     assert_eq!(all, vec![(idb, vec![(4096, STATE_DIRTY), (4096, 0)])]);
     c.disconnect().await.unwrap();
 }
+
+/// One extended reply chunk: (flags, type, cookie, offset, payload).
+async fn ext_chunk(raw: &mut RawConn) -> (u16, u16, u64, u64, Vec<u8>) {
+    let h = tokio::time::timeout(Duration::from_secs(10), raw.recv_exact(EXTENDED_REPLY_LEN))
+        .await
+        .expect("no extended reply within 10 s")
+        .unwrap();
+    assert_eq!(be32(&h, 0), EXTENDED_REPLY_MAGIC, "reply header {h:?}");
+    let len = be64(&h, 24) as usize;
+    let payload = raw.recv_exact(len).await.unwrap();
+    (be16(&h, 4), be16(&h, 6), be64(&h, 8), be64(&h, 16), payload)
+}
+
+fn ext_request(typ: u16, flags: u16, cookie: u64, offset: u64, len: u64) -> Vec<u8> {
+    Request {
+        flags,
+        typ,
+        cookie,
+        offset,
+        len,
+    }
+    .encode_extended()
+    .to_vec()
+}
+
+#[tokio::test]
+async fn extended_headers_exchange() {
+    let f = Fixture::new(0).await;
+    f.add_file_export("disk", 8 * MIB, true);
+    for with_meta in [true, false] {
+        let mut n = Negotiator::connect(&f.addr).await.unwrap();
+        let r = n.option(OPT_EXTENDED_HEADERS, &[]).await.unwrap();
+        assert_eq!(r[0].reply_type, REP_ACK);
+        // Extended headers take precedence over structured replies.
+        let r = n.option(OPT_STRUCTURED_REPLY, &[]).await.unwrap();
+        assert_eq!(r[0].reply_type, REP_ERR_EXT_HEADER_REQD);
+        if with_meta {
+            n.set_meta_context("disk", &[META_BASE_ALLOCATION])
+                .await
+                .unwrap()
+                .unwrap();
+        }
+        let info = n.go("disk", &[]).await.unwrap().unwrap();
+        assert_ne!(info.flags & FLAG_SEND_DF, 0);
+        // The payload form of BLOCK_STATUS is offered only with a context.
+        assert_eq!(info.flags & FLAG_BLOCK_STATUS_PAYLOAD != 0, with_meta);
+        let mut raw = n.into_raw();
+
+        // A write carries its payload with the flag; its reply is a chunk, never simple.
+        let data = pattern(7, 8192);
+        let mut req = ext_request(CMD_WRITE, CMD_FLAG_PAYLOAD_LEN, 1, MIB + 512, 8192);
+        req.extend_from_slice(&data);
+        raw.send(&req).await.unwrap();
+        let (flags, typ, cookie, offset, p) = ext_chunk(&mut raw).await;
+        assert_eq!(
+            (flags, typ, cookie, offset),
+            (REPLY_FLAG_DONE, REPLY_TYPE_NONE, 1, MIB + 512)
+        );
+        assert!(p.is_empty());
+
+        // Read it back: data chunks echo the request's offset in the header.
+        raw.send(&ext_request(CMD_READ, 0, 2, MIB, 16384))
+            .await
+            .unwrap();
+        let mut got = vec![0u8; 16384];
+        loop {
+            let (flags, typ, cookie, offset, p) = ext_chunk(&mut raw).await;
+            assert_eq!((cookie, offset), (2, MIB));
+            match typ {
+                REPLY_TYPE_OFFSET_DATA => {
+                    let at = (be64(&p, 0) - MIB) as usize;
+                    got[at..at + p.len() - 8].copy_from_slice(&p[8..]);
+                }
+                REPLY_TYPE_OFFSET_HOLE => {}
+                t => panic!("unexpected chunk type {t}"),
+            }
+            if flags & REPLY_FLAG_DONE != 0 {
+                break;
+            }
+        }
+        assert_eq!(&got[512..512 + 8192], &data[..]);
+        assert!(got[..512].iter().chain(&got[512 + 8192..]).all(|&b| b == 0));
+
+        // Block status over the whole export, in 64-bit descriptors.
+        raw.send(&ext_request(CMD_BLOCK_STATUS, 0, 3, 0, 8 * MIB))
+            .await
+            .unwrap();
+        let (flags, typ, cookie, _, p) = ext_chunk(&mut raw).await;
+        assert_eq!(cookie, 3);
+        assert_ne!(flags & REPLY_FLAG_DONE, 0);
+        if with_meta {
+            assert_eq!(typ, REPLY_TYPE_BLOCK_STATUS_EXT);
+            let count = be32(&p, 4) as usize;
+            assert_eq!(p.len(), 8 + 16 * count);
+            let total: u64 = (0..count).map(|i| be64(&p, 8 + 16 * i)).sum();
+            assert_eq!(total, 8 * MIB);
+            assert_eq!(be32(&p, 8 + 8), 0, "status high bits must be zero");
+        } else {
+            assert_eq!(typ, REPLY_TYPE_ERROR);
+            assert_eq!(be32(&p, 0), NBD_EINVAL);
+        }
+
+        // BLOCK_STATUS with a payload naming context 1 and an effect length.
+        // Without a context this is what makes qemu-storage-daemon 10.0.2
+        // abort; here the payload is consumed, the request fails with
+        // EINVAL, and the connection goes on.
+        let mut req = ext_request(CMD_BLOCK_STATUS, CMD_FLAG_PAYLOAD_LEN, 4, 0, 12);
+        req.extend_from_slice(&(4096u64).to_be_bytes());
+        req.extend_from_slice(&1u32.to_be_bytes());
+        raw.send(&req).await.unwrap();
+        let (flags, typ, cookie, _, p) = ext_chunk(&mut raw).await;
+        assert_eq!((flags, cookie), (REPLY_FLAG_DONE, 4));
+        if with_meta {
+            assert_eq!(typ, REPLY_TYPE_BLOCK_STATUS_EXT);
+            assert_eq!((be32(&p, 0), be32(&p, 4)), (1, 1));
+            assert_eq!(be64(&p, 8), 4096, "the payload's effect length");
+            // Contexts that were not negotiated, or named twice, are EINVAL.
+            for ids in [&[9u32][..], &[1, 1], &[]] {
+                let mut req = ext_request(
+                    CMD_BLOCK_STATUS,
+                    CMD_FLAG_PAYLOAD_LEN,
+                    8,
+                    0,
+                    8 + 4 * ids.len() as u64,
+                );
+                req.extend_from_slice(&(4096u64).to_be_bytes());
+                for id in ids {
+                    req.extend_from_slice(&id.to_be_bytes());
+                }
+                raw.send(&req).await.unwrap();
+                let (_, typ, cookie, _, p) = ext_chunk(&mut raw).await;
+                assert_eq!(
+                    (typ, cookie, be32(&p, 0)),
+                    (REPLY_TYPE_ERROR, 8, NBD_EINVAL),
+                    "{ids:?}"
+                );
+            }
+        } else {
+            assert_eq!(typ, REPLY_TYPE_ERROR);
+            assert_eq!(be32(&p, 0), NBD_EINVAL);
+        }
+        // The same flag on a read: its payload is skipped too.
+        let mut req = ext_request(CMD_READ, CMD_FLAG_PAYLOAD_LEN, 5, 0, 100);
+        req.extend_from_slice(&[0xab; 100]);
+        raw.send(&req).await.unwrap();
+        let (_, typ, cookie, _, p) = ext_chunk(&mut raw).await;
+        assert_eq!(
+            (typ, cookie, be32(&p, 0)),
+            (REPLY_TYPE_ERROR, 5, NBD_EINVAL)
+        );
+        raw.send(&ext_request(CMD_FLUSH, 0, 6, 0, 0)).await.unwrap();
+        let (flags, typ, cookie, _, _) = ext_chunk(&mut raw).await;
+        assert_eq!((flags, typ, cookie), (REPLY_FLAG_DONE, REPLY_TYPE_NONE, 6));
+
+        // A payload beyond the maximum cannot be skipped: an error, then close.
+        let req = ext_request(CMD_TRIM, CMD_FLAG_PAYLOAD_LEN, 7, 0, 1 << 40);
+        raw.send(&req).await.unwrap();
+        let (_, typ, cookie, _, p) = ext_chunk(&mut raw).await;
+        assert_eq!(
+            (typ, cookie, be32(&p, 0)),
+            (REPLY_TYPE_ERROR, 7, NBD_EINVAL)
+        );
+        assert!(raw.closed_within(Duration::from_secs(5)).await);
+    }
+
+    // A compact header on an extended connection is a bad magic.
+    let mut n = Negotiator::connect(&f.addr).await.unwrap();
+    let r = n.option(OPT_EXTENDED_HEADERS, &[]).await.unwrap();
+    assert_eq!(r[0].reply_type, REP_ACK);
+    n.go("disk", &[]).await.unwrap().unwrap();
+    let mut raw = n.into_raw();
+    let compact = Request {
+        flags: 0,
+        typ: CMD_FLUSH,
+        cookie: 1,
+        offset: 0,
+        len: 0,
+    }
+    .encode();
+    raw.send(&compact).await.unwrap();
+    raw.send(&[0u8; 4]).await.unwrap();
+    assert!(raw.closed_within(Duration::from_secs(5)).await);
+    assert_other_client_works(&f.addr).await;
+}
