@@ -355,7 +355,7 @@ where
                 req.len = 0;
             }
         }
-        let timer = ctx.stats.begin(req.typ, req.len.into());
+        let timer = ctx.stats.begin(req.typ, req.len);
         let ctx = ctx.clone();
         tasks.spawn(async move {
             let _timer = timer;
