@@ -12,7 +12,7 @@ use livesnap_jobs::mirror::CopyMode;
 use livesnapd::cli::{Cli, DEMO_DIR, DEMO_SIZE};
 use livesnapd::commands::{self, Commands};
 use livesnapd::daemon::{Daemon, Settings};
-use livesnapd::{bind_qmp, export_image, nbd_uri, ImageExport};
+use livesnapd::{bind_qmp, cli_tls, export_image, nbd_uri, ImageExport};
 
 /// Allocations below this come from malloc's heap instead of fresh mmaps.
 ///
@@ -86,6 +86,10 @@ async fn run(mut cli: Cli) -> anyhow::Result<()> {
     });
     let commands = Commands::new(daemon.clone());
 
+    let tls = match &cli.tls_creds {
+        Some(dir) => Some(cli_tls(&daemon, &commands, dir, cli.tls_authz.as_deref()).await?),
+        None => None,
+    };
     let mut nbd_url = None;
     let mut nbd_server = None;
     if let Some(image) = &cli.image {
@@ -101,14 +105,20 @@ async fn run(mut cli: Cli) -> anyhow::Result<()> {
                 read_only: cli.read_only,
                 cache_direct: cli.cache_direct,
                 max_connections: cli.max_connections,
+                tls,
             },
         )
         .await?;
-        nbd_url = Some(nbd_uri(&local, cli.export_name()));
+        let uri = nbd_uri(&local, cli.export_name());
+        nbd_url = Some(match cli.tls_creds {
+            // libnbd's spelling of NBD over TLS.
+            Some(_) => uri.replacen("nbd", "nbds", 1),
+            None => uri,
+        });
     } else if let Some(nbd) = &cli.nbd {
         // --qmp with --nbd: qemu-storage-daemon's --nbd-server; exports come over QMP.
         let addr = commands::parse_listen_addr(nbd).map_err(|e| anyhow::anyhow!("--nbd: {e}"))?;
-        let local = commands::start_nbd_server(&daemon, &addr, cli.max_connections)
+        let local = commands::start_nbd_server(&daemon, &addr, cli.max_connections, tls)
             .await
             .map_err(|e| anyhow::anyhow!("{}", e.desc))?;
         nbd_server = Some(local);

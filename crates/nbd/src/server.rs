@@ -17,6 +17,7 @@ use tokio::task::JoinHandle;
 
 use crate::conn::{self, ConnControl};
 use crate::export::ExportTable;
+use crate::tls::ServerTls;
 
 /// How long `shutdown` lets in-flight requests finish before closing anyway.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
@@ -45,6 +46,8 @@ struct Shared {
     live: watch::Sender<usize>,
     next_id: AtomicU64,
     max_connections: u32,
+    /// TLS every client must start before anything else, when configured.
+    tls: Option<Arc<ServerTls>>,
 }
 
 impl Shared {
@@ -91,9 +94,10 @@ impl Shared {
             id,
         };
         let exports = self.exports.clone();
+        let tls = self.tls.clone();
         tokio::spawn(async move {
             let _guard = guard;
-            conn::run(r, w, exports, ctl).await;
+            conn::run(r, w, exports, ctl, tls).await;
         });
     }
 }
@@ -126,12 +130,24 @@ impl NbdServer {
         max_connections: u32,
         exports: Arc<ExportTable>,
     ) -> io::Result<NbdServer> {
+        NbdServer::start_with_tls(addr, max_connections, exports, None).await
+    }
+
+    /// As [`NbdServer::start`]; with `tls`, every client must negotiate TLS
+    /// (`NBD_OPT_STARTTLS`) before anything else.
+    pub async fn start_with_tls(
+        addr: &ListenAddr,
+        max_connections: u32,
+        exports: Arc<ExportTable>,
+        tls: Option<ServerTls>,
+    ) -> io::Result<NbdServer> {
         let shared = Arc::new(Shared {
             exports,
             conns: Mutex::new(HashMap::new()),
             live: watch::Sender::new(0),
             next_id: AtomicU64::new(1),
             max_connections,
+            tls: tls.map(Arc::new),
         });
         match addr {
             ListenAddr::Unix(path) => {
