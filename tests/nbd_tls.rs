@@ -740,3 +740,116 @@ fn object_add_and_del_match_qemu_storage_daemon() {
         ))
     );
 }
+
+#[test]
+fn qmp_configured_server_without_verify_peer_still_requires_tls() {
+    let certs = Certs::make();
+    let d = Livesnapd::bare();
+    let image = sparse_file(d.dir.path().join("disk.img"), SIZE);
+    let mut q = d.qmp();
+    q.ok(
+        "object-add",
+        json!({"qom-type": "tls-creds-x509", "id": "tls0", "dir": certs.server,
+               "endpoint": "server", "verify-peer": false}),
+    );
+    let port = free_port();
+    q.ok(
+        "nbd-server-start",
+        json!({"addr": {"type": "inet", "data": {"host": "127.0.0.1", "port": port.to_string()}},
+               "tls-creds": "tls0"}),
+    );
+    q.ok(
+        "blockdev-add",
+        json!({"driver": "raw", "node-name": "disk",
+               "file": {"driver": "file", "filename": image}}),
+    );
+    q.ok(
+        "block-export-add",
+        json!({"type": "nbd", "id": "e0", "node-name": "disk", "writable": true}),
+    );
+    // Without verify-peer a client needs no certificate, but still TLS.
+    assert_eq!(nbdinfo_size(&nbds(port, &certs.nocert)), Ok(SIZE));
+    qemu_io_tls(
+        port,
+        &certs.nocert,
+        &["write -P 0x77 0 64k", "read -P 0x77 0 64k"],
+    );
+    let plain = qemu_img_info(port, None);
+    assert!(plain.is_err(), "plain-text client served: {plain:?}");
+    // The credentials object can go while the server runs (as in QEMU):
+    // the server keeps what it loaded.
+    q.ok("object-del", json!({"id": "tls0"}));
+    assert_eq!(nbdinfo_size(&nbds(port, &certs.client)), Ok(SIZE));
+    q.ok("nbd-server-stop", json!({}));
+}
+
+/// Bytes a hostile client sends after STARTTLS's ACK instead of a TLS hello.
+fn hostile_tls_input(i: u64) -> Vec<u8> {
+    let junk = pattern(i, 1 + (i as usize * 37) % 600);
+    match i % 5 {
+        // Plain junk.
+        0 => junk,
+        // A handshake record header with a random length and junk after it.
+        1 => {
+            let mut v = vec![0x16, 0x03, 0x01];
+            v.extend_from_slice(&((i as u16).wrapping_mul(911)).to_be_bytes());
+            v.extend_from_slice(&junk);
+            v
+        }
+        // A fatal alert.
+        2 => vec![0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 0x28],
+        // An application-data record before any handshake.
+        3 => {
+            let mut v = vec![0x17, 0x03, 0x03, 0x00, junk.len().min(255) as u8];
+            v.extend_from_slice(&junk[..junk.len().min(255)]);
+            v
+        }
+        // A second NBD option instead of TLS.
+        _ => {
+            let mut v = 0x4948_4156_454F_5054u64.to_be_bytes().to_vec();
+            v.extend_from_slice(&OPT_GO.to_be_bytes());
+            v.extend_from_slice(&0u32.to_be_bytes());
+            v
+        }
+    }
+}
+
+/// Runs [`SESSIONS`] hostile sessions against the TLS server on `port`,
+/// with a good client checking the data in between: every hostile session
+/// must be closed (after at most one TLS alert), the good client never fails.
+fn hostile_sessions(who: &str, port: u16, certs: &Certs) {
+    qemu_io_tls(port, &certs.client, &["write -P 0x5c 0 1M"]);
+    for i in 0..SESSIONS {
+        let mut c = RawClient::connect(port);
+        c.send_option(OPT_STARTTLS, &[]);
+        assert_eq!(c.reply().1, REP_ACK, "{who}: session {i}");
+        // The server may close while we write: only its closing counts.
+        let _ = c.0.write_all(&hostile_tls_input(i));
+        // Ending its side makes an incomplete record an error now rather
+        // than at the handshake limit (that case has its own test).
+        let _ = c.0.shutdown(std::net::Shutdown::Write);
+        if let Err(e) = c.closed() {
+            // A TLS alert is the server's answer to some inputs; then it closes.
+            assert!(e.contains("more bytes: [15"), "{who}: session {i}: {e}");
+            assert_eq!(c.closed(), Ok(()), "{who}: session {i} after the alert");
+        }
+        if i % 100 == 99 {
+            qemu_io_tls(port, &certs.client, &["read -P 0x5c 0 1M"]);
+        }
+    }
+    assert_eq!(nbdinfo_size(&nbds(port, &certs.client)), Ok(SIZE), "{who}");
+}
+
+/// Hostile sessions per server in [`hostile_tls_sessions_end_only_themselves`].
+const SESSIONS: u64 = 300;
+
+#[test]
+fn hostile_tls_sessions_end_only_themselves() {
+    let certs = Certs::make();
+    let (_dir, image, d, port) = tls_daemon(&certs, &[]);
+    hostile_sessions("livesnapd", port, &certs);
+    drop(d);
+    // The same sessions against qemu-storage-daemon, for the record.
+    let (_qsd, qport) = tls_qsd(&certs, &image, None);
+    hostile_sessions("qemu-storage-daemon", qport, &certs);
+}
