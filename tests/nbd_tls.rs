@@ -573,22 +573,48 @@ fn options_before_tls_are_refused_per_the_spec() {
     drop(d);
 }
 
+/// Clients that stall after STARTTLS all at once in
+/// [`stalled_tls_handshakes_are_cut_and_hold_nobody`].
+const STALLED_CROWD: usize = 40;
+
 #[test]
 fn stalled_tls_handshakes_are_cut_and_hold_nobody() {
     let certs = Certs::make();
-    let (_dir, _image, d, port) = tls_daemon(&certs, &[]);
+    let (_dir, image, d, port) = tls_daemon(&certs, &[]);
+    stalled_handshakes("livesnapd", port, &certs);
+    let mut q = d.qmp();
+    q.ok("query-block-exports", json!({}));
+    drop(d);
+    // qemu-storage-daemon, same limit (10 s), same clients.
+    let (_qsd, qport) = tls_qsd(&certs, &image, None);
+    stalled_handshakes("qemu-storage-daemon", qport, &certs);
+}
+
+/// Stalls TLS handshakes on the server at `port` in three ways while good
+/// clients are served; each stalled one must be closed (bounded by the
+/// socket's read timeout, several times the handshake limit).
+fn stalled_handshakes(who: &str, port: u16, certs: &Certs) {
     // One client stops right after STARTTLS's ACK, another in the middle of
     // its TLS hello (a record header promising bytes that never come).
     let mut after_ack = RawClient::connect(port);
     after_ack.send_option(OPT_STARTTLS, &[]);
-    assert_eq!(after_ack.reply(), (OPT_STARTTLS, REP_ACK, vec![]));
+    assert_eq!(after_ack.reply(), (OPT_STARTTLS, REP_ACK, vec![]), "{who}");
     let mut mid_hello = RawClient::connect(port);
     mid_hello.send_option(OPT_STARTTLS, &[]);
-    assert_eq!(mid_hello.reply().1, REP_ACK);
+    assert_eq!(mid_hello.reply().1, REP_ACK, "{who}");
     mid_hello
         .0
         .write_all(&[0x16, 0x03, 0x01, 0x02, 0x00, 0x01])
         .unwrap();
+    // And a crowd of them (below the default limit of 100 connections).
+    let crowd: Vec<RawClient> = (0..STALLED_CROWD)
+        .map(|_| {
+            let mut c = RawClient::connect(port);
+            c.send_option(OPT_STARTTLS, &[]);
+            assert_eq!(c.reply().1, REP_ACK, "{who}");
+            c
+        })
+        .collect();
     let start = Instant::now();
 
     // Meanwhile other clients are served in full.
@@ -597,19 +623,25 @@ fn stalled_tls_handshakes_are_cut_and_hold_nobody() {
         &certs.client,
         &["write -P 0x33 1M 256k", "read -P 0x33 1M 256k"],
     );
-    assert_eq!(nbdinfo_size(&nbds(port, &certs.client)), Ok(SIZE));
+    assert_eq!(nbdinfo_size(&nbds(port, &certs.client)), Ok(SIZE), "{who}");
 
-    // Both stalled ones are cut at the handshake limit (bounded wait: the
-    // socket's read timeout, several times the limit).
-    assert_eq!(after_ack.closed(), Ok(()), "client stalled after STARTTLS");
-    assert_eq!(mid_hello.closed(), Ok(()), "client stalled mid TLS hello");
+    assert_eq!(
+        after_ack.closed(),
+        Ok(()),
+        "{who}: client stalled after STARTTLS"
+    );
+    assert_eq!(
+        mid_hello.closed(),
+        Ok(()),
+        "{who}: client stalled mid TLS hello"
+    );
+    for (i, mut c) in crowd.into_iter().enumerate() {
+        assert_eq!(c.closed(), Ok(()), "{who}: stalled client {i} of the crowd");
+    }
     eprintln!(
-        "stalled TLS clients closed {:?} after they stalled",
+        "{who}: stalled TLS clients closed {:?} after they stalled",
         start.elapsed()
     );
-    let mut q = d.qmp();
-    q.ok("query-block-exports", json!({}));
-    drop(d);
 }
 
 /// Runs `cmds` on a QMP monitor and returns each reply as (class, desc) or "ok".
