@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use harness::compat::free_port;
 use harness::*;
 use serde_json::{json, Value};
 
@@ -178,16 +179,6 @@ impl Certs {
             rogue,
         }
     }
-}
-
-/// A free TCP port on 127.0.0.1 for a server that takes its port on the
-/// command line (qemu-storage-daemon).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// qemu-storage-daemon serving `image` as `disk` over TLS on a free port,
