@@ -876,3 +876,74 @@ fn hostile_tls_sessions_end_only_themselves() {
     let (_qsd, qport) = tls_qsd(&certs, &image, None);
     hostile_sessions("qemu-storage-daemon", qport, &certs);
 }
+
+/// A TLS client in Python's `ssl` that reads slowly: STARTTLS, GO, then
+/// pipelined reads of the whole export it only starts reading after a
+/// pause, in small pieces; checks every byte is `0x5a`.
+const SLOW_TLS_READER: &str = r#"
+import socket, ssl, struct, sys, time
+port, creds, size, count = int(sys.argv[1]), sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+s = socket.create_connection(("127.0.0.1", port), timeout=30)
+def rx(n):
+    b = b""
+    while len(b) < n:
+        c = s.recv(n - len(b))
+        if not c:
+            raise SystemExit("server closed after %d of %d bytes" % (len(b), n))
+        b += c
+    return b
+rx(18)
+s.sendall(struct.pack(">I", 3))
+s.sendall(struct.pack(">QII", 0x49484156454F5054, 5, 0))
+rx(20)
+ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+ctx.load_verify_locations(creds + "/ca-cert.pem")
+ctx.load_cert_chain(creds + "/client-cert.pem", creds + "/client-key.pem")
+s = ctx.wrap_socket(s, server_hostname="localhost")
+s.sendall(struct.pack(">QII", 0x49484156454F5054, 7, 10) + struct.pack(">I", 4) + b"disk" + struct.pack(">H", 0))
+while True:
+    _, _, typ, ln = struct.unpack(">QIII", rx(20))
+    rx(ln)
+    if typ == 1:
+        break
+    if typ & 0x80000000:
+        raise SystemExit("GO refused: %x" % typ)
+for i in range(count):
+    s.sendall(struct.pack(">IHHQQI", 0x25609513, 0, 0, i, 0, size))
+time.sleep(1)
+for i in range(count):
+    magic, err, handle = struct.unpack(">IIQ", rx(16))
+    assert (magic, err, handle) == (0x67446698, 0, i), (magic, err, handle)
+    got = 0
+    while got < size:
+        c = rx(min(64 << 10, size - got))
+        assert c == b"\x5a" * len(c), "wrong byte in reply %d near %d" % (i, got)
+        got += len(c)
+        time.sleep(0.001)
+print("ok")
+"#;
+
+#[test]
+fn slow_tls_reader_gets_every_byte() {
+    let certs = Certs::make();
+    let (_dir, _image, d, port) = tls_daemon(&certs, &[]);
+    qemu_io_tls(port, &certs.client, &[&format!("write -P 0x5a 0 {SIZE}")]);
+    for round in 0..3 {
+        let (st, out, err) = run_within(
+            Command::new("python3").args([
+                "-c",
+                SLOW_TLS_READER,
+                &port.to_string(),
+                certs.client.to_str().unwrap(),
+                &SIZE.to_string(),
+                "2",
+            ]),
+            CLIENT_LIMIT,
+        );
+        assert!(
+            st.success() && out.trim() == "ok",
+            "round {round}: {st}\n{out}\n{err}"
+        );
+    }
+    drop(d);
+}

@@ -149,8 +149,14 @@ fn print_banner(cli: &Cli, nbd_url: Option<&str>, nbd_server: Option<&str>) {
         };
         println!("  image: {} ({}, {mode})", image.display(), cli.format());
         println!("  NBD:   {url}");
-        println!("  try:   qemu-img info '{url}'");
-        println!("         nbdinfo --map '{url}'");
+        if cli.tls_creds.is_some() {
+            // A client needs its own credentials directory (CA, and with
+            // verify-peer its certificate and key).
+            println!("  try:   nbdinfo --map '{url}?tls-certificates=CLIENT-DIR'");
+        } else {
+            println!("  try:   qemu-img info '{url}'");
+            println!("         nbdinfo --map '{url}'");
+        }
     }
     if let Some(local) = nbd_server {
         println!("  NBD server: {local} (no exports yet: add them with block-export-add)");

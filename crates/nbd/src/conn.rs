@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncWrite, BufReader};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::sync::Notify;
 
 use crate::export::ExportTable;
@@ -144,7 +144,11 @@ where
     let mut r = BufReader::with_capacity(READ_BUFFER, r);
     match handshake::haggle(&mut r, &mut w, &mut st, exports, ctl).await? {
         Negotiated::Left => Ok(None),
-        Negotiated::Attach(s) => Ok(Some(Attached::Tls(r, w, s))),
+        Negotiated::Attach(s) => {
+            // The last reply (GO's ACK) may still sit in the TLS buffer.
+            w.flush().await?;
+            Ok(Some(Attached::Tls(r, w, s)))
+        }
         Negotiated::StartTls => Err(proto_err("second STARTTLS accepted")),
     }
 }
