@@ -1030,12 +1030,13 @@ fn nbd_server_start_and_stop() {
     p.same_ok("nbd-server-stop", Value::Null);
     p.same_err("nbd-server-stop", Value::Null, "NBD server not running");
 
-    // Deliberate: no TLS and no vsock/fd listeners (docs/qmp.md).
-    p.deviation(
+    // TLS credentials are objects (tests/nbd_tls.rs covers them in full).
+    p.same_err(
         "nbd-server-start",
         json!({"addr": {"type": "unix", "data": {"path": "@DIR@/tls.sock"}}, "tls-creds": "tls0"}),
-        "TLS is not supported by livesnapd",
+        "No TLS credentials with id 'tls0'",
     );
+    // Deliberate: no vsock/fd listeners (docs/qmp.md).
     p.deviation(
         "nbd-server-start",
         json!({"addr": {"type": "vsock", "data": {"cid": "1", "port": "1"}}}),

@@ -36,6 +36,8 @@ EXAMPLES:
   livesnapd --image vm.img --nbd unix:/tmp/nbd.sock --qmp /tmp/qmp.sock
   qemu-img info 'nbd+unix:///disk?socket=/tmp/nbd.sock'
   nbdinfo --map 'nbd+unix:///disk?socket=/tmp/nbd.sock'
+  livesnapd --image vm.img --nbd 127.0.0.1:10809 --tls-creds /etc/pki/livesnapd
+  nbdinfo 'nbds://localhost/disk?tls-certificates=/etc/pki/client'
 
 SIGINT or SIGTERM: stop accepting clients, finish in-flight requests, flush, exit 0.
 
@@ -71,6 +73,18 @@ pub struct Cli {
     /// Open --image with O_DIRECT (QEMU's cache.direct=on, Nova's cache=none).
     #[arg(long)]
     pub cache_direct: bool,
+
+    /// Serve NBD over TLS only, with the X.509 files in DIR (ca-cert.pem,
+    /// server-cert.pem, server-key.pem, as QEMU's tls-creds-x509): clients
+    /// must present a certificate signed by ca-cert.pem (object id tls0).
+    #[arg(long, value_name = "DIR")]
+    pub tls_creds: Option<PathBuf>,
+
+    /// With --tls-creds: only the client whose certificate's distinguished
+    /// name is DN may connect, written in the certificate's order as QEMU
+    /// compares it ("C=GB,O=Example,CN=client") (QEMU's authz-simple, object id authz0).
+    #[arg(long, value_name = "DN", requires = "tls_creds")]
+    pub tls_authz: Option<String>,
 
     /// Most NBD clients at once (0 = no limit).
     #[arg(long, value_name = "N", default_value_t = 100)]

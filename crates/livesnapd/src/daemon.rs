@@ -11,6 +11,8 @@ use livesnap_jobs::mirror::CopyMode;
 use livesnap_jobs::JobManager;
 use livesnap_nbd::{Export, ExportTable, NbdServer};
 use livesnap_qmp::EventBus;
+
+use crate::commands::Objects;
 use tokio::sync::watch;
 
 /// A block export as QMP sees it (QEMU's `BlockExport`).
@@ -51,6 +53,8 @@ pub struct Daemon {
     pub exports: Mutex<Vec<Arc<ExportEntry>>>,
     /// Block jobs and `blockdev-create` jobs.
     pub jobs: Arc<JobManager>,
+    /// Objects made by `object-add` (TLS credentials, authorization).
+    pub objects: Objects,
     /// What the command line set for the whole process.
     pub settings: Settings,
     quit: watch::Sender<bool>,
@@ -104,6 +108,7 @@ impl Daemon {
             nbd_exports: ExportTable::new(),
             nbd_server: tokio::sync::Mutex::new(None),
             exports: Mutex::new(Vec::new()),
+            objects: Objects::default(),
             settings,
             quit: watch::channel(false).0,
         })

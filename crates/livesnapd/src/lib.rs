@@ -42,6 +42,8 @@ pub struct ImageExport<'a> {
     pub cache_direct: bool,
     /// Most NBD clients at once (0 = no limit).
     pub max_connections: u32,
+    /// TLS that every NBD client must use, if any.
+    pub tls: Option<livesnap_nbd::ServerTls>,
 }
 
 /// Opens `image` as node `disk` (over `disk-file`), starts the NBD server on
@@ -69,7 +71,7 @@ pub async fn export_image(
         }),
     )
     .await?;
-    let local = commands::start_nbd_server(daemon, &addr, how.max_connections)
+    let local = commands::start_nbd_server(daemon, &addr, how.max_connections, how.tls)
         .await
         .map_err(|e| anyhow::anyhow!("{}", e.desc))?;
     qmp(
@@ -111,6 +113,36 @@ pub fn nbd_uri(local: &str, export: &str) -> String {
     }
 }
 
+/// Creates the TLS objects the command line asks for (`--tls-creds DIR` as
+/// object `tls0`, `--tls-authz DN` as object `authz0`, as if by `object-add`)
+/// and returns the NBD server's TLS set-up.
+pub async fn cli_tls(
+    daemon: &Arc<Daemon>,
+    commands: &Commands,
+    creds_dir: &Path,
+    authz: Option<&str>,
+) -> anyhow::Result<livesnap_nbd::ServerTls> {
+    qmp(
+        commands,
+        "object-add",
+        json!({
+            "qom-type": "tls-creds-x509", "id": "tls0", "endpoint": "server",
+            "dir": creds_dir.to_string_lossy(),
+        }),
+    )
+    .await?;
+    if let Some(dn) = authz {
+        qmp(
+            commands,
+            "object-add",
+            json!({ "qom-type": "authz-simple", "id": "authz0", "identity": dn }),
+        )
+        .await?;
+    }
+    commands::server_tls(daemon, "tls0", authz.map(|_| "authz0"))
+        .map_err(|e| anyhow::anyhow!("--tls-creds: {}", e.desc))
+}
+
 /// A daemon running inside another program: one image exported over NBD on
 /// a unix socket and a QMP socket, as `livesnapd --image IMG --nbd unix:SOCK
 /// --qmp QMP` would run it.
@@ -144,6 +176,7 @@ impl Embedded {
                 read_only: false,
                 cache_direct: false,
                 max_connections: 0,
+                tls: None,
             },
         )
         .await?;

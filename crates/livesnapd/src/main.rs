@@ -14,7 +14,7 @@ use livesnapd::commands::{self, Commands};
 use livesnapd::daemon::{Daemon, Settings};
 use livesnapd::metrics::MetricsServer;
 use livesnapd::notify::Notifier;
-use livesnapd::{bind_qmp, export_image, nbd_uri, ImageExport};
+use livesnapd::{bind_qmp, cli_tls, export_image, nbd_uri, ImageExport};
 
 /// Allocations below this come from malloc's heap instead of fresh mmaps.
 ///
@@ -101,6 +101,10 @@ async fn run(mut cli: Cli, notifier: &Notifier) -> anyhow::Result<()> {
     });
     let commands = Commands::new(daemon.clone());
 
+    let tls = match &cli.tls_creds {
+        Some(dir) => Some(cli_tls(&daemon, &commands, dir, cli.tls_authz.as_deref()).await?),
+        None => None,
+    };
     let mut nbd_url = None;
     let mut nbd_server = None;
     if let Some(image) = &cli.image {
@@ -116,16 +120,22 @@ async fn run(mut cli: Cli, notifier: &Notifier) -> anyhow::Result<()> {
                 read_only: cli.read_only,
                 cache_direct: cli.cache_direct,
                 max_connections: cli.max_connections,
+                tls,
             },
         )
         .await?;
-        let url = nbd_uri(&local, cli.export_name());
+        let uri = nbd_uri(&local, cli.export_name());
+        let url = match cli.tls_creds {
+            // libnbd's spelling of NBD over TLS.
+            Some(_) => uri.replacen("nbd", "nbds", 1),
+            None => uri,
+        };
         tracing::info!(url = %url, "NBD export listening");
         nbd_url = Some(url);
     } else if let Some(nbd) = &cli.nbd {
         // --qmp with --nbd: qemu-storage-daemon's --nbd-server; exports come over QMP.
         let addr = commands::parse_listen_addr(nbd).map_err(|e| anyhow::anyhow!("--nbd: {e}"))?;
-        let local = commands::start_nbd_server(&daemon, &addr, cli.max_connections)
+        let local = commands::start_nbd_server(&daemon, &addr, cli.max_connections, tls)
             .await
             .map_err(|e| anyhow::anyhow!("{}", e.desc))?;
         tracing::info!(addr = %local, "NBD server listening");
@@ -196,8 +206,14 @@ fn print_banner(
         };
         println!("  image: {} ({}, {mode})", image.display(), cli.format());
         println!("  NBD:   {url}");
-        println!("  try:   qemu-img info '{url}'");
-        println!("         nbdinfo --map '{url}'");
+        if cli.tls_creds.is_some() {
+            // A client needs its own credentials directory (CA, and with
+            // verify-peer its certificate and key).
+            println!("  try:   nbdinfo --map '{url}?tls-certificates=CLIENT-DIR'");
+        } else {
+            println!("  try:   qemu-img info '{url}'");
+            println!("         nbdinfo --map '{url}'");
+        }
     }
     if let Some(local) = nbd_server {
         println!("  NBD server: {local} (no exports yet: add them with block-export-add)");

@@ -10,8 +10,9 @@ use tokio::sync::Notify;
 
 use crate::budget::Budget;
 use crate::export::ExportTable;
-use crate::handshake;
+use crate::handshake::{self, Negotiated, Session, Tls};
 use crate::proto::*;
+use crate::tls::ServerTls;
 use crate::transmission;
 
 /// How long a refused client gets to send its options.
@@ -21,8 +22,9 @@ const REFUSAL_OPTIONS: usize = 16;
 /// Longest option a refused client may send (a GO with a 4 KiB name fits).
 const MAX_REFUSED_OPTION: u32 = 8 * 1024;
 
-/// How long a client may take to finish option haggling (QEMU's
-/// `handshake-max-seconds` default), so an idle socket cannot hold a slot forever.
+/// How long a client may take to finish option haggling, TLS handshake
+/// included (QEMU's `handshake-max-seconds` default), so an idle socket
+/// cannot hold a slot forever.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Read buffer per connection: holds many pipelined request headers, and is
@@ -95,31 +97,97 @@ impl ConnControl {
     }
 }
 
+/// A negotiated session and the stream it runs on: the accepted socket's
+/// halves as they are, or TLS over them (chosen once per connection, so the
+/// plain path costs nothing per request).
+enum Attached<R, W> {
+    Plain(BufReader<R>, W, Session),
+    Tls(
+        BufReader<TlsRead<R, W>>,
+        tokio::io::WriteHalf<TlsStream<R, W>>,
+        Session,
+    ),
+}
+
+type TlsStream<R, W> = tokio_rustls::server::TlsStream<tokio::io::Join<R, W>>;
+type TlsRead<R, W> = tokio::io::ReadHalf<TlsStream<R, W>>;
+
+fn proto_err(msg: &str) -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::InvalidData, msg)
+}
+
+/// The whole handshake: greeting, options, and with TLS the upgrade and the
+/// options after it. `Ok(None)` when the client left cleanly.
+async fn handshake<R, W>(
+    mut reader: BufReader<R>,
+    mut writer: W,
+    exports: &ExportTable,
+    ctl: &Arc<ConnControl>,
+    tls: Option<&ServerTls>,
+) -> std::io::Result<Option<Attached<R, W>>>
+where
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    let mut st = handshake::greet(&mut reader, &mut writer, tls.is_some()).await?;
+    match handshake::haggle(&mut reader, &mut writer, &mut st, exports, ctl).await? {
+        Negotiated::Left => return Ok(None),
+        Negotiated::Attach(s) => return Ok(Some(Attached::Plain(reader, writer, s))),
+        Negotiated::StartTls => {}
+    }
+    let Some(tls) = tls else {
+        return Err(proto_err("STARTTLS accepted without TLS credentials"));
+    };
+    // The client must wait for the ACK before its TLS hello: plain bytes
+    // already read past it would be taken for TLS records otherwise.
+    if !reader.buffer().is_empty() {
+        return Err(proto_err(
+            "data sent after NBD_OPT_STARTTLS before the TLS handshake",
+        ));
+    }
+    let stream = tls
+        .accept(tokio::io::join(reader.into_inner(), writer))
+        .await?;
+    st.tls = Tls::Active;
+    let (r, mut w) = tokio::io::split(stream);
+    let mut r = BufReader::with_capacity(READ_BUFFER, r);
+    match handshake::haggle(&mut r, &mut w, &mut st, exports, ctl).await? {
+        Negotiated::Left => Ok(None),
+        Negotiated::Attach(s) => {
+            // The last reply (GO's ACK) may still sit in the TLS buffer.
+            w.flush().await?;
+            Ok(Some(Attached::Tls(r, w, s)))
+        }
+        Negotiated::StartTls => Err(proto_err("second STARTTLS accepted")),
+    }
+}
+
 /// Runs one connection to its end. Never panics on client input; every
 /// protocol violation ends only this connection.
 pub(crate) async fn run<R, W>(
     reader: R,
-    mut writer: W,
+    writer: W,
     exports: Arc<ExportTable>,
     budget: Arc<Budget>,
     ctl: Arc<ConnControl>,
+    tls: Option<Arc<ServerTls>>,
 ) where
     R: AsyncRead + Unpin + Send + 'static,
     W: AsyncWrite + Unpin + Send + 'static,
 {
     let id = ctl.id();
     let serve = async {
-        let mut reader = BufReader::with_capacity(READ_BUFFER, reader);
+        let reader = BufReader::with_capacity(READ_BUFFER, reader);
         let negotiated = tokio::select! {
             r = tokio::time::timeout(
                 HANDSHAKE_TIMEOUT,
-                handshake::negotiate(&mut reader, &mut writer, &exports, &ctl),
+                handshake(reader, writer, &exports, &ctl, tls.as_deref()),
             ) => r,
             // A server shutting down drops clients that have not attached yet.
             _ = ctl.drain.wait() => return,
         };
-        let session = match negotiated {
-            Ok(Ok(Some(s))) => s,
+        let attached = match negotiated {
+            Ok(Ok(Some(a))) => a,
             Ok(Ok(None)) => return,
             Ok(Err(e)) => {
                 tracing::debug!(conn = id, "NBD handshake failed: {e}");
@@ -130,7 +198,11 @@ pub(crate) async fn run<R, W>(
                 return;
             }
         };
-        transmission::serve(reader, writer, session, budget.conn(), &ctl).await;
+        let lane = budget.conn();
+        match attached {
+            Attached::Plain(r, w, s) => transmission::serve(r, w, s, lane, &ctl).await,
+            Attached::Tls(r, w, s) => transmission::serve(r, w, s, lane, &ctl).await,
+        }
     };
     tokio::select! {
         _ = serve => {}

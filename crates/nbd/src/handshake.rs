@@ -115,8 +115,22 @@ fn proto_err(msg: impl Into<String>) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, msg.into())
 }
 
-/// Negotiation state carried between options.
-struct Haggle {
+/// Where TLS stands on a connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Tls {
+    /// The server has no TLS: STARTTLS is refused.
+    Off,
+    /// TLS is configured and not started yet: only STARTTLS and ABORT are
+    /// served, since anything else would travel in plain text.
+    Required,
+    /// The rest of the negotiation runs over TLS.
+    Active,
+}
+
+/// Negotiation state carried between options (and across the STARTTLS upgrade).
+pub(crate) struct Haggle {
+    /// Where TLS stands; set to `Active` by the caller once the upgrade is done.
+    pub(crate) tls: Tls,
     fixed: bool,
     no_zeroes: bool,
     structured: bool,
@@ -132,16 +146,24 @@ enum Next {
     Continue,
     Close,
     Attach(Session),
+    StartTls,
 }
 
-/// Runs the handshake. `Ok(None)` means the client left cleanly (ABORT or EOF
-/// during haggling); `Err` means it broke the protocol or the socket failed.
-pub(crate) async fn negotiate<R, W>(
-    r: &mut BufReader<R>,
-    w: &mut W,
-    exports: &ExportTable,
-    ctl: &Arc<ConnControl>,
-) -> io::Result<Option<Session>>
+/// How option haggling ended.
+pub(crate) enum Negotiated {
+    /// The client left cleanly (ABORT or EOF during haggling).
+    Left,
+    /// The client is attached to an export.
+    Attach(Session),
+    /// STARTTLS was acknowledged: the caller runs the TLS handshake on the
+    /// raw stream and then haggles on over TLS with the same state.
+    StartTls,
+}
+
+/// Sends the greeting and reads the client's flags; `tls` says whether the
+/// server requires TLS. `Err` means the client broke the protocol or the
+/// socket failed.
+pub(crate) async fn greet<R, W>(r: &mut BufReader<R>, w: &mut W, tls: bool) -> io::Result<Haggle>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
@@ -157,20 +179,35 @@ where
         // The spec requires dropping the connection on unknown client flags.
         return Err(proto_err(format!("unknown client flags {client_flags:#x}")));
     }
-    let mut st = Haggle {
+    Ok(Haggle {
+        tls: if tls { Tls::Required } else { Tls::Off },
         fixed: client_flags & FLAG_C_FIXED_NEWSTYLE != 0,
         no_zeroes: client_flags & FLAG_C_NO_ZEROES != 0,
         structured: false,
         extended: false,
         meta: None,
-    };
+    })
+}
 
+/// Haggles over options until the client attaches, leaves, or starts TLS.
+/// `Err` means it broke the protocol or the socket failed.
+pub(crate) async fn haggle<R, W>(
+    r: &mut BufReader<R>,
+    w: &mut W,
+    st: &mut Haggle,
+    exports: &ExportTable,
+    ctl: &Arc<ConnControl>,
+) -> io::Result<Negotiated>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
     loop {
         let mut hdr = [0u8; OPTION_HEADER_LEN];
         match r.read_exact(&mut hdr).await {
             Ok(_) => {}
             // A client may simply go away during haggling.
-            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(Negotiated::Left),
             Err(e) => return Err(e),
         }
         let (opt, len) = decode_option_header(&hdr).ok_or_else(|| proto_err("bad option magic"))?;
@@ -196,11 +233,20 @@ where
         let mut data = vec![0u8; len as usize];
         r.read_exact(&mut data).await?;
         tracing::trace!(option = option_name(opt), len, "NBD option");
+        if st.tls == Tls::Required && opt != OPT_STARTTLS && opt != OPT_ABORT {
+            if opt == OPT_EXPORT_NAME {
+                // It has no error reply: the spec's only refusal is to close.
+                return Err(proto_err("NBD_OPT_EXPORT_NAME before TLS"));
+            }
+            reply(w, opt, REP_ERR_TLS_REQD, b"Option not permitted before TLS").await?;
+            continue;
+        }
 
-        match handle_option(w, &mut st, opt, &data, exports, ctl).await? {
+        match handle_option(w, st, opt, &data, exports, ctl).await? {
             Next::Continue => {}
-            Next::Close => return Ok(None),
-            Next::Attach(s) => return Ok(Some(s)),
+            Next::Close => return Ok(Negotiated::Left),
+            Next::Attach(s) => return Ok(Negotiated::Attach(s)),
+            Next::StartTls => return Ok(Negotiated::StartTls),
         }
     }
 }
@@ -251,10 +297,30 @@ async fn handle_option<W: AsyncWrite + Unpin>(
             w.write_all(&out).await?;
             Ok(Next::Continue)
         }
-        OPT_STARTTLS => {
-            reply(w, opt, REP_ERR_POLICY, b"TLS not configured").await?;
-            Ok(Next::Continue)
-        }
+        OPT_STARTTLS => match st.tls {
+            Tls::Off => {
+                reply(w, opt, REP_ERR_POLICY, b"TLS not configured").await?;
+                Ok(Next::Continue)
+            }
+            Tls::Active => {
+                reply(w, opt, REP_ERR_INVALID, b"TLS already negotiated").await?;
+                Ok(Next::Continue)
+            }
+            Tls::Required if !data.is_empty() => {
+                reply(
+                    w,
+                    opt,
+                    REP_ERR_INVALID,
+                    b"NBD_OPT_STARTTLS must not carry data",
+                )
+                .await?;
+                Ok(Next::Continue)
+            }
+            Tls::Required => {
+                reply(w, opt, REP_ACK, &[]).await?;
+                Ok(Next::StartTls)
+            }
+        },
         OPT_INFO | OPT_GO => info_or_go(w, st, opt, data, exports, ctl).await,
         OPT_EXTENDED_HEADERS => {
             extended_headers(w, st, opt, data).await?;

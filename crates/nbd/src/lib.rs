@@ -5,7 +5,7 @@
 //! and structured replies, extended headers, `base:allocation` block status (and QEMU's
 //! `qemu:allocation-depth` on exports that enable it and
 //! `qemu:dirty-bitmap:NAME` for the bitmaps an export offers, QEMU's
-//! `docs/interop/nbd.rst`), and the listeners and export table a daemon
+//! `docs/interop/nbd.rst`), TLS by `NBD_OPT_STARTTLS` (module [`tls`]), and the listeners and export table a daemon
 //! needs to serve [`livesnap_block::BlockBackend`]s.
 //!
 //! It must not reach into block drivers (only [`livesnap_block::BlockBackend`]
@@ -22,6 +22,7 @@ mod handshake;
 pub mod proto;
 pub mod server;
 pub mod stats;
+pub mod tls;
 mod transmission;
 
 pub use client::{ClientError, ExportInfo, NbdClient, Negotiator, RawConn};
@@ -29,3 +30,4 @@ pub use conn::HANDSHAKE_TIMEOUT;
 pub use export::{DirtyExtents, Export, ExportBitmap, ExportConfig, ExportTable};
 pub use server::{ListenAddr, NbdServer, SHUTDOWN_GRACE};
 pub use stats::{ExportStats, ServerStats};
+pub use tls::{Authorizer, CredsError, Endpoint, ServerTls, TlsCreds};

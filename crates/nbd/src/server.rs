@@ -19,6 +19,7 @@ use crate::budget::Budget;
 use crate::conn::{self, ConnControl};
 use crate::export::ExportTable;
 use crate::stats::ServerStats;
+use crate::tls::ServerTls;
 
 /// How long `shutdown` lets in-flight requests finish before closing anyway.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
@@ -54,6 +55,8 @@ struct Shared {
     max_connections: u32,
     stats: Arc<ServerStats>,
     refusals: Arc<AtomicUsize>,
+    /// TLS every client must start before anything else, when configured.
+    tls: Option<Arc<ServerTls>>,
 }
 
 impl Shared {
@@ -114,9 +117,10 @@ impl Shared {
         };
         let exports = self.exports.clone();
         let budget = self.budget.clone();
+        let tls = self.tls.clone();
         tokio::spawn(async move {
             let _guard = guard;
-            conn::run(r, w, exports, budget, ctl).await;
+            conn::run(r, w, exports, budget, ctl, tls).await;
         });
     }
 }
@@ -149,6 +153,17 @@ impl NbdServer {
         max_connections: u32,
         exports: Arc<ExportTable>,
     ) -> io::Result<NbdServer> {
+        NbdServer::start_with_tls(addr, max_connections, exports, None).await
+    }
+
+    /// As [`NbdServer::start`]; with `tls`, every client must negotiate TLS
+    /// (`NBD_OPT_STARTTLS`) before anything else.
+    pub async fn start_with_tls(
+        addr: &ListenAddr,
+        max_connections: u32,
+        exports: Arc<ExportTable>,
+        tls: Option<ServerTls>,
+    ) -> io::Result<NbdServer> {
         let shared = Arc::new(Shared {
             exports,
             budget: Budget::new(),
@@ -158,6 +173,7 @@ impl NbdServer {
             max_connections,
             stats: Arc::default(),
             refusals: Arc::new(AtomicUsize::new(0)),
+            tls: tls.map(Arc::new),
         });
         match addr {
             ListenAddr::Unix(path) => {

@@ -803,6 +803,10 @@ async fn write_loop<W: AsyncWrite + Unpin>(
             }
         }
         write_frames(&mut w, &batch).await?;
+        // A TLS stream may keep the tail of a write in its own buffer when
+        // the socket is full; only a flush is sure to send it. On a plain
+        // socket half this is free.
+        w.flush().await?;
         // Dropping the frames returns their budget to the reader.
         for f in batch.drain(..) {
             if let Some(d) = f.data {

@@ -260,7 +260,9 @@ fn map_strings(v: &Value, f: &dyn Fn(&str) -> String) -> Value {
     }
 }
 
-fn free_port() -> u16 {
+/// A free TCP port on 127.0.0.1, for a server that takes its port on the
+/// command line or in QMP (qemu-storage-daemon).
+pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()

@@ -413,12 +413,18 @@ impl Livesnapd {
 
     /// Starts livesnapd exporting `image` as `disk` on 127.0.0.1 at a free TCP port.
     pub fn with_image_tcp(image: &Path) -> Livesnapd {
-        let args = vec![
+        Self::with_image_tcp_args(image, &[])
+    }
+
+    /// [`Livesnapd::with_image_tcp`] with extra command-line arguments.
+    pub fn with_image_tcp_args(image: &Path, extra: &[&str]) -> Livesnapd {
+        let mut args = vec![
             "--image".to_string(),
             image.to_str().unwrap().to_string(),
             "--nbd".to_string(),
             "127.0.0.1:0".to_string(),
         ];
+        args.extend(extra.iter().map(|s| s.to_string()));
         Self::start(&args, None)
     }
 

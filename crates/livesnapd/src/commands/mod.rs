@@ -3,7 +3,8 @@
 //! Handlers live next to what they manage: `blockdev` (nodes), `bitmap`
 //! (named dirty bitmaps), `export` (the NBD server and block exports), `control` (version, command list, quit),
 //! `job` (the job verbs and queries), `mirror`, `backup` and `create` (the
-//! commands that start each kind of job).
+//! commands that start each kind of job), `object` (TLS credentials and
+//! authorization objects).
 
 mod backup;
 pub mod bitmap;
@@ -13,9 +14,11 @@ mod control;
 mod create;
 mod job;
 mod mirror;
+mod object;
 pub use control::{package, QEMU_COMPAT_VERSION};
 pub(crate) use export::release_bitmaps;
 pub use export::{parse_listen_addr, start_nbd_server};
+pub use object::{server_tls, Objects, UserObject};
 mod export;
 mod snapshot;
 mod transaction;
@@ -123,6 +126,8 @@ const COMMANDS: &[(&str, Handler)] = &[
         on_daemon!(async job::block_job_finalize),
     ),
     ("block-job-dismiss", on_daemon!(job::block_job_dismiss)),
+    ("object-add", on_daemon!(object::object_add)),
+    ("object-del", on_daemon!(object::object_del)),
     ("x-blkdebug-set-rules", on_daemon!(blkdebug::set_rules)),
 ];
 
