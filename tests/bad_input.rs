@@ -1160,15 +1160,6 @@ fn qmp_monitors_that_hang_up_or_stop_reading_do_not_disturb_the_daemon() {
     f.finish();
 }
 
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmRSS in /proc/PID/status")
-}
-
 #[test]
 fn read_only_daemon_leaves_the_image_untouched() {
     let dir = tempfile::tempdir().unwrap();
