@@ -14,6 +14,7 @@ pub mod chain;
 pub mod cli;
 pub mod compat;
 pub mod disk;
+pub mod fuzz;
 pub mod libvirt;
 pub mod nbd;
 pub mod pit;
