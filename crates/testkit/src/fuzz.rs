@@ -81,11 +81,15 @@ impl MemDriver {
     }
 }
 
+/// Most bytes a [`MemDriver`] grows to: a small disk, so that a write a
+/// corrupt image sends far away fails (ENOSPC) instead of exhausting memory.
+const MEM_MAX: u64 = 256 << 20;
+
 fn range(offset: u64, len: u64) -> io::Result<std::ops::Range<usize>> {
     let end = offset
         .checked_add(len)
-        .filter(|&e| e <= 1 << 40)
-        .ok_or_else(|| io::Error::from_raw_os_error(libc::EINVAL))?;
+        .filter(|&e| e <= MEM_MAX)
+        .ok_or_else(|| io::Error::from_raw_os_error(libc::ENOSPC))?;
     Ok(offset as usize..end as usize)
 }
 
@@ -101,12 +105,14 @@ impl BlockDriver for MemDriver {
     }
     fn read(&self, offset: u64, mut buf: IoBuf) -> IoFuture<'_, IoBuf> {
         Box::pin(async move {
-            let r = range(offset, buf.len() as u64)?;
             let data = self.data.lock().unwrap();
             buf.fill(0);
-            if r.start < data.len() {
-                let end = r.end.min(data.len());
-                buf[..end - r.start].copy_from_slice(&data[r.start..end]);
+            let start = offset.min(data.len() as u64) as usize;
+            let end = offset
+                .saturating_add(buf.len() as u64)
+                .min(data.len() as u64) as usize;
+            if start < end {
+                buf[..end - start].copy_from_slice(&data[start..end]);
             }
             Ok(buf)
         })
@@ -319,9 +325,35 @@ pub fn nbd_requests(requests: &[u8]) -> Vec<u8> {
 /// Opens `image` as a read-only qcow2 image in memory (header, extensions,
 /// L1 and refcount tables, bitmap directory and tables), then walks it:
 /// block status and reads through the L2 tables, a bounded number of steps.
-/// Returns whether it opened.
-pub fn qcow2_image(image: &[u8]) -> bool {
-    let image = image.to_vec();
+/// Then opens a copy writable (the checks only a writer makes) and writes
+/// at both ends of the disk and flushes, which reads and updates refcount
+/// blocks and L2 tables. Returns (the read-only open succeeded, both
+/// writes and the flush succeeded).
+pub fn qcow2_image(image: &[u8]) -> (bool, bool) {
+    (qcow2_read(image.to_vec()), qcow2_write(image.to_vec()))
+}
+
+fn qcow2_write(image: Vec<u8>) -> bool {
+    block_on(async move {
+        let file = MemDriver::node(image, false);
+        let Ok(q) = Qcow2Driver::open(file, None, false).await else {
+            return false;
+        };
+        let node = BlockNode::new("fuzz-qcow2-rw", Box::new(q), false, false);
+        let size = node.size();
+        let len = size.min(4096);
+        let mut ok = true;
+        for off in [0, size - len] {
+            let data = IoBuf::from_slice(&vec![0x5a; len as usize]);
+            ok = ok && node.write(off, data, WriteFlags::default()).await.is_ok();
+        }
+        ok = ok && node.flush().await.is_ok();
+        node.close().await;
+        ok
+    })
+}
+
+fn qcow2_read(image: Vec<u8>) -> bool {
     block_on(async move {
         let file = MemDriver::node(image, true);
         let Ok(q) = Qcow2Driver::open(file, None, true).await else {
