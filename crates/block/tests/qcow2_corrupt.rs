@@ -265,3 +265,38 @@ async fn compressed_clusters_read() {
         ],
     );
 }
+
+/// A write that needs a cluster on an image whose metadata lacks refcounts.
+async fn alloc_refused(p: &Path) {
+    let header = std::fs::read(p).unwrap()[..0x40000].to_vec();
+    let node = tokio::time::timeout(Duration::from_secs(10), qcow2_node(p, None, false))
+        .await
+        .expect("open hung");
+    let r = tokio::time::timeout(
+        Duration::from_secs(10),
+        node.write(1 << 20, IoBuf::zeroed(4096), WriteFlags::default()),
+    )
+    .await
+    .expect("write hung");
+    assert_eq!(r.unwrap_err().raw_os_error(), Some(libc::EIO));
+    // Header, refcount table, refblock and L1 are as they were.
+    assert!(std::fs::read(p).unwrap()[..0x40000] == header[..]);
+    // What was mapped still reads.
+    assert_eq!(&node.read(0, 512).await.unwrap()[..], &[0x42; 512][..]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn allocation_never_overwrites_metadata() {
+    // Found by the qcow2 fuzz target (fuzz/regressions/qcow2_image): with
+    // no refblock for the first clusters, a new refblock went over the
+    // header, and allocation then never ended.
+    let tmp = tempfile::tempdir().unwrap();
+    let p = image(tmp.path(), "no-refblock-0.qcow2");
+    poke(&p, 0x10000, &0u64.to_be_bytes());
+    alloc_refused(&p).await;
+
+    // The L1 table's cluster (3) with refcount 0: it must not be handed out.
+    let p = image(tmp.path(), "l1-refcount-0.qcow2");
+    poke(&p, 0x20000 + 3 * 2, &[0, 0]);
+    alloc_refused(&p).await;
+}

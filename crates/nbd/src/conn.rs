@@ -162,6 +162,19 @@ where
     }
 }
 
+/// Serves one client over any byte stream, from the greeting to the end of
+/// its input, against `exports`: the whole of what a socket connection runs
+/// (handshake, option parsing, request parsing and serving), without a
+/// listener or TLS. It is the entry point of the NBD fuzz targets and property
+/// tests, which feed it arbitrary bytes.
+pub async fn serve_stream<R, W>(reader: R, writer: W, exports: Arc<ExportTable>)
+where
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    run(reader, writer, exports, Budget::new(), ConnControl::new(0), None).await
+}
+
 /// Runs one connection to its end. Never panics on client input; every
 /// protocol violation ends only this connection.
 pub(crate) async fn run<R, W>(

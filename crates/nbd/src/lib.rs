@@ -26,7 +26,7 @@ pub mod tls;
 mod transmission;
 
 pub use client::{ClientError, ExportInfo, NbdClient, Negotiator, RawConn};
-pub use conn::HANDSHAKE_TIMEOUT;
+pub use conn::{serve_stream, HANDSHAKE_TIMEOUT};
 pub use export::{DirtyExtents, Export, ExportBitmap, ExportConfig, ExportTable};
 pub use server::{ListenAddr, NbdServer, SHUTDOWN_GRACE};
 pub use stats::{ExportStats, ServerStats};

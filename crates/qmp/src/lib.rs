@@ -29,6 +29,6 @@ pub use args::{Args, Elem};
 pub use client::QmpClient;
 pub use error::{ErrorClass, QmpError};
 pub use event::{Event, EventBus, DEFAULT_EVENT_BACKLOG};
-pub use server::{Dispatcher, Greeting, QmpServer};
+pub use server::{Dispatcher, Greeting, QmpServer, PENDING_REPLY_BYTES};
 pub use stream::{JsonStream, Limits, Message};
 pub use wire::{to_wire, to_wire_line};

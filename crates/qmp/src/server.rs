@@ -32,7 +32,7 @@ use serde_json::{Map, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::unix::OwnedWriteHalf;
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::{broadcast, mpsc, oneshot, watch};
+use tokio::sync::{broadcast, mpsc, oneshot, watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::{JoinHandle, JoinSet};
 
 use crate::args::Args;
@@ -104,8 +104,15 @@ impl Greeting {
 
 /// QEMU's `QMP_REQ_QUEUE_LEN_MAX`: in-band requests queued with OOB on.
 const REQ_QUEUE_MAX: usize = 8;
-/// Replies waiting for a client that does not read; then reading stops.
-const OUT_QUEUE_MAX: usize = 64;
+/// Bytes of replies a monitor may hold for a client that does not read
+/// them; past this it stops reading that client's input (the client then
+/// blocks in its own write) until the client reads. Memory, not a count: a
+/// client may pipeline thousands of small commands (qsd takes them all in)
+/// and reading only afterwards must not deadlock, while one that never
+/// reads must not grow the daemon. 8 MiB holds the replies to about 1 MB
+/// of the cheapest commands with room to spare (a `query-version` reply is
+/// about three times its command).
+pub const PENDING_REPLY_BYTES: usize = 8 << 20;
 const READ_CHUNK: usize = 64 * 1024;
 /// How long a monitor may take to write out owed replies when the server
 /// shuts down; a client that does not read is cut off after that.
@@ -375,6 +382,42 @@ enum Out {
     Subscribe(broadcast::Receiver<Arc<Event>>),
 }
 
+/// The queue from a monitor's reader and executor to its writer, bounded by
+/// the bytes of the replies in it ([`PENDING_REPLY_BYTES`]).
+#[derive(Clone)]
+struct Outbox {
+    tx: mpsc::UnboundedSender<(Out, OwnedSemaphorePermit)>,
+    budget: Arc<Semaphore>,
+}
+
+/// Receiving end of an [`Outbox`]; dropping a permit gives its bytes back.
+type OutRx = mpsc::UnboundedReceiver<(Out, OwnedSemaphorePermit)>;
+
+impl Outbox {
+    fn new() -> (Outbox, OutRx) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let budget = Arc::new(Semaphore::new(PENDING_REPLY_BYTES));
+        (Outbox { tx, budget }, rx)
+    }
+
+    /// Queues `out`, first waiting until its bytes fit. A reply larger than
+    /// the whole budget waits for an empty queue. Fails once the writer is gone.
+    async fn send(&self, out: Out) -> Result<(), ()> {
+        let bytes = match &out {
+            Out::Reply { line, .. } => line.len(),
+            Out::Subscribe(_) => 0,
+        };
+        let cost = bytes.clamp(1, PENDING_REPLY_BYTES) as u32;
+        let permit = tokio::select! {
+            p = self.budget.clone().acquire_many_owned(cost) => p.map_err(|_| ())?,
+            // A dead writer holds no permits, but one that is stuck for good
+            // must not keep the sender waiting after the client is gone.
+            _ = self.tx.closed() => return Err(()),
+        };
+        self.tx.send((out, permit)).map_err(|_| ())
+    }
+}
+
 struct Request {
     msg: Message,
     done: Option<oneshot::Sender<()>>,
@@ -384,7 +427,7 @@ async fn serve_monitor(stream: UnixStream, ctx: Arc<Ctx>, mut shutdown: watch::R
     tracing::debug!("QMP monitor connected");
     let (mut rd, wr) = stream.into_split();
     let state = Arc::new(MonState::default());
-    let (out_tx, out_rx) = mpsc::channel(OUT_QUEUE_MAX);
+    let (out_tx, out_rx) = Outbox::new();
     let (writer_done_tx, mut writer_done) = watch::channel(false);
     let mut writer = tokio::spawn(write_loop(wr, out_rx, writer_done_tx));
     let (req_tx, req_rx) = mpsc::channel(REQ_QUEUE_MAX);
@@ -485,11 +528,7 @@ async fn serve_monitor(stream: UnixStream, ctx: Arc<Ctx>, mut shutdown: watch::R
     tracing::debug!("QMP monitor disconnected");
 }
 
-async fn write_loop(
-    mut wr: OwnedWriteHalf,
-    mut rx: mpsc::Receiver<Out>,
-    done: watch::Sender<bool>,
-) {
+async fn write_loop(mut wr: OwnedWriteHalf, mut rx: OutRx, done: watch::Sender<bool>) {
     let mut events: Option<broadcast::Receiver<Arc<Event>>> = None;
     let mut pending: Option<Arc<Event>> = None;
     let result: Result<(), String> = async {
@@ -501,11 +540,16 @@ async fn write_loop(
             };
             match next {
                 Ok(None) => return Ok(()),
-                Ok(Some(Out::Subscribe(r))) => events = Some(r),
-                Ok(Some(Out::Reply {
-                    line,
-                    events_before,
-                })) => {
+                Ok(Some((Out::Subscribe(r), _))) => events = Some(r),
+                // The permit lives until the reply is written: a reply
+                // stuck in a full socket still counts against the budget.
+                Ok(Some((
+                    Out::Reply {
+                        line,
+                        events_before,
+                    },
+                    _permit,
+                ))) => {
                     // Events emitted before the reply was made go first.
                     if let Some(r) = events.as_mut() {
                         loop {
@@ -567,7 +611,7 @@ async fn execute_loop(
     mut rx: mpsc::Receiver<Request>,
     ctx: Arc<Ctx>,
     state: Arc<MonState>,
-    out: mpsc::Sender<Out>,
+    out: Outbox,
 ) {
     while let Some(req) = rx.recv().await {
         if state.closed.load(Ordering::Acquire) {
@@ -714,7 +758,7 @@ fn precheck(ctx: &Ctx, state: &MonState, msg: Message) -> Step {
 async fn capabilities(
     ctx: &Ctx,
     state: &MonState,
-    out: &mpsc::Sender<Out>,
+    out: &Outbox,
     args: Map<String, Value>,
 ) -> Result<Value, QmpError> {
     // Arguments first: QEMU's marshaller checks them before the command

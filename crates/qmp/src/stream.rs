@@ -40,6 +40,9 @@ impl Default for Limits {
     }
 }
 
+/// Buffer capacity kept between messages; bigger buffers are given back.
+const RETAINED_BYTES: usize = 64 * 1024;
+
 /// One message out of the stream: a value, or QEMU's error for bad input.
 pub type Message = Result<Value, QmpError>;
 
@@ -135,18 +138,18 @@ impl JsonStream {
                 Step::Go(s) => self.state = s,
                 Step::Emit(kind) => {
                     self.process_token(kind, out);
-                    self.token.clear();
+                    self.clear_token();
                     self.state = State::Start;
                 }
                 Step::Restart => {
-                    self.token.clear();
+                    self.clear_token();
                     self.state = State::Start;
                 }
-                Step::Skip => self.token.clear(),
+                Step::Skip => self.clear_token(),
                 Step::Error => {
                     let stray = stray_text(&self.token);
                     self.emit_error(format!("JSON parse error, stray '{stray}'"), out);
-                    self.token.clear();
+                    self.clear_token();
                     self.state = State::Recovery;
                 }
             }
@@ -158,8 +161,17 @@ impl JsonStream {
         // partial token on, where it always fails the size check.
         if self.token.len() > self.limits.max_message_bytes {
             self.emit_error("JSON token size limit exceeded".into(), out);
-            self.token.clear();
+            self.clear_token();
             self.state = State::Start;
+        }
+    }
+
+    fn clear_token(&mut self) {
+        self.token.clear();
+        // A huge string must not keep its memory for the life of the
+        // connection (as `reset` does for the message text).
+        if self.token.capacity() > RETAINED_BYTES {
+            self.token = Vec::new();
         }
     }
 
@@ -216,7 +228,7 @@ impl JsonStream {
         self.text.clear();
         // Give back the memory of a huge message instead of keeping it
         // for the life of the connection.
-        if self.text.capacity() > 64 * 1024 {
+        if self.text.capacity() > RETAINED_BYTES || self.toks.capacity() > RETAINED_BYTES / 16 {
             self.text = Vec::new();
             self.toks = Vec::new();
         }

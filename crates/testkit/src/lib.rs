@@ -14,6 +14,7 @@ pub mod chain;
 pub mod cli;
 pub mod compat;
 pub mod disk;
+pub mod fuzz;
 pub mod libvirt;
 pub mod nbd;
 pub mod pit;
@@ -577,6 +578,31 @@ impl Qsd {
     pub fn qmp(&self) -> Qmp {
         Qmp::connect(&self.qmp_path)
     }
+
+    /// Its process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+/// Resident memory of process `pid` in KiB (`VmRSS` of `/proc/PID/status`).
+pub fn rss_kib(pid: u32) -> u64 {
+    status_kib(pid, "VmRSS")
+}
+
+/// Peak resident memory of process `pid` in KiB (`VmHWM`).
+pub fn hwm_kib(pid: u32) -> u64 {
+    status_kib(pid, "VmHWM")
+}
+
+/// A memory figure (`VmRSS`, `VmHWM`, ...) of `/proc/PID/status`, in KiB.
+fn status_kib(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or_else(|| panic!("{field} in /proc/{pid}/status"))
 }
 
 impl Drop for Qsd {

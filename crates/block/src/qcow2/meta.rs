@@ -370,6 +370,37 @@ impl Inner {
         self.file.truncate(target).await
     }
 
+    /// Refuses to allocate host bytes `[off, off + len)` over the header,
+    /// the L1 table, the refcount table or a refcount block. Only a corrupt
+    /// image offers such clusters (metadata without a refcount, e.g. a
+    /// refcount table whose first entry is 0), and handing them out would
+    /// overwrite the metadata (fuzzing found a refblock written over the
+    /// header, then endless allocation). QEMU refuses the same with its
+    /// overlap checks ("Preventing invalid allocation ...").
+    fn check_no_metadata_overlap(&self, m: &Meta, off: u64, len: u64) -> io::Result<()> {
+        let cs = self.cs();
+        let end = off.saturating_add(len);
+        let hits = |start: u64, size: u64| start < end && off < start.saturating_add(size);
+        let what = if hits(0, cs) {
+            "the image header"
+        } else if hits(self.l1_offset, self.l1.len() as u64 * 8) {
+            "the L1 table"
+        } else if hits(m.reftable_offset, m.reftable.len() as u64 * 8) {
+            "the refcount table"
+        } else if m
+            .reftable
+            .iter()
+            .any(|&e| e & OFFSET_MASK != 0 && hits(e & OFFSET_MASK, cs))
+        {
+            "a refcount block"
+        } else {
+            return Ok(());
+        };
+        Err(corrupt(format!(
+            "allocation at {off:#x} would overwrite {what}"
+        )))
+    }
+
     /// Allocates up to `max` contiguous clusters (at least one) and returns
     /// the first host offset, the count, and whether they are known to read
     /// as zeroes (never written before).
@@ -402,10 +433,11 @@ impl Inner {
             while n < max && start + n < block_end && self.refcount(m, start + n).await? == 0 {
                 n += 1;
             }
-            // The scan started at the hint: everything before `start` is in use.
-            m.free_hint = start + n;
             let off = start << self.geo.cluster_bits;
             let end = (start + n) << self.geo.cluster_bits;
+            self.check_no_metadata_overlap(m, off, end - off)?;
+            // The scan started at the hint: everything before `start` is in use.
+            m.free_hint = start + n;
             self.ensure_file_size(end).await?;
             for i in 0..n {
                 self.set_refcount(m, start + i, 1).await?;
@@ -421,6 +453,7 @@ impl Inner {
     async fn create_refblock(&self, m: &mut Meta, rt: usize) -> io::Result<()> {
         let cs = self.cs();
         let off = ((rt as u64) << self.geo.rb_bits) * cs;
+        self.check_no_metadata_overlap(m, off, cs)?;
         self.ensure_file_size(off + cs).await?;
         let mut data = vec![0u8; cs as usize];
         rc_set(self.geo.refcount_order, &mut data, 0, 1);
