@@ -172,7 +172,15 @@ where
     R: AsyncRead + Unpin + Send + 'static,
     W: AsyncWrite + Unpin + Send + 'static,
 {
-    run(reader, writer, exports, Budget::new(), ConnControl::new(0), None).await
+    run(
+        reader,
+        writer,
+        exports,
+        Budget::new(),
+        ConnControl::new(0),
+        None,
+    )
+    .await
 }
 
 /// Runs one connection to its end. Never panics on client input; every
