@@ -323,11 +323,18 @@ impl CopyProgress for JobProgress {
     fn set_remaining(&self, bytes: u64) {
         self.0.progress_set_remaining(bytes);
     }
+
+    fn guest_copy(&self, bytes: u64) {
+        // As QEMU's block-copy: the guest's copies count against `speed`
+        // (the background pass waits longer) but are never held back.
+        self.0.ratelimit_account(bytes);
+    }
 }
 
 impl Backup {
     /// A job over an attached filter; `cleanup` runs when the job is cleaned up.
     pub fn new(cbw: Arc<Cbw>, opts: BackupOptions, cleanup: Cleanup) -> Arc<Backup> {
+        cbw.set_stop_policy(opts.on_source_error, opts.on_target_error);
         Arc::new(Backup {
             cbw,
             opts,
@@ -436,7 +443,11 @@ impl Backup {
         } else {
             self.opts.on_target_error
         };
-        match ctx.io_error(policy, e.is_read, &e.error).await {
+        let verdict = ctx.io_error(policy, e.is_read, &e.error).await;
+        // Guest writes held on the same error copy again (or give up, if
+        // the job failed or was cancelled meanwhile).
+        self.cbw.job_resumed();
+        match verdict {
             ErrorVerdict::Fail(msg) => Err(msg),
             // The range is pending again: the pass comes back to it.
             ErrorVerdict::Ignore | ErrorVerdict::Retry => Ok(()),
