@@ -10,7 +10,9 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use harness::pit::{check_source_complete, prefill, read_export, Layout, WriterOpts, Writers};
+use harness::pit::{
+    check_source_complete, prefill, read_export, release_node, Layout, WriterOpts, Writers,
+};
 use harness::*;
 use serde_json::{json, Value};
 
@@ -796,5 +798,235 @@ fn a_failing_backup_target_under_each_policy_and_on_cbw_error() {
                 );
             }
         }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Disk full for real: a target on a small tmpfs
+// ---------------------------------------------------------------------------
+
+/// A size-limited tmpfs mounted by the test, unmounted when dropped.
+struct SmallFs {
+    dir: tempfile::TempDir,
+}
+
+impl SmallFs {
+    fn mount(size: u64) -> SmallFs {
+        let dir = tempfile::tempdir().unwrap();
+        let (st, out, err) = run_within(
+            Command::new("mount")
+                .args(["-t", "tmpfs", "-o", &format!("size={size}")])
+                .arg("tmpfs")
+                .arg(dir.path()),
+            Duration::from_secs(30),
+        );
+        assert!(
+            st.success(),
+            "mount -t tmpfs (the test runs as root): {out}{err}"
+        );
+        SmallFs { dir }
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        // Lazy: a daemon still holding a file must not leave the mount behind.
+        let _ = Command::new("umount")
+            .arg("-l")
+            .arg(self.dir.path())
+            .status();
+    }
+}
+
+const FULL_FS: u64 = 64 * MIB;
+const FULL_DISK: u64 = 48 * MIB;
+const FILLER: u64 = 32 * MIB;
+
+/// What one disk-full run ended as.
+#[derive(Debug)]
+struct FullOutcome {
+    /// The job's events reduced to name/action/error, in order.
+    events: Vec<String>,
+    /// Guest writes acknowledged.
+    #[allow(dead_code)] // printed
+    acked: usize,
+    /// Guest writes failed.
+    failed: usize,
+}
+
+/// Source `src` (48 MiB of data) exported as `disk`; target `tgt`, a raw
+/// file on a 64 MiB tmpfs of which a filler takes 32 MiB, so the job runs
+/// out of space half way. A stop makes room (the filler goes) and resumes.
+fn disk_full_case(mut qmp: Qmp, dir: &Path, cmd: &str, extra: Value) -> FullOutcome {
+    let fs = SmallFs::mount(FULL_FS);
+    let filler = fs.path().join("filler");
+    std::fs::write(&filler, vec![0xffu8; FILLER as usize]).unwrap();
+    let src = dir.join("src.raw");
+    sparse_file(&src, FULL_DISK);
+    let tgt = fs.path().join("tgt.raw");
+    sparse_file(&tgt, FULL_DISK);
+    for (node, file) in [("src", &src), ("tgt", &tgt)] {
+        qmp.ok(
+            "blockdev-add",
+            json!({"driver": "raw", "node-name": node,
+                   "file": {"driver": "file", "filename": file}}),
+        );
+    }
+    let sock = dir.join("nbd.sock");
+    qmp.ok(
+        "nbd-server-start",
+        json!({"addr": {"type": "unix", "data": {"path": sock}}}),
+    );
+    qmp.ok(
+        "block-export-add",
+        json!({"type": "nbd", "id": "e", "node-name": "src", "name": "disk", "writable": true}),
+    );
+    let url = format!("nbd+unix:///disk?socket={}", sock.display());
+    let layout = Layout::new(4096, FULL_DISK / 4096, 2, 0xf011);
+    prefill(&url, &layout);
+    let w = Writers::start(
+        &[&url],
+        &layout,
+        &WriterOpts {
+            queue_depth: 2,
+            // Slow enough for a background mirror to converge.
+            rate: Some(200.0),
+            ..Default::default()
+        },
+    );
+    w.wait_acked(20, STEP);
+    let mut args = json!({"job-id": "j", "device": "src", "target": "tgt", "sync": "full"});
+    for (k, v) in extra.as_object().unwrap() {
+        args[k] = v.clone();
+    }
+    qmp.ok(cmd, args);
+    let deadline = Instant::now() + STEP;
+    let mut events = Vec::new();
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let Some(ev) = qmp.event(left) else {
+            let jobs = qmp.ok("query-block-jobs", Value::Null);
+            panic!("{cmd} {extra}: no end within {STEP:?}: {events:?}; jobs: {jobs}");
+        };
+        let (name, d) = (ev["event"].as_str().unwrap_or_default(), &ev["data"]);
+        if !name.starts_with("BLOCK_JOB") {
+            continue;
+        }
+        let mut line = name.to_string();
+        for k in ["action", "error"] {
+            if let Some(v) = d[k].as_str() {
+                line += &format!(" {k}={v}");
+            }
+        }
+        events.push(line);
+        // The daemon keeps serving the monitor and the export meanwhile.
+        qmp.ok("query-block-jobs", Value::Null);
+        match name {
+            "BLOCK_JOB_ERROR" if d["action"] == "stop" => {
+                if filler.exists() {
+                    std::fs::remove_file(&filler).unwrap();
+                }
+                // A mirror sends one stop per failed copy: later ones may
+                // find the job resumed already.
+                let _ = qmp.execute("block-job-resume", json!({"device": "j"}));
+            }
+            "BLOCK_JOB_READY" => {
+                qmp.ok("block-job-cancel", json!({"device": "j"}));
+            }
+            "BLOCK_JOB_COMPLETED" | "BLOCK_JOB_CANCELLED" => break,
+            _ => {}
+        }
+    }
+    let after = w.acked();
+    wait_until(STEP, "guest writes after the job", || {
+        w.acked() > after + 20
+    });
+    let log = w.stop();
+    check_source_complete(&log, &read_export(&url, layout.size()))
+        .unwrap_or_else(|e| panic!("{cmd} {extra}: {e}"));
+    // Nothing holds the tmpfs when it goes.
+    release_node(&mut qmp, "tgt", STEP);
+    FullOutcome {
+        events,
+        acked: log.acked(),
+        failed: log.failed(),
+    }
+}
+
+/// The disk-full cases: (command, extra arguments, livesnapd's events).
+fn disk_full_cases() -> Vec<(&'static str, Value, Vec<&'static str>)> {
+    // A guest's copy-before-write may meet the full target before the
+    // background copy: then the snapshot breaks and no BLOCK_JOB_ERROR is
+    // sent, so `action=report` errors are not compared.
+    let report = vec!["BLOCK_JOB_COMPLETED error=No space left on device"];
+    let stop = |last: Vec<&'static str>| {
+        let mut v = vec!["BLOCK_JOB_ERROR action=stop"];
+        v.extend(last);
+        v
+    };
+    vec![
+        ("blockdev-backup", json!({}), report.clone()),
+        (
+            "blockdev-backup",
+            json!({"on-target-error": "stop"}),
+            stop(vec!["BLOCK_JOB_COMPLETED"]),
+        ),
+        (
+            "blockdev-backup",
+            json!({"on-target-error": "enospc"}),
+            stop(vec!["BLOCK_JOB_COMPLETED"]),
+        ),
+        (
+            "blockdev-mirror",
+            json!({"copy-mode": "background"}),
+            report.clone(),
+        ),
+        (
+            "blockdev-mirror",
+            json!({"copy-mode": "write-blocking"}),
+            report.clone(),
+        ),
+        (
+            "blockdev-mirror",
+            json!({"copy-mode": "background", "on-target-error": "enospc"}),
+            stop(vec!["BLOCK_JOB_READY", "BLOCK_JOB_COMPLETED"]),
+        ),
+    ]
+}
+
+/// Backup and mirror into a target on a full tmpfs: the jobs end or pause
+/// as their policy says (a stopped job completes once room is made), QMP
+/// and NBD keep serving, no guest write fails, the source keeps every
+/// acknowledged write. qemu-storage-daemon under the same script is run
+/// and reported (its backup fails guest writes: break-guest-write).
+#[test]
+fn jobs_into_a_full_filesystem() {
+    let only = std::env::var("LIVESNAP_FULL_CASE").ok();
+    for (i, (cmd, extra, want)) in disk_full_cases().into_iter().enumerate() {
+        if only.as_ref().is_some_and(|o| *o != i.to_string()) {
+            continue;
+        }
+        let ls = Livesnapd::bare();
+        let ours = disk_full_case(ls.qmp(), ls.dir.path(), cmd, extra.clone());
+        eprintln!("livesnapd {cmd} {extra}: {ours:?}");
+        let reported = |e: &&String| e.as_str() == "BLOCK_JOB_ERROR action=report";
+        // A mirror reports each failed copy in flight (as QEMU's does).
+        let mut events: Vec<&String> = ours.events.iter().filter(|e| !reported(e)).collect();
+        events.dedup();
+        assert_eq!(events, want, "{cmd} {extra}");
+        assert_eq!(
+            ours.failed, 0,
+            "guest writes failed: {cmd} {extra}: {ours:?}"
+        );
+        // Recorded, not asserted: qsd 10.0.2 was seen to segfault here now and then.
+        let theirs = std::panic::catch_unwind(|| {
+            let qsd = Qsd::bare();
+            disk_full_case(qsd.qmp(), qsd.dir.path(), cmd, extra.clone())
+        });
+        eprintln!("qsd {cmd} {extra}: {theirs:?}");
     }
 }

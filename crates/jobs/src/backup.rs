@@ -311,6 +311,9 @@ pub struct Backup {
     sync_bitmap: Mutex<Option<FrozenBitmap>>,
     // `run` began: the job may have copied something.
     ran: AtomicBool,
+    // When the job last went on after a stop: copies started before then
+    // failed in the same incident, and are retried without a new error.
+    resumed_at: Mutex<Option<Instant>>,
 }
 
 struct JobProgress(JobCtx);
@@ -341,6 +344,7 @@ impl Backup {
             cleanup: Mutex::new(Some(cleanup)),
             sync_bitmap: Mutex::new(None),
             ran: AtomicBool::new(false),
+            resumed_at: Mutex::new(None),
         })
     }
 
@@ -447,6 +451,9 @@ impl Backup {
         // Guest writes held on the same error copy again (or give up, if
         // the job failed or was cancelled meanwhile).
         self.cbw.job_resumed();
+        if matches!(verdict, ErrorVerdict::Retry) {
+            *self.resumed_at.lock().unwrap() = Some(Instant::now());
+        }
         match verdict {
             ErrorVerdict::Fail(msg) => Err(msg),
             // The range is pending again: the pass comes back to it.
@@ -551,6 +558,17 @@ impl Backup {
                     let idle = took * (1.0 - share) / share;
                     *next_allowed = Instant::now() + Duration::from_secs_f64(idle.min(1.0));
                 }
+                Ok(())
+            }
+            // One error, one stop (QEMU's block-copy call returns its first
+            // error once): the other copies in flight at the stop are retried.
+            Err(_)
+                if self
+                    .resumed_at
+                    .lock()
+                    .unwrap()
+                    .is_some_and(|at| started <= at) =>
+            {
                 Ok(())
             }
             Err(e) => self.on_error(ctx, &e).await,
