@@ -563,6 +563,13 @@ impl Qsd {
     }
 }
 
+impl Qsd {
+    /// The daemon's pid (a crash test kills it with SIGKILL).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
 impl Drop for Qsd {
     fn drop(&mut self) {
         let _ = self.child.kill();
