@@ -383,8 +383,15 @@ struct Rig {
     url: String,
 }
 
-fn rig(mut qmp: Qmp, dir: &Path, fault: Fault) -> Rig {
+fn rig(qmp: Qmp, dir: &Path, fault: Fault) -> Rig {
     let (src_rules, tgt_rules) = fault.rules();
+    let mut r = rig_nodes(qmp, dir, src_rules, tgt_rules);
+    r.url = export(&mut r.qmp, dir, "src", "disk");
+    r
+}
+
+/// The nodes of a [`Rig`] with these rules and a started NBD server, no export.
+fn rig_nodes(mut qmp: Qmp, dir: &Path, src_rules: Value, tgt_rules: Value) -> Rig {
     for (node, dbg, rules) in [("src", "sdbg", src_rules), ("tgt", "tdbg", tgt_rules)] {
         let file = dir.join(format!("{node}.raw"));
         sparse_file(&file, JOB_DISK);
@@ -404,14 +411,22 @@ fn rig(mut qmp: Qmp, dir: &Path, fault: Fault) -> Rig {
         "nbd-server-start",
         json!({"addr": {"type": "unix", "data": {"path": sock}}}),
     );
-    qmp.ok(
-        "block-export-add",
-        json!({"type": "nbd", "id": "e", "node-name": "src", "name": "disk", "writable": true}),
-    );
     Rig {
         qmp,
-        url: format!("nbd+unix:///disk?socket={}", sock.display()),
+        url: String::new(),
     }
+}
+
+/// Exports `node` writable as `name`; its NBD URL.
+fn export(qmp: &mut Qmp, dir: &Path, node: &str, name: &str) -> String {
+    qmp.ok(
+        "block-export-add",
+        json!({"type": "nbd", "id": name, "node-name": node, "name": name, "writable": true}),
+    );
+    format!(
+        "nbd+unix:///{name}?socket={}",
+        dir.join("nbd.sock").display()
+    )
 }
 
 fn guest_layout(tag: u64) -> Layout {
@@ -1028,5 +1043,135 @@ fn jobs_into_a_full_filesystem() {
             disk_full_case(qsd.qmp(), qsd.dir.path(), cmd, extra.clone())
         });
         eprintln!("qsd {cmd} {extra}: {theirs:?}");
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Fleecing with a failing scratch target or source
+// ---------------------------------------------------------------------------
+
+/// One fleecing run: a copy-before-write filter `cbw` over `src` with
+/// `on-cbw-error: policy` into `tgt` (with `tgt_rules`), the guest writing
+/// through the filter (exported as `disk`, as QEMU needs it), a
+/// `snapshot-access` export `snap`. Returns (what a read of the snapshot
+/// said, whether any guest write failed); panics if an acknowledged write
+/// is not on the source.
+fn fleecing_case(
+    qmp: Qmp,
+    dir: &Path,
+    src_rules: Value,
+    tgt_rules: Value,
+    policy: &str,
+) -> (Vec<String>, bool) {
+    let mut r = rig_nodes(qmp, dir, src_rules, tgt_rules);
+    let layout = guest_layout(0xf1ee);
+    // The disk before the filter: written through a first export.
+    let pre = export(&mut r.qmp, dir, "src", "pre");
+    prefill(&pre, &layout);
+    // The prefill's connection may still be closing on the server's side.
+    wait_until(STEP, "export 'pre' to be deleted", || {
+        r.qmp
+            .execute("block-export-del", json!({"id": "pre"}))
+            .is_ok()
+    });
+    r.qmp.ok(
+        "blockdev-add",
+        json!({"driver": "copy-before-write", "node-name": "cbw", "file": "src",
+               "target": "tgt", "on-cbw-error": policy}),
+    );
+    r.qmp.ok(
+        "blockdev-add",
+        json!({"driver": "snapshot-access", "node-name": "snap", "file": "cbw"}),
+    );
+    let url = export(&mut r.qmp, dir, "cbw", "disk");
+    r.qmp.ok(
+        "block-export-add",
+        json!({"type": "nbd", "id": "snap", "node-name": "snap", "name": "snap"}),
+    );
+    let snap = format!("nbd+unix:///snap?socket={}", dir.join("nbd.sock").display());
+    let w = Writers::start(
+        &[&url],
+        &layout,
+        &WriterOpts {
+            queue_depth: 2,
+            rate: Some(500.0),
+            ..Default::default()
+        },
+    );
+    wait_until(STEP, "guest writes", || w.acked() + w.failed() > 100);
+    let (_, out, err) = run_within(
+        Command::new("qemu-io").args(["-r", "-f", "raw", "-c", "read 0 64k", &snap]),
+        STEP,
+    );
+    let read: Vec<String> = format!("{out}{err}")
+        .lines()
+        .filter(|l| l.contains("failed") || l.starts_with("read"))
+        .map(str::to_string)
+        .collect();
+    r.qmp.ok("query-named-block-nodes", Value::Null);
+    let log = w.stop();
+    check_source_complete(&log, &read_export(&url, layout.size()))
+        .unwrap_or_else(|e| panic!("fleecing {policy}: {e}"));
+    let read = read
+        .into_iter()
+        .map(|l| l.split(" (").next().unwrap().to_string())
+        .map(|l| {
+            if l.starts_with("read 65536/65536") {
+                "read ok".into()
+            } else {
+                l
+            }
+        })
+        .collect();
+    (read, log.failed() > 0)
+}
+
+/// Fleecing into a scratch target that fails every write (EIO, ENOSPC), or
+/// from a source whose first read for a copy fails, under both
+/// `on-cbw-error` values, on livesnapd and on qemu-storage-daemon:
+/// break-guest-write fails guest writes and keeps the snapshot readable;
+/// break-snapshot keeps every guest write and the snapshot reads fail with
+/// EACCES. The two daemons answer the same.
+#[test]
+fn fleecing_with_a_failing_target_or_source_as_qsd() {
+    let all_writes = |e: i32| json!([{"event": "none", "iotype": "write", "errno": e}]);
+    let first_read = json!([{"event": "none", "iotype": "read", "errno": 5, "once": true}]);
+    let cases = [
+        (json!([]), all_writes(libc::EIO)),
+        (json!([]), all_writes(libc::ENOSPC)),
+        (first_read, json!([])),
+    ];
+    for (src_rules, tgt_rules) in cases {
+        for policy in ["break-guest-write", "break-snapshot"] {
+            let what = format!("{policy}, source {src_rules}, target {tgt_rules}");
+            let ls = Livesnapd::bare();
+            let ours = fleecing_case(
+                ls.qmp(),
+                ls.dir.path(),
+                src_rules.clone(),
+                tgt_rules.clone(),
+                policy,
+            );
+            let qsd = Qsd::bare();
+            let theirs = fleecing_case(
+                qsd.qmp(),
+                qsd.dir.path(),
+                src_rules.clone(),
+                tgt_rules.clone(),
+                policy,
+            );
+            eprintln!("{what}: livesnapd {ours:?}, qsd {theirs:?}");
+            if policy == "break-snapshot" {
+                // The broken snapshot's EACCES reaches the NBD client as
+                // NBD_EPERM from livesnapd, NBD_EINVAL from qsd (which maps
+                // every errno outside its short list to EINVAL).
+                let failed = |text: &str| (vec![format!("read failed: {text}")], false);
+                assert_eq!(ours, failed("Operation not permitted"), "{what}");
+                assert_eq!(theirs, failed("Invalid argument"), "{what}");
+            } else {
+                assert_eq!(ours, theirs, "{what}: livesnapd (left), qsd (right)");
+                assert_eq!(ours, (vec!["read ok".to_string()], true), "{what}");
+            }
+        }
     }
 }
