@@ -1,6 +1,6 @@
 //! Crash consistency during jobs (issue 13, item 4): writers on several NBD
-//! connections, every write with FUA, while a backup or a mirror (each copy
-//! mode) runs; the daemon is killed with SIGKILL at a random moment. Then:
+//! connections, every write with FUA, while a backup and a mirror (each copy
+//! mode in turn) of the same disk run at once; the daemon is killed with SIGKILL at a random moment. Then:
 //! - every acknowledged write is on the source (read behind the daemon's
 //!   back; FUA makes each acknowledgement a durability promise);
 //! - `qemu-img check` accepts every qcow2 image (exit 0, or 3 = leaked
@@ -32,22 +32,9 @@ const DISK: u64 = 32 * MIB;
 const WAIT: Duration = Duration::from_secs(30);
 const ITERATIONS: u64 = 32;
 
-/// The jobs an iteration runs: (command, extra arguments).
-const JOBS: &[(&str, &str)] = &[
-    ("blockdev-backup", r#"{"sync": "full"}"#),
-    (
-        "blockdev-mirror",
-        r#"{"sync": "full", "copy-mode": "background"}"#,
-    ),
-    (
-        "blockdev-mirror",
-        r#"{"sync": "full", "copy-mode": "write-blocking"}"#,
-    ),
-    (
-        "blockdev-mirror",
-        r#"{"sync": "full", "copy-mode": "auto"}"#,
-    ),
-];
+/// The mirror copy modes, in turn; every iteration also runs a backup
+/// (sync=full) of the same source at the same time.
+const MIRROR_MODES: &[&str] = &["background", "write-blocking", "auto"];
 
 /// (source format, target format), in turn.
 const FORMATS: &[(&str, &str)] = &[
@@ -163,13 +150,14 @@ fn check_image(path: &Path, format: &str, what: &str) -> i32 {
     code
 }
 
-/// One kill during one job; returns (acknowledged writes, exit code of the
-/// source's check, of the target's), or None for a job the daemon lacks.
+/// One kill during the jobs; returns (acknowledged writes, exit code of the
+/// source's check, the worst of the targets'), or None for a job the daemon
+/// lacks.
 fn iteration(which: Daemon, i: u64, rng: &mut Rng) -> Option<(usize, i32, i32)> {
-    let (cmd, extra) = JOBS[(i % JOBS.len() as u64) as usize];
-    let (sfmt, tfmt) = FORMATS[((i / JOBS.len() as u64) % FORMATS.len() as u64) as usize];
-    let what = format!("{which:?} iteration {i}: {cmd} {extra}, {sfmt} -> {tfmt}");
-    if which == Daemon::Qsd && extra.contains("auto") {
+    let mode = MIRROR_MODES[(i % MIRROR_MODES.len() as u64) as usize];
+    let (sfmt, tfmt) = FORMATS[((i / MIRROR_MODES.len() as u64) % FORMATS.len() as u64) as usize];
+    let what = format!("{which:?} iteration {i}: backup + mirror {mode}, {sfmt} -> {tfmt}");
+    if which == Daemon::Qsd && mode == "auto" {
         // A livesnapd copy mode.
         return None;
     }
@@ -197,13 +185,23 @@ fn iteration(which: Daemon, i: u64, rng: &mut Rng) -> Option<(usize, i32, i32)> 
     );
     w.wait_acked(50, WAIT);
     let mut qmp = d.qmp();
-    let tgt = dir.path().join(format!("tgt.{tfmt}"));
-    add_image_node(&mut qmp, "tgt", &tgt, tfmt, DISK);
-    let mut args: serde_json::Value = serde_json::from_str(extra).unwrap();
-    args["job-id"] = json!("j");
-    args["device"] = json!("disk");
-    args["target"] = json!("tgt");
-    qmp.ok(cmd, args);
+    let targets: Vec<_> = ["backup", "mirror"]
+        .iter()
+        .map(|job| {
+            let tgt = dir.path().join(format!("{job}.{tfmt}"));
+            add_image_node(&mut qmp, job, &tgt, tfmt, DISK);
+            tgt
+        })
+        .collect();
+    qmp.ok(
+        "blockdev-backup",
+        json!({"job-id": "b", "device": "disk", "target": "backup", "sync": "full"}),
+    );
+    qmp.ok(
+        "blockdev-mirror",
+        json!({"job-id": "m", "device": "disk", "target": "mirror", "sync": "full",
+               "copy-mode": mode}),
+    );
     // Anywhere from the job's first copies to well into it (or past READY).
     let delay = Duration::from_millis(rng.below(600));
     std::thread::sleep(delay);
@@ -213,7 +211,11 @@ fn iteration(which: Daemon, i: u64, rng: &mut Rng) -> Option<(usize, i32, i32)> 
     drop(d);
     let t = killed_at.elapsed();
     let src_check = check_image(&src, sfmt, &what);
-    let tgt_check = check_image(&tgt, tfmt, &what);
+    let tgt_check = targets
+        .iter()
+        .map(|t| check_image(t, tfmt, &what))
+        .max()
+        .unwrap();
     check_source_complete(&log, &read_image(&src, sfmt))
         .unwrap_or_else(|e| panic!("{what}, killed after {delay:?}: {e}"));
     // Restarted, the daemon serves the source again, every write in it.
