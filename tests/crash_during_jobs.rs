@@ -102,7 +102,10 @@ impl Running {
                     "--export".into(),
                     "type=nbd,id=e0,node-name=disk,name=disk,writable=on".into(),
                 ]);
-                harness::wait_until(WAIT, "qsd's NBD socket", || nbd.exists());
+                // The socket file appears at bind(), before listen().
+                harness::wait_until(WAIT, "qsd's NBD socket", || {
+                    std::os::unix::net::UnixStream::connect(&nbd).is_ok()
+                });
                 Running::Qsd(qsd, nbd)
             }
         }
@@ -210,7 +213,7 @@ fn iteration(which: Daemon, i: u64, rng: &mut Rng) -> Option<(usize, i32, i32)> 
                    "copy-mode": mode}),
         );
     }
-    if both || i % 2 == 0 {
+    if both || i.is_multiple_of(2) {
         qmp.ok(
             "blockdev-backup",
             json!({"job-id": "b", "device": "disk", "target": "backup", "sync": "full"}),
