@@ -11,7 +11,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use harness::pit::{
-    check_source_complete, prefill, read_export, release_node, Layout, WriterOpts, Writers,
+    check_source_complete, prefill, read_export, read_image, release_node, verify_point_in_time,
+    Layout, WriterOpts, Writers,
 };
 use harness::*;
 use serde_json::{json, Value};
@@ -875,6 +876,8 @@ struct FullOutcome {
     acked: usize,
     /// Guest writes failed.
     failed: usize,
+    /// A completed backup's target checked as a point-in-time copy.
+    copy: Option<Result<String, String>>,
 }
 
 /// Source `src` (48 MiB of data) exported as `disk`; target `tgt`, a raw
@@ -922,7 +925,9 @@ fn disk_full_case(mut qmp: Qmp, dir: &Path, cmd: &str, extra: Value) -> FullOutc
     for (k, v) in extra.as_object().unwrap() {
         args[k] = v.clone();
     }
+    let t0 = Instant::now();
     qmp.ok(cmd, args);
+    let t1 = Instant::now();
     let deadline = Instant::now() + STEP;
     let mut events = Vec::new();
     loop {
@@ -967,9 +972,19 @@ fn disk_full_case(mut qmp: Qmp, dir: &Path, cmd: &str, extra: Value) -> FullOutc
     let log = w.stop();
     check_source_complete(&log, &read_export(&url, layout.size()))
         .unwrap_or_else(|e| panic!("{cmd} {extra}: {e}"));
+    // A backup that completed holds the disk as of its start, the guest
+    // writes held and copied again after the resume included.
+    let copy = (cmd == "blockdev-backup"
+        && events.last().is_some_and(|e| e == "BLOCK_JOB_COMPLETED"))
+    .then(|| {
+        verify_point_in_time(&log, &read_image(&tgt, "raw"), t0, t1)
+            .map(|r| r.to_string())
+            .map_err(|e| e.to_string())
+    });
     // Nothing holds the tmpfs when it goes.
     release_node(&mut qmp, "tgt", STEP);
     FullOutcome {
+        copy,
         events,
         acked: log.acked(),
         failed: log.failed(),
@@ -1044,6 +1059,9 @@ fn jobs_into_a_full_filesystem() {
             ours.failed, 0,
             "guest writes failed: {cmd} {extra}: {ours:?}"
         );
+        if let Some(Err(e)) = &ours.copy {
+            panic!("{cmd} {extra}: the completed backup is no point-in-time copy: {e}");
+        }
         // Recorded, not asserted: qsd 10.0.2 was seen to segfault here now and then.
         let theirs = std::panic::catch_unwind(|| {
             let qsd = Qsd::bare();
