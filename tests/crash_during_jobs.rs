@@ -1,8 +1,9 @@
 //! Crash consistency during jobs (issue 13, item 4): writers on several NBD
-//! connections, every write with FUA, while a backup and a mirror (each copy
+//! connections, every write with FUA, and one more that writes without FUA
+//! and flushes after every 16 writes, while a backup and a mirror (each copy
 //! mode in turn) of the same disk run at once; the daemon is killed with SIGKILL at a random moment. Then:
-//! - every acknowledged write is on the source (read behind the daemon's
-//!   back; FUA makes each acknowledgement a durability promise);
+//! - every acknowledged FUA write, and every write a completed flush
+//!   covers, is on the source (read behind the daemon's back);
 //! - `qemu-img check` accepts every qcow2 image (exit 0, or 3 = leaked
 //!   clusters only), source and target;
 //! - a daemon restarted on the source serves it again, with the same data.
@@ -19,19 +20,139 @@ use livesnap_testkit as harness;
 
 use std::path::Path;
 use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use harness::pit::{
-    add_image_node, check_source_complete, prefill, read_export, read_image, Layout, WriterOpts,
-    Writers,
+    add_image_node, check_source_complete, prefill, read_export, read_export_at, read_image,
+    Layout, NbdAddr, WriterOpts, Writers,
 };
 use harness::{run_status, Livesnapd, Qmp, Qsd};
+use livesnap_nbd::NbdClient;
 use serde_json::json;
 
 const MIB: u64 = 1 << 20;
 const DISK: u64 = 32 * MIB;
 const WAIT: Duration = Duration::from_secs(30);
 const ITERATIONS: u64 = 32;
+
+/// The FUA writers' part of the disk; the flushing writer has the rest.
+const FUA_AREA: u64 = 24 * MIB;
+/// Block size of the flushing writer.
+const FLUSH_BLOCK: u64 = 4096;
+/// Writes between two flushes of the flushing writer.
+const PER_FLUSH: usize = 16;
+/// First word of each of the flushing writer's blocks ("flushwr!").
+const FLUSH_MAGIC: u64 = 0x2172_7768_7375_6c66;
+
+/// What the flushing writer wrote: per block of its area, the newest
+/// generation a completed flush covers, and the newest one sent.
+struct FlushLog {
+    durable: Vec<u64>,
+    sent: Vec<u64>,
+    flushes: u64,
+}
+
+/// A writer on its own connection that writes without FUA and flushes after
+/// every PER_FLUSH writes: what a completed flush covers must survive a kill.
+struct FlushWriter {
+    stop: Arc<AtomicBool>,
+    thread: JoinHandle<FlushLog>,
+}
+
+fn flush_block(block: u64, gen: u64) -> Vec<u8> {
+    let mut b = Vec::with_capacity(FLUSH_BLOCK as usize);
+    while (b.len() as u64) < FLUSH_BLOCK {
+        for w in [FLUSH_MAGIC, block, gen] {
+            b.extend_from_slice(&w.to_le_bytes());
+        }
+    }
+    b.truncate(FLUSH_BLOCK as usize);
+    b
+}
+
+impl FlushWriter {
+    fn start(url: &str, seed: u64) -> FlushWriter {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (a, flag) = (NbdAddr::parse(url), stop.clone());
+        let blocks = ((DISK - FUA_AREA) / FLUSH_BLOCK) as usize;
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let mut log = FlushLog {
+                    durable: vec![0; blocks],
+                    sent: vec![0; blocks],
+                    flushes: 0,
+                };
+                let Ok(c) = NbdClient::connect(&a.addr, &a.export).await else {
+                    return log;
+                };
+                let mut rng = Rng(seed | 1);
+                let mut acked = Vec::new();
+                while !flag.load(Ordering::SeqCst) {
+                    let b = rng.below(blocks as u64) as usize;
+                    let gen = log.sent[b] + 1;
+                    log.sent[b] = gen;
+                    let off = FUA_AREA + b as u64 * FLUSH_BLOCK;
+                    if c.write(off, &flush_block(b as u64, gen), false)
+                        .await
+                        .is_err()
+                    {
+                        break;
+                    }
+                    acked.push((b, gen));
+                    if acked.len() >= PER_FLUSH {
+                        if c.flush().await.is_err() {
+                            break;
+                        }
+                        log.flushes += 1;
+                        for (b, gen) in acked.drain(..) {
+                            log.durable[b] = log.durable[b].max(gen);
+                        }
+                    }
+                }
+                log
+            })
+        });
+        FlushWriter { stop, thread }
+    }
+
+    fn stop(self) -> FlushLog {
+        self.stop.store(true, Ordering::SeqCst);
+        self.thread.join().unwrap()
+    }
+}
+
+/// Every block of the flushing writer's area holds a generation between
+/// the newest a completed flush covered and the newest sent.
+fn check_flushed(log: &FlushLog, area: &[u8]) -> Result<(), String> {
+    for (b, data) in area.chunks(FLUSH_BLOCK as usize).enumerate() {
+        let gen = if data.iter().all(|&x| x == 0) {
+            0
+        } else if data
+            == flush_block(
+                b as u64,
+                u64::from_le_bytes(data[16..24].try_into().unwrap()),
+            )
+        {
+            u64::from_le_bytes(data[16..24].try_into().unwrap())
+        } else {
+            return Err(format!("flush block {b}: not a block this writer wrote"));
+        };
+        if gen < log.durable[b] || gen > log.sent[b] {
+            return Err(format!(
+                "flush block {b}: generation {gen}, flushed {}, sent {}",
+                log.durable[b], log.sent[b]
+            ));
+        }
+    }
+    Ok(())
+}
 
 /// The mirror copy modes, in turn; every iteration on livesnapd also runs a
 /// backup (sync=full) of the same source at the same time.
@@ -180,7 +301,7 @@ fn iteration(which: Daemon, i: u64, rng: &mut Rng) -> Option<(usize, i32, i32)> 
     );
     let d = Running::start(which, dir.path(), &src, sfmt);
     let url = d.url();
-    let layout = Layout::new(4096, DISK / 4096, 4, 0xc7a5 ^ i);
+    let layout = Layout::new(4096, FUA_AREA / 4096, 4, 0xc7a5 ^ i);
     prefill(&url, &layout);
     let w = Writers::start(
         &[&url],
@@ -192,6 +313,7 @@ fn iteration(which: Daemon, i: u64, rng: &mut Rng) -> Option<(usize, i32, i32)> 
             ..Default::default()
         },
     );
+    let f = FlushWriter::start(&url, rng.next());
     w.wait_acked(50, WAIT);
     let mut qmp = d.qmp();
     let targets: Vec<_> = ["backup", "mirror"]
@@ -227,6 +349,7 @@ fn iteration(which: Daemon, i: u64, rng: &mut Rng) -> Option<(usize, i32, i32)> 
     let killed_at = Instant::now();
     d.kill9();
     let log = w.stop();
+    let flushed = f.stop();
     drop(d);
     let t = killed_at.elapsed();
     let src_check = check_image(&src, sfmt, &what);
@@ -235,16 +358,25 @@ fn iteration(which: Daemon, i: u64, rng: &mut Rng) -> Option<(usize, i32, i32)> 
         .map(|t| check_image(t, tfmt, &what))
         .max()
         .unwrap();
-    check_source_complete(&log, &read_image(&src, sfmt))
+    let image = read_image(&src, sfmt);
+    check_source_complete(&log, &image)
+        .unwrap_or_else(|e| panic!("{what}, killed after {delay:?}: {e}"));
+    check_flushed(&flushed, &image[FUA_AREA as usize..])
         .unwrap_or_else(|e| panic!("{what}, killed after {delay:?}: {e}"));
     // Restarted, the daemon serves the source again, every write in it.
     let d = Running::start(which, dir.path(), &src, sfmt);
     check_source_complete(&log, &read_export(&d.url(), layout.size()))
         .unwrap_or_else(|e| panic!("{what}, after the restart: {e}"));
+    check_flushed(
+        &flushed,
+        &read_export_at(&d.url(), FUA_AREA, DISK - FUA_AREA),
+    )
+    .unwrap_or_else(|e| panic!("{what}, after the restart: {e}"));
     drop(d);
     eprintln!(
-        "{what}: killed after {delay:?}, {} writes acked, check {src_check}/{tgt_check} ({t:?})",
-        log.acked()
+        "{what}: killed after {delay:?}, {} FUA writes acked, {} flushes, check {src_check}/{tgt_check} ({t:?})",
+        log.acked(),
+        flushed.flushes
     );
     Some((log.acked(), src_check, tgt_check))
 }
