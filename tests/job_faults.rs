@@ -10,6 +10,10 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use harness::pit::{
+    check_source_complete, prefill, read_export, read_image, release_node, verify_point_in_time,
+    Layout, WriterOpts, Writers,
+};
 use harness::*;
 use serde_json::{json, Value};
 
@@ -302,4 +306,897 @@ fn blkdebug_options_livesnapd_refuses() {
     }
     // Nothing was left behind by the refusals.
     assert_eq!(q.ok("query-named-block-nodes", Value::Null), json!([]));
+}
+
+// ---------------------------------------------------------------------------
+// Faults during jobs: every job type, every error policy
+// ---------------------------------------------------------------------------
+
+/// Size of the source and target in the job matrix.
+const JOB_DISK: u64 = 16 * MIB;
+
+/// Where faults are injected: outside the blocks the guest writes, so
+/// whether a fault is met by the job's own copy (and with which policy) does
+/// not depend on the guest's timing.
+const FAULT_AT: u64 = 12 * MIB;
+
+/// How long one step of a matrix case may take.
+const STEP: Duration = Duration::from_secs(30);
+
+/// How long a force cancel may take to end a job whose I/O hangs: a hang
+/// would never end; measured, it takes a few milliseconds.
+const CANCEL_BOUND: Duration = Duration::from_secs(5);
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum JobKind {
+    BackupFull,
+    BackupTop,
+    BackupIncremental,
+    Mirror(&'static str),
+}
+
+impl JobKind {
+    fn is_mirror(self) -> bool {
+        matches!(self, JobKind::Mirror(_))
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Fault {
+    /// The first target write at FAULT_AT fails with this errno.
+    Target(i32),
+    /// The first source read at FAULT_AT fails with this errno.
+    Source(i32),
+    /// Every target write hangs (livesnapd's `x-stall`).
+    TargetStall,
+    /// Source reads at FAULT_AT hang.
+    SourceStall,
+}
+
+impl Fault {
+    /// (node, rules) to put on the source's and the target's blkdebug.
+    fn rules(self) -> (Value, Value) {
+        let sector = FAULT_AT / 512;
+        let none = json!([]);
+        match self {
+            Fault::Target(e) => (
+                none,
+                json!([{"event": "none", "iotype": "write", "sector": sector, "errno": e,
+                        "once": true}]),
+            ),
+            Fault::Source(e) => (
+                json!([{"event": "none", "iotype": "read", "sector": sector, "errno": e,
+                        "once": true}]),
+                none,
+            ),
+            Fault::TargetStall => (
+                none,
+                json!([{"event": "none", "iotype": "write", "x-stall": true}]),
+            ),
+            Fault::SourceStall => (
+                json!([{"event": "none", "iotype": "read", "sector": sector, "x-stall": true}]),
+                none,
+            ),
+        }
+    }
+}
+
+/// One daemon set up for a matrix case: `src` (raw over blkdebug `sdbg`)
+/// exported as `disk`, `tgt` (raw over blkdebug `tdbg`), both `JOB_DISK`.
+struct Rig {
+    qmp: Qmp,
+    url: String,
+}
+
+fn rig(qmp: Qmp, dir: &Path, fault: Fault) -> Rig {
+    let (src_rules, tgt_rules) = fault.rules();
+    let mut r = rig_nodes(qmp, dir, src_rules, tgt_rules);
+    r.url = export(&mut r.qmp, dir, "src", "disk");
+    r
+}
+
+/// The nodes of a [`Rig`] with these rules and a started NBD server, no export.
+fn rig_nodes(mut qmp: Qmp, dir: &Path, src_rules: Value, tgt_rules: Value) -> Rig {
+    for (node, dbg, rules) in [("src", "sdbg", src_rules), ("tgt", "tdbg", tgt_rules)] {
+        let file = dir.join(format!("{node}.raw"));
+        sparse_file(&file, JOB_DISK);
+        let mut dbg = json!({"driver": "blkdebug", "node-name": dbg,
+                             "image": {"driver": "file", "filename": file}});
+        // qsd refuses an empty rule list.
+        if rules != json!([]) {
+            dbg["inject-error"] = rules;
+        }
+        qmp.ok(
+            "blockdev-add",
+            json!({"driver": "raw", "node-name": node, "file": dbg}),
+        );
+    }
+    let sock = dir.join("nbd.sock");
+    qmp.ok(
+        "nbd-server-start",
+        json!({"addr": {"type": "unix", "data": {"path": sock}}}),
+    );
+    Rig {
+        qmp,
+        url: String::new(),
+    }
+}
+
+/// Exports `node` writable as `name`; its NBD URL.
+fn export(qmp: &mut Qmp, dir: &Path, node: &str, name: &str) -> String {
+    qmp.ok(
+        "block-export-add",
+        json!({"type": "nbd", "id": name, "node-name": node, "name": name, "writable": true}),
+    );
+    format!(
+        "nbd+unix:///{name}?socket={}",
+        dir.join("nbd.sock").display()
+    )
+}
+
+fn guest_layout(tag: u64) -> Layout {
+    // The first 8 MiB, away from FAULT_AT.
+    Layout::new(4096, 8 * MIB / 4096, 2, tag)
+}
+
+fn start_job(qmp: &mut Qmp, kind: JobKind, policy: &str) {
+    let mut args = json!({"job-id": "j", "device": "src", "target": "tgt",
+                          "on-source-error": policy, "on-target-error": policy});
+    match kind {
+        JobKind::BackupFull => args["sync"] = json!("full"),
+        JobKind::BackupTop => args["sync"] = json!("top"),
+        JobKind::BackupIncremental => {
+            args["sync"] = json!("incremental");
+            args["bitmap"] = json!("b0");
+        }
+        JobKind::Mirror(mode) => {
+            args["sync"] = json!("full");
+            args["copy-mode"] = json!(mode);
+        }
+    }
+    let cmd = if kind.is_mirror() {
+        "blockdev-mirror"
+    } else {
+        "blockdev-backup"
+    };
+    qmp.ok(cmd, args);
+}
+
+/// The job's events until it ends (after a resume of a stopped job and a
+/// cancel of a READY mirror), reduced to the fields that tell the outcome,
+/// with `paused`/`io-status` of the job while stopped.
+fn run_to_end(qmp: &mut Qmp, kind: JobKind) -> Vec<Value> {
+    let deadline = Instant::now() + STEP;
+    let mut seen = Vec::new();
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let Some(ev) = qmp.event(left) else {
+            panic!("job j did not end within {STEP:?}; saw {seen:?}");
+        };
+        let name = ev["event"].as_str().unwrap_or_default().to_string();
+        if !name.starts_with("BLOCK_JOB") {
+            continue;
+        }
+        let d = &ev["data"];
+        let mut kept = json!({"event": name});
+        for k in ["operation", "action", "error", "type"] {
+            if let Some(v) = d.get(k) {
+                kept[k] = v.clone();
+            }
+        }
+        seen.push(kept);
+        match name.as_str() {
+            "BLOCK_JOB_ERROR" if d["action"] == "stop" => {
+                // The job pauses on its own; show how, then resume it.
+                let mut job = Value::Null;
+                wait_until(STEP, "the stopped job to be paused", || {
+                    let jobs = qmp.ok("query-block-jobs", Value::Null);
+                    job = jobs[0].clone();
+                    job["paused"] == true
+                });
+                seen.push(json!({"paused": job["paused"], "io-status": job["io-status"]}));
+                qmp.ok("block-job-resume", json!({"device": "j"}));
+            }
+            "BLOCK_JOB_READY" if kind.is_mirror() => {
+                qmp.ok("block-job-cancel", json!({"device": "j"}));
+            }
+            "BLOCK_JOB_COMPLETED" | "BLOCK_JOB_CANCELLED" => return seen,
+            _ => {}
+        }
+    }
+}
+
+/// What QEMU's policies say for an error `errno` under `policy`.
+fn expected_events(kind: JobKind, fault: Fault, policy: &str) -> Vec<Value> {
+    let (op, errno) = match fault {
+        Fault::Target(e) => ("write", e),
+        Fault::Source(e) => ("read", e),
+        _ => unreachable!(),
+    };
+    let action = match policy {
+        "enospc" if errno == libc::ENOSPC => "stop",
+        "enospc" => "report",
+        p => p,
+    };
+    let ty = if kind.is_mirror() { "mirror" } else { "backup" };
+    let mut v = vec![json!({"event": "BLOCK_JOB_ERROR", "operation": op, "action": action})];
+    if action == "report" {
+        let text = std::io::Error::from_raw_os_error(errno).to_string();
+        let text = text.split(" (os error").next().unwrap().to_string();
+        v.push(json!({"event": "BLOCK_JOB_COMPLETED", "type": ty, "error": text}));
+        return v;
+    }
+    if action == "stop" {
+        let io = if errno == libc::ENOSPC {
+            "nospace"
+        } else {
+            "failed"
+        };
+        v.push(json!({"paused": true, "io-status": io}));
+    }
+    if kind.is_mirror() {
+        v.push(json!({"event": "BLOCK_JOB_READY", "type": ty}));
+    }
+    v.push(json!({"event": "BLOCK_JOB_COMPLETED", "type": ty}));
+    v
+}
+
+/// One error case on one daemon: the job's events, and the guest's check
+/// (no failed write, every acknowledged write on the source).
+fn error_case(qmp: Qmp, dir: &Path, kind: JobKind, fault: Fault, policy: &str) -> Vec<Value> {
+    let mut r = rig(qmp, dir, fault);
+    let layout = guest_layout(0xfa17 ^ FAULT_AT);
+    if kind == JobKind::BackupIncremental {
+        r.qmp.ok(
+            "block-dirty-bitmap-add",
+            json!({"node": "src", "name": "b0"}),
+        );
+    }
+    prefill(&r.url, &layout);
+    // Data where the fault is, so that every sync mode copies it.
+    let o = io_outcome(&r.url, &[&format!("write -P 0x5a {FAULT_AT} 1M")]);
+    assert!(o.iter().all(|l| !l.contains("failed")), "{o:?}");
+    let w = Writers::start(
+        &[&r.url],
+        &layout,
+        &WriterOpts {
+            queue_depth: 2,
+            rate: Some(500.0),
+            ..Default::default()
+        },
+    );
+    w.wait_acked(20, STEP);
+    start_job(&mut r.qmp, kind, policy);
+    let events = run_to_end(&mut r.qmp, kind);
+    let log = w.stop();
+    log.assert_no_failures();
+    check_source_complete(&log, &read_export(&r.url, layout.size()))
+        .unwrap_or_else(|e| panic!("{kind:?} {fault:?} {policy}: {e}"));
+    let o = io_outcome(&r.url, &[&format!("read -P 0x5a {FAULT_AT} 1M")]);
+    assert!(o.iter().all(|l| !l.contains("failed")), "{o:?}");
+    events
+}
+
+const POLICIES: &[&str] = &["report", "ignore", "stop", "enospc"];
+const ERRORS: &[Fault] = &[
+    Fault::Target(libc::EIO),
+    Fault::Target(libc::ENOSPC),
+    Fault::Source(libc::EIO),
+];
+
+/// Every error and policy for `kind`, on livesnapd and (unless `ours_only`)
+/// on qemu-storage-daemon: the events are QEMU's policy, the same on both,
+/// and the guest loses nothing.
+fn error_matrix(kind: JobKind, ours_only: bool) {
+    for &fault in ERRORS {
+        for &policy in POLICIES {
+            let want = expected_events(kind, fault, policy);
+            let ls = Livesnapd::bare();
+            let ours = error_case(ls.qmp(), ls.dir.path(), kind, fault, policy);
+            assert_eq!(ours, want, "livesnapd: {kind:?} {fault:?} {policy}");
+            if !ours_only {
+                let qsd = Qsd::bare();
+                let theirs = error_case(qsd.qmp(), qsd.dir.path(), kind, fault, policy);
+                assert_eq!(theirs, want, "qsd: {kind:?} {fault:?} {policy}");
+            }
+        }
+    }
+}
+
+#[test]
+fn backup_full_faults_under_every_policy() {
+    error_matrix(JobKind::BackupFull, false);
+}
+
+#[test]
+fn backup_top_faults_under_every_policy() {
+    error_matrix(JobKind::BackupTop, false);
+}
+
+#[test]
+fn backup_incremental_faults_under_every_policy() {
+    error_matrix(JobKind::BackupIncremental, false);
+}
+
+#[test]
+fn mirror_background_faults_under_every_policy() {
+    error_matrix(JobKind::Mirror("background"), false);
+}
+
+#[test]
+fn mirror_write_blocking_faults_under_every_policy() {
+    error_matrix(JobKind::Mirror("write-blocking"), false);
+}
+
+#[test]
+fn mirror_auto_faults_under_every_policy() {
+    // `auto` is livesnapd's own copy mode.
+    error_matrix(JobKind::Mirror("auto"), true);
+}
+
+/// Waits for job `j`'s end event and returns it, or panics with what was seen.
+fn wait_job_end(qmp: &mut Qmp, limit: Duration) -> Value {
+    let deadline = Instant::now() + limit;
+    let mut seen = Vec::new();
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let Some(ev) = qmp.event(left) else {
+            panic!("job j did not end within {limit:?}; saw {seen:?}");
+        };
+        if matches!(
+            ev["event"].as_str(),
+            Some("BLOCK_JOB_COMPLETED" | "BLOCK_JOB_CANCELLED")
+        ) {
+            return ev;
+        }
+        seen.push(ev);
+    }
+}
+
+/// Clears the rules of both blkdebug nodes (held requests go on).
+fn clear_faults(qmp: &mut Qmp) {
+    for node in ["sdbg", "tdbg"] {
+        qmp.ok("x-blkdebug-set-rules", json!({"node-name": node}));
+    }
+}
+
+/// A target or source that hangs, under every job type: a force cancel ends
+/// the job within CANCEL_BOUND (QMP keeps answering meanwhile), the guest gets
+/// no error (backups break their snapshot, the default) and keeps every
+/// acknowledged write.
+#[test]
+fn a_force_cancel_is_prompt_when_the_target_or_source_hangs() {
+    let kinds = [
+        JobKind::BackupFull,
+        JobKind::BackupTop,
+        JobKind::BackupIncremental,
+        JobKind::Mirror("background"),
+        JobKind::Mirror("write-blocking"),
+        JobKind::Mirror("auto"),
+    ];
+    for kind in kinds {
+        for fault in [Fault::TargetStall, Fault::SourceStall] {
+            let mut ls = Livesnapd::bare();
+            let mut r = rig(ls.qmp(), ls.dir.path(), fault);
+            let layout = guest_layout(0x57a11);
+            if kind == JobKind::BackupIncremental {
+                r.qmp.ok(
+                    "block-dirty-bitmap-add",
+                    json!({"node": "src", "name": "b0"}),
+                );
+            }
+            prefill(&r.url, &layout);
+            let o = io_outcome(&r.url, &[&format!("write -P 0x5a {FAULT_AT} 1M")]);
+            assert!(o.iter().all(|l| !l.contains("failed")), "{o:?}");
+            let w = Writers::start(
+                &[&r.url],
+                &layout,
+                &WriterOpts {
+                    queue_depth: 2,
+                    rate: Some(500.0),
+                    ..Default::default()
+                },
+            );
+            w.wait_acked(20, STEP);
+            start_job(&mut r.qmp, kind, "report");
+            // Let the job run into the hang.
+            std::thread::sleep(Duration::from_millis(300));
+            r.qmp.ok("query-block-jobs", Value::Null);
+            let t = Instant::now();
+            r.qmp
+                .ok("block-job-cancel", json!({"device": "j", "force": true}));
+            let ev = wait_job_end(&mut r.qmp, CANCEL_BOUND);
+            eprintln!(
+                "{kind:?} {fault:?}: {} after {:?}",
+                ev["event"],
+                t.elapsed()
+            );
+            assert_eq!(
+                ev["event"], "BLOCK_JOB_CANCELLED",
+                "{kind:?} {fault:?}: {ev}"
+            );
+            clear_faults(&mut r.qmp);
+            let after = w.acked();
+            wait_until(STEP, "guest writes after the cancel", || {
+                w.acked() > after + 50
+            });
+            let log = w.stop();
+            log.assert_no_failures();
+            check_source_complete(&log, &read_export(&r.url, layout.size()))
+                .unwrap_or_else(|e| panic!("{kind:?} {fault:?}: {e}"));
+            assert!(ls.is_running());
+        }
+    }
+}
+
+/// The target fails every write, the guest's copies-before-write included,
+/// under each error policy and each `on-cbw-error`. break-snapshot (the
+/// default): no guest write fails and the job ends with the target's error
+/// (a stopped job after its resume). break-guest-write: guest writes may fail
+/// but every acknowledged one is on the source, and a force cancel ends the
+/// job. QMP keeps answering throughout.
+#[test]
+fn a_failing_backup_target_under_each_policy_and_on_cbw_error() {
+    for errno in [libc::EIO, libc::ENOSPC] {
+        for &policy in POLICIES {
+            for cbw in [None, Some("break-guest-write")] {
+                let what = format!("errno {errno}, {policy}, {cbw:?}");
+                let ls = Livesnapd::bare();
+                let mut r = rig(ls.qmp(), ls.dir.path(), Fault::Target(errno));
+                // Every target write fails, not only the first.
+                r.qmp.ok(
+                    "x-blkdebug-set-rules",
+                    json!({"node-name": "tdbg", "inject-error":
+                           [{"event": "none", "iotype": "write", "errno": errno}]}),
+                );
+                let layout = guest_layout(0xcb7);
+                prefill(&r.url, &layout);
+                let w = Writers::start(
+                    &[&r.url],
+                    &layout,
+                    &WriterOpts {
+                        queue_depth: 2,
+                        rate: Some(500.0),
+                        ..Default::default()
+                    },
+                );
+                w.wait_acked(20, STEP);
+                let mut args = json!({"job-id": "j", "device": "src", "target": "tgt",
+                                      "sync": "full", "on-target-error": policy});
+                if let Some(c) = cbw {
+                    args["on-cbw-error"] = json!(c);
+                }
+                r.qmp.ok("blockdev-backup", args);
+                let text = std::io::Error::from_raw_os_error(errno).to_string();
+                let text = text.split(" (os error").next().unwrap().to_string();
+                let deadline = Instant::now() + STEP;
+                let end = loop {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    let ev = r
+                        .qmp
+                        .event(left)
+                        .unwrap_or_else(|| panic!("{what}: the job did not end within {STEP:?}"));
+                    match ev["event"].as_str() {
+                        Some("BLOCK_JOB_ERROR") if ev["data"]["action"] == "stop" => {
+                            if cbw.is_some() {
+                                // Held writes fail after the hold; then give up.
+                                r.qmp
+                                    .ok("block-job-cancel", json!({"device": "j", "force": true}));
+                            } else {
+                                // Resumed into the same full target: stops again
+                                // until the snapshot breaks, then fails.
+                                std::thread::sleep(Duration::from_millis(200));
+                                let _ = r.qmp.execute("block-job-resume", json!({"device": "j"}));
+                            }
+                        }
+                        Some("BLOCK_JOB_ERROR") if cbw.is_some() && policy == "ignore" => {
+                            // Ignored for ever: the job would retry until cancelled.
+                            let _ = r
+                                .qmp
+                                .execute("block-job-cancel", json!({"device": "j", "force": true}));
+                        }
+                        Some("BLOCK_JOB_COMPLETED" | "BLOCK_JOB_CANCELLED") => break ev,
+                        _ => {}
+                    }
+                };
+                r.qmp.ok("query-version", Value::Null);
+                let log = w.stop();
+                if cbw.is_none() {
+                    log.assert_no_failures();
+                    assert_eq!(end["event"], "BLOCK_JOB_COMPLETED", "{what}: {end}");
+                    assert_eq!(end["data"]["error"], json!(text), "{what}: {end}");
+                } else if end["event"] == "BLOCK_JOB_COMPLETED" {
+                    assert_eq!(end["data"]["error"], json!(text), "{what}: {end}");
+                }
+                check_source_complete(&log, &read_export(&r.url, layout.size()))
+                    .unwrap_or_else(|e| panic!("{what}: {e}"));
+                eprintln!(
+                    "{what}: {} acked, {} failed, {}",
+                    log.acked(),
+                    log.failed(),
+                    end["event"]
+                );
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Disk full for real: a target on a small tmpfs
+// ---------------------------------------------------------------------------
+
+/// A size-limited tmpfs mounted by the test, unmounted when dropped.
+struct SmallFs {
+    dir: tempfile::TempDir,
+}
+
+impl SmallFs {
+    fn mount(size: u64) -> SmallFs {
+        let dir = tempfile::tempdir().unwrap();
+        let (st, out, err) = run_within(
+            Command::new("mount")
+                .args(["-t", "tmpfs", "-o", &format!("size={size}")])
+                .arg("tmpfs")
+                .arg(dir.path()),
+            Duration::from_secs(30),
+        );
+        assert!(
+            st.success(),
+            "mount -t tmpfs (the test runs as root): {out}{err}"
+        );
+        SmallFs { dir }
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        // Lazy: a daemon still holding a file must not leave the mount behind.
+        let _ = Command::new("umount")
+            .arg("-l")
+            .arg(self.dir.path())
+            .status();
+    }
+}
+
+const FULL_FS: u64 = 64 * MIB;
+const FULL_DISK: u64 = 48 * MIB;
+const FILLER: u64 = 32 * MIB;
+
+/// What one disk-full run ended as.
+#[derive(Debug)]
+struct FullOutcome {
+    /// The job's events reduced to name/action/error, in order.
+    events: Vec<String>,
+    /// Guest writes acknowledged.
+    #[allow(dead_code)] // printed
+    acked: usize,
+    /// Guest writes failed.
+    failed: usize,
+    /// A completed backup's target checked as a point-in-time copy.
+    copy: Option<Result<String, String>>,
+}
+
+/// Source `src` (48 MiB of data) exported as `disk`; target `tgt`, a raw
+/// file on a 64 MiB tmpfs of which a filler takes 32 MiB, so the job runs
+/// out of space half way. A stop makes room (the filler goes) and resumes.
+fn disk_full_case(mut qmp: Qmp, dir: &Path, cmd: &str, extra: Value) -> FullOutcome {
+    let fs = SmallFs::mount(FULL_FS);
+    let filler = fs.path().join("filler");
+    std::fs::write(&filler, vec![0xffu8; FILLER as usize]).unwrap();
+    let src = dir.join("src.raw");
+    sparse_file(&src, FULL_DISK);
+    let tgt = fs.path().join("tgt.raw");
+    sparse_file(&tgt, FULL_DISK);
+    for (node, file) in [("src", &src), ("tgt", &tgt)] {
+        qmp.ok(
+            "blockdev-add",
+            json!({"driver": "raw", "node-name": node,
+                   "file": {"driver": "file", "filename": file}}),
+        );
+    }
+    let sock = dir.join("nbd.sock");
+    qmp.ok(
+        "nbd-server-start",
+        json!({"addr": {"type": "unix", "data": {"path": sock}}}),
+    );
+    qmp.ok(
+        "block-export-add",
+        json!({"type": "nbd", "id": "e", "node-name": "src", "name": "disk", "writable": true}),
+    );
+    let url = format!("nbd+unix:///disk?socket={}", sock.display());
+    let layout = Layout::new(4096, FULL_DISK / 4096, 2, 0xf011);
+    prefill(&url, &layout);
+    let w = Writers::start(
+        &[&url],
+        &layout,
+        &WriterOpts {
+            queue_depth: 2,
+            // Slow enough for a background mirror to converge.
+            rate: Some(200.0),
+            ..Default::default()
+        },
+    );
+    w.wait_acked(20, STEP);
+    let mut args = json!({"job-id": "j", "device": "src", "target": "tgt", "sync": "full"});
+    for (k, v) in extra.as_object().unwrap() {
+        args[k] = v.clone();
+    }
+    let t0 = Instant::now();
+    qmp.ok(cmd, args);
+    let t1 = Instant::now();
+    let deadline = Instant::now() + STEP;
+    let mut events = Vec::new();
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let Some(ev) = qmp.event(left) else {
+            let jobs = qmp.ok("query-block-jobs", Value::Null);
+            panic!("{cmd} {extra}: no end within {STEP:?}: {events:?}; jobs: {jobs}");
+        };
+        let (name, d) = (ev["event"].as_str().unwrap_or_default(), &ev["data"]);
+        if !name.starts_with("BLOCK_JOB") {
+            continue;
+        }
+        let mut line = name.to_string();
+        for k in ["action", "error"] {
+            if let Some(v) = d[k].as_str() {
+                line += &format!(" {k}={v}");
+            }
+        }
+        events.push(line);
+        // The daemon keeps serving the monitor and the export meanwhile.
+        qmp.ok("query-block-jobs", Value::Null);
+        match name {
+            "BLOCK_JOB_ERROR" if d["action"] == "stop" => {
+                if filler.exists() {
+                    std::fs::remove_file(&filler).unwrap();
+                }
+                // A mirror sends one stop per failed copy: later ones may
+                // find the job resumed already.
+                let _ = qmp.execute("block-job-resume", json!({"device": "j"}));
+            }
+            "BLOCK_JOB_READY" => {
+                qmp.ok("block-job-cancel", json!({"device": "j"}));
+            }
+            "BLOCK_JOB_COMPLETED" | "BLOCK_JOB_CANCELLED" => break,
+            _ => {}
+        }
+    }
+    let after = w.acked();
+    wait_until(STEP, "guest writes after the job", || {
+        w.acked() > after + 20
+    });
+    let log = w.stop();
+    check_source_complete(&log, &read_export(&url, layout.size()))
+        .unwrap_or_else(|e| panic!("{cmd} {extra}: {e}"));
+    // A backup that completed holds the disk as of its start, the guest
+    // writes held and copied again after the resume included.
+    let copy = (cmd == "blockdev-backup"
+        && events.last().is_some_and(|e| e == "BLOCK_JOB_COMPLETED"))
+    .then(|| {
+        verify_point_in_time(&log, &read_image(&tgt, "raw"), t0, t1)
+            .map(|r| r.to_string())
+            .map_err(|e| e.to_string())
+    });
+    // Nothing holds the tmpfs when it goes.
+    release_node(&mut qmp, "tgt", STEP);
+    FullOutcome {
+        copy,
+        events,
+        acked: log.acked(),
+        failed: log.failed(),
+    }
+}
+
+/// The disk-full cases: (command, extra arguments, livesnapd's events).
+fn disk_full_cases() -> Vec<(&'static str, Value, Vec<&'static str>)> {
+    // A guest's copy-before-write may meet the full target before the
+    // background copy: then the snapshot breaks and no BLOCK_JOB_ERROR is
+    // sent, so `action=report` errors are not compared.
+    let report = vec!["BLOCK_JOB_COMPLETED error=No space left on device"];
+    let stop = |last: Vec<&'static str>| {
+        let mut v = vec!["BLOCK_JOB_ERROR action=stop"];
+        v.extend(last);
+        v
+    };
+    vec![
+        ("blockdev-backup", json!({}), report.clone()),
+        (
+            "blockdev-backup",
+            json!({"on-target-error": "stop"}),
+            stop(vec!["BLOCK_JOB_COMPLETED"]),
+        ),
+        (
+            "blockdev-backup",
+            json!({"on-target-error": "enospc"}),
+            stop(vec!["BLOCK_JOB_COMPLETED"]),
+        ),
+        (
+            "blockdev-mirror",
+            json!({"copy-mode": "background"}),
+            report.clone(),
+        ),
+        (
+            "blockdev-mirror",
+            json!({"copy-mode": "write-blocking"}),
+            report.clone(),
+        ),
+        (
+            "blockdev-mirror",
+            json!({"copy-mode": "background", "on-target-error": "enospc"}),
+            stop(vec!["BLOCK_JOB_READY", "BLOCK_JOB_COMPLETED"]),
+        ),
+    ]
+}
+
+/// Backup and mirror into a target on a full tmpfs: the jobs end or pause
+/// as their policy says (a stopped job completes once room is made), QMP
+/// and NBD keep serving, no guest write fails, the source keeps every
+/// acknowledged write. qemu-storage-daemon under the same script is run
+/// and reported (its backup fails guest writes: break-guest-write).
+#[test]
+fn jobs_into_a_full_filesystem() {
+    let only = std::env::var("LIVESNAP_FULL_CASE").ok();
+    for (i, (cmd, extra, want)) in disk_full_cases().into_iter().enumerate() {
+        if only.as_ref().is_some_and(|o| *o != i.to_string()) {
+            continue;
+        }
+        let ls = Livesnapd::bare();
+        let ours = disk_full_case(ls.qmp(), ls.dir.path(), cmd, extra.clone());
+        eprintln!("livesnapd {cmd} {extra}: {ours:?}");
+        let reported = |e: &&String| e.as_str() == "BLOCK_JOB_ERROR action=report";
+        let mut events: Vec<&String> = ours.events.iter().filter(|e| !reported(e)).collect();
+        // A mirror reports each failed copy in flight (as QEMU's does); a
+        // backup stops once per failure (QEMU's block-copy call).
+        if cmd == "blockdev-mirror" {
+            events.dedup();
+        }
+        assert_eq!(events, want, "{cmd} {extra}");
+        assert_eq!(
+            ours.failed, 0,
+            "guest writes failed: {cmd} {extra}: {ours:?}"
+        );
+        if let Some(Err(e)) = &ours.copy {
+            panic!("{cmd} {extra}: the completed backup is no point-in-time copy: {e}");
+        }
+        // Recorded, not asserted: qsd 10.0.2 was seen to segfault here now and then.
+        let theirs = std::panic::catch_unwind(|| {
+            let qsd = Qsd::bare();
+            disk_full_case(qsd.qmp(), qsd.dir.path(), cmd, extra.clone())
+        });
+        eprintln!("qsd {cmd} {extra}: {theirs:?}");
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Fleecing with a failing scratch target or source
+// ---------------------------------------------------------------------------
+
+/// One fleecing run: a copy-before-write filter `cbw` over `src` with
+/// `on-cbw-error: policy` into `tgt` (with `tgt_rules`), the guest writing
+/// through the filter (exported as `disk`, as QEMU needs it), a
+/// `snapshot-access` export `snap`. Returns (what a read of the snapshot
+/// said, whether any guest write failed); panics if an acknowledged write
+/// is not on the source.
+fn fleecing_case(
+    qmp: Qmp,
+    dir: &Path,
+    src_rules: Value,
+    tgt_rules: Value,
+    policy: &str,
+) -> (Vec<String>, bool) {
+    let mut r = rig_nodes(qmp, dir, src_rules, tgt_rules);
+    let layout = guest_layout(0xf1ee);
+    // The disk before the filter: written through a first export.
+    let pre = export(&mut r.qmp, dir, "src", "pre");
+    prefill(&pre, &layout);
+    // The prefill's connection may still be closing on the server's side.
+    wait_until(STEP, "export 'pre' to be deleted", || {
+        r.qmp
+            .execute("block-export-del", json!({"id": "pre"}))
+            .is_ok()
+    });
+    r.qmp.ok(
+        "blockdev-add",
+        json!({"driver": "copy-before-write", "node-name": "cbw", "file": "src",
+               "target": "tgt", "on-cbw-error": policy}),
+    );
+    r.qmp.ok(
+        "blockdev-add",
+        json!({"driver": "snapshot-access", "node-name": "snap", "file": "cbw"}),
+    );
+    let url = export(&mut r.qmp, dir, "cbw", "disk");
+    r.qmp.ok(
+        "block-export-add",
+        json!({"type": "nbd", "id": "snap", "node-name": "snap", "name": "snap"}),
+    );
+    let snap = format!("nbd+unix:///snap?socket={}", dir.join("nbd.sock").display());
+    let w = Writers::start(
+        &[&url],
+        &layout,
+        &WriterOpts {
+            queue_depth: 2,
+            rate: Some(500.0),
+            ..Default::default()
+        },
+    );
+    wait_until(STEP, "guest writes", || w.acked() + w.failed() > 100);
+    let (_, out, err) = run_within(
+        Command::new("qemu-io").args(["-r", "-f", "raw", "-c", "read 0 64k", &snap]),
+        STEP,
+    );
+    let read: Vec<String> = format!("{out}{err}")
+        .lines()
+        .filter(|l| l.contains("failed") || l.starts_with("read"))
+        .map(str::to_string)
+        .collect();
+    r.qmp.ok("query-named-block-nodes", Value::Null);
+    let log = w.stop();
+    check_source_complete(&log, &read_export(&url, layout.size()))
+        .unwrap_or_else(|e| panic!("fleecing {policy}: {e}"));
+    let read = read
+        .into_iter()
+        .map(|l| l.split(" (").next().unwrap().to_string())
+        .map(|l| {
+            if l.starts_with("read 65536/65536") {
+                "read ok".into()
+            } else {
+                l
+            }
+        })
+        .collect();
+    (read, log.failed() > 0)
+}
+
+/// Fleecing into a scratch target that fails every write (EIO, ENOSPC), or
+/// from a source whose first read for a copy fails, under both
+/// `on-cbw-error` values, on livesnapd and on qemu-storage-daemon:
+/// break-guest-write fails guest writes and keeps the snapshot readable;
+/// break-snapshot keeps every guest write and the snapshot reads fail with
+/// EACCES. The two daemons answer the same.
+#[test]
+fn fleecing_with_a_failing_target_or_source_as_qsd() {
+    let all_writes = |e: i32| json!([{"event": "none", "iotype": "write", "errno": e}]);
+    let first_read = json!([{"event": "none", "iotype": "read", "errno": 5, "once": true}]);
+    let cases = [
+        (json!([]), all_writes(libc::EIO)),
+        (json!([]), all_writes(libc::ENOSPC)),
+        (first_read, json!([])),
+    ];
+    for (src_rules, tgt_rules) in cases {
+        for policy in ["break-guest-write", "break-snapshot"] {
+            let what = format!("{policy}, source {src_rules}, target {tgt_rules}");
+            let ls = Livesnapd::bare();
+            let ours = fleecing_case(
+                ls.qmp(),
+                ls.dir.path(),
+                src_rules.clone(),
+                tgt_rules.clone(),
+                policy,
+            );
+            let qsd = Qsd::bare();
+            let theirs = fleecing_case(
+                qsd.qmp(),
+                qsd.dir.path(),
+                src_rules.clone(),
+                tgt_rules.clone(),
+                policy,
+            );
+            eprintln!("{what}: livesnapd {ours:?}, qsd {theirs:?}");
+            if policy == "break-snapshot" {
+                // The broken snapshot's EACCES reaches the NBD client as
+                // NBD_EPERM from livesnapd, NBD_EINVAL from qsd (which maps
+                // every errno outside its short list to EINVAL).
+                let failed = |text: &str| (vec![format!("read failed: {text}")], false);
+                assert_eq!(ours, failed("Operation not permitted"), "{what}");
+                assert_eq!(theirs, failed("Invalid argument"), "{what}");
+            } else {
+                assert_eq!(ours, theirs, "{what}: livesnapd (left), qsd (right)");
+                assert_eq!(ours, (vec!["read ok".to_string()], true), "{what}");
+            }
+        }
+    }
 }

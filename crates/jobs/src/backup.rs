@@ -311,6 +311,9 @@ pub struct Backup {
     sync_bitmap: Mutex<Option<FrozenBitmap>>,
     // `run` began: the job may have copied something.
     ran: AtomicBool,
+    // When the job last went on after a stop: copies started before then
+    // failed in the same incident, and are retried without a new error.
+    resumed_at: Mutex<Option<Instant>>,
 }
 
 struct JobProgress(JobCtx);
@@ -323,17 +326,25 @@ impl CopyProgress for JobProgress {
     fn set_remaining(&self, bytes: u64) {
         self.0.progress_set_remaining(bytes);
     }
+
+    fn guest_copy(&self, bytes: u64) {
+        // As QEMU's block-copy: the guest's copies count against `speed`
+        // (the background pass waits longer) but are never held back.
+        self.0.ratelimit_account(bytes);
+    }
 }
 
 impl Backup {
     /// A job over an attached filter; `cleanup` runs when the job is cleaned up.
     pub fn new(cbw: Arc<Cbw>, opts: BackupOptions, cleanup: Cleanup) -> Arc<Backup> {
+        cbw.set_stop_policy(opts.on_source_error, opts.on_target_error);
         Arc::new(Backup {
             cbw,
             opts,
             cleanup: Mutex::new(Some(cleanup)),
             sync_bitmap: Mutex::new(None),
             ran: AtomicBool::new(false),
+            resumed_at: Mutex::new(None),
         })
     }
 
@@ -436,7 +447,14 @@ impl Backup {
         } else {
             self.opts.on_target_error
         };
-        match ctx.io_error(policy, e.is_read, &e.error).await {
+        let verdict = ctx.io_error(policy, e.is_read, &e.error).await;
+        // Guest writes held on the same error copy again (or give up, if
+        // the job failed or was cancelled meanwhile).
+        self.cbw.job_resumed();
+        if matches!(verdict, ErrorVerdict::Retry) {
+            *self.resumed_at.lock().unwrap() = Some(Instant::now());
+        }
+        match verdict {
             ErrorVerdict::Fail(msg) => Err(msg),
             // The range is pending again: the pass comes back to it.
             ErrorVerdict::Ignore | ErrorVerdict::Retry => Ok(()),
@@ -540,6 +558,17 @@ impl Backup {
                     let idle = took * (1.0 - share) / share;
                     *next_allowed = Instant::now() + Duration::from_secs_f64(idle.min(1.0));
                 }
+                Ok(())
+            }
+            // One error, one stop (QEMU's block-copy call returns its first
+            // error once): the other copies in flight at the stop are retried.
+            Err(_)
+                if self
+                    .resumed_at
+                    .lock()
+                    .unwrap()
+                    .is_some_and(|at| started <= at) =>
+            {
                 Ok(())
             }
             Err(e) => self.on_error(ctx, &e).await,

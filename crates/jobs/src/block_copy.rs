@@ -79,6 +79,8 @@ pub trait CopyProgress: Send + Sync {
     fn work_done(&self, bytes: u64);
     /// Bytes still to copy (pending plus in flight).
     fn set_remaining(&self, bytes: u64);
+    /// A copy-before-write claimed `bytes` (counted against the job's speed).
+    fn guest_copy(&self, _bytes: u64) {}
 }
 
 /// Options of a [`BlockCopy`].
@@ -296,6 +298,13 @@ impl BlockCopy {
         let p = self.progress.lock().unwrap().clone();
         if let Some(p) = p {
             p.work_done(bytes);
+        }
+    }
+
+    fn report_guest_copy(&self, bytes: u64) {
+        let p = self.progress.lock().unwrap().clone();
+        if let Some(p) = p {
+            p.guest_copy(bytes);
         }
     }
 
@@ -680,6 +689,7 @@ impl BlockCopy {
             };
             match claim {
                 Some(claim) => {
+                    self.report_guest_copy(claim.end - claim.start);
                     let failure = failure.clone();
                     self.spawn_claim(claim, move |r| {
                         if let Err(e) = r {

@@ -16,12 +16,16 @@
 //! A guest write waits only for the copy of the clusters it touches
 //! (claimed in the shared [`BlockCopy`]; a cluster another request is copying
 //! is waited for, never copied twice). `on-cbw-error` decides what a failed
-//! (or, with `cbw-timeout`, slow) copy does to the guest write.
+//! (or, with `cbw-timeout`, slow) copy does to the guest write. A copy that
+//! fails with an error its backup job stops on is first retried after the
+//! job's resume, for at most [`PAUSED_HOLD`] (docs/decisions.md).
 
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+use tokio::sync::watch;
 
 use livesnap_block::{
     BlockDriver, BlockNode, BlockStatus, ChildRef, DirtyBitmap, HookedWrite, IoBuf, IoFuture,
@@ -30,6 +34,7 @@ use livesnap_block::{
 
 use crate::block_copy::{BlockCopy, BlockCopyOptions, CopyError};
 use crate::guest::GuestActivity;
+use crate::job::OnError;
 
 /// QEMU's `OnCbwError`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -68,6 +73,11 @@ pub struct CbwOptions {
     pub discard_source: bool,
 }
 
+/// Longest time a guest write needing a copy waits for a backup job that
+/// stops on the copy's error to be resumed (docs/decisions.md); after it
+/// `on-cbw-error` applies.
+pub const PAUSED_HOLD: Duration = Duration::from_secs(5);
+
 /// How long [`Cbw::close`] lets copies in flight finish before it gives up
 /// on them and releases the guest writes waiting for them.
 pub const CLOSE_GRACE: Duration = Duration::from_secs(1);
@@ -87,6 +97,11 @@ pub struct Cbw {
     // Clusters snapshot readers may still read (a snapshot discard clears them).
     access: Mutex<DirtyBitmap>,
     guest: GuestActivity,
+    // The backup's (on-source-error, on-target-error): a copy error it
+    // stops on holds the guest write until a resume instead of failing it.
+    stop_policy: Mutex<(OnError, OnError)>,
+    // Bumped when the job resumes after an error, or the filter is released.
+    resumes: watch::Sender<u64>,
 }
 
 struct CbwHook(Weak<Cbw>);
@@ -147,6 +162,8 @@ impl Cbw {
             snapshot_error: Mutex::new(None),
             access: Mutex::new(access),
             guest: GuestActivity::new(),
+            stop_policy: Mutex::new((OnError::Report, OnError::Report)),
+            resumes: watch::Sender::new(0),
         });
         let hook: Arc<dyn WriteHook> = Arc::new(CbwHook(Arc::downgrade(&cbw)));
         let r = file
@@ -184,17 +201,23 @@ impl Cbw {
         if req.kind == WriteKind::Discard && self.copy.is_own_discard(req.offset, req.len) {
             return Ok(());
         }
-        let copy = self.copy.copy(req.offset, req.len);
-        let result = if self.opts.cbw_timeout == 0 {
-            copy.await
-        } else {
-            let limit = Duration::from_secs(self.opts.cbw_timeout as u64);
-            tokio::time::timeout(limit, copy).await.unwrap_or_else(|_| {
-                Err(CopyError {
-                    is_read: false,
-                    error: io::Error::from_raw_os_error(libc::ETIMEDOUT),
-                })
-            })
+        let mut hold_until = None;
+        let result = loop {
+            let resumes = *self.resumes.borrow();
+            let result = self.copy_once(req.offset, req.len).await;
+            let Err(e) = &result else { break result };
+            if self.released.load(Ordering::SeqCst) || !self.stops_on(e) {
+                break result;
+            }
+            // The job pauses (or will) on this error: wait for its resume
+            // and copy again, within one bounded hold per guest write.
+            let until = *hold_until.get_or_insert_with(|| Instant::now() + PAUSED_HOLD);
+            let left = until.saturating_duration_since(Instant::now());
+            let mut rx = self.resumes.subscribe();
+            let resumed = tokio::time::timeout(left, rx.wait_for(|&n| n != resumes)).await;
+            if resumed.is_err() {
+                break result;
+            }
         };
         if let Err(e) = result {
             match self.opts.on_cbw_error {
@@ -207,6 +230,41 @@ impl Cbw {
         // Snapshot readers still reading the old data from `file` finish first.
         self.copy.wait_frozen(req.offset, req.len).await;
         Ok(())
+    }
+
+    /// One attempt at the copy of `[offset, offset + len)`, within `cbw-timeout`.
+    async fn copy_once(&self, offset: u64, len: u64) -> Result<(), CopyError> {
+        let copy = self.copy.copy(offset, len);
+        if self.opts.cbw_timeout == 0 {
+            return copy.await;
+        }
+        let limit = Duration::from_secs(self.opts.cbw_timeout as u64);
+        tokio::time::timeout(limit, copy).await.unwrap_or_else(|_| {
+            Err(CopyError {
+                is_read: false,
+                error: io::Error::from_raw_os_error(libc::ETIMEDOUT),
+            })
+        })
+    }
+
+    /// Tells the filter which copy errors its backup job stops on
+    /// (`on-source-error`, `on-target-error`).
+    pub fn set_stop_policy(&self, on_source_error: OnError, on_target_error: OnError) {
+        *self.stop_policy.lock().unwrap() = (on_source_error, on_target_error);
+    }
+
+    /// The backup job resumed after an error: held guest writes copy again.
+    pub fn job_resumed(&self) {
+        self.resumes.send_modify(|n| *n += 1);
+    }
+
+    fn stops_on(&self, e: &CopyError) -> bool {
+        let (source, target) = *self.stop_policy.lock().unwrap();
+        match if e.is_read { source } else { target } {
+            OnError::Stop => true,
+            OnError::Enospc => e.error.raw_os_error() == Some(libc::ENOSPC),
+            OnError::Report | OnError::Ignore => false,
+        }
     }
 
     fn break_snapshot(&self, e: &io::Error) {
@@ -248,12 +306,14 @@ impl Cbw {
     pub fn release(&self) {
         self.released.store(true, Ordering::SeqCst);
         self.copy.cancel();
+        self.job_resumed();
     }
 
     /// Removes the filter: copies in flight get [`CLOSE_GRACE`] to finish,
     /// then the rest is released and the hook detached.
     pub async fn close(&self) {
         self.released.store(true, Ordering::SeqCst);
+        self.job_resumed();
         let _ = tokio::time::timeout(CLOSE_GRACE, self.copy.wait_idle()).await;
         self.copy.cancel();
         let hook = self.hook.lock().unwrap().take();

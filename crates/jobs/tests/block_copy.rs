@@ -10,9 +10,12 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use livesnap_block::BlockGraph;
 use livesnap_block::{BlockDriver, BlockNode, BlockStatus, IoBuf, IoFuture, WriteFlags, ZeroFlags};
+use livesnap_jobs::backup::{self, BackupOptions, BackupStart};
 use livesnap_jobs::block_copy::{BlockCopy, BlockCopyOptions, DEFAULT_CLUSTER_SIZE};
-use livesnap_jobs::cbw::{Cbw, CbwOptions, OnCbwError};
+use livesnap_jobs::cbw::{Cbw, CbwOptions, OnCbwError, PAUSED_HOLD};
+use livesnap_jobs::{JobManager, JobOptions, OnError};
 use tokio::sync::watch;
 
 const CLUSTER: u64 = DEFAULT_CLUSTER_SIZE;
@@ -701,4 +704,142 @@ async fn discard_source_drops_what_was_copied() {
     assert_eq!(tgt.bytes(0, CLUSTER), vec![0x11; CLUSTER as usize]);
     assert_eq!(src.bytes(0, CLUSTER), vec![0; CLUSTER as usize]);
     cbw.close().await;
+}
+
+/// A filter whose backup stops on target errors: a guest write whose copy
+/// fails waits for the job's resume and copies again instead of failing;
+/// one never resumed gets `on-cbw-error` after the bounded hold.
+#[tokio::test]
+async fn a_stopped_backup_holds_the_guest_write_until_resume() {
+    for resume in [true, false] {
+        let src = MemDriver::new(SIZE);
+        src.fill(0, &[0x11; CLUSTER as usize]);
+        let tgt = MemDriver::new(SIZE);
+        tgt.fail_writes.store(true, Ordering::SeqCst);
+        let source = node("src", &src);
+        let opts = CbwOptions {
+            on_cbw_error: OnCbwError::BreakGuestWrite,
+            ..Default::default()
+        };
+        let cbw = Cbw::attach(source.clone(), node("tgt", &tgt), opts)
+            .await
+            .unwrap();
+        cbw.set_stop_policy(OnError::Report, OnError::Stop);
+        let started = Instant::now();
+        let write = tokio::spawn({
+            let source = source.clone();
+            async move {
+                source
+                    .write(0, IoBuf::from_slice(&[0x55; 512]), WriteFlags::default())
+                    .await
+            }
+        });
+        settle().await;
+        assert!(!write.is_finished(), "the guest write was not held");
+        assert_eq!(src.bytes(0, 512), vec![0x11; 512]);
+        if resume {
+            // Space was made and the job resumed: the copy is retried.
+            tgt.fail_writes.store(false, Ordering::SeqCst);
+            cbw.job_resumed();
+            tokio::time::timeout(Duration::from_secs(5), write)
+                .await
+                .expect("the held write did not go on after the resume")
+                .unwrap()
+                .unwrap();
+            assert_eq!(tgt.bytes(0, 512), vec![0x11; 512]);
+            assert_eq!(src.bytes(0, 512), vec![0x55; 512]);
+        } else {
+            let r = tokio::time::timeout(PAUSED_HOLD * 4, write)
+                .await
+                .expect("the hold is not bounded")
+                .unwrap();
+            assert_eq!(r.unwrap_err().raw_os_error(), Some(libc::EIO));
+            assert!(started.elapsed() >= PAUSED_HOLD);
+        }
+        cbw.close().await;
+    }
+}
+
+/// The error policies that do not stop the job never hold a guest write.
+#[tokio::test]
+async fn a_reporting_backup_does_not_hold_the_guest_write() {
+    let src = MemDriver::new(SIZE);
+    let tgt = MemDriver::new(SIZE);
+    tgt.fail_writes.store(true, Ordering::SeqCst);
+    let source = node("src", &src);
+    let opts = CbwOptions {
+        on_cbw_error: OnCbwError::BreakSnapshot,
+        ..Default::default()
+    };
+    let cbw = Cbw::attach(source.clone(), node("tgt", &tgt), opts)
+        .await
+        .unwrap();
+    // enospc stops on ENOSPC only: this EIO is reported.
+    cbw.set_stop_policy(OnError::Enospc, OnError::Enospc);
+    tokio::time::timeout(
+        PAUSED_HOLD / 2,
+        source.write(0, IoBuf::from_slice(&[0x55; 512]), WriteFlags::default()),
+    )
+    .await
+    .expect("the guest write was held")
+    .unwrap();
+    assert!(cbw.snapshot_error().is_some());
+    cbw.close().await;
+}
+
+/// Copies-before-write count against a backup's `speed` without waiting
+/// for it: at 1 byte/s the guest's writes all go through, and the job owes
+/// the limiter what they copied (hours of it at that speed).
+#[tokio::test]
+async fn guest_copies_count_against_the_backup_speed() {
+    let src = MemDriver::new(SIZE);
+    let tgt = MemDriver::new(SIZE);
+    let (source, target) = (node("src", &src), node("tgt", &tgt));
+    let graph = Arc::new(BlockGraph::new());
+    graph.insert(source.clone()).unwrap();
+    graph.insert(target.clone()).unwrap();
+    let jobs = JobManager::new(Arc::new(|_: &str, _: serde_json::Value| {}));
+    let job = backup::prepare(
+        &graph,
+        &jobs,
+        BackupStart {
+            job_id: "j".into(),
+            source: source.clone(),
+            target,
+            filter_name: "cbw".into(),
+            cbw: CbwOptions::default(),
+            backup: BackupOptions::default(),
+            bitmap: None,
+            job: JobOptions {
+                speed: 1,
+                ..Default::default()
+            },
+            drain_timeout: Duration::from_secs(5),
+        },
+        None,
+    )
+    .await
+    .unwrap();
+    let ctx = job.ctx();
+    assert_eq!(ctx.ratelimit_delay(), Duration::ZERO);
+    // Not started: only the guest copies.
+    tokio::time::timeout(Duration::from_secs(30), async {
+        for c in 0..SIZE / CLUSTER {
+            source
+                .write(
+                    c * CLUSTER,
+                    IoBuf::from_slice(&[0x66; 512]),
+                    WriteFlags::default(),
+                )
+                .await
+                .unwrap();
+        }
+    })
+    .await
+    .expect("guest writes were held back by the speed limit");
+    // SIZE bytes at 1 byte per 100 ms slice: the debt is ~SIZE/10 s.
+    let owed = ctx.ratelimit_delay();
+    assert!(owed > Duration::from_secs(3600), "{owed:?}");
+    assert_eq!(tgt.bytes(0, 512), vec![0; 512]);
+    job.cancel(true).await.unwrap();
 }

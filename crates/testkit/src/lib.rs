@@ -605,6 +605,13 @@ fn status_kib(pid: u32, field: &str) -> u64 {
         .unwrap_or_else(|| panic!("{field} in /proc/{pid}/status"))
 }
 
+impl Qsd {
+    /// The daemon's pid (a crash test kills it with SIGKILL).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
 impl Drop for Qsd {
     fn drop(&mut self) {
         let _ = self.child.kill();

@@ -109,10 +109,12 @@ pub(super) fn parse_backup(args: &mut Args) -> Result<BackupArgs, QmpError> {
         discard_source: args.opt_bool("discard-source")?.unwrap_or(false),
         perf: parse_perf(args)?,
         target: args.req_str("target")?,
+        // break-snapshot unless asked otherwise: a failing backup target
+        // must not fail the guest's writes (docs/decisions.md).
         on_cbw_error: args
             .opt_enum("on-cbw-error", OnCbwError::NAMES)?
             .and_then(|s| OnCbwError::parse(&s))
-            .unwrap_or_default(),
+            .unwrap_or(OnCbwError::BreakSnapshot),
         cbw_timeout: args.opt_u32("cbw-timeout")?.unwrap_or(0),
         busy_share: args.opt_f64("x-busy-share")?,
     })
