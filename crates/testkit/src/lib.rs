@@ -579,7 +579,7 @@ impl Qsd {
         Qmp::connect(&self.qmp_path)
     }
 
-    /// Its process id.
+    /// Its process id (for memory figures, and for a crash test's SIGKILL).
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
@@ -603,13 +603,6 @@ fn status_kib(pid: u32, field: &str) -> u64 {
         .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .unwrap_or_else(|| panic!("{field} in /proc/{pid}/status"))
-}
-
-impl Qsd {
-    /// The daemon's pid (a crash test kills it with SIGKILL).
-    pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
 }
 
 impl Drop for Qsd {
