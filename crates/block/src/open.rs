@@ -14,15 +14,15 @@
 use std::any::Any;
 use std::collections::HashMap;
 use std::future::Future;
-use std::os::unix::fs::FileTypeExt;
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::Arc;
 
 use crate::blkdebug::BlkdebugOpenOptions;
 use crate::error::{Error, Result};
-use crate::file::{FileDriver, FileOptions};
+use crate::file::{FileDriver, FileOptions, Refusal};
 use crate::graph::BlockGraph;
+use crate::lock::{as_conflict, Locking};
 use crate::node::BlockNode;
 use crate::qcow2::{check_chain_depth, resolve_backing_filename, BackingRef, Qcow2Cache};
 use crate::qcow2::{Header, Qcow2Driver, Qcow2Options};
@@ -55,6 +55,8 @@ pub enum DriverOptions {
         filename: String,
         /// `aio=native`, which needs `cache.direct`.
         aio_native: bool,
+        /// `locking`: image locks shared with QEMU.
+        locking: Locking,
     },
     /// `raw`.
     Raw {
@@ -267,7 +269,14 @@ fn open_tree<'a>(
             DriverOptions::File {
                 filename,
                 aio_native,
-            } => Box::new(open_file(filename, *aio_native, cache_direct, read_only)?),
+                locking,
+            } => Box::new(open_file(
+                filename,
+                *aio_native,
+                cache_direct,
+                (read_only, force_share),
+                *locking,
+            )?),
             DriverOptions::Raw { offset, size, .. } => Box::new(RawDriver::open(
                 file.expect("raw's file child was opened above"),
                 RawOptions {
@@ -356,32 +365,35 @@ async fn open_ref(
     }
 }
 
-/// Opens the `file` driver with QEMU's checks.
+/// Opens the `file` driver with QEMU's checks; `access` is (read-only,
+/// force-share), which decide the image locks.
 fn open_file(
     filename: &str,
     aio_native: bool,
     cache_direct: bool,
-    read_only: bool,
+    access: (bool, bool),
+    locking: Locking,
 ) -> Result<FileDriver> {
-    let f = FileDriver::open(&FileOptions {
+    let (read_only, force_share) = access;
+    let opts = FileOptions {
         filename: filename.to_string(),
         direct: cache_direct,
         read_only,
-    })
-    .map_err(|e| Error::io(format!("Could not open '{filename}'"), &e))?;
+    };
+    let f = FileDriver::open_locked(&opts, locking, force_share).map_err(|e| {
+        // QEMU words these without the "Could not open" prefix.
+        if let Some(c) = as_conflict(&e) {
+            Error::invalid(c.0.clone())
+        } else if let Some(r) = e.get_ref().and_then(|i| i.downcast_ref::<Refusal>()) {
+            Error::invalid(r.0.clone())
+        } else {
+            Error::io(format!("Could not open '{filename}'"), &e)
+        }
+    })?;
     if aio_native && !cache_direct {
         return Err(Error::invalid(
             "aio=native was specified, but it requires cache.direct=on, which was not specified.",
         ));
-    }
-    // Block devices are accepted too (QEMU wants host_device for them).
-    let usable = std::fs::metadata(filename)
-        .map(|m| m.file_type().is_file() || m.file_type().is_block_device())
-        .unwrap_or(false);
-    if !usable {
-        return Err(Error::invalid(format!(
-            "'file' driver requires '{filename}' to be a regular file"
-        )));
     }
     Ok(f)
 }
@@ -445,6 +457,7 @@ async fn open_backing(
     let file_opts = BlockdevRef::Inline(Box::new(BlockdevOptions::of(DriverOptions::File {
         filename: path.clone(),
         aio_native: false,
+        locking: Locking::Auto,
     })));
     let driver = match format.as_str() {
         "raw" => DriverOptions::Raw {
