@@ -429,3 +429,84 @@ fn kernel_pseudo_files_are_refused() {
     assert!(qmp.node_names().is_empty());
     qmp.ok("query-version", json!({}));
 }
+
+#[test]
+fn a_file_node_locks_when_a_node_is_opened_on_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = create_image(dir.path().join("disk.qcow2"), "qcow2", 16 * MIB);
+    let steps = |qmp: &mut Qmp| {
+        let file = json!({"driver": "file", "node-name": "f", "filename": path_str(&img)});
+        qmp.ok("blockdev-add", file);
+        // Nobody uses the file node yet: QEMU's file node holds no permission.
+        let alone = write_with_qemu_io(&img, "qcow2").0;
+        qmp.ok(
+            "blockdev-add",
+            json!({"driver": "qcow2", "node-name": "q", "file": "f"}),
+        );
+        let used = write_with_qemu_io(&img, "qcow2");
+        let peek = qemu_img_info(&img, true).0;
+        qmp.ok("blockdev-del", json!({"node-name": "q"}));
+        qmp.ok("blockdev-del", json!({"node-name": "f"}));
+        let after = write_with_qemu_io(&img, "qcow2").0;
+        (alone, used.0, used.1.contains(WRITE_LOCK), peek, after)
+    };
+    let d = Livesnapd::bare();
+    let ours = steps(&mut d.qmp());
+    assert_eq!(
+        ours,
+        (true, false, true, true, true),
+        "(write with a lone file node, write with qcow2 on it, refused for the write lock, info -U, write after del)"
+    );
+    let qsd = Qsd::bare();
+    assert_eq!(ours, steps(&mut qsd.qmp()), "livesnapd vs qsd");
+}
+
+#[test]
+fn a_snapshot_gives_up_the_old_top_write_lock() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = create_image(dir.path().join("base.qcow2"), "qcow2", 16 * MIB);
+    let overlay = dir.path().join("overlay.qcow2");
+    let steps = |qmp: &mut Qmp| {
+        let _ = std::fs::remove_file(&overlay);
+        run(Command::new("qemu-img").args([
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            path_str(&base),
+            "-F",
+            "qcow2",
+            path_str(&overlay),
+        ]));
+        qmp.ok("blockdev-add", qcow2_node("disk", &base, json!({})));
+        let before = qemu_img_info(&base, false).0;
+        let mut ov = qcow2_node("ov", &overlay, json!({}));
+        ov["backing"] = Value::Null;
+        qmp.ok("blockdev-add", ov);
+        qmp.ok(
+            "blockdev-snapshot",
+            json!({"node": "disk", "overlay": "ov"}),
+        );
+        let info_base = qemu_img_info(&base, false).0;
+        let write_base = write_with_qemu_io(&base, "qcow2");
+        let write_ov = write_with_qemu_io(&overlay, "qcow2").0;
+        (
+            before,
+            info_base,
+            write_base.0,
+            write_base.1.contains(WRITE_LOCK),
+            write_ov,
+        )
+    };
+    let d = Livesnapd::bare();
+    let ours = steps(&mut d.qmp());
+    assert_eq!(
+        ours,
+        (false, true, false, true, false),
+        "(info of the top, info of it once a backing image, write to it, refused for the write lock, write to the overlay)"
+    );
+    drop(d);
+    let qsd = Qsd::bare();
+    assert_eq!(ours, steps(&mut qsd.qmp()), "livesnapd vs qsd");
+}

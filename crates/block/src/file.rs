@@ -8,11 +8,11 @@ use std::io;
 use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
 use std::os::unix::io::AsRawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use crate::buf::IoBuf;
 use crate::driver::{BlockDriver, BlockStatus, IoFuture, Limits, WriteFlags, ZeroFlags};
-use crate::lock::{lock_image, ImagePerms, Locking};
+use crate::lock::{lock_image, release_locks, ImagePerms, Locking, PERM_ALL};
 
 /// Options of the `file` driver, named as in QEMU's `BlockdevOptionsFile`.
 #[derive(Clone, Debug, Default)]
@@ -32,6 +32,11 @@ pub struct FileDriver {
     size: Arc<AtomicU64>,
     alignment: u32,
     regular: bool,
+    read_only: bool,
+    force_share: bool,
+    locking: Locking,
+    /// The image locks held (none yet, or `locking=off`).
+    locks: Mutex<Option<ImagePerms>>,
 }
 
 /// Largest chunk of zeroes written at once when fallocate cannot zero a range.
@@ -49,6 +54,20 @@ impl FileDriver {
     /// makes carries its text in a [`Refusal`] or
     /// [`LockConflict`](crate::lock::LockConflict) payload.
     pub fn open_locked(
+        opts: &FileOptions,
+        locking: Locking,
+        force_share: bool,
+    ) -> io::Result<FileDriver> {
+        let f = FileDriver::open_unlocked(opts, locking, force_share)?;
+        f.take_locks(false)?;
+        Ok(f)
+    }
+
+    /// Opens the file and checks what it is, but takes its image locks only
+    /// when [`take_locks`](Self::take_locks) is called: a `file` node
+    /// added on its own locks when a node is opened on it, as QEMU's file
+    /// node takes the permissions its parents ask for.
+    pub fn open_unlocked(
         opts: &FileOptions,
         locking: Locking,
         force_share: bool,
@@ -80,11 +99,6 @@ impl FileDriver {
             )));
         }
         clear_nonblock(&file)?;
-        lock_image(
-            &file,
-            ImagePerms::for_open(opts.read_only, force_share),
-            locking,
-        )?;
         let size = device_size(&file)?;
         let regular = kind.is_file();
         let alignment = if opts.direct {
@@ -98,7 +112,37 @@ impl FileDriver {
             size: Arc::new(AtomicU64::new(size)),
             alignment,
             regular,
+            read_only: opts.read_only,
+            force_share,
+            locking,
+            locks: Mutex::new(None),
         })
+    }
+
+    /// Takes the image locks of a user of this file that reads only
+    /// (`read_only`, or the file itself is read-only) or also writes, on
+    /// top of those already held; refused with QEMU's text on a conflict.
+    pub fn take_locks(&self, read_only: bool) -> io::Result<()> {
+        if self.locking == Locking::Off {
+            return Ok(());
+        }
+        let want = ImagePerms::for_open(self.read_only || read_only, self.force_share);
+        let mut held = self.locks.lock().unwrap();
+        let before = held.unwrap_or(ImagePerms {
+            perm: 0,
+            shared: PERM_ALL,
+        });
+        let after = ImagePerms {
+            perm: before.perm | want.perm,
+            shared: before.shared & want.shared,
+        };
+        if let Err(e) = lock_image(&self.file, want, self.locking) {
+            // The refused user's bytes go again; the file's other users keep theirs.
+            let _ = release_locks(&self.file, after, before);
+            return Err(e);
+        }
+        *held = Some(after);
+        Ok(())
     }
 
     /// Sets the file's length now, on the calling thread (image creation).
@@ -322,6 +366,17 @@ impl BlockDriver for FileDriver {
 
     fn filename(&self) -> String {
         self.filename.clone()
+    }
+
+    fn frozen_read_only(&self) {
+        let mut held = self.locks.lock().unwrap();
+        let Some(h) = *held else { return };
+        let reader = ImagePerms::for_open(true, self.force_share);
+        match release_locks(&self.file, h, reader) {
+            Ok(()) => *held = Some(reader),
+            // Still locked as a writer: stricter than needed, never unsafe.
+            Err(e) => tracing::warn!("{}: giving up the write lock failed: {e}", self.filename),
+        }
     }
 
     fn read(&self, offset: u64, mut buf: IoBuf) -> IoFuture<'_, IoBuf> {

@@ -49,8 +49,8 @@ pub use hook::{HookedWrite, WriteHook, WriteKind};
 pub use lock::{LockConflict, Locking};
 pub use node::{BlockNode, NodeUser};
 pub use open::{
-    open, BackingOption, BlockdevOptions, BlockdevRef, DriverFactory, DriverOptions, Drivers,
-    FactoryOpen, OpenFuture,
+    lock_for_user, open, BackingOption, BlockdevOptions, BlockdevRef, DriverFactory, DriverOptions,
+    Drivers, FactoryOpen, OpenFuture,
 };
 pub use qcow2::{
     check_chain_depth, read_header_backing, resolve_backing_filename, BackingRef, Qcow2BitmapInfo,

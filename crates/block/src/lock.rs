@@ -203,6 +203,22 @@ pub fn lock_image(file: &File, perms: ImagePerms, locking: Locking) -> io::Resul
     Ok(())
 }
 
+/// Gives up the locks `from` holds beyond `to` (a node frozen read-only by
+/// an external snapshot stops using write, as QEMU's reopen does). Only
+/// ever fewer permissions: nothing new to check.
+pub fn release_locks(file: &File, from: ImagePerms, to: ImagePerms) -> io::Result<()> {
+    let used = bits(from.perm & !to.perm).map(|(i, _)| PERM_BASE + i);
+    let unshared = bits(!from.shared & to.shared & PERM_ALL).map(|(i, _)| SHARED_BASE + i);
+    for byte in used.chain(unshared) {
+        let fl = flock_at(libc::F_UNLCK as libc::c_short, byte);
+        // SAFETY: fcntl on an fd we own with a valid flock.
+        if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_SETLK, &fl) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
 fn conflict(text: String) -> io::Error {
     io::Error::new(io::ErrorKind::ResourceBusy, LockConflict(text))
 }
@@ -257,6 +273,13 @@ mod tests {
         let e = try_open(rw, Locking::On).unwrap_err();
         assert_eq!(as_conflict(&e).unwrap().0, "Failed to get \"write\" lock");
         drop((r1, r2));
-        try_open(rw, Locking::On).unwrap();
+        let w = try_open(rw, Locking::On).unwrap();
+
+        // A writer frozen read-only lets readers in and still keeps writers out.
+        release_locks(&w, rw, ro).unwrap();
+        let r = try_open(ro, Locking::On).unwrap();
+        let e = try_open(rw, Locking::On).unwrap_err();
+        assert_eq!(as_conflict(&e).unwrap().0, "Failed to get \"write\" lock");
+        drop((w, r));
     }
 }
