@@ -18,6 +18,8 @@ use std::os::unix::io::AsRawFd;
 
 use crate::buf::IoBuf;
 use crate::file::{FileDriver, FileOptions};
+use crate::lock::{as_conflict, lock_image, ImagePerms, Locking};
+use crate::lock::{PERM_ALL, PERM_RESIZE, PERM_WRITE};
 use crate::node::BlockNode;
 use crate::qcow2::header::{
     Header, EXT_BACKING_FORMAT, EXT_FEATURE_TABLE, MAGIC, MAX_BACKING_NAME,
@@ -111,11 +113,16 @@ async fn blocking<T: Send + 'static>(
 
 /// Virtual size of the backing image, opened read-only with the given format.
 async fn backing_size(path: &str, format: &str) -> crate::Result<u64> {
-    let file = FileDriver::open(&FileOptions {
-        filename: path.to_string(),
-        direct: false,
-        read_only: true,
-    })
+    // Like qemu-img create, a peek that shares the image with its users.
+    let file = FileDriver::open_locked(
+        &FileOptions {
+            filename: path.to_string(),
+            direct: false,
+            read_only: true,
+        },
+        Locking::Auto,
+        true,
+    )
     .map_err(|e| crate::Error::io(format!("Could not open '{path}'"), &e))?;
     let node = BlockNode::new("#create-backing", Box::new(file), true, false);
     match format {
@@ -203,19 +210,27 @@ async fn create_qcow2(opts: &CreateOptions) -> crate::Result<()> {
 
     let path = opts.filename.clone();
     let file = blocking(move || {
+        // Emptied only once its locks are taken: an image another process
+        // uses is refused, not destroyed (QEMU's file creation does the same).
         OpenOptions::new()
             .write(true)
             .create(true)
-            .truncate(true)
+            .truncate(false)
             .open(&path)
             .map(drop)
             .map_err(|e| crate::Error::io(format!("Could not create '{path}'"), &e))?;
-        FileDriver::open(&FileOptions {
+        let file = FileDriver::open(&FileOptions {
             filename: path.clone(),
             direct: false,
             read_only: false,
         })
-        .map_err(|e| crate::Error::io(format!("Could not create '{path}'"), &e))
+        .map_err(|e| match as_conflict(&e) {
+            Some(c) => crate::Error::invalid(c.0.clone()),
+            None => crate::Error::io(format!("Could not create '{path}'"), &e),
+        })?;
+        file.set_len(0)
+            .map_err(|e| crate::Error::io(format!("Could not create '{path}'"), &e))?;
+        Ok(file)
     })
     .await?;
     let node = BlockNode::new("#create", Box::new(file), false, false);
@@ -359,6 +374,16 @@ pub async fn create_file(opts: &FileCreateOptions) -> crate::Result<()> {
             .mode(0o644)
             .open(path)
             .map_err(|e| crate::Error::io(format!("Could not create '{path}'"), &e))?;
+        // QEMU's file creation claims write and resize and refuses to share
+        // resize, so an image in use elsewhere is refused, not emptied.
+        let perms = ImagePerms {
+            perm: PERM_WRITE | PERM_RESIZE,
+            shared: PERM_ALL & !PERM_RESIZE,
+        };
+        lock_image(&f, perms, Locking::Auto).map_err(|e| match as_conflict(&e) {
+            Some(c) => crate::Error::invalid(c.0.clone()),
+            None => crate::Error::io(format!("Could not create '{path}'"), &e),
+        })?;
         let resize_err = |e: std::io::Error| crate::Error::io("Could not resize file", &e);
         ftruncate(&f, 0).map_err(resize_err)?;
         set_file_hints(&f, opts.nocow, hint, opts.extent_size_hint.is_some());

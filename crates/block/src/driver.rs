@@ -110,6 +110,10 @@ pub trait BlockDriver: AsAny + Send + Sync + 'static {
         Vec::new()
     }
 
+    /// The node stops writing for good (an external snapshot froze it):
+    /// give up what only a writer holds (a file's write locks).
+    fn frozen_read_only(&self) {}
+
     /// The node leaves the graph: undo what opening did outside the node
     /// (a filter detaches from the disk it sits on).
     fn close(&self) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {

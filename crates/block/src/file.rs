@@ -5,13 +5,14 @@
 
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
 use std::os::unix::io::AsRawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use crate::buf::IoBuf;
 use crate::driver::{BlockDriver, BlockStatus, IoFuture, Limits, WriteFlags, ZeroFlags};
+use crate::lock::{lock_image, release_locks, ImagePerms, Locking, PERM_ALL};
 
 /// Options of the `file` driver, named as in QEMU's `BlockdevOptionsFile`.
 #[derive(Clone, Debug, Default)]
@@ -31,22 +32,75 @@ pub struct FileDriver {
     size: Arc<AtomicU64>,
     alignment: u32,
     regular: bool,
+    read_only: bool,
+    force_share: bool,
+    locking: Locking,
+    /// The image locks held (none yet, or `locking=off`).
+    locks: Mutex<Option<ImagePerms>>,
 }
 
 /// Largest chunk of zeroes written at once when fallocate cannot zero a range.
 const ZERO_CHUNK: u64 = 1 << 20;
 
 impl FileDriver {
-    /// Opens the file as QEMU's file driver does; the error text is QEMU's.
+    /// Opens the file as QEMU's file driver does, locking it with QEMU's
+    /// default (`locking=auto`, no `force-share`).
     pub fn open(opts: &FileOptions) -> io::Result<FileDriver> {
+        FileDriver::open_locked(opts, Locking::Auto, false)
+    }
+
+    /// Opens the file and takes the image locks of a read-only or writable
+    /// open (shared by everyone when `force_share`). A refusal QEMU also
+    /// makes carries its text in a [`Refusal`] or
+    /// [`LockConflict`](crate::lock::LockConflict) payload.
+    pub fn open_locked(
+        opts: &FileOptions,
+        locking: Locking,
+        force_share: bool,
+    ) -> io::Result<FileDriver> {
+        let f = FileDriver::open_unlocked(opts, locking, force_share)?;
+        f.take_locks(false)?;
+        Ok(f)
+    }
+
+    /// Opens the file and checks what it is, but takes its image locks only
+    /// when [`take_locks`](Self::take_locks) is called: a `file` node
+    /// added on its own locks when a node is opened on it, as QEMU's file
+    /// node takes the permissions its parents ask for.
+    pub fn open_unlocked(
+        opts: &FileOptions,
+        locking: Locking,
+        force_share: bool,
+    ) -> io::Result<FileDriver> {
         let mut oo = OpenOptions::new();
         oo.read(true).write(!opts.read_only);
+        // A FIFO's open waits for a peer and a device's may wait on the
+        // device: never block the caller (the QMP monitor) before the file
+        // type is known to be one this driver serves.
+        let mut flags = libc::O_NONBLOCK;
         if opts.direct {
-            oo.custom_flags(libc::O_DIRECT);
+            flags |= libc::O_DIRECT;
         }
+        oo.custom_flags(flags);
         let file = oo.open(&opts.filename)?;
+        let meta = file.metadata()?;
+        let kind = meta.file_type();
+        // Block devices are accepted too (QEMU wants host_device for them).
+        if !kind.is_file() && !kind.is_block_device() {
+            return Err(refusal(format!(
+                "'file' driver requires '{}' to be a regular file",
+                opts.filename
+            )));
+        }
+        if let Some(fs) = pseudo_filesystem(&file)? {
+            return Err(refusal(format!(
+                "'file' driver cannot serve '{}': it is a {fs} pseudo file, not an image",
+                opts.filename
+            )));
+        }
+        clear_nonblock(&file)?;
         let size = device_size(&file)?;
-        let regular = file.metadata()?.file_type().is_file();
+        let regular = kind.is_file();
         let alignment = if opts.direct {
             probe_direct_alignment(&file)
         } else {
@@ -58,7 +112,44 @@ impl FileDriver {
             size: Arc::new(AtomicU64::new(size)),
             alignment,
             regular,
+            read_only: opts.read_only,
+            force_share,
+            locking,
+            locks: Mutex::new(None),
         })
+    }
+
+    /// Takes the image locks of a user of this file that reads only
+    /// (`read_only`, or the file itself is read-only) or also writes, on
+    /// top of those already held; refused with QEMU's text on a conflict.
+    pub fn take_locks(&self, read_only: bool) -> io::Result<()> {
+        if self.locking == Locking::Off {
+            return Ok(());
+        }
+        let want = ImagePerms::for_open(self.read_only || read_only, self.force_share);
+        let mut held = self.locks.lock().unwrap();
+        let before = held.unwrap_or(ImagePerms {
+            perm: 0,
+            shared: PERM_ALL,
+        });
+        let after = ImagePerms {
+            perm: before.perm | want.perm,
+            shared: before.shared & want.shared,
+        };
+        if let Err(e) = lock_image(&self.file, want, self.locking) {
+            // The refused user's bytes go again; the file's other users keep theirs.
+            let _ = release_locks(&self.file, after, before);
+            return Err(e);
+        }
+        *held = Some(after);
+        Ok(())
+    }
+
+    /// Sets the file's length now, on the calling thread (image creation).
+    pub fn set_len(&self, len: u64) -> io::Result<()> {
+        self.file.set_len(len)?;
+        self.size.store(len, Ordering::Release);
+        Ok(())
     }
 
     fn blocking<T, F>(&self, f: F) -> IoFuture<'_, T>
@@ -73,6 +164,59 @@ impl FileDriver {
                 .map_err(|e| io::Error::other(format!("I/O worker failed: {e}")))?
         })
     }
+}
+
+/// An open the file driver refuses for what the file is; the text is the
+/// whole error message.
+#[derive(Debug)]
+pub struct Refusal(pub String);
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Refusal {}
+
+fn refusal(text: String) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidInput, Refusal(text))
+}
+
+/// The name of the kernel pseudo filesystem `file` lives on, if it does:
+/// their files claim to be regular but have no size and are no disk (reads of
+/// `/proc/self/mem` read the daemon's own memory).
+fn pseudo_filesystem(file: &File) -> io::Result<Option<&'static str>> {
+    // SAFETY: statfs is plain data, filled in by fstatfs on an fd we own.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::fstatfs(file.as_raw_fd(), &mut st) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    const PSEUDO: &[(i64, &str)] = &[
+        (0x9fa0, "procfs"),
+        (0x6265_6572, "sysfs"),
+        (0x6462_6720, "debugfs"),
+        (0x7472_6163, "tracefs"),
+        (0x7363_6673, "securityfs"),
+        (0x6265_6570, "configfs"),
+        (0x0027_e0eb, "cgroup"),
+        (0x6367_7270, "cgroup2"),
+        (0xcafe_4a11, "bpf"),
+        (0xde5e_81e4, "efivarfs"),
+    ];
+    let magic = st.f_type as i64;
+    Ok(PSEUDO.iter().find(|(m, _)| *m == magic).map(|(_, n)| *n))
+}
+
+fn clear_nonblock(file: &File) -> io::Result<()> {
+    // SAFETY: fcntl on an fd we own.
+    let flags = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GETFL) };
+    if flags < 0
+        || unsafe { libc::fcntl(file.as_raw_fd(), libc::F_SETFL, flags & !libc::O_NONBLOCK) } < 0
+    {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// Size of a regular file or a block device.
@@ -222,6 +366,17 @@ impl BlockDriver for FileDriver {
 
     fn filename(&self) -> String {
         self.filename.clone()
+    }
+
+    fn frozen_read_only(&self) {
+        let mut held = self.locks.lock().unwrap();
+        let Some(h) = *held else { return };
+        let reader = ImagePerms::for_open(true, self.force_share);
+        match release_locks(&self.file, h, reader) {
+            Ok(()) => *held = Some(reader),
+            // Still locked as a writer: stricter than needed, never unsafe.
+            Err(e) => tracing::warn!("{}: giving up the write lock failed: {e}", self.filename),
+        }
     }
 
     fn read(&self, offset: u64, mut buf: IoBuf) -> IoFuture<'_, IoBuf> {

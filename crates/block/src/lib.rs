@@ -18,6 +18,7 @@ pub mod error;
 pub mod file;
 pub mod graph;
 pub mod hook;
+pub mod lock;
 pub mod node;
 pub mod open;
 pub mod qcow2;
@@ -42,13 +43,14 @@ pub use driver::{
     BlockDriver, BlockStatus, ChildRef, FormatSpecific, IoFuture, Limits, WriteFlags, ZeroFlags,
 };
 pub use error::{Error, ErrorKind, Result};
-pub use file::{FileDriver, FileOptions};
+pub use file::{FileDriver, FileOptions, Refusal};
 pub use graph::{check_node_name, id_wellformed, BlockGraph};
 pub use hook::{HookedWrite, WriteHook, WriteKind};
+pub use lock::{LockConflict, Locking};
 pub use node::{BlockNode, NodeUser};
 pub use open::{
-    open, BackingOption, BlockdevOptions, BlockdevRef, DriverFactory, DriverOptions, Drivers,
-    FactoryOpen, OpenFuture,
+    lock_for_user, open, BackingOption, BlockdevOptions, BlockdevRef, DriverFactory, DriverOptions,
+    Drivers, FactoryOpen, OpenFuture,
 };
 pub use qcow2::{
     check_chain_depth, read_header_backing, resolve_backing_filename, BackingRef, Qcow2BitmapInfo,

@@ -129,7 +129,9 @@ impl BlockNode {
 
     /// Freezes the node against writes (the old top after an external snapshot).
     pub fn set_read_only(&self) {
-        self.read_only.store(true, Ordering::SeqCst);
+        if !self.read_only.swap(true, Ordering::SeqCst) {
+            self.driver.frozen_read_only();
+        }
     }
 
     /// True when the node was created by name through the monitor.

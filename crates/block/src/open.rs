@@ -14,15 +14,15 @@
 use std::any::Any;
 use std::collections::HashMap;
 use std::future::Future;
-use std::os::unix::fs::FileTypeExt;
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::Arc;
 
 use crate::blkdebug::BlkdebugOpenOptions;
 use crate::error::{Error, Result};
-use crate::file::{FileDriver, FileOptions};
+use crate::file::{FileDriver, FileOptions, Refusal};
 use crate::graph::BlockGraph;
+use crate::lock::{as_conflict, Locking};
 use crate::node::BlockNode;
 use crate::qcow2::{check_chain_depth, resolve_backing_filename, BackingRef, Qcow2Cache};
 use crate::qcow2::{Header, Qcow2Driver, Qcow2Options};
@@ -55,6 +55,8 @@ pub enum DriverOptions {
         filename: String,
         /// `aio=native`, which needs `cache.direct`.
         aio_native: bool,
+        /// `locking`: image locks shared with QEMU.
+        locking: Locking,
     },
     /// `raw`.
     Raw {
@@ -267,7 +269,14 @@ fn open_tree<'a>(
             DriverOptions::File {
                 filename,
                 aio_native,
-            } => Box::new(open_file(filename, *aio_native, cache_direct, read_only)?),
+                locking,
+            } => Box::new(open_file(
+                filename,
+                *aio_native,
+                cache_direct,
+                (read_only, force_share),
+                *locking,
+            )?),
             DriverOptions::Raw { offset, size, .. } => Box::new(RawDriver::open(
                 file.expect("raw's file child was opened above"),
                 RawOptions {
@@ -281,6 +290,10 @@ fn open_tree<'a>(
                 // once it has read it, before anything is written.
                 let header = Header::read(&file, !read_only).await?;
                 let l2_cache_size = cache.check(header.cluster_size(), header.version >= 3)?;
+                // qcow2 writes metadata whoever uses it: it locks its file
+                // itself (after its option checks, where qsd reports a
+                // conflict) and before it writes anything.
+                lock_for_user(&file, read_only)?;
                 let q = Qcow2Driver::open_with(
                     file.clone(),
                     None,
@@ -349,41 +362,74 @@ async fn open_ref(
     chain: Vec<PathBuf>,
 ) -> Result<Arc<BlockNode>> {
     match r {
-        BlockdevRef::Reference(n) => ctx.graph.get(n).ok_or_else(|| {
-            Error::not_found(format!("Cannot find device='{n}' nor node-name='{n}'"))
-        }),
+        BlockdevRef::Reference(n) => {
+            let node = ctx.graph.get(n).ok_or_else(|| {
+                Error::not_found(format!("Cannot find device='{n}' nor node-name='{n}'"))
+            })?;
+            Ok(node)
+        }
         BlockdevRef::Inline(child) => open_tree(ctx, child, inherited, false, chain).await,
     }
 }
 
-/// Opens the `file` driver with QEMU's checks.
+/// Opens the `file` driver with QEMU's checks; `access` is (read-only,
+/// force-share), which decide the image locks its users take.
 fn open_file(
     filename: &str,
     aio_native: bool,
     cache_direct: bool,
-    read_only: bool,
+    access: (bool, bool),
+    locking: Locking,
 ) -> Result<FileDriver> {
-    let f = FileDriver::open(&FileOptions {
+    let (read_only, force_share) = access;
+    let opts = FileOptions {
         filename: filename.to_string(),
         direct: cache_direct,
         read_only,
-    })
-    .map_err(|e| Error::io(format!("Could not open '{filename}'"), &e))?;
+    };
+    let f = FileDriver::open_unlocked(&opts, locking, force_share).map_err(|e| {
+        // QEMU words these without the "Could not open" prefix.
+        match e.get_ref().and_then(|i| i.downcast_ref::<Refusal>()) {
+            Some(r) => Error::invalid(r.0.clone()),
+            None => Error::io(format!("Could not open '{filename}'"), &e),
+        }
+    })?;
+
     if aio_native && !cache_direct {
         return Err(Error::invalid(
             "aio=native was specified, but it requires cache.direct=on, which was not specified.",
         ));
     }
-    // Block devices are accepted too (QEMU wants host_device for them).
-    let usable = std::fs::metadata(filename)
-        .map(|m| m.file_type().is_file() || m.file_type().is_block_device())
-        .unwrap_or(false);
-    if !usable {
-        return Err(Error::invalid(format!(
-            "'file' driver requires '{filename}' to be a regular file"
-        )));
-    }
     Ok(f)
+}
+
+/// Takes the image locks of a user of `node` that reads only or also
+/// writes: on the file under it, through `raw` and filters, as QEMU passes
+/// its users' permissions down (a qcow2 node took its own at open). A node
+/// nobody uses locks nothing, as in QEMU; livesnapd's users are qcow2
+/// parents, backing links and NBD exports. Conflicts get QEMU's texts.
+pub fn lock_for_user(node: &BlockNode, read_only: bool) -> Result<()> {
+    if let Some(f) = node.driver::<FileDriver>() {
+        return f.take_locks(read_only).map_err(lock_error);
+    }
+    if node.format_name() == "qcow2" {
+        return Ok(());
+    }
+    for c in node.children() {
+        if matches!(c.role, "file" | "image") {
+            lock_for_user(&c.node, read_only)?;
+        }
+    }
+    Ok(())
+}
+
+/// A failure to take image locks: a conflict in QEMU's words (without the
+/// "Could not open" prefix, as QEMU), anything else as the system said.
+fn lock_error(e: std::io::Error) -> Error {
+    match as_conflict(&e) {
+        Some(c) => Error::invalid(c.0.clone()),
+        None => Error::io("Failed to lock the image", &e),
+    }
 }
 
 /// A `raw` window bound as QEMU reads it back as a size: negative is out of range.
@@ -419,10 +465,11 @@ async fn open_backing(
     let header_ref = match backing {
         BackingOption::Null => return Ok(None),
         BackingOption::Node(r) => {
-            return open_ref(ctx, r, inherited, chain)
+            let node = open_ref(ctx, r, inherited, chain)
                 .await
-                .map(Some)
-                .map_err(|e| e.context("Could not open backing file"))
+                .map_err(|e| e.context("Could not open backing file"))?;
+            lock_for_user(&node, true)?;
+            return Ok(Some(node));
         }
         BackingOption::FromHeader => header_ref,
     };
@@ -445,6 +492,7 @@ async fn open_backing(
     let file_opts = BlockdevRef::Inline(Box::new(BlockdevOptions::of(DriverOptions::File {
         filename: path.clone(),
         aio_native: false,
+        locking: Locking::Auto,
     })));
     let driver = match format.as_str() {
         "raw" => DriverOptions::Raw {
@@ -463,8 +511,9 @@ async fn open_backing(
             )))
         }
     };
-    open_tree(ctx, &BlockdevOptions::of(driver), inherited, false, chain)
+    let node = open_tree(ctx, &BlockdevOptions::of(driver), inherited, false, chain)
         .await
-        .map(Some)
-        .map_err(|e| e.context("Could not open backing file"))
+        .map_err(|e| e.context("Could not open backing file"))?;
+    lock_for_user(&node, true).map_err(|e| e.context("Could not open backing file"))?;
+    Ok(Some(node))
 }

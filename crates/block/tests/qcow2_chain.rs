@@ -189,6 +189,9 @@ async fn chain_writes_match_qemu_io() {
         assert_eq!(first_diff, None, "content differs from qemu-io's");
 
         top.flush().await.unwrap();
+        // Closed as blockdev-del closes it: its last metadata write is done
+        // and its image lock gone before QEMU looks.
+        top.close().await;
         drop(top);
         for n in ["top.qcow2", "mid.qcow2"] {
             check_clean(&a.join(n), false);

@@ -270,6 +270,9 @@ async fn stress(cluster_size: u64, with_backing: bool, seed: u64, l2_cache: Opti
     let diff = got.iter().zip(&model).position(|(a, b)| a != b);
     assert_eq!(diff, None, "driver read differs from the model");
     node.flush().await.unwrap();
+    // Closed as blockdev-del closes it: its last metadata write is done
+    // and its image lock gone before QEMU looks.
+    node.close().await;
     drop(node);
     check_clean(&img, false);
     let raw = tmp.path().join("out.raw");

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use livesnap_block::{
     BackingOption, BlockGraph, BlockNode, BlockdevOptions, BlockdevRef, DriverOptions, Drivers,
-    FileDriver, FileOptions, Qcow2Cache, Qcow2Driver, RawDriver, RawOptions,
+    FileDriver, FileOptions, Locking, Qcow2Cache, Qcow2Driver, RawDriver, RawOptions,
 };
 
 /// Runs a QEMU tool from /usr/bin; panics (fails the test) when it is missing.
@@ -108,6 +108,7 @@ pub async fn open_chain(path: &Path, read_only: bool) -> Arc<BlockNode> {
     let file = BlockdevRef::Inline(Box::new(BlockdevOptions::of(DriverOptions::File {
         filename: path.to_str().unwrap().to_string(),
         aio_native: false,
+        locking: Locking::Auto,
     })));
     let mut opts = BlockdevOptions::of(DriverOptions::Qcow2 {
         file,

@@ -448,6 +448,24 @@ impl BlockDriver for Qcow2Driver {
         Box::pin(self.inner.flush_all())
     }
 
+    fn close(&self) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + '_>> {
+        Box::pin(async move {
+            // A flush frees the clusters it unmapped after writing the L2
+            // tables, which dirties refcounts again; the second one writes
+            // those, so nothing is left for a write after the node is gone
+            // (and its image lock released to the next user).
+            for _ in 0..2 {
+                if self.inner.read_only || !self.inner.meta_dirty.load(Ordering::Acquire) {
+                    return;
+                }
+                if let Err(e) = self.inner.flush_all().await {
+                    tracing::warn!("qcow2: flush on close failed: {e}");
+                    return;
+                }
+            }
+        })
+    }
+
     fn block_status(&self, offset: u64, len: u64) -> IoFuture<'_, BlockStatus> {
         Box::pin(self.inner.block_status(offset, len))
     }

@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use livesnap_block::{
     create_image, BackingOption, BackingRef, BlockGraph, BlockNode, BlockdevOptions, BlockdevRef,
-    CreateOptions, DriverOptions, Drivers, ImageFormat, IoBuf, Qcow2Cache, WriteFlags,
+    CreateOptions, DriverOptions, Drivers, ImageFormat, IoBuf, Locking, Qcow2Cache, WriteFlags,
 };
 use sha2::{Digest, Sha256};
 
@@ -23,6 +23,7 @@ fn file_ref(path: &Path) -> BlockdevRef {
     BlockdevRef::Inline(Box::new(BlockdevOptions::of(DriverOptions::File {
         filename: path.to_string_lossy().into_owned(),
         aio_native: false,
+        locking: Locking::Auto,
     })))
 }
 
@@ -62,8 +63,12 @@ async fn open_file(path: &Path) -> Result<Arc<BlockNode>> {
     let mut opts = BlockdevOptions::of(DriverOptions::File {
         filename: path.to_string_lossy().into_owned(),
         aio_native: false,
+        locking: Locking::Auto,
     });
     opts.read_only = Some(true);
+    // A peek at the header, like `qemu-img info -U`: it works while the
+    // image is in use (a backup target still attached to livesnapd).
+    opts.force_share = Some(true);
     livesnap_block::open(&BlockGraph::new(), &Drivers::new(), &opts, false)
         .await
         .map_err(|e| Failure::usage(format!("{}: {e}", path.display())))

@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use livesnap_block::{
     BackingOption, BlockNode, BlockdevOptions, BlockdevRef, DriverOptions, FileDriver,
-    FormatSpecific, Qcow2Cache,
+    FormatSpecific, Locking, Qcow2Cache,
 };
 use livesnap_qmp::{Args, QmpError};
 use serde_json::{json, Value};
@@ -261,13 +261,17 @@ fn parse_options(args: &mut Args) -> Result<BlockdevOptions, QmpError> {
     let driver = match driver.as_str() {
         "file" => {
             let filename = args.req_str("filename")?;
-            args.opt_enum("locking", &["auto", "on", "off"])?;
+            let locking = args.opt_enum("locking", &["auto", "on", "off"])?;
             let aio = args.opt_enum("aio", &["threads", "native", "io_uring"])?;
             args.opt_i64("aio-max-batch")?;
             args.opt_bool("drop-cache")?;
             DriverOptions::File {
                 filename,
                 aio_native: aio.as_deref() == Some("native"),
+                locking: locking
+                    .as_deref()
+                    .and_then(Locking::parse)
+                    .unwrap_or_default(),
             }
         }
         "qcow2" => parse_qcow2(args)?,
