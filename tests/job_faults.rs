@@ -595,11 +595,39 @@ fn error_matrix(kind: JobKind, ours_only: bool) {
             let ours = error_case(ls.qmp(), ls.dir.path(), kind, fault, policy);
             assert_eq!(ours, want, "livesnapd: {kind:?} {fault:?} {policy}");
             if !ours_only {
-                let qsd = Qsd::bare();
-                let theirs = error_case(qsd.qmp(), qsd.dir.path(), kind, fault, policy);
-                assert_eq!(theirs, want, "qsd: {kind:?} {fault:?} {policy}");
+                let mut qsd = Qsd::bare();
+                let (qmp, dir) = (qsd.qmp(), qsd.dir.path().to_path_buf());
+                let theirs =
+                    std::panic::catch_unwind(move || error_case(qmp, &dir, kind, fault, policy));
+                match theirs {
+                    Ok(theirs) => assert_eq!(theirs, want, "qsd: {kind:?} {fault:?} {policy}"),
+                    // qsd 10.0.2 sometimes segfaults when a write-blocking
+                    // mirror's target fails (docs/reliability.md): nothing
+                    // to compare with, which is not livesnapd's failure.
+                    Err(e) => match wait_exit(&mut qsd) {
+                        Some(st) => eprintln!(
+                            "qsd crashed ({st}) in {kind:?} {fault:?} {policy}; case not compared"
+                        ),
+                        None => std::panic::resume_unwind(e),
+                    },
+                }
             }
         }
+    }
+}
+
+/// qsd's exit status once it has died, waiting a little for the kernel to
+/// reap it; `None` if it is still running.
+fn wait_exit(qsd: &mut Qsd) -> Option<std::process::ExitStatus> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        if let Some(st) = qsd.exit_status() {
+            return Some(st);
+        }
+        if Instant::now() > deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
     }
 }
 

@@ -583,6 +583,12 @@ impl Qsd {
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
+
+    /// How it ended, if it has: qsd 10.0.2 crashes in some fault scripts,
+    /// and a test that compares with it must tell that from a wrong answer.
+    pub fn exit_status(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
 }
 
 /// Resident memory of process `pid` in KiB (`VmRSS` of `/proc/PID/status`).
