@@ -33,6 +33,9 @@ import tempfile
 import threading
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from nbd_fio import wait_socket  # noqa: E402  (the sibling benchmark)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZE = 64 << 20
 NBDMAGIC = 0x4E42444D41474943
@@ -41,22 +44,6 @@ OPT_GO = 7
 REQUEST_MAGIC = 0x25609513
 SIMPLE_REPLY_MAGIC = 0x67446698
 CMD_READ = 0
-
-
-def wait_socket(path, timeout=30):
-    end = time.time() + timeout
-    while time.time() < end:
-        if os.path.exists(path):
-            s = socket.socket(socket.AF_UNIX)
-            try:
-                s.connect(path)
-                return
-            except OSError:
-                pass
-            finally:
-                s.close()
-        time.sleep(0.05)
-    raise RuntimeError(f"socket {path} never came up")
 
 
 def status_kib(pid, field):
