@@ -541,24 +541,22 @@ fn expected_events(kind: JobKind, fault: Fault, policy: &str) -> Vec<Value> {
     v
 }
 
-/// One error case on one daemon: the job's events, and the guest's check
-/// (no failed write, every acknowledged write on the source).
-fn error_case(qmp: Qmp, dir: &Path, kind: JobKind, fault: Fault, policy: &str) -> Vec<Value> {
-    let mut r = rig(qmp, dir, fault);
-    let layout = guest_layout(0xfa17 ^ FAULT_AT);
+/// What a matrix case has before its job starts: the bitmap an incremental
+/// backup needs, the guest's data, data where the fault is (so that every
+/// sync mode copies it), and two writers that have had writes acknowledged.
+fn guest_before_job(r: &mut Rig, kind: JobKind, layout: &Layout) -> Writers {
     if kind == JobKind::BackupIncremental {
         r.qmp.ok(
             "block-dirty-bitmap-add",
             json!({"node": "src", "name": "b0"}),
         );
     }
-    prefill(&r.url, &layout);
-    // Data where the fault is, so that every sync mode copies it.
+    prefill(&r.url, layout);
     let o = io_outcome(&r.url, &[&format!("write -P 0x5a {FAULT_AT} 1M")]);
     assert!(o.iter().all(|l| !l.contains("failed")), "{o:?}");
     let w = Writers::start(
         &[&r.url],
-        &layout,
+        layout,
         &WriterOpts {
             queue_depth: 2,
             rate: Some(500.0),
@@ -566,6 +564,15 @@ fn error_case(qmp: Qmp, dir: &Path, kind: JobKind, fault: Fault, policy: &str) -
         },
     );
     w.wait_acked(20, STEP);
+    w
+}
+
+/// One error case on one daemon: the job's events, and the guest's check
+/// (no failed write, every acknowledged write on the source).
+fn error_case(qmp: Qmp, dir: &Path, kind: JobKind, fault: Fault, policy: &str) -> Vec<Value> {
+    let mut r = rig(qmp, dir, fault);
+    let layout = guest_layout(0xfa17 ^ FAULT_AT);
+    let w = guest_before_job(&mut r, kind, &layout);
     start_job(&mut r.qmp, kind, policy);
     let events = run_to_end(&mut r.qmp, kind);
     let log = w.stop();
@@ -707,25 +714,7 @@ fn a_force_cancel_is_prompt_when_the_target_or_source_hangs() {
             let mut ls = Livesnapd::bare();
             let mut r = rig(ls.qmp(), ls.dir.path(), fault);
             let layout = guest_layout(0x57a11);
-            if kind == JobKind::BackupIncremental {
-                r.qmp.ok(
-                    "block-dirty-bitmap-add",
-                    json!({"node": "src", "name": "b0"}),
-                );
-            }
-            prefill(&r.url, &layout);
-            let o = io_outcome(&r.url, &[&format!("write -P 0x5a {FAULT_AT} 1M")]);
-            assert!(o.iter().all(|l| !l.contains("failed")), "{o:?}");
-            let w = Writers::start(
-                &[&r.url],
-                &layout,
-                &WriterOpts {
-                    queue_depth: 2,
-                    rate: Some(500.0),
-                    ..Default::default()
-                },
-            );
-            w.wait_acked(20, STEP);
+            let w = guest_before_job(&mut r, kind, &layout);
             start_job(&mut r.qmp, kind, "report");
             // Let the job run into the hang.
             std::thread::sleep(Duration::from_millis(300));
