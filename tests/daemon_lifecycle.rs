@@ -6,12 +6,11 @@
 use livesnap_testkit as harness;
 
 use std::collections::HashSet;
-use std::io::{BufRead, BufReader};
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::PathBuf;
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Command, ExitStatus};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use harness::*;
@@ -266,13 +265,13 @@ fn qmp_with_nbd_flag_starts_the_nbd_server_without_exports() {
     let sock = dir.path().join("nbd.sock");
     let image = dir.path().join("disk.img");
     sparse_file(&image, 4 * MIB);
-    let mut p = Proc::spawn(&[
+    let mut p = spawn_daemon(&[
         "--qmp",
         qmp.to_str().unwrap(),
         "--nbd",
         &format!("unix:{}", sock.display()),
     ]);
-    let banner = p.banner();
+    let banner = p.banner(WAIT);
     assert!(
         banner.iter().any(|l| l.contains(&format!(
             "NBD server: unix:{} (no exports yet",
@@ -313,7 +312,7 @@ fn qmp_with_nbd_flag_starts_the_nbd_server_without_exports() {
     let info: Value = serde_json::from_str(&info).unwrap();
     assert_eq!(info["virtual-size"], 4 * MIB);
     drop(m);
-    assert!(p.stop(libc::SIGTERM).success());
+    assert!(stop(&mut p, libc::SIGTERM).success());
     assert!(!sock.exists() && !qmp.exists(), "sockets left behind");
 }
 
@@ -514,70 +513,15 @@ fn sigint_and_early_sigterm_exit_0_and_remove_sockets() {
 
 // ---- demo -----------------------------------------------------------------------------
 
-/// A livesnapd started without the harness (which always adds --qmp).
-struct Proc {
-    child: Child,
-    lines: mpsc::Receiver<String>,
+/// livesnapd started from a command line.
+fn spawn_daemon(args: &[&str]) -> Spawned {
+    Spawned::spawn(Command::new(livesnapd_bin()).args(args))
 }
 
-impl Proc {
-    fn spawn(args: &[&str]) -> Proc {
-        let mut child = Command::new(livesnapd_bin())
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("spawn livesnapd");
-        let out = child.stdout.take().unwrap();
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for l in BufReader::new(out).lines().map_while(Result::ok) {
-                if tx.send(l).is_err() {
-                    break;
-                }
-            }
-        });
-        Proc { child, lines }
-    }
-
-    /// The banner, up to its "stop:" line.
-    fn banner(&mut self) -> Vec<String> {
-        let mut v = Vec::new();
-        let deadline = Instant::now() + WAIT;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(l) => {
-                    let done = l.trim_start().starts_with("stop:");
-                    v.push(l);
-                    if done {
-                        return v;
-                    }
-                }
-                Err(_) => panic!("no complete banner: {v:?}"),
-            }
-        }
-    }
-
-    fn stop(&mut self, signal: i32) -> ExitStatus {
-        // SAFETY: kill on our own child's pid.
-        unsafe { libc::kill(self.child.id() as i32, signal) };
-        let start = Instant::now();
-        loop {
-            if let Some(st) = self.child.try_wait().unwrap() {
-                return st;
-            }
-            assert!(start.elapsed() < WAIT, "livesnapd did not stop");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// Sends `signal` and waits, bounded, for the exit status.
+fn stop(p: &mut Spawned, signal: i32) -> ExitStatus {
+    p.signal(signal);
+    p.wait_exit(WAIT)
 }
 
 /// The value after `label` on a banner line.
@@ -597,8 +541,8 @@ fn demo_creates_a_sparse_image_and_says_how_to_connect() {
     let qmp = demo.join("qmp.sock");
     // The demo's own flags: a private directory and a free port.
     let args = ["--demo-dir", demo.to_str().unwrap(), "--nbd", "127.0.0.1:0"];
-    let mut p = Proc::spawn(&args);
-    let banner = p.banner();
+    let mut p = spawn_daemon(&args);
+    let banner = p.banner(WAIT);
     let text = banner.join("\n");
 
     let url = banner_value(&banner, "NBD:");
@@ -642,13 +586,13 @@ fn demo_creates_a_sparse_image_and_says_how_to_connect() {
 
     // Data written to the demo survives a restart: the image is kept.
     run(Command::new("qemu-io").args(["-f", "raw", "-c", "write -P 0x5c 512M 1M", &url]));
-    assert!(p.stop(libc::SIGTERM).success());
+    assert!(stop(&mut p, libc::SIGTERM).success());
     assert!(!qmp.exists(), "QMP socket left behind");
-    let mut p = Proc::spawn(&args);
-    let banner = p.banner();
+    let mut p = spawn_daemon(&args);
+    let banner = p.banner(WAIT);
     let url = banner_value(&banner, "NBD:");
     let out = run(Command::new("qemu-io").args(["-f", "raw", "-c", "read -P 0x5c 512M 1M", &url]));
     assert!(!out.contains("Pattern verification failed"), "{out}");
     assert_eq!(std::fs::metadata(&image).unwrap().len(), 1 << 30);
-    assert!(p.stop(libc::SIGINT).success());
+    assert!(stop(&mut p, libc::SIGINT).success());
 }

@@ -7,13 +7,12 @@
 use livesnap_testkit as harness;
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufReader, Read, Write};
 use std::net::TcpStream;
 use std::os::linux::net::SocketAddrExt;
 use std::os::unix::net::{SocketAddr, UnixDatagram};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use harness::*;
@@ -242,79 +241,14 @@ impl NotifySocket {
     }
 }
 
-/// livesnapd started from a command line, stdout lines collected.
-struct Daemon {
-    child: Child,
-    lines: mpsc::Receiver<String>,
-}
-
-impl Daemon {
-    fn spawn(args: &[String], env: &[(&str, &str)], stderr: Stdio) -> Daemon {
-        let mut cmd = Command::new(livesnapd_bin());
-        cmd.args(args)
+/// livesnapd started from a command line with `env` and `stderr`.
+fn spawn_daemon(args: &[String], env: &[(&str, &str)], stderr: Stdio) -> Spawned {
+    Spawned::spawn(
+        Command::new(livesnapd_bin())
+            .args(args)
             .envs(env.iter().copied())
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(stderr);
-        let mut child = cmd
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot spawn {cmd:?}: {e}"));
-        let out = child.stdout.take().unwrap();
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for l in BufReader::new(out).lines().map_while(Result::ok) {
-                if tx.send(l).is_err() {
-                    break;
-                }
-            }
-        });
-        Daemon { child, lines }
-    }
-
-    /// Banner lines up to the `stop:` one.
-    fn banner(&self) -> Vec<String> {
-        let mut v = Vec::new();
-        let start = Instant::now();
-        while start.elapsed() < WAIT {
-            match self.lines.recv_timeout(WAIT - start.elapsed()) {
-                Ok(l) => {
-                    let done = l.trim_start().starts_with("stop:");
-                    v.push(l);
-                    if done {
-                        return v;
-                    }
-                }
-                Err(_) => break,
-            }
-        }
-        panic!("no complete banner within {WAIT:?}: {v:?}");
-    }
-
-    fn signal(&self, sig: i32) {
-        // SAFETY: kill on our own child's pid.
-        unsafe { libc::kill(self.child.id() as i32, sig) };
-    }
-
-    fn wait_exit(&mut self) -> std::process::ExitStatus {
-        let start = Instant::now();
-        loop {
-            if let Some(st) = self.child.try_wait().unwrap() {
-                return st;
-            }
-            if start.elapsed() > WAIT {
-                let _ = self.child.kill();
-                panic!("livesnapd did not exit within {WAIT:?}");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+            .stderr(stderr),
+    )
 }
 
 /// A banner line's value after `key` (e.g. "NBD server:").
@@ -350,7 +284,7 @@ fn the_units_exec_start_notifies_ready_when_it_answers_and_stopping_at_sigterm()
         args.iter().any(|a| Path::new(a) == qmp_path),
         "ExecStart has --qmp in the RuntimeDirectory: {args:?}"
     );
-    let mut d = Daemon::spawn(
+    let mut d = spawn_daemon(
         &args,
         &[("NOTIFY_SOCKET", &notify.name), ("LIVESNAP_LOG", "warn")],
         Stdio::null(),
@@ -367,7 +301,7 @@ fn the_units_exec_start_notifies_ready_when_it_answers_and_stopping_at_sigterm()
     let mut qmp = Qmp::connect(&qmp_path);
     assert_eq!(qmp.greeting()["QMP"]["version"]["qemu"]["major"], json!(10));
     qmp.ok("query-block-exports", json!({}));
-    let banner = d.banner();
+    let banner = d.banner(WAIT);
     let nbd = banner_value(&banner, "NBD server:");
     let mut greeting = [0u8; 8];
     TcpStream::connect(&nbd)
@@ -385,7 +319,7 @@ fn the_units_exec_start_notifies_ready_when_it_answers_and_stopping_at_sigterm()
     d.signal(libc::SIGTERM);
     let (stopping, _) = notify.wait_for("STOPPING=1");
     assert!(stopping.contains("STATUS=stopping"), "{stopping:?}");
-    let st = d.wait_exit();
+    let st = d.wait_exit(WAIT);
     assert!(st.success(), "exit after SIGTERM: {st}");
     // Nothing more once stopped, READY least of all.
     assert_eq!(notify.recv(Duration::from_millis(100)), None);
@@ -408,7 +342,7 @@ fn an_abstract_notify_socket_gets_ready_and_stopping_at_sigint() {
     ]
     .map(String::from)
     .to_vec();
-    let mut d = Daemon::spawn(&args, &[("NOTIFY_SOCKET", &notify.name)], Stdio::null());
+    let mut d = spawn_daemon(&args, &[("NOTIFY_SOCKET", &notify.name)], Stdio::null());
     notify.wait_for("READY=1");
     // The export is served at READY: a real client reads it at once.
     let url = format!("nbd+unix:///disk?socket={}", nbd.display());
@@ -416,7 +350,7 @@ fn an_abstract_notify_socket_gets_ready_and_stopping_at_sigint() {
     Qmp::connect(&qmp_path).ok("query-block-exports", json!({}));
     d.signal(libc::SIGINT);
     notify.wait_for("STOPPING=1");
-    assert!(d.wait_exit().success());
+    assert!(d.wait_exit(WAIT).success());
 }
 
 #[test]
@@ -433,8 +367,8 @@ fn a_failed_start_never_says_ready() {
     ]
     .map(String::from)
     .to_vec();
-    let mut d = Daemon::spawn(&args, &[("NOTIFY_SOCKET", &notify.name)], Stdio::null());
-    let st = d.wait_exit();
+    let mut d = spawn_daemon(&args, &[("NOTIFY_SOCKET", &notify.name)], Stdio::null());
+    let st = d.wait_exit(WAIT);
     assert!(!st.success(), "a missing image must fail the start");
     let mut got = Vec::new();
     while let Some(m) = notify.recv(Duration::from_millis(100)) {
@@ -471,14 +405,14 @@ fn json_logs_are_one_object_per_line_with_level_target_and_message() {
     ]
     .map(String::from)
     .to_vec();
-    let mut d = Daemon::spawn(&args, &[("LIVESNAP_LOG", "debug")], Stdio::piped());
+    let mut d = spawn_daemon(&args, &[("LIVESNAP_LOG", "debug")], Stdio::piped());
     let stderr = d.child.stderr.take().unwrap();
     let log = std::thread::spawn(move || {
         let mut s = String::new();
         let _ = BufReader::new(stderr).read_to_string(&mut s);
         s
     });
-    d.banner();
+    d.banner(WAIT);
     // Work that logs: a client, a failing QMP command, a bad NBD handshake.
     let url = format!("nbd+unix:///disk?socket={}", nbd.display());
     qemu_io(&url, "raw", &["write -P 7 0 4k"]);
@@ -491,7 +425,7 @@ fn json_logs_are_one_object_per_line_with_level_target_and_message() {
     drop(raw);
     drop(qmp);
     d.signal(libc::SIGTERM);
-    assert!(d.wait_exit().success());
+    assert!(d.wait_exit(WAIT).success());
     let text = log.join().unwrap();
     let mut messages = Vec::new();
     for line in text.lines() {

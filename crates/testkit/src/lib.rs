@@ -352,18 +352,20 @@ impl Qmp {
     }
 }
 
-/// A spawned daemon whose stdout is collected line by line.
-struct Spawned {
-    child: Child,
+/// A spawned daemon whose stdout is collected line by line; killed when
+/// dropped. Its stderr is whatever the command says (inherited by default).
+pub struct Spawned {
+    /// The process.
+    pub child: Child,
     lines: mpsc::Receiver<String>,
 }
 
 impl Spawned {
-    fn spawn(cmd: &mut Command) -> Spawned {
+    /// Spawns `cmd` with stdin closed and stdout read by a thread.
+    pub fn spawn(cmd: &mut Command) -> Spawned {
         let mut child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
             .spawn()
             .unwrap_or_else(|e| panic!("cannot spawn {cmd:?}: {e}"));
         let stdout = child.stdout.take().unwrap();
@@ -376,6 +378,52 @@ impl Spawned {
             }
         });
         Spawned { child, lines }
+    }
+
+    /// The start-up banner, up to its `stop:` line; panics with what came
+    /// (and the exit status, if the daemon ended) when it is not complete
+    /// within `limit`.
+    pub fn banner(&mut self, limit: Duration) -> Vec<String> {
+        let deadline = Instant::now() + limit;
+        let mut banner = Vec::new();
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    let done = line.trim_start().starts_with("stop:");
+                    banner.push(line);
+                    if done {
+                        return banner;
+                    }
+                }
+                Err(_) => {
+                    let status = self.child.try_wait().ok().flatten();
+                    panic!(
+                        "livesnapd did not come up within {limit:?} (exit status {status:?}); \
+                         banner so far: {banner:?}"
+                    );
+                }
+            }
+        }
+    }
+
+    /// Sends `signal` without waiting.
+    pub fn signal(&self, signal: i32) {
+        // SAFETY: kill on our own child's pid.
+        unsafe { libc::kill(self.child.id() as i32, signal) };
+    }
+
+    /// Waits at most `timeout` for the process to exit (killing it and
+    /// panicking after that).
+    pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        wait_exit(&mut self.child, timeout)
+    }
+}
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
@@ -447,29 +495,12 @@ impl Livesnapd {
     }
 
     fn read_banner(&mut self) {
-        let deadline = Instant::now() + START_TIMEOUT;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.proc.lines.recv_timeout(left) {
-                Ok(line) => {
-                    if let Some(url) = line.trim().strip_prefix("NBD:") {
-                        self.nbd_url = Some(url.trim().to_string());
-                    }
-                    let done = line.trim_start().starts_with("stop:");
-                    self.banner.push(line);
-                    if done {
-                        return;
-                    }
-                }
-                Err(_) => {
-                    let status = self.proc.child.try_wait().ok().flatten();
-                    panic!(
-                        "livesnapd did not come up (exit status {status:?}); banner so far: {:?}",
-                        self.banner
-                    );
-                }
-            }
-        }
+        self.banner = self.proc.banner(START_TIMEOUT);
+        self.nbd_url = self
+            .banner
+            .iter()
+            .find_map(|l| l.trim().strip_prefix("NBD:"))
+            .map(|url| url.trim().to_string());
     }
 
     /// The NBD URI of the default export.
@@ -495,20 +526,19 @@ impl Livesnapd {
     /// Sends `signal` and waits (bounded) for the exit status.
     pub fn stop_with(mut self, signal: i32) -> ExitStatus {
         self.signal(signal);
-        wait_exit(&mut self.proc.child, Duration::from_secs(20))
+        self.proc.wait_exit(Duration::from_secs(20))
     }
 
     /// Sends `signal` without waiting.
     pub fn signal(&self, signal: i32) {
-        // SAFETY: kill on our own child's pid.
-        unsafe { libc::kill(self.proc.child.id() as i32, signal) };
+        self.proc.signal(signal);
     }
 
     /// Waits at most `timeout` for the process to exit (killing it and
     /// panicking after that); the temporary directory stays, so a test can
     /// still look at what the daemon left there.
     pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
-        wait_exit(&mut self.proc.child, timeout)
+        self.proc.wait_exit(timeout)
     }
 }
 
@@ -523,13 +553,6 @@ fn wait_exit(child: &mut Child, timeout: Duration) -> ExitStatus {
             panic!("daemon did not exit within {timeout:?}");
         }
         std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-impl Drop for Livesnapd {
-    fn drop(&mut self) {
-        let _ = self.proc.child.kill();
-        let _ = self.proc.child.wait();
     }
 }
 
