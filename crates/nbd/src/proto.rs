@@ -329,38 +329,30 @@ pub struct Request {
 impl Request {
     /// Decodes a compact header; `None` when the magic is not `NBD_REQUEST_MAGIC`.
     pub fn decode(b: &[u8; REQUEST_LEN]) -> Option<Request> {
-        if be32(b, 0) != REQUEST_MAGIC {
-            return None;
-        }
-        Some(Request {
-            flags: be16(b, 4),
-            typ: be16(b, 6),
-            cookie: be64(b, 8),
-            offset: be64(b, 16),
-            len: be32(b, 24).into(),
-        })
+        (be32(b, 0) == REQUEST_MAGIC).then(|| Request::with_len(b, be32(b, 24).into()))
     }
 
     /// Decodes an extended header; `None` when the magic is not
     /// `NBD_EXTENDED_REQUEST_MAGIC`.
     pub fn decode_extended(b: &[u8; EXTENDED_REQUEST_LEN]) -> Option<Request> {
-        if be32(b, 0) != EXTENDED_REQUEST_MAGIC {
-            return None;
-        }
-        Some(Request {
+        (be32(b, 0) == EXTENDED_REQUEST_MAGIC).then(|| Request::with_len(b, be64(b, 24)))
+    }
+
+    /// The fields both header forms place alike (bytes 4..24), and `len`.
+    fn with_len(b: &[u8], len: u64) -> Request {
+        Request {
             flags: be16(b, 4),
             typ: be16(b, 6),
             cookie: be64(b, 8),
             offset: be64(b, 16),
-            len: be64(b, 24),
-        })
+            len,
+        }
     }
 
     /// Encodes a compact header (client side); `len` must fit 32 bits.
     pub fn encode(&self) -> [u8; REQUEST_LEN] {
         let mut b = [0u8; REQUEST_LEN];
-        b[0..4].copy_from_slice(&REQUEST_MAGIC.to_be_bytes());
-        b[4..28].copy_from_slice(&self.encode_fields()[..24]);
+        self.encode_common(REQUEST_MAGIC, &mut b);
         b[24..28].copy_from_slice(&(self.len as u32).to_be_bytes());
         b
     }
@@ -368,20 +360,18 @@ impl Request {
     /// Encodes an extended header (client side).
     pub fn encode_extended(&self) -> [u8; EXTENDED_REQUEST_LEN] {
         let mut b = [0u8; EXTENDED_REQUEST_LEN];
-        b[0..4].copy_from_slice(&EXTENDED_REQUEST_MAGIC.to_be_bytes());
-        b[4..32].copy_from_slice(&self.encode_fields());
+        self.encode_common(EXTENDED_REQUEST_MAGIC, &mut b);
+        b[24..32].copy_from_slice(&self.len.to_be_bytes());
         b
     }
 
-    /// Everything after the magic, with a 64-bit length.
-    fn encode_fields(&self) -> [u8; 28] {
-        let mut b = [0u8; 28];
-        b[0..2].copy_from_slice(&self.flags.to_be_bytes());
-        b[2..4].copy_from_slice(&self.typ.to_be_bytes());
-        b[4..12].copy_from_slice(&self.cookie.to_be_bytes());
-        b[12..20].copy_from_slice(&self.offset.to_be_bytes());
-        b[20..28].copy_from_slice(&self.len.to_be_bytes());
-        b
+    /// `magic` and the fields both header forms place alike (bytes 0..24).
+    fn encode_common(&self, magic: u32, b: &mut [u8]) {
+        b[0..4].copy_from_slice(&magic.to_be_bytes());
+        b[4..6].copy_from_slice(&self.flags.to_be_bytes());
+        b[6..8].copy_from_slice(&self.typ.to_be_bytes());
+        b[8..16].copy_from_slice(&self.cookie.to_be_bytes());
+        b[16..24].copy_from_slice(&self.offset.to_be_bytes());
     }
 }
 
