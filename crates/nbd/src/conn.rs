@@ -153,11 +153,7 @@ where
     let mut r = BufReader::with_capacity(READ_BUFFER, r);
     match handshake::haggle(&mut r, &mut w, &mut st, exports, ctl).await? {
         Negotiated::Left => Ok(None),
-        Negotiated::Attach(s) => {
-            // The last reply (GO's ACK) may still sit in the TLS buffer.
-            w.flush().await?;
-            Ok(Some(Attached::Tls(r, w, s)))
-        }
+        Negotiated::Attach(s) => Ok(Some(Attached::Tls(r, w, s))),
         Negotiated::StartTls => Err(proto_err("second STARTTLS accepted")),
     }
 }

@@ -203,6 +203,9 @@ where
     W: AsyncWrite + Unpin,
 {
     loop {
+        // Every reply goes out before the client is waited for: a TLS stream
+        // may keep the tail of a write in its own buffer (free on a socket).
+        w.flush().await?;
         let mut hdr = [0u8; OPTION_HEADER_LEN];
         match r.read_exact(&mut hdr).await {
             Ok(_) => {}
@@ -242,12 +245,15 @@ where
             continue;
         }
 
-        match handle_option(w, st, opt, &data, exports, ctl).await? {
-            Next::Continue => {}
-            Next::Close => return Ok(Negotiated::Left),
-            Next::Attach(s) => return Ok(Negotiated::Attach(s)),
-            Next::StartTls => return Ok(Negotiated::StartTls),
-        }
+        let done = match handle_option(w, st, opt, &data, exports, ctl).await? {
+            Next::Continue => continue,
+            Next::Close => Negotiated::Left,
+            Next::Attach(s) => Negotiated::Attach(s),
+            Next::StartTls => Negotiated::StartTls,
+        };
+        // The last reply (an ABORT's or GO's acknowledgement) too.
+        w.flush().await?;
+        return Ok(done);
     }
 }
 
