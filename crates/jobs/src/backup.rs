@@ -337,7 +337,11 @@ impl CopyProgress for JobProgress {
 impl Backup {
     /// A job over an attached filter; `cleanup` runs when the job is cleaned up.
     pub fn new(cbw: Arc<Cbw>, opts: BackupOptions, cleanup: Cleanup) -> Arc<Backup> {
-        cbw.set_stop_policy(opts.on_source_error, opts.on_target_error);
+        // sync=none copies nothing itself, so it never meets an error to
+        // stop on and never resumes: a held guest write would only wait.
+        if opts.sync != BackupSync::None {
+            cbw.set_stop_policy(opts.on_source_error, opts.on_target_error);
+        }
         Arc::new(Backup {
             cbw,
             opts,

@@ -204,9 +204,11 @@ impl Cbw {
         let mut hold_until = None;
         let result = loop {
             let resumes = *self.resumes.borrow();
-            let result = self.copy_once(req.offset, req.len).await;
+            let (result, timed_out) = self.copy_once(req.offset, req.len).await;
             let Err(e) = &result else { break result };
-            if self.released.load(Ordering::SeqCst) || !self.stops_on(e) {
+            // `cbw-timeout` is the filter's own limit, not an error the job
+            // meets and stops on: nothing would resume it.
+            if timed_out || self.released.load(Ordering::SeqCst) || !self.stops_on(e) {
                 break result;
             }
             // The job pauses (or will) on this error: wait for its resume
@@ -232,19 +234,27 @@ impl Cbw {
         Ok(())
     }
 
-    /// One attempt at the copy of `[offset, offset + len)`, within `cbw-timeout`.
-    async fn copy_once(&self, offset: u64, len: u64) -> Result<(), CopyError> {
+    /// One attempt at the copy of `[offset, offset + len)`, within
+    /// `cbw-timeout`; true with the error when that limit ended it.
+    async fn copy_once(&self, offset: u64, len: u64) -> (Result<(), CopyError>, bool) {
         let copy = self.copy.copy(offset, len);
         if self.opts.cbw_timeout == 0 {
-            return copy.await;
+            return (copy.await, false);
         }
         let limit = Duration::from_secs(self.opts.cbw_timeout as u64);
-        tokio::time::timeout(limit, copy).await.unwrap_or_else(|_| {
-            Err(CopyError {
-                is_read: false,
-                error: io::Error::from_raw_os_error(libc::ETIMEDOUT),
-            })
-        })
+        match tokio::time::timeout(limit, copy).await {
+            Ok(result) => (result, false),
+            Err(_) => {
+                let error = io::Error::from_raw_os_error(libc::ETIMEDOUT);
+                (
+                    Err(CopyError {
+                        is_read: false,
+                        error,
+                    }),
+                    true,
+                )
+            }
+        }
     }
 
     /// Tells the filter which copy errors its backup job stops on
