@@ -321,10 +321,14 @@ pub fn add_export(
             "NBD server already has export named '{name}'"
         )));
     }
-    // The export is the image's user: a writable one keeps other writers
-    // out (QEMU's export shares writing; see docs/qmp.md).
-    livesnap_block::lock_for_user(&node, !req.writable).map_err(|e| generic(e.to_string()))?;
     let bitmaps = hold_export_bitmaps(d, &node, &req.bitmaps, !req.writable)?;
+    // The export is the image's user: a writable one keeps other writers
+    // out (QEMU's export shares writing; see docs/qmp.md). Taken after the
+    // checks that can still fail, since a lock is given back only at close.
+    livesnap_block::lock_for_user(&node, !req.writable).map_err(|e| {
+        release_bitmaps(&bitmaps);
+        generic(e.to_string())
+    })?;
     let nbd = d
         .nbd_exports
         .add(ExportConfig {
