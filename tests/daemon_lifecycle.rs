@@ -126,6 +126,11 @@ fn bad_flags_exit_non_zero_with_a_clear_message() {
             "--export-name applies to --image",
         ),
         (
+            &["--qmp", qmp, "--tls-creds", "/tmp"],
+            2,
+            "--tls-creds applies to the NBD server of --image or --nbd",
+        ),
+        (
             &["--qmp", qmp, "--demo-dir", "/tmp"],
             2,
             "the argument '--qmp <PATH>' cannot be used with '--demo-dir <DIR>'",

@@ -124,6 +124,15 @@ impl Cli {
     /// Flags that only make sense with an image, given without one (outside
     /// the demo, which has its own image): they would be ignored silently.
     pub fn check(&self) -> Result<(), String> {
+        if self.tls_creds.is_some() && self.image.is_none() && self.nbd.is_none() {
+            // Nothing would use the credentials: an NBD server started
+            // later over QMP names its own `tls-creds`.
+            return Err(
+                "--tls-creds applies to the NBD server of --image or --nbd; \
+                        with --qmp alone, use object-add and nbd-server-start's tls-creds"
+                    .into(),
+            );
+        }
         if self.is_demo() || self.image.is_some() {
             return Ok(());
         }

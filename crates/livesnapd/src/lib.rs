@@ -106,10 +106,12 @@ pub async fn bind_qmp(
 }
 
 /// The NBD URI of an export on a listener reported by the NBD server.
-pub fn nbd_uri(local: &str, export: &str) -> String {
+pub fn nbd_uri(local: &str, export: &str, tls: bool) -> String {
+    // `nbds` is libnbd's (and QEMU's) scheme for NBD over TLS.
+    let scheme = if tls { "nbds" } else { "nbd" };
     match local.strip_prefix("unix:") {
-        Some(path) => format!("nbd+unix:///{export}?socket={path}"),
-        None => format!("nbd://{local}/{export}"),
+        Some(path) => format!("{scheme}+unix:///{export}?socket={path}"),
+        None => format!("{scheme}://{local}/{export}"),
     }
 }
 
@@ -183,7 +185,7 @@ impl Embedded {
         let qmp_server = bind_qmp(&daemon, &commands, qmp_path).await?;
         Ok(Embedded {
             daemon,
-            nbd_url: nbd_uri(&local, "disk"),
+            nbd_url: nbd_uri(&local, "disk", false),
             qmp_server,
         })
     }

@@ -124,12 +124,7 @@ async fn run(mut cli: Cli, notifier: &Notifier) -> anyhow::Result<()> {
             },
         )
         .await?;
-        let uri = nbd_uri(&local, cli.export_name());
-        let url = match cli.tls_creds {
-            // libnbd's spelling of NBD over TLS.
-            Some(_) => uri.replacen("nbd", "nbds", 1),
-            None => uri,
-        };
+        let url = nbd_uri(&local, cli.export_name(), cli.tls_creds.is_some());
         tracing::info!(url = %url, "NBD export listening");
         nbd_url = Some(url);
     } else if let Some(nbd) = &cli.nbd {
@@ -209,7 +204,8 @@ fn print_banner(
         if cli.tls_creds.is_some() {
             // A client needs its own credentials directory (CA, and with
             // verify-peer its certificate and key).
-            println!("  try:   nbdinfo --map '{url}?tls-certificates=CLIENT-DIR'");
+            let sep = if url.contains('?') { '&' } else { '?' };
+            println!("  try:   nbdinfo --map '{url}{sep}tls-certificates=CLIENT-DIR'");
         } else {
             println!("  try:   qemu-img info '{url}'");
             println!("         nbdinfo --map '{url}'");

@@ -54,11 +54,6 @@ impl Notifier {
         Ok((sock, addr))
     }
 
-    /// True when a service manager listens.
-    pub fn is_active(&self) -> bool {
-        self.target.is_some()
-    }
-
     /// Sends `state` (newline-separated `KEY=VALUE` lines, e.g. `READY=1`).
     pub fn notify(&self, state: &str) {
         let Some((sock, addr)) = &self.target else {

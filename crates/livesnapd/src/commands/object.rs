@@ -89,6 +89,11 @@ impl Objects {
         self.lock().get(id).cloned()
     }
 
+    /// True when an object has this id.
+    pub fn contains(&self, id: &str) -> bool {
+        self.lock().contains_key(id)
+    }
+
     /// Adds an object; QEMU's text when the id is taken.
     pub fn insert(&self, id: &str, obj: UserObject) -> Result<(), QmpError> {
         let mut map = self.lock();
@@ -129,7 +134,7 @@ pub(super) fn object_add(d: &Arc<Daemon>, mut args: Args) -> Result<Value, QmpEr
             }
             args.finish()?;
             // The id is claimed before the files are read, as QEMU does.
-            if d.objects.get(&id).is_some() {
+            if d.objects.contains(&id) {
                 return Err(duplicate(&id));
             }
             let dir = dir.ok_or_else(|| QmpError::generic("Missing 'dir' property value"))?;
