@@ -219,6 +219,10 @@ impl BufPool {
     }
 
     fn take(&self, len: usize) -> IoBuf {
+        // The pool never keeps small buffers (`give`): no lock for them.
+        if len < POOL_MIN_BUF {
+            return IoBuf::zeroed(len);
+        }
         let mut g = self.free.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(b) = g.0.get_mut(&len).and_then(Vec::pop) {
             g.1 -= len;

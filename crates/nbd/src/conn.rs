@@ -10,7 +10,7 @@ use tokio::sync::Notify;
 
 use crate::budget::Budget;
 use crate::export::ExportTable;
-use crate::handshake::{self, Negotiated, Session, Tls};
+use crate::handshake::{self, proto_err, Negotiated, Session, Tls};
 use crate::proto::*;
 use crate::tls::ServerTls;
 use crate::transmission;
@@ -111,10 +111,6 @@ enum Attached<R, W> {
 
 type TlsStream<R, W> = tokio_rustls::server::TlsStream<tokio::io::Join<R, W>>;
 type TlsRead<R, W> = tokio::io::ReadHalf<TlsStream<R, W>>;
-
-fn proto_err(msg: &str) -> std::io::Error {
-    std::io::Error::new(std::io::ErrorKind::InvalidData, msg)
-}
 
 /// The whole handshake: greeting, options, and with TLS the upgrade and the
 /// options after it. `Ok(None)` when the client left cleanly.
@@ -239,11 +235,7 @@ where
     W: AsyncWrite + Unpin,
 {
     let talk = async {
-        let mut greeting = Vec::with_capacity(18);
-        greeting.extend_from_slice(&NBDMAGIC.to_be_bytes());
-        greeting.extend_from_slice(&IHAVEOPT.to_be_bytes());
-        greeting.extend_from_slice(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes());
-        w.write_all(&greeting).await?;
+        handshake::send_greeting(&mut w).await?;
         let _client_flags = r.read_u32().await?;
         let msg = format!("server is at its limit of {limit} connections (max-connections)");
         for _ in 0..REFUSAL_OPTIONS {
@@ -261,9 +253,7 @@ where
             } else {
                 (REP_ERR_POLICY, msg.as_bytes())
             };
-            let mut out = Vec::new();
-            push_option_reply(&mut out, opt, typ, data);
-            w.write_all(&out).await?;
+            handshake::reply(&mut w, opt, typ, data).await?;
             if opt == OPT_ABORT {
                 break;
             }

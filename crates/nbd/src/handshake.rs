@@ -111,7 +111,7 @@ fn min_block(export: &Export) -> u32 {
     a.next_power_of_two().min(65536)
 }
 
-fn proto_err(msg: impl Into<String>) -> io::Error {
+pub(crate) fn proto_err(msg: impl Into<String>) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, msg.into())
 }
 
@@ -163,17 +163,21 @@ pub(crate) enum Negotiated {
 /// Sends the greeting and reads the client's flags; `tls` says whether the
 /// server requires TLS. `Err` means the client broke the protocol or the
 /// socket failed.
+/// The server's half of the fixed-newstyle greeting.
+pub(crate) async fn send_greeting<W: AsyncWrite + Unpin>(w: &mut W) -> io::Result<()> {
+    let mut greeting = Vec::with_capacity(18);
+    greeting.extend_from_slice(&NBDMAGIC.to_be_bytes());
+    greeting.extend_from_slice(&IHAVEOPT.to_be_bytes());
+    greeting.extend_from_slice(&SERVER_FLAGS.to_be_bytes());
+    w.write_all(&greeting).await
+}
+
 pub(crate) async fn greet<R, W>(r: &mut BufReader<R>, w: &mut W, tls: bool) -> io::Result<Haggle>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let mut greeting = Vec::with_capacity(18);
-    greeting.extend_from_slice(&NBDMAGIC.to_be_bytes());
-    greeting.extend_from_slice(&IHAVEOPT.to_be_bytes());
-    greeting.extend_from_slice(&SERVER_FLAGS.to_be_bytes());
-    w.write_all(&greeting).await?;
-
+    send_greeting(w).await?;
     let client_flags = r.read_u32().await?;
     if client_flags & !(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES) != 0 {
         // The spec requires dropping the connection on unknown client flags.
@@ -257,7 +261,7 @@ where
     }
 }
 
-async fn reply<W: AsyncWrite + Unpin>(
+pub(crate) async fn reply<W: AsyncWrite + Unpin>(
     w: &mut W,
     opt: u32,
     typ: u32,
