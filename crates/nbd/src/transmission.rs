@@ -223,7 +223,7 @@ pub(crate) async fn serve<R, W>(
         stats: export.stats().clone(),
     });
     let (tx, rx) = mpsc::unbounded_channel();
-    let writer = write_loop(writer, rx, pool);
+    let writer = write_loop(writer, rx, pool, session);
     let reader = read_loop(reader, ctx, tx, &budget, ctl);
     tokio::pin!(writer, reader);
     tokio::select! {
@@ -241,9 +241,6 @@ pub(crate) async fn serve<R, W>(
             }
         }
     }
-    // `session` (and with it the export attachment) is dropped only here, after
-    // the last reply went out.
-    drop(session);
 }
 
 async fn read_loop<R>(
@@ -787,11 +784,16 @@ fn decode_request(hdr: &[u8; EXTENDED_REQUEST_LEN], extended: bool) -> Option<Re
     Request::decode(&compact)
 }
 
-/// Sends frames as they come, batching whatever is queued into one vectored write.
+/// Sends frames as they come, batching whatever is queued into one vectored
+/// write. It owns the `session` (and with it the export attachment), which
+/// ends after the last reply went out and before the client sees the close,
+/// so a QMP `block-export-del` issued once a client has seen its
+/// disconnect complete finds the export free.
 async fn write_loop<W: AsyncWrite + Unpin>(
     mut w: W,
     mut rx: UnboundedReceiver<Frame>,
     pool: Arc<Budget>,
+    session: Session,
 ) -> io::Result<()> {
     let mut batch: Vec<Frame> = Vec::with_capacity(MAX_BATCH);
     while let Some(f) = rx.recv().await {
@@ -815,6 +817,7 @@ async fn write_loop<W: AsyncWrite + Unpin>(
         }
     }
     w.flush().await?;
+    drop(session);
     // The peer may already be gone; closing our side is all that is left.
     let _ = w.shutdown().await;
     Ok(())
