@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 
-use livesnap_block::{BlockGraph, BlockNode, Error, NodeUser, Thaw, Use};
+use livesnap_block::{offload, BlockGraph, BlockNode, Error, NodeUser, Thaw, Use};
 
 use crate::block_copy::{BlockCopy, CopyError, CopyProgress, MAX_CHUNK, MAX_WORKERS};
 use crate::cbw::{Cbw, CbwDriver, CbwOptions, CLOSE_GRACE};
@@ -395,8 +395,15 @@ impl Backup {
     }
 
     fn chunk(&self) -> u64 {
-        let cluster = self.cbw.copy().cluster_size();
-        let chunk = cluster.max(MAX_CHUNK);
+        let copy = self.cbw.copy();
+        let cluster = copy.cluster_size();
+        // Offloaded copies hold no buffer: larger ones cost less each.
+        let default = if offload::offloadable(copy.source(), copy.target()) {
+            offload::IDLE_CHUNK
+        } else {
+            MAX_CHUNK
+        };
+        let chunk = cluster.max(default);
         if self.opts.max_chunk == 0 {
             chunk
         } else {
@@ -426,6 +433,22 @@ impl Backup {
             offset = copy.reset_unallocated(offset).await?;
         }
         copy.set_skip_unallocated(false);
+        Ok(())
+    }
+
+    /// Settles the source's zero runs before the copy loop (see
+    /// [`BlockCopy::settle_zero_run`]): a sparse disk then costs its
+    /// extents, not its size.
+    async fn settle_zeroes(&self, ctx: &JobCtx) -> livesnap_block::Result<()> {
+        let copy = self.cbw.copy();
+        let mut offset = 0;
+        while offset < copy.len() {
+            if ctx.is_cancelled() {
+                return Ok(());
+            }
+            ctx.pause_point().await;
+            offset = copy.settle_zero_run(offset).await;
+        }
         Ok(())
     }
 
@@ -620,7 +643,10 @@ impl JobDriver for Backup {
             }
             match self.opts.sync {
                 BackupSync::None => self.wait_cancel(ctx).await,
-                BackupSync::Full | BackupSync::Top | BackupSync::Bitmap => self.copy_all(ctx).await,
+                BackupSync::Full | BackupSync::Top | BackupSync::Bitmap => {
+                    self.settle_zeroes(ctx).await?;
+                    self.copy_all(ctx).await
+                }
             }
         })
     }

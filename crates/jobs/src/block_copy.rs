@@ -24,7 +24,7 @@ use std::io;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
-use livesnap_block::{BlockNode, DirtyBitmap, FormatSpecific, WriteFlags, ZeroFlags};
+use livesnap_block::{offload, BlockNode, DirtyBitmap, FormatSpecific, WriteFlags, ZeroFlags};
 use tokio::sync::{Notify, Semaphore};
 
 /// Cluster size when the target has none of its own (QEMU's `BLOCK_COPY_CLUSTER_SIZE_DEFAULT`).
@@ -35,6 +35,10 @@ pub const MAX_CHUNK: u64 = 1 << 20;
 pub const MAX_MEM: u64 = 128 << 20;
 /// Default number of background copies in flight (QEMU's `BLOCK_COPY_MAX_WORKERS`).
 pub const MAX_WORKERS: usize = 64;
+/// Largest zero run the zero pass claims at once: a guest write into a
+/// claimed run waits for it, and a target that does not read as zeroes
+/// gets one write-zeroes of this size.
+pub const ZERO_STEP: u64 = 256 << 20;
 
 /// Memory is accounted in KiB so the semaphore's `u32` permits cover any request.
 const MEM_UNIT: u64 = 1024;
@@ -463,6 +467,90 @@ impl BlockCopy {
         Some(Self::claim_locked(&mut st, start, start + len))
     }
 
+    /// Claims the first pending run inside `[start, end)`, clipped to it.
+    fn claim_within(&self, start: u64, end: u64) -> Option<Claim> {
+        let mut st = self.state.lock().unwrap();
+        if self.is_cancelled() {
+            return None;
+        }
+        let (s, l) = st
+            .pending
+            .next_dirty_run(start, end - start)
+            .filter(|&(s, _)| s < end)?;
+        Some(Self::claim_locked(&mut st, s, (s + l).min(end)))
+    }
+
+    /// One step of the zero pass that runs before the background copy:
+    /// from the first pending cluster at or after `offset`, a run the
+    /// source reads as zeroes is claimed whole (up to [`ZERO_STEP`]) and
+    /// settled at once: nothing is written where the target already reads
+    /// as zeroes, one write-zeroes covers it otherwise. Data runs are left
+    /// to the copy loop. Returns where the next step starts (the source's
+    /// size when nothing is pending after `offset`, or when block status
+    /// fails: the copy loop meets that error under its policy). A fleecing
+    /// target (whose zeroes are written as data) is left alone.
+    ///
+    /// This makes a sparse disk cost its extents, not its size: a copy of
+    /// one cluster at a time would write zeroes a chunk at a time.
+    pub async fn settle_zero_run(self: &Arc<Self>, offset: u64) -> u64 {
+        if self.fleecing || self.is_cancelled() {
+            return self.len;
+        }
+        let first = self.state.lock().unwrap().pending.next_dirty_run(offset, 1);
+        let Some((p, _)) = first else {
+            return self.len;
+        };
+        let Ok(st) = self.source.block_status(p, self.len - p).await else {
+            return self.len;
+        };
+        let run_end = if p + st.len >= self.len {
+            self.len
+        } else {
+            align_down(p + st.len, self.cluster)
+        };
+        if !st.zero || run_end <= p {
+            // Data, or zeroes shorter than a cluster: the copy loop's.
+            return (p + st.len.div_ceil(self.cluster) * self.cluster).min(self.len);
+        }
+        let end = run_end.min(p + ZERO_STEP);
+        let Some(claim) = self.claim_within(p, end) else {
+            return end;
+        };
+        let (s, e) = (claim.start, claim.end);
+        // Claimed, the source range cannot change any more: look again.
+        let still_zero = matches!(
+            self.source.block_status(s, e - s).await,
+            Ok(st) if st.zero && st.len >= e - s
+        );
+        let settled = still_zero
+            && (self.target.reads_as_zeroes(s, e - s).await
+                || self
+                    .target
+                    .write_zeroes(
+                        s,
+                        e - s,
+                        ZeroFlags {
+                            may_unmap: true,
+                            ..Default::default()
+                        },
+                    )
+                    .await
+                    .is_ok());
+        if !settled {
+            // Pending again: the copy loop copies it, with its error policy.
+            self.finish(claim, &[], Some(s));
+            self.report_remaining();
+            return e;
+        }
+        if self.discard_source {
+            self.discard_source_range(s, e).await;
+        }
+        self.finish(claim, &[(s, e)], None);
+        self.report_done(e - s);
+        self.report_remaining();
+        e
+    }
+
     fn claim_locked(st: &mut State, start: u64, end: u64) -> Claim {
         st.pending.reset(start, end - start);
         st.in_flight_bytes += end - start;
@@ -589,7 +677,26 @@ impl BlockCopy {
         Ok(())
     }
 
+    /// Copies data at `[start, end)`: inside the kernel where both ends
+    /// allow it ([`offload`]), the rest through buffers of at most
+    /// [`MAX_CHUNK`] bytes. A fleecing target is never offloaded to: its
+    /// copies must be serialising writes.
     async fn copy_data(&self, start: u64, end: u64) -> Result<(), CopyError> {
+        let mut at = start;
+        if !self.fleecing {
+            self.source_reads.fetch_add(1, Ordering::SeqCst);
+            at += offload::copy_range(&self.source, &self.target, start, end - start, true).await;
+            self.source_reads.fetch_sub(1, Ordering::SeqCst);
+        }
+        while at < end {
+            let piece = (at + MAX_CHUNK).min(end);
+            self.copy_buffered(at, piece).await?;
+            at = piece;
+        }
+        Ok(())
+    }
+
+    async fn copy_buffered(&self, start: u64, end: u64) -> Result<(), CopyError> {
         let units = (end - start).div_ceil(MEM_UNIT) as u32;
         let _mem = self
             .mem
