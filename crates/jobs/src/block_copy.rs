@@ -38,7 +38,7 @@ pub const MAX_WORKERS: usize = 64;
 /// Largest zero run the zero pass claims at once: a guest write into a
 /// claimed run waits for it, and a target that does not read as zeroes
 /// gets one write-zeroes of this size.
-pub const ZERO_STEP: u64 = 256 << 20;
+pub const ZERO_STEP: u64 = 1 << 30;
 
 /// Memory is accounted in KiB so the semaphore's `u32` permits cover any request.
 const MEM_UNIT: u64 = 1024;
@@ -117,6 +117,18 @@ pub fn cluster_size_for(target: &BlockNode, min_cluster_size: u64) -> livesnap_b
     Ok(DEFAULT_CLUSTER_SIZE
         .max(target_cluster)
         .max(min_cluster_size))
+}
+
+/// What [`BlockCopy::settle_zero_run`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ZeroStep {
+    /// A zero run up to here is settled: the next step starts here.
+    Zero(u64),
+    /// The first pending cluster holds data up to here: the copy loop's.
+    Data(u64),
+    /// Nothing to settle there now (nothing pending, a claim in the way,
+    /// an error, or a range left pending for the copy loop).
+    Stop,
 }
 
 /// What a claimed range holds in the source.
@@ -480,28 +492,24 @@ impl BlockCopy {
         Some(Self::claim_locked(&mut st, s, (s + l).min(end)))
     }
 
-    /// One step of the zero pass that runs before the background copy:
-    /// from the first pending cluster at or after `offset`, a run the
-    /// source reads as zeroes is claimed whole (up to [`ZERO_STEP`]) and
-    /// settled at once: nothing is written where the target already reads
-    /// as zeroes, one write-zeroes covers it otherwise. Data runs are left
-    /// to the copy loop. Returns where the next step starts (the source's
-    /// size when nothing is pending after `offset`, or when block status
-    /// fails: the copy loop meets that error under its policy). A fleecing
-    /// target (whose zeroes are written as data) is left alone.
-    ///
-    /// This makes a sparse disk cost its extents, not its size: a copy of
-    /// one cluster at a time would write zeroes a chunk at a time.
-    pub async fn settle_zero_run(self: &Arc<Self>, offset: u64) -> u64 {
+    /// Settles the zero run of the source at the first pending cluster at
+    /// or after `offset`, ahead of the copy loop: the run is claimed whole
+    /// (up to [`ZERO_STEP`]), checked again under the claim, and counts as
+    /// copied with no write where the target already reads as zeroes, one
+    /// write-zeroes otherwise. A sparse disk then costs its extents, not
+    /// one chunk copy per MiB of holes. A fleecing target (whose zeroes are
+    /// written as data) is left alone.
+    pub async fn settle_zero_run(self: &Arc<Self>, offset: u64) -> ZeroStep {
         if self.fleecing || self.is_cancelled() {
-            return self.len;
+            return ZeroStep::Stop;
         }
         let first = self.state.lock().unwrap().pending.next_dirty_run(offset, 1);
         let Some((p, _)) = first else {
-            return self.len;
+            return ZeroStep::Stop;
         };
+        // An error here is the copy loop's to meet, under its policy.
         let Ok(st) = self.source.block_status(p, self.len - p).await else {
-            return self.len;
+            return ZeroStep::Stop;
         };
         let run_end = if p + st.len >= self.len {
             self.len
@@ -510,14 +518,13 @@ impl BlockCopy {
         };
         if !st.zero || run_end <= p {
             // Data, or zeroes shorter than a cluster: the copy loop's.
-            return (p + st.len.div_ceil(self.cluster) * self.cluster).min(self.len);
+            return ZeroStep::Data((p + st.len).min(self.len));
         }
         let end = run_end.min(p + ZERO_STEP);
         let Some(claim) = self.claim_within(p, end) else {
-            return end;
+            return ZeroStep::Stop;
         };
         let (s, e) = (claim.start, claim.end);
-        // Claimed, the source range cannot change any more: look again.
         let still_zero = matches!(
             self.source.block_status(s, e - s).await,
             Ok(st) if st.zero && st.len >= e - s
@@ -540,7 +547,7 @@ impl BlockCopy {
             // Pending again: the copy loop copies it, with its error policy.
             self.finish(claim, &[], Some(s));
             self.report_remaining();
-            return e;
+            return ZeroStep::Stop;
         }
         if self.discard_source {
             self.discard_source_range(s, e).await;
@@ -548,7 +555,7 @@ impl BlockCopy {
         self.finish(claim, &[(s, e)], None);
         self.report_done(e - s);
         self.report_remaining();
-        e
+        ZeroStep::Zero(e)
     }
 
     fn claim_locked(st: &mut State, start: u64, end: u64) -> Claim {

@@ -1026,7 +1026,21 @@ impl JobDriver for Mirror {
             }
             // Attaching drains the source's writes: none can land unseen after this.
             self.opts.source.add_write_hook(self.hook.clone()).await;
-            let equal = self.dirty_init().await?;
+            // The walk asks the target too, which may hang: a cancel ends it
+            // (it holds nothing but its block-status queries).
+            let mut kicks = ctx.kicks();
+            let init = self.dirty_init();
+            tokio::pin!(init);
+            let equal = loop {
+                tokio::select! {
+                    r = &mut init => break r?,
+                    _ = kicks.changed() => {
+                        if ctx.is_cancelled() {
+                            return Err(livesnap_block::Error::invalid("Operation canceled"));
+                        }
+                    }
+                }
+            };
             ctx.progress_update(equal);
             self.initial_dirty
                 .store(equal + self.shared.dirty_bytes(), Ordering::Relaxed);
