@@ -260,6 +260,30 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn the_targets_dirty_bitmaps_see_the_copy() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = raw(&image(dir.path(), "src", Some(9), 4 << 20), false);
+        let dst = raw(&image(dir.path(), "dst", None, 4 << 20), false);
+        dst.add_bitmap("b", Some(65536), false, false)
+            .await
+            .unwrap();
+        let file = dst.children()[0].node.clone();
+        file.add_bitmap("f", Some(65536), false, false)
+            .await
+            .unwrap();
+        assert_eq!(
+            copy_range(&src, &dst, 1 << 20, 1 << 20, false).await,
+            1 << 20
+        );
+        let marked = |n: &BlockNode, name: &str| {
+            let bits = n.bitmaps().get(name).unwrap().content();
+            (bits.dirty_bytes(), bits.next_dirty_run(0, u64::MAX))
+        };
+        assert_eq!(marked(&dst, "b"), (1 << 20, Some((1 << 20, 1 << 20))));
+        assert_eq!(marked(&file, "f"), (1 << 20, Some((1 << 20, 1 << 20))));
+    }
+
+    #[tokio::test]
     async fn copies_stay_coherent_with_direct_readers_and_writers() {
         let dir = tempfile::tempdir().unwrap();
         let s = image(dir.path(), "src", Some(0x33), 4 << 20);
@@ -334,6 +358,16 @@ mod tests {
         let file_only = src.children()[0].node.clone();
         assert!(!offloadable(&file_only, &dst));
         assert_eq!(copy_range(&file_only, &dst, 0, 65536, false).await, 0);
+        // Fault injection between raw and file must see the I/O: a raw
+        // image over blkdebug is never offloaded from, nor blkdebug itself.
+        let dbg = crate::BlkdebugDriver::open(file_only, Default::default()).unwrap();
+        let dbg = BlockNode::new("dbg", Box::new(dbg), false, false);
+        let over = RawDriver::open(dbg.clone(), RawOptions::default()).unwrap();
+        let over = BlockNode::new("over", Box::new(over), false, false);
+        for n in [&over, &dbg] {
+            assert!(!offloadable(n, &dst));
+            assert_eq!(copy_range(n, &dst, 0, 65536, false).await, 0);
+        }
 
         struct Seen(std::sync::atomic::AtomicBool);
         impl crate::WriteHook for Seen {
