@@ -2,7 +2,8 @@
 //! the kernel between raw images on plain files (copy offload), or through
 //! buffers (a qcow2 target); holes, zero-filled data and a target that held
 //! other data before all end byte-identical to the source (`qemu-img
-//! compare`), with the page cache and with cache.direct.
+//! compare`), with the page cache and with cache.direct, and across two file
+//! systems (where the kernel refuses and buffers copy).
 
 use livesnap_testkit as harness;
 
@@ -96,9 +97,9 @@ fn run_job(qmp: &mut Qmp, job: &str, target: &str) {
     wait_job_event(qmp, "j", "BLOCK_JOB_COMPLETED", WAIT);
 }
 
-fn copies_are_identical(direct: bool) {
+fn copies_are_identical(direct: bool, source_dir: &Path) {
     let dir = tempfile::tempdir().unwrap();
-    let src = dir.path().join("src.raw");
+    let src = source_dir.join("src.raw");
     make_source(&src);
     let d = Livesnapd::bare();
     let mut qmp = d.qmp();
@@ -132,10 +133,20 @@ fn copies_are_identical(direct: bool) {
 
 #[test]
 fn backup_and_mirror_copies_are_identical_with_the_page_cache() {
-    copies_are_identical(false);
+    let dir = tempfile::tempdir().unwrap();
+    copies_are_identical(false, dir.path());
 }
 
 #[test]
 fn backup_and_mirror_copies_are_identical_with_cache_direct() {
-    copies_are_identical(true);
+    let dir = tempfile::tempdir().unwrap();
+    copies_are_identical(true, dir.path());
+}
+
+/// A source on tmpfs and targets on the test directory's file system: the
+/// kernel refuses (EXDEV) and every chunk goes through buffers.
+#[test]
+fn backup_and_mirror_copies_are_identical_across_file_systems() {
+    let dir = tempfile::tempdir_in("/dev/shm").unwrap_or_else(|_| tempfile::tempdir().unwrap());
+    copies_are_identical(false, dir.path());
 }

@@ -398,7 +398,7 @@ impl Backup {
         let copy = self.cbw.copy();
         let cluster = copy.cluster_size();
         // Offloaded copies hold no buffer: larger ones cost less each.
-        let default = if offload::offloadable(copy.source(), copy.target()) {
+        let default = if copy.offloads() {
             offload::IDLE_CHUNK
         } else {
             MAX_CHUNK

@@ -213,6 +213,8 @@ pub struct BlockCopy {
     progress: Mutex<Option<Progress>>,
     source_reads: AtomicUsize,
     own_discards: Mutex<Vec<(u64, u64)>>,
+    // The kernel copied nothing of a chunk once: buffers from then on.
+    offload_refused: AtomicBool,
 }
 
 fn align_down(x: u64, a: u64) -> u64 {
@@ -265,6 +267,7 @@ impl BlockCopy {
             progress: Mutex::new(None),
             source_reads: AtomicUsize::new(0),
             own_discards: Mutex::new(Vec::new()),
+            offload_refused: AtomicBool::new(false),
         }))
     }
 
@@ -291,6 +294,14 @@ impl BlockCopy {
     /// The node copied to.
     pub fn target(&self) -> &Arc<BlockNode> {
         &self.target
+    }
+
+    /// True while data chunks are copied inside the kernel, without
+    /// buffers (so larger chunks cost no memory).
+    pub fn offloads(&self) -> bool {
+        !self.fleecing
+            && !self.offload_refused.load(Ordering::Relaxed)
+            && offload::offloadable(&self.source, &self.target)
     }
 
     /// Sends progress to `p` from now on (`None` stops it), starting with the remaining bytes.
@@ -690,10 +701,15 @@ impl BlockCopy {
     /// copies must be serialising writes.
     async fn copy_data(&self, start: u64, end: u64) -> Result<(), CopyError> {
         let mut at = start;
-        if !self.fleecing {
+        if !self.fleecing && !self.offload_refused.load(Ordering::Relaxed) {
             self.source_reads.fetch_add(1, Ordering::SeqCst);
             at += offload::copy_range(&self.source, &self.target, start, end - start, true).await;
             self.source_reads.fetch_sub(1, Ordering::SeqCst);
+            // Refused outright (another file system, no reflink under
+            // O_DIRECT): not worth a system call per chunk from now on.
+            if at == start {
+                self.offload_refused.store(true, Ordering::Relaxed);
+            }
         }
         while at < end {
             let piece = (at + MAX_CHUNK).min(end);

@@ -216,6 +216,8 @@ struct Shared {
     active_writes: AtomicU64,
     /// Longest a guest write waits for its copy on the target.
     target_wait: Duration,
+    /// The kernel copied nothing of a chunk once: buffers from then on.
+    offload_refused: AtomicBool,
 }
 
 impl Shared {
@@ -461,6 +463,7 @@ impl Mirror {
             dirtied: Notify::new(),
             active_writes: AtomicU64::new(0),
             target_wait: opts.tuning.hold,
+            offload_refused: AtomicBool::new(false),
         });
         let hook: Arc<dyn WriteHook> = Arc::new(MirrorHook {
             shared: shared.clone(),
@@ -553,7 +556,9 @@ impl Mirror {
     /// Largest copy the loop issues: larger while the guest is idle and the
     /// copy is offloaded (no buffer holds it), within the buffer size.
     fn copy_max(&self, busy: bool) -> u64 {
-        let max = if !busy && offload::offloadable(&self.opts.source, &self.opts.target) {
+        let kernel = !self.shared.offload_refused.load(Ordering::Relaxed)
+            && offload::offloadable(&self.opts.source, &self.opts.target);
+        let max = if !busy && kernel {
             offload::IDLE_CHUNK
         } else {
             MAX_COPY
@@ -591,10 +596,18 @@ impl Mirror {
             // Inside the kernel where both ends allow it; what it did not
             // copy goes through a buffer (which also tells a read error
             // from a write error).
-            let offloaded =
-                offload::copy_range(&shared.source, &shared.target, offset, len, false).await;
+            let offloaded = if shared.offload_refused.load(Ordering::Relaxed) {
+                0
+            } else {
+                offload::copy_range(&shared.source, &shared.target, offset, len, false).await
+            };
             if offloaded >= len {
                 return Ok(());
+            }
+            // Refused outright (another file system, no reflink under
+            // O_DIRECT): not worth a system call per chunk from now on.
+            if offloaded == 0 {
+                shared.offload_refused.store(true, Ordering::Relaxed);
             }
             let (offset, len) = (offset + offloaded, len - offloaded);
             let buf = shared
