@@ -297,11 +297,14 @@ def main():
                  "soft cancel. Ratio = livesnapd / qsd (lower is faster).")
     lines.append("")
     names = [s for s, _ in slots]
+    if not results:
+        lines = lines[:1]
     head = ["disk", "job"] + [f"{s} s" for s in names] + ["ratio"]
     head += [f"{s} peak RSS MiB" for s in names] + [f"{s} RSS growth MiB" for s in names]
     head += [f"{s} bitmap" for s in names]
-    lines.append("| " + " | ".join(head) + " |")
-    lines.append("|" + "|".join(["---"] * 2 + ["---:"] * (len(head) - 2)) + "|")
+    if results:
+        lines.append("| " + " | ".join(head) + " |")
+        lines.append("|" + "|".join(["---"] * 2 + ["---:"] * (len(head) - 2)) + "|")
     for size, kind, job, cell in results:
         row = [f"{size >> 30} GiB {kind}", job] + [fmt_t(cell[s]) for s in names]
         row.append(ratio(cell["livesnapd"], cell["qsd"]))
