@@ -15,7 +15,9 @@ over QMP the same way; the daemons alternate per row.
 
 Copy rate (--rate-size, 1 GiB full): the same jobs against `dd iflag=direct
 oflag=direct bs=1M` with cache.direct=on, and against `cp --reflink=never`
-(copy_file_range) with the page cache, measured in the same run.
+(copy_file_range) with the page cache, measured in the same run, with the CPU
+time (user + system) the daemon spent on the job: what a guest on the same
+cores loses to it.
 
 Daemons: qsd, livesnapd (--livesnapd-bin, default the worktree's release
 build) and, with --before-bin (e.g. /work/baseline/livesnapd), the pre-issue
@@ -118,6 +120,7 @@ def run_job(d, kind, size):
     q = d.qmp
     pid = d.proc.pid
     rss0 = status_kib(pid, "VmRSS")
+    cpu0 = jobs.cpu_seconds(pid)
     args = {"job-id": "job0", "device": "src", "target": "dst", "sync": "full"}
     t0 = time.monotonic()
     q.cmd("blockdev-backup" if kind == "backup" else "blockdev-mirror", args, timeout=30)
@@ -147,7 +150,9 @@ def run_job(d, kind, size):
         elif msg["event"] in ("BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED"):
             end = time.monotonic() - t0
             err = data.get("error")
+    cpu1 = jobs.cpu_seconds(pid)
     return {"time": end if not err else None, "ready": ready, "error": err,
+            "cpu": None if cpu0 is None or cpu1 is None else cpu1 - cpu0,
             "hwm_kib": status_kib(pid, "VmHWM"),
             "rss_delta_kib": (status_kib(pid, "VmHWM") or 0) - (rss0 or 0),
             "bitmap": bitmap}
@@ -318,7 +323,7 @@ def main():
                      "(target: ≥ 0.9 × dd O_DIRECT with cache.direct; near cp with the page cache).")
         lines.append("")
         head = ["cache", "job", "tool", "tool MiB/s"] + [f"{s} MiB/s" for s in names]
-        head += [f"{s} / tool" for s in names]
+        head += [f"{s} / tool" for s in names] + [f"{s} CPU s" for s in names]
         lines.append("| " + " | ".join(head) + " |")
         lines.append("|" + "|".join(["---"] * 3 + ["---:"] * (len(head) - 3)) + "|")
         for size, cache, tool, job, t_tool, cell in rate:
@@ -328,6 +333,8 @@ def main():
                      for s in names]
             row += ["–" if r is None else f"{r:.0f}" for r in rates]
             row += ["–" if r is None else f"{r / (mib / t_tool):.2f}" for r in rates]
+            row += ["–" if not cell[s] or cell[s].get("cpu") is None else f"{cell[s]['cpu']:.2f}"
+                    for s in names]
             lines.append("| " + " | ".join(row) + " |")
     for n in notes:
         lines.append(f"\nNote: {n}")
