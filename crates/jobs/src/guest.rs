@@ -1,41 +1,177 @@
-//! Whether the guest is writing right now: how a job's background copy
-//! knows to yield (a job must stay gentle with the guest).
+//! How much of the disk the guest leaves to a job's background copy.
+//!
+//! A job must stay gentle with the guest (G4) without starving itself: a
+//! guest writing 4 MiB/s on a disk that copies at 1 GB/s leaves nearly
+//! everything, a guest writing flat out leaves little. Neither the disk's
+//! speed nor the guest's demand is known in advance, so the job measures
+//! what it costs the guest and adapts.
+//!
+//! **The measure.** A job's write hook sees every guest write
+//! ([`GuestActivity`]): per period ([`PERIOD`]) it sums the writes' latency
+//! and the time at least one was in flight (the guest's utilisation `u`).
+//! Against a baseline latency `b` of the guest alone, a period whose mean
+//! latency is `l` cost the guest
+//!
+//! ```text
+//! loss = u × (1 − b / l)
+//! ```
+//!
+//! of its throughput. For a guest that waits for each write before the next
+//! (any queue depth, any think time between writes) this is exact: its
+//! throughput is proportional to `1 / (think + l)`. A guest that writes at a
+//! fixed rate loses less than that (nothing, until its queue fills), so the
+//! estimate errs on the gentle side; a light writer has a small `u` and
+//! therefore leaves nearly everything anyway.
+//!
+//! **The baseline** is the lowest period mean seen; it is trusted for
+//! [`BASE_TTL`], then re-measured by a probe: one period in which the job
+//! starts no copy. The first period in which the guest writes is such a
+//! probe too (an idle guest costs the job nothing).
+//!
+//! **The knob** ([`Pacer`]) is the job's window: bytes of copies in flight.
+//! Each period whose loss is above the target halves it; one below half the
+//! target grows it by an eighth; a guest that wrote nothing gives it the
+//! maximum at once. A window below one paced chunk becomes a duty cycle:
+//! one chunk, then an idle pause so that the job copies `window / chunk` of
+//! the time. The target is the job's `x-busy-share`: the most of the
+//! guest's throughput the job may take (default [`DEFAULT_LOSS`]; 1 turns
+//! yielding off). Completion, copy-before-write and `speed` are not paced.
+//!
+//! docs/decisions.md has the measurements behind the numbers.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-/// How long a guest counts as busy after its last write (a writer at queue
-/// depth 1 has gaps between requests that are not idleness).
-pub const BUSY_HOLD: Duration = Duration::from_millis(20);
+/// Length of one measuring period, and of a probe.
+pub const PERIOD: Duration = Duration::from_millis(100);
+
+/// How long a measured baseline latency is trusted before a probe.
+pub const BASE_TTL: Duration = Duration::from_secs(3);
+
+/// Size of one copy while the window is small: a guest write that hits a
+/// chunk being copied waits for all of it.
+pub const PACED_CHUNK: u64 = 256 << 10;
+
+/// Default most of the guest's throughput a job's background copy may take.
+pub const DEFAULT_LOSS: f64 = 0.1;
+
+/// The smallest window, as a fraction of a paced chunk (a duty cycle of 1/16).
+const MIN_WINDOW_DIV: u64 = 16;
+
+/// Longest idle pause a duty cycle takes at once (the pacer re-measures after).
+const MAX_PAUSE: Duration = Duration::from_millis(100);
+
+/// What a job's write hook saw of the guest's writes over one period.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct GuestSample {
+    /// Writes that completed in the period.
+    pub writes: u64,
+    /// Their latencies, summed.
+    pub latency: Duration,
+    /// Time in the period with at least one guest write in flight.
+    pub busy: Duration,
+    /// Length of the period.
+    pub span: Duration,
+}
+
+impl GuestSample {
+    /// Fraction of the period the guest had a write in flight.
+    pub fn utilisation(&self) -> f64 {
+        if self.span.is_zero() {
+            return 0.0;
+        }
+        (self.busy.as_secs_f64() / self.span.as_secs_f64()).clamp(0.0, 1.0)
+    }
+
+    /// Mean latency of the period's writes; a write in flight all period
+    /// with none completed counts as taking the whole period.
+    pub fn mean_latency(&self) -> Option<f64> {
+        if self.writes > 0 {
+            Some(self.latency.as_secs_f64() / self.writes as f64)
+        } else if !self.busy.is_zero() {
+            Some(self.span.as_secs_f64())
+        } else {
+            None
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Counters {
+    in_flight: usize,
+    writes: u64,
+    latency: Duration,
+    busy: Duration,
+    busy_since: Instant,
+    since: Instant,
+}
 
 /// Guest writes seen by a job's write hook.
+#[derive(Debug)]
 pub struct GuestActivity {
-    in_flight: AtomicUsize,
-    last: Mutex<Instant>,
+    c: Mutex<Counters>,
 }
 
 /// One guest write in flight; dropping it marks the write done.
-pub struct GuestWrite<'a>(&'a GuestActivity);
+pub struct GuestWrite<'a> {
+    guest: &'a GuestActivity,
+    started: Instant,
+}
 
 impl GuestActivity {
     /// No write seen yet: idle.
     pub fn new() -> GuestActivity {
+        let now = Instant::now();
         GuestActivity {
-            in_flight: AtomicUsize::new(0),
-            last: Mutex::new(Instant::now() - BUSY_HOLD * 2),
+            c: Mutex::new(Counters {
+                in_flight: 0,
+                writes: 0,
+                latency: Duration::ZERO,
+                busy: Duration::ZERO,
+                busy_since: now,
+                since: now,
+            }),
         }
     }
 
     /// Counts a guest write until the returned guard is dropped.
     pub fn write_started(&self) -> GuestWrite<'_> {
-        self.in_flight.fetch_add(1, Ordering::SeqCst);
-        GuestWrite(self)
+        let started = Instant::now();
+        let mut c = self.c.lock().unwrap();
+        if c.in_flight == 0 {
+            c.busy_since = started;
+        }
+        c.in_flight += 1;
+        GuestWrite {
+            guest: self,
+            started,
+        }
     }
 
-    /// True while a guest write is in flight or one ended within [`BUSY_HOLD`].
-    pub fn busy(&self) -> bool {
-        self.in_flight.load(Ordering::SeqCst) > 0 || self.last.lock().unwrap().elapsed() < BUSY_HOLD
+    /// True while a guest write is in flight.
+    pub fn writing(&self) -> bool {
+        self.c.lock().unwrap().in_flight > 0
+    }
+
+    /// What was seen since the last call (or since creation), up to `now`.
+    pub fn take(&self, now: Instant) -> GuestSample {
+        let mut c = self.c.lock().unwrap();
+        if c.in_flight > 0 {
+            let since = c.busy_since;
+            c.busy += now.saturating_duration_since(since);
+            c.busy_since = now;
+        }
+        let sample = GuestSample {
+            writes: c.writes,
+            latency: c.latency,
+            busy: c.busy,
+            span: now.saturating_duration_since(c.since),
+        };
+        c.writes = 0;
+        c.latency = Duration::ZERO;
+        c.busy = Duration::ZERO;
+        c.since = now;
+        sample
     }
 }
 
@@ -47,7 +183,308 @@ impl Default for GuestActivity {
 
 impl Drop for GuestWrite<'_> {
     fn drop(&mut self) {
-        *self.0.last.lock().unwrap() = Instant::now();
-        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+        let now = Instant::now();
+        let mut c = self.guest.c.lock().unwrap();
+        c.writes += 1;
+        c.latency += now.saturating_duration_since(self.started);
+        c.in_flight -= 1;
+        if c.in_flight == 0 {
+            let since = c.busy_since;
+            c.busy += now.saturating_duration_since(since);
+        }
+    }
+}
+
+/// A job's window of copies in flight, adapted each period to what the
+/// guest loses (see the module doc). Pure: time and samples are inputs.
+#[derive(Debug)]
+pub struct Pacer {
+    /// Most of the guest's throughput the job may take (1 = never yield).
+    target: f64,
+    chunk: u64,
+    max: u64,
+    window: u64,
+    /// Lowest mean latency of the guest alone, and when it was measured.
+    base: Option<(f64, Instant)>,
+    /// A probe runs until this instant; the window to go back to after it.
+    probe: Option<(Instant, u64)>,
+    period_start: Instant,
+    last_loss: f64,
+}
+
+impl Pacer {
+    /// A pacer for copies of `chunk` bytes (when paced) up to `max` bytes in
+    /// flight, starting at `max`. `target` is clamped to (0, 1].
+    pub fn new(now: Instant, target: f64, chunk: u64, max: u64) -> Pacer {
+        let chunk = chunk.max(1);
+        let max = max.max(chunk);
+        Pacer {
+            target: target.clamp(0.01, 1.0),
+            chunk,
+            max,
+            window: max,
+            base: None,
+            probe: None,
+            period_start: now,
+            last_loss: 0.0,
+        }
+    }
+
+    fn enabled(&self) -> bool {
+        self.target < 1.0
+    }
+
+    fn min_window(&self) -> u64 {
+        (self.chunk / MIN_WINDOW_DIV).max(1)
+    }
+
+    /// Takes the guest's sample and adapts once a period has passed.
+    pub fn tick(&mut self, now: Instant, guest: &GuestActivity) {
+        if !self.enabled() || now.saturating_duration_since(self.period_start) < PERIOD {
+            return;
+        }
+        self.period_start = now;
+        self.observe(now, guest.take(now));
+    }
+
+    /// When the next [`Pacer::tick`] has something to do (a loop waiting
+    /// for nothing else should wake by then).
+    pub fn next_tick(&self) -> Instant {
+        self.period_start + PERIOD
+    }
+
+    /// Adapts the window to one period's sample.
+    pub fn observe(&mut self, now: Instant, s: GuestSample) {
+        if !self.enabled() {
+            return;
+        }
+        let lat = s.mean_latency();
+        if let Some((until, back)) = self.probe {
+            if now < until {
+                return;
+            }
+            self.probe = None;
+            self.window = back;
+            match lat {
+                Some(l) => self.base = Some((l, now)),
+                // The guest wrote nothing while we looked: it leaves everything.
+                None => {
+                    self.window = self.max;
+                    return;
+                }
+            }
+        }
+        let Some(lat) = lat else {
+            self.window = self.max;
+            self.last_loss = 0.0;
+            return;
+        };
+        let base = match self.base {
+            Some((b, at)) if lat >= b && now.saturating_duration_since(at) < BASE_TTL => b,
+            Some((b, _)) if lat < b => {
+                self.base = Some((lat, now));
+                lat
+            }
+            // No baseline, or a stale one: look at the guest alone first.
+            _ => {
+                self.probe = Some((now + PERIOD, self.window));
+                self.window = 0;
+                return;
+            }
+        };
+        let loss = s.utilisation() * (1.0 - base / lat).max(0.0);
+        self.last_loss = loss;
+        if loss > self.target {
+            self.window = (self.window / 2).max(self.min_window());
+        } else if loss < self.target / 2.0 {
+            self.window = (self.window + (self.window / 8).max(self.min_window())).min(self.max);
+        }
+    }
+
+    /// Bytes the job may have in flight now; 0 while probing.
+    pub fn window(&self) -> u64 {
+        if !self.enabled() {
+            return self.max;
+        }
+        self.window
+    }
+
+    /// The size of the next copy: the window, within one paced chunk and
+    /// the job's largest.
+    pub fn chunk(&self, largest: u64) -> u64 {
+        self.window().clamp(self.chunk.min(largest), largest)
+    }
+
+    /// The pause after a copy that took `took`, when the window is below
+    /// one chunk (the rest of the time is the guest's).
+    pub fn pause_after(&self, took: Duration) -> Duration {
+        let w = self.window();
+        if w >= self.chunk || w == 0 {
+            return Duration::ZERO;
+        }
+        let share = w as f64 / self.chunk as f64;
+        took.mul_f64((1.0 - share) / share).min(MAX_PAUSE)
+    }
+
+    /// The last period's estimated loss of guest throughput (for logs).
+    pub fn last_loss(&self) -> f64 {
+        self.last_loss
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIB: u64 = 1 << 20;
+
+    fn sample(writes: u64, mean_us: u64, busy_ms: u64) -> GuestSample {
+        GuestSample {
+            writes,
+            latency: Duration::from_micros(mean_us * writes),
+            busy: Duration::from_millis(busy_ms),
+            span: PERIOD,
+        }
+    }
+
+    /// A pacer past its first probe, which measured `base_us`.
+    fn settled(t0: Instant, base_us: u64) -> (Pacer, Instant) {
+        let mut p = Pacer::new(t0, 0.1, 256 << 10, 16 * MIB);
+        assert_eq!(p.window(), 16 * MIB, "an idle guest leaves everything");
+        let mut t = t0 + PERIOD;
+        p.observe(t, GuestSample::default());
+        assert_eq!(p.window(), 16 * MIB);
+        // The guest starts writing: the job stops for a period to measure it alone.
+        t += PERIOD;
+        p.observe(t, sample(100, base_us * 3, 100));
+        assert_eq!(p.window(), 0, "the first writes start a probe");
+        t += PERIOD;
+        p.observe(t, sample(100, base_us, 100));
+        assert_eq!(p.window(), 16 * MIB);
+        (p, t)
+    }
+
+    #[test]
+    fn busy_guest_losing_throughput_halves_the_window_down_to_a_duty_cycle() {
+        let t0 = Instant::now();
+        let (mut p, mut t) = settled(t0, 100);
+        // Saturated guest (u = 1) at twice its latency: it loses half.
+        for _ in 0..20 {
+            t += PERIOD;
+            p.observe(t, sample(1000, 200, 100));
+        }
+        assert_eq!(p.window(), (256 << 10) / 16);
+        assert!((p.last_loss() - 0.5).abs() < 1e-9);
+        assert_eq!(
+            p.pause_after(Duration::from_millis(2)),
+            Duration::from_millis(30)
+        );
+        assert_eq!(p.chunk(MIB), 256 << 10);
+    }
+
+    #[test]
+    fn light_writer_leaves_nearly_everything() {
+        let t0 = Instant::now();
+        let (mut p, mut t) = settled(t0, 100);
+        // 100 writes of 4 KiB per period (4 MiB/s) at 3× latency: busy 3 %
+        // of the time, so the job costs it under 2 %: the window stays full.
+        for _ in 0..20 {
+            t += PERIOD;
+            p.observe(t, sample(100, 300, 3));
+        }
+        assert_eq!(p.window(), 16 * MIB);
+        assert!(p.last_loss() < 0.05);
+        assert_eq!(p.chunk(MIB), MIB);
+        assert_eq!(p.pause_after(Duration::from_millis(5)), Duration::ZERO);
+    }
+
+    #[test]
+    fn window_grows_back_by_an_eighth_once_the_guest_recovers() {
+        let t0 = Instant::now();
+        let (mut p, mut t) = settled(t0, 100);
+        t += PERIOD;
+        p.observe(t, sample(1000, 400, 100));
+        assert_eq!(p.window(), 8 * MIB);
+        t += PERIOD;
+        p.observe(t, sample(1000, 104, 100));
+        assert_eq!(p.window(), 9 * MIB);
+        // Between half the target and the target: hold.
+        t += PERIOD;
+        p.observe(t, sample(1000, 108, 100));
+        assert_eq!(p.window(), 9 * MIB);
+    }
+
+    #[test]
+    fn idle_guest_gives_the_maximum_at_once() {
+        let t0 = Instant::now();
+        let (mut p, mut t) = settled(t0, 100);
+        for _ in 0..10 {
+            t += PERIOD;
+            p.observe(t, sample(1000, 1000, 100));
+        }
+        assert!(p.window() < MIB);
+        t += PERIOD;
+        p.observe(t, GuestSample::default());
+        assert_eq!(p.window(), 16 * MIB);
+    }
+
+    #[test]
+    fn a_stale_baseline_is_measured_again_with_the_job_stopped() {
+        let t0 = Instant::now();
+        let (mut p, mut t) = settled(t0, 100);
+        let mut steps = 0;
+        while p.window() != 0 {
+            t += PERIOD;
+            p.observe(t, sample(1000, 105, 100));
+            steps += 1;
+            assert!(steps < 100, "no probe within {steps} periods");
+        }
+        assert!(t - t0 >= BASE_TTL);
+        // The probe measures the guest alone: 150 µs is the new baseline.
+        let before = 16 * MIB;
+        t += PERIOD;
+        p.observe(t, sample(1000, 150, 100));
+        assert_eq!(p.window(), before);
+        t += PERIOD;
+        p.observe(t, sample(1000, 300, 100));
+        assert_eq!(p.window(), before / 2);
+    }
+
+    #[test]
+    fn a_stalled_write_counts_as_a_whole_period_of_latency() {
+        let t0 = Instant::now();
+        let (mut p, mut t) = settled(t0, 100);
+        t += PERIOD;
+        p.observe(t, sample(0, 0, 100));
+        assert_eq!(p.window(), 8 * MIB);
+    }
+
+    #[test]
+    fn share_one_never_yields() {
+        let t0 = Instant::now();
+        let mut p = Pacer::new(t0, 1.0, 256 << 10, 16 * MIB);
+        assert_eq!(p.window(), 16 * MIB);
+        p.observe(t0 + PERIOD, sample(1000, 10_000, 100));
+        assert_eq!(p.window(), 16 * MIB);
+    }
+
+    #[test]
+    fn activity_measures_latency_and_utilisation() {
+        let g = GuestActivity::new();
+        let t0 = Instant::now();
+        let _ = g.take(t0);
+        {
+            let _w = g.write_started();
+            assert!(g.writing());
+        }
+        assert!(!g.writing());
+        let s = g.take(Instant::now());
+        assert_eq!(s.writes, 1);
+        assert!(s.busy >= s.latency && s.busy <= s.span);
+        let held = g.write_started();
+        let s = g.take(Instant::now() + Duration::from_millis(10));
+        assert_eq!(s.writes, 0);
+        assert!(s.busy >= Duration::from_millis(10));
+        drop(held);
     }
 }
