@@ -513,7 +513,7 @@ impl Backup {
                 return Ok(());
             }
             let now = Instant::now();
-            pace.pacer.tick(now, self.cbw.guest());
+            pace.pacer.tick(now, self.cbw.guest(), pace.in_flight_bytes);
             let window = pace.pacer.window();
             let paused = now < pace.paused_until;
             let claim = if pace.in_flight >= workers || pace.in_flight_bytes >= window || paused {

@@ -23,17 +23,20 @@
 //! estimate errs on the gentle side; a light writer has a small `u` and
 //! therefore leaves nearly everything anyway.
 //!
-//! **The baseline** is the lowest period mean seen; it is trusted for
-//! [`BASE_TTL`], then re-measured by a probe: one period in which the job
-//! starts no copy. The first period in which the guest writes is such a
-//! probe too (an idle guest costs the job nothing).
+//! **The baseline** is measured by a probe: one period in which the job
+//! has no copy in flight (it starts none, and the period starts once those
+//! in flight have ended). It is trusted for [`BASE_TTL`], then measured again;
+//! the first period in which the guest writes is a probe too, and so is the
+//! first after the guest's own path changed (a mirror going write-blocking).
+//! An idle guest costs the job nothing: no writes, no probes.
 //!
 //! **The knob** ([`Pacer`]) is the job's window: bytes of copies in flight.
-//! Each period whose loss is above the target halves it; one below half the
-//! target grows it by an eighth; a guest that wrote nothing gives it the
-//! maximum at once. A window below one paced chunk becomes a duty cycle:
-//! one chunk, then an idle pause so that the job copies `window / chunk` of
-//! the time. The target is the job's `x-busy-share`: the most of the
+//! Each period whose loss (smoothed over about two periods) is above the
+//! target halves it; one below half the target grows it by an eighth, one
+//! below a quarter doubles it; a guest that wrote nothing gives it the
+//! maximum at once. A window below
+//! one paced chunk becomes a duty cycle: one chunk, then an idle pause so
+//! that the job copies `window / chunk` of the time, at least a quarter. The target is the job's `x-busy-share`: the most of the
 //! guest's throughput the job may take (default [`DEFAULT_LOSS`]; 1 turns
 //! yielding off). Completion, copy-before-write and `speed` are not paced.
 //!
@@ -45,8 +48,9 @@ use std::time::{Duration, Instant};
 /// Length of one measuring period, and of a probe.
 pub const PERIOD: Duration = Duration::from_millis(100);
 
-/// How long a measured baseline latency is trusted before a probe.
-pub const BASE_TTL: Duration = Duration::from_secs(3);
+/// How long a measured baseline latency is trusted before a probe (a
+/// tenth of a busy guest's time goes to probes, none of an idle one's).
+pub const BASE_TTL: Duration = Duration::from_secs(1);
 
 /// Size of one copy while the window is small: a guest write that hits a
 /// chunk being copied waits for all of it.
@@ -55,8 +59,11 @@ pub const PACED_CHUNK: u64 = 256 << 10;
 /// Default most of the guest's throughput a job's background copy may take.
 pub const DEFAULT_LOSS: f64 = 0.1;
 
-/// The smallest window, as a fraction of a paced chunk (a duty cycle of 1/16).
-const MIN_WINDOW_DIV: u64 = 16;
+/// The smallest window, as a fraction of a paced chunk (a duty cycle of
+/// 1/4): below that the job would last so long that what the guest pays
+/// for its mere presence (copy-before-write, write-blocking) outweighs the
+/// contention it saves.
+const MIN_WINDOW_DIV: u64 = 4;
 
 /// Longest idle pause a duty cycle takes at once (the pacer re-measures after).
 const MAX_PAUSE: Duration = Duration::from_millis(100);
@@ -209,7 +216,8 @@ pub struct Pacer {
     /// A probe runs until this instant; the window to go back to after it.
     probe: Option<(Instant, u64)>,
     period_start: Instant,
-    last_loss: f64,
+    /// The guest's estimated loss, smoothed over the last periods.
+    loss: f64,
 }
 
 impl Pacer {
@@ -226,7 +234,7 @@ impl Pacer {
             base: None,
             probe: None,
             period_start: now,
-            last_loss: 0.0,
+            loss: 0.0,
         }
     }
 
@@ -238,9 +246,22 @@ impl Pacer {
         (self.chunk / MIN_WINDOW_DIV).max(1)
     }
 
-    /// Takes the guest's sample and adapts once a period has passed.
-    pub fn tick(&mut self, now: Instant, guest: &GuestActivity) {
-        if !self.enabled() || now.saturating_duration_since(self.period_start) < PERIOD {
+    /// Takes the guest's sample and adapts once a period has passed;
+    /// `job_in_flight` is what the job still has in flight: a probe only
+    /// starts measuring once that is nothing (the guest alone).
+    pub fn tick(&mut self, now: Instant, guest: &GuestActivity, job_in_flight: u64) {
+        if !self.enabled() {
+            return;
+        }
+        if let Some((_, back)) = self.probe {
+            if job_in_flight > 0 {
+                guest.take(now);
+                self.period_start = now;
+                self.probe = Some((now + PERIOD, back));
+                return;
+            }
+        }
+        if now.saturating_duration_since(self.period_start) < PERIOD {
             return;
         }
         self.period_start = now;
@@ -266,25 +287,22 @@ impl Pacer {
             self.probe = None;
             self.window = back;
             match lat {
-                Some(l) => self.base = Some((l, now)),
-                // The guest wrote nothing while we looked: it leaves everything.
-                None => {
-                    self.window = self.max;
-                    return;
+                Some(l) => {
+                    tracing::debug!("pacer: probe: the guest alone, {:.0} µs", l * 1e6);
+                    self.base = Some((l, now));
                 }
+                // The guest wrote nothing while we looked: it leaves everything.
+                None => self.window = self.max,
             }
+            return;
         }
         let Some(lat) = lat else {
             self.window = self.max;
-            self.last_loss = 0.0;
+            self.loss = 0.0;
             return;
         };
         let base = match self.base {
-            Some((b, at)) if lat >= b && now.saturating_duration_since(at) < BASE_TTL => b,
-            Some((b, _)) if lat < b => {
-                self.base = Some((lat, now));
-                lat
-            }
+            Some((b, at)) if now.saturating_duration_since(at) < BASE_TTL => b,
             // No baseline, or a stale one: look at the guest alone first.
             _ => {
                 self.probe = Some((now + PERIOD, self.window));
@@ -292,13 +310,35 @@ impl Pacer {
                 return;
             }
         };
+        // Smoothed over two periods or so: one period's mean moves by tens
+        // of percent on its own on a busy machine.
         let loss = s.utilisation() * (1.0 - base / lat).max(0.0);
-        self.last_loss = loss;
-        if loss > self.target {
-            self.window = (self.window / 2).max(self.min_window());
-        } else if loss < self.target / 2.0 {
-            self.window = (self.window + (self.window / 8).max(self.min_window())).min(self.max);
-        }
+        self.loss = (self.loss + loss) / 2.0;
+        tracing::debug!(
+            "pacer: {} writes, mean {:.0} µs, base {:.0} µs, utilisation {:.2}, loss {loss:.2} (smoothed {:.2}), window {}",
+            s.writes,
+            lat * 1e6,
+            base * 1e6,
+            s.utilisation(),
+            self.loss,
+            self.window
+        );
+        let grown = if self.loss > self.target {
+            (self.window / 2).max(self.min_window())
+        } else if self.loss < self.target / 4.0 {
+            self.window * 2
+        } else if self.loss < self.target / 2.0 {
+            self.window + (self.window / 8).max(self.min_window())
+        } else {
+            self.window
+        };
+        self.window = grown.min(self.max);
+    }
+
+    /// Drops the baseline (the guest's path changed, e.g. a mirror went
+    /// write-blocking): the next period in which the guest writes is a probe.
+    pub fn forget_baseline(&mut self) {
+        self.base = None;
     }
 
     /// Bytes the job may have in flight now; 0 while probing.
@@ -326,9 +366,9 @@ impl Pacer {
         took.mul_f64((1.0 - share) / share).min(MAX_PAUSE)
     }
 
-    /// The last period's estimated loss of guest throughput (for logs).
+    /// The estimated loss of guest throughput, smoothed (for logs).
     pub fn last_loss(&self) -> f64 {
-        self.last_loss
+        self.loss
     }
 }
 
@@ -337,6 +377,7 @@ mod tests {
     use super::*;
 
     const MIB: u64 = 1 << 20;
+    const CHUNK: u64 = 256 << 10;
 
     fn sample(writes: u64, mean_us: u64, busy_ms: u64) -> GuestSample {
         GuestSample {
@@ -349,7 +390,7 @@ mod tests {
 
     /// A pacer past its first probe, which measured `base_us`.
     fn settled(t0: Instant, base_us: u64) -> (Pacer, Instant) {
-        let mut p = Pacer::new(t0, 0.1, 256 << 10, 16 * MIB);
+        let mut p = Pacer::new(t0, 0.1, CHUNK, 16 * MIB);
         assert_eq!(p.window(), 16 * MIB, "an idle guest leaves everything");
         let mut t = t0 + PERIOD;
         p.observe(t, GuestSample::default());
@@ -364,22 +405,60 @@ mod tests {
         (p, t)
     }
 
+    /// `n` periods of a guest whose writes take `alone` while the job
+    /// copies nothing (probes) and `loaded` otherwise; the windows seen.
+    fn run(
+        p: &mut Pacer,
+        t: &mut Instant,
+        n: usize,
+        alone: GuestSample,
+        loaded: GuestSample,
+    ) -> Vec<u64> {
+        let mut seen = Vec::new();
+        for _ in 0..n {
+            *t += PERIOD;
+            let s = if p.window() == 0 { alone } else { loaded };
+            p.observe(*t, s);
+            seen.push(p.window());
+        }
+        seen
+    }
+
     #[test]
     fn busy_guest_losing_throughput_halves_the_window_down_to_a_duty_cycle() {
         let t0 = Instant::now();
         let (mut p, mut t) = settled(t0, 100);
         // Saturated guest (u = 1) at twice its latency: it loses half.
-        for _ in 0..20 {
-            t += PERIOD;
-            p.observe(t, sample(1000, 200, 100));
+        let seen = run(
+            &mut p,
+            &mut t,
+            40,
+            sample(1000, 100, 100),
+            sample(500, 200, 100),
+        );
+        let paced: Vec<u64> = seen.iter().copied().filter(|&w| w != 0).collect();
+        assert!(paced[..8].windows(2).all(|w| w[1] == w[0] / 2), "{paced:?}");
+        assert_eq!(*paced.last().unwrap(), CHUNK / 4);
+        assert!(
+            seen.iter().filter(|&&w| w == 0).count() >= 3,
+            "probes: {seen:?}"
+        );
+        assert!(p.last_loss() > 0.4);
+        if p.window() == 0 {
+            run(
+                &mut p,
+                &mut t,
+                1,
+                sample(1000, 100, 100),
+                sample(500, 200, 100),
+            );
         }
-        assert_eq!(p.window(), (256 << 10) / 16);
-        assert!((p.last_loss() - 0.5).abs() < 1e-9);
+        // A quarter of the time: 2 ms of copying, 6 ms for the guest.
         assert_eq!(
             p.pause_after(Duration::from_millis(2)),
-            Duration::from_millis(30)
+            Duration::from_millis(6)
         );
-        assert_eq!(p.chunk(MIB), 256 << 10);
+        assert_eq!(p.chunk(MIB), CHUNK);
     }
 
     #[test]
@@ -388,11 +467,8 @@ mod tests {
         let (mut p, mut t) = settled(t0, 100);
         // 100 writes of 4 KiB per period (4 MiB/s) at 3× latency: busy 3 %
         // of the time, so the job costs it under 2 %: the window stays full.
-        for _ in 0..20 {
-            t += PERIOD;
-            p.observe(t, sample(100, 300, 3));
-        }
-        assert_eq!(p.window(), 16 * MIB);
+        let seen = run(&mut p, &mut t, 40, sample(100, 100, 1), sample(100, 300, 3));
+        assert!(seen.iter().all(|&w| w == 0 || w == 16 * MIB), "{seen:?}");
         assert!(p.last_loss() < 0.05);
         assert_eq!(p.chunk(MIB), MIB);
         assert_eq!(p.pause_after(Duration::from_millis(5)), Duration::ZERO);
@@ -405,31 +481,40 @@ mod tests {
         t += PERIOD;
         p.observe(t, sample(1000, 400, 100));
         assert_eq!(p.window(), 8 * MIB);
-        t += PERIOD;
-        p.observe(t, sample(1000, 104, 100));
-        assert_eq!(p.window(), 9 * MIB);
-        // Between half the target and the target: hold.
-        t += PERIOD;
-        p.observe(t, sample(1000, 108, 100));
-        assert_eq!(p.window(), 9 * MIB);
+        // The smoothed loss falls within a few periods: an eighth more per
+        // period below half the target, twice as much below a quarter.
+        let alone = sample(1000, 100, 100);
+        let seen = run(&mut p, &mut t, 6, alone, sample(1000, 104, 100));
+        assert!(seen.iter().all(|&w| w != 0), "no probe yet: {seen:?}");
+        assert!(*seen.iter().min().unwrap() >= MIB, "{seen:?}");
+        let grew: Vec<_> = seen.windows(2).filter(|w| w[1] > w[0]).collect();
+        assert!(grew.iter().any(|w| w[1] == w[0] + w[0] / 8), "{seen:?}");
+        let seen = run(&mut p, &mut t, 2, alone, alone);
+        assert!(
+            seen.windows(2).all(|w| w[1] == (w[0] * 2).min(16 * MIB)),
+            "{seen:?}"
+        );
     }
 
     #[test]
     fn idle_guest_gives_the_maximum_at_once() {
         let t0 = Instant::now();
         let (mut p, mut t) = settled(t0, 100);
-        for _ in 0..10 {
-            t += PERIOD;
-            p.observe(t, sample(1000, 1000, 100));
-        }
-        assert!(p.window() < MIB);
+        run(
+            &mut p,
+            &mut t,
+            9,
+            sample(1000, 100, 100),
+            sample(100, 1000, 100),
+        );
+        assert!(p.window() < MIB && p.window() > 0, "{}", p.window());
         t += PERIOD;
         p.observe(t, GuestSample::default());
         assert_eq!(p.window(), 16 * MIB);
     }
 
     #[test]
-    fn a_stale_baseline_is_measured_again_with_the_job_stopped() {
+    fn the_baseline_is_measured_again_each_second_with_the_job_stopped() {
         let t0 = Instant::now();
         let (mut p, mut t) = settled(t0, 100);
         let mut steps = 0;
@@ -437,17 +522,58 @@ mod tests {
             t += PERIOD;
             p.observe(t, sample(1000, 105, 100));
             steps += 1;
-            assert!(steps < 100, "no probe within {steps} periods");
+            assert!(steps <= 11, "no probe within {steps} periods");
         }
-        assert!(t - t0 >= BASE_TTL);
+        assert!(steps >= 10, "probe after {steps} periods");
         // The probe measures the guest alone: 150 µs is the new baseline.
-        let before = 16 * MIB;
         t += PERIOD;
         p.observe(t, sample(1000, 150, 100));
-        assert_eq!(p.window(), before);
+        assert_eq!(p.window(), 16 * MIB);
         t += PERIOD;
         p.observe(t, sample(1000, 300, 100));
-        assert_eq!(p.window(), before / 2);
+        assert_eq!(p.window(), 8 * MIB);
+    }
+
+    #[test]
+    fn a_forgotten_baseline_is_measured_again() {
+        let t0 = Instant::now();
+        let (mut p, mut t) = settled(t0, 100);
+        p.forget_baseline();
+        t += PERIOD;
+        p.observe(t, sample(1000, 200, 100));
+        assert_eq!(p.window(), 0);
+        t += PERIOD;
+        p.observe(t, sample(1000, 200, 100));
+        assert_eq!(p.window(), 16 * MIB);
+        t += PERIOD;
+        p.observe(t, sample(1000, 205, 100));
+        assert_eq!(
+            p.window(),
+            16 * MIB,
+            "200 µs is the guest's own latency now"
+        );
+    }
+
+    #[test]
+    fn a_probe_measures_only_once_the_job_has_nothing_in_flight() {
+        let g = GuestActivity::new();
+        let t0 = Instant::now();
+        let mut p = Pacer::new(t0, 0.1, CHUNK, 16 * MIB);
+        p.observe(t0, sample(1000, 500, 100));
+        assert_eq!(p.window(), 0, "probing");
+        // Copies still in flight: the guest's writes now are not "alone".
+        let mut t = t0;
+        for _ in 0..5 {
+            t += PERIOD;
+            drop(g.write_started());
+            p.tick(t, &g, 4 * MIB);
+            assert_eq!(p.window(), 0);
+        }
+        // Drained: one more period, then the probe ends.
+        p.tick(t + PERIOD / 2, &g, 0);
+        assert_eq!(p.window(), 0);
+        p.tick(t + PERIOD, &g, 0);
+        assert_eq!(p.window(), 16 * MIB);
     }
 
     #[test]
@@ -462,7 +588,7 @@ mod tests {
     #[test]
     fn share_one_never_yields() {
         let t0 = Instant::now();
-        let mut p = Pacer::new(t0, 1.0, 256 << 10, 16 * MIB);
+        let mut p = Pacer::new(t0, 1.0, CHUNK, 16 * MIB);
         assert_eq!(p.window(), 16 * MIB);
         p.observe(t0 + PERIOD, sample(1000, 10_000, 100));
         assert_eq!(p.window(), 16 * MIB);

@@ -419,6 +419,8 @@ struct LoopState {
     last_log: Instant,
     /// Under a duty cycle, no copy starts before this (guest.rs).
     paused_until: Instant,
+    /// The mode the pacer's baseline was measured in.
+    paced_write_blocking: bool,
     /// The window of copies the guest leaves (guest.rs).
     pacer: Pacer,
 }
@@ -637,6 +639,7 @@ impl Mirror {
             last_progress: Instant::now(),
             last_log: Instant::now(),
             paused_until: Instant::now(),
+            paced_write_blocking: self.shared.write_blocking(),
             pacer: Pacer::new(
                 Instant::now(),
                 self.opts.tuning.busy_share,
@@ -765,7 +768,13 @@ impl Mirror {
     fn iteration(&self, ctx: &JobCtx, st: &mut LoopState) -> bool {
         let shared = &self.shared;
         let now = Instant::now();
-        st.pacer.tick(now, &shared.guest);
+        // Write-blocking makes each guest write slower by itself: that is
+        // the guest's new baseline, not a cost of the background copy.
+        if shared.write_blocking() != st.paced_write_blocking {
+            st.paced_write_blocking = shared.write_blocking();
+            st.pacer.forget_baseline();
+        }
+        st.pacer.tick(now, &shared.guest, st.in_flight_bytes);
         let window = st.pacer.window().min(self.opts.buf_size);
         let max_len = st.pacer.chunk(MAX_COPY.min(self.opts.buf_size));
         let mut issued = false;
