@@ -342,7 +342,8 @@ class Fio:
         if light:
             # Scenario d: the whole export written once at a low rate, then verified.
             load = ["--bs=4k", "--iodepth=1", f"--rate={args.light_rate}", f"--size={args.light_size}",
-                    f"--io_size={args.light_io or args.light_size}", "--verify=crc32c", "--randrepeat=0"]
+                    f"--io_size={args.light_io or args.light_size}", "--verify=crc32c", "--verify_state_save=0",
+                    "--randrepeat=0"]
         else:
             load = [f"--bssplit={args.bssplit}", f"--iodepth={args.iodepth}", f"--numjobs={args.numjobs}",
                     f"--size={args.size}", f"--runtime={int(runtime) + 1}", "--time_based",
@@ -1021,18 +1022,23 @@ def plot(ctx, runs, path):
     ax.axvline(args.finish_factor * ideal, color="green", ls="--", lw=1, label=f"{args.finish_factor:g} × size/speed")
     ax.set_xlabel("seconds since job start")
     ax.set_ylabel("MiB remaining (len − offset)")
-    ax.set_ylim(bottom=0)
     ax.set_xlim(left=0)
+    finish_plot(plt, fig, ax, path,
+                f"blockdev-mirror sync=full, speed {ctx['speed'] / MiB:.1f} MiB/s, {args.size / MiB:.0f} MiB, "
+                f"cache.direct={'on' if args.cache == 'direct' else 'off'}, busy guest (fio randwrite QD{args.iodepth})")
+    return True
+
+
+def finish_plot(plt, fig, ax, path, title):
+    """What every plot ends with: grid, title, legend, saved to path."""
+    ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
-    ax.set_title(f"blockdev-mirror sync=full, speed {ctx['speed'] / MiB:.1f} MiB/s, {args.size / MiB:.0f} MiB, "
-                 f"cache.direct={'on' if args.cache == 'direct' else 'off'}, busy guest (fio randwrite QD{args.iodepth})",
-                 fontsize=9)
+    ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path)
     plt.close(fig)
-    return True
 
 
 def plot_guest(ctx, runs, path):
@@ -1066,16 +1072,9 @@ def plot_guest(ctx, runs, path):
     ax.axvline(0, color="black", ls=":", lw=1, label="job start (dashed: job end)")
     ax.set_xlabel("seconds since job start")
     ax.set_ylabel("guest writes, MiB/s (fio bandwidth log)")
-    ax.set_ylim(bottom=0)
-    ax.grid(alpha=0.3)
-    ax.set_title(f"guest throughput during blockdev-backup sync=full, {args.size / MiB:.0f} MiB, "
-                 f"cache.direct={'on' if args.cache == 'direct' else 'off'}, fio randwrite QD{args.iodepth}",
-                 fontsize=9)
-    ax.legend(fontsize=8, loc="best")
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
+    finish_plot(plt, fig, ax, path,
+                f"guest throughput during blockdev-backup sync=full, {args.size / MiB:.0f} MiB, "
+                f"cache.direct={'on' if args.cache == 'direct' else 'off'}, fio randwrite QD{args.iodepth}")
     return True
 
 

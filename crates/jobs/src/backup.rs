@@ -513,6 +513,7 @@ impl Backup {
                 return Ok(());
             }
             let now = Instant::now();
+            pace.pacer.set_speed_limited(ctx.speed() > 0);
             pace.pacer.tick(now, self.cbw.guest(), pace.in_flight_bytes);
             let window = pace.pacer.window();
             let paused = now < pace.paused_until;

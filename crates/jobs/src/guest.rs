@@ -25,20 +25,24 @@
 //!
 //! **The baseline** is measured by a probe: one period in which the job
 //! has no copy in flight (it starts none, and the period starts once those
-//! in flight have ended). It is trusted for [`BASE_TTL`], then measured again;
-//! the first period in which the guest writes is a probe too, and so is the
-//! first after the guest's own path changed (a mirror going write-blocking).
-//! An idle guest costs the job nothing: no writes, no probes.
+//! in flight have ended). It is trusted for [`BASE_TTL`], then measured
+//! again; a busy guest's first period is a probe too, and so is the first
+//! after the guest's own path changed (a mirror going write-blocking). An
+//! idle guest costs the job nothing: no writes, no probes; nor does a light
+//! one: a guest with a write in flight less than the target's share of the
+//! time cannot lose more than that share (`loss ≤ u`), so it is not probed.
 //!
-//! **The knob** ([`Pacer`]) is the job's window: bytes of copies in flight.
-//! Each period whose loss (smoothed over about two periods) is above the
-//! target halves it; one below half the target grows it by an eighth, one
-//! below a quarter doubles it; a guest that wrote nothing gives it the
-//! maximum at once. A window below
-//! one paced chunk becomes a duty cycle: one chunk, then an idle pause so
-//! that the job copies `window / chunk` of the time, at least a quarter. The target is the job's `x-busy-share`: the most of the
+//! **The knob** ([`Pacer`]) is the job's window: bytes of copies in flight,
+//! starting at the job's maximum. Each period whose loss (smoothed over
+//! about two periods) is above the target halves it; one below half the
+//! target grows it by an eighth, one below a quarter doubles it; a guest
+//! that wrote nothing gives it the maximum at once. A window below one
+//! paced chunk ([`PACED_CHUNK`]) becomes a duty cycle: one chunk, then an
+//! idle pause so that the job copies `window / chunk` of the time, at least
+//! a quarter. The target is the job's `x-busy-share`: the most of the
 //! guest's throughput the job may take (default [`DEFAULT_LOSS`]; 1 turns
-//! yielding off). Completion, copy-before-write and `speed` are not paced.
+//! yielding off). Completion and copy-before-write are not paced, and a
+//! job with a `speed` limit keeps at least one chunk in flight.
 //!
 //! docs/decisions.md has the measurements behind the numbers.
 
@@ -218,6 +222,7 @@ pub struct Pacer {
     period_start: Instant,
     /// The guest's estimated loss, smoothed over the last periods.
     loss: f64,
+    speed_limited: bool,
 }
 
 impl Pacer {
@@ -235,6 +240,7 @@ impl Pacer {
             probe: None,
             period_start: now,
             loss: 0.0,
+            speed_limited: false,
         }
     }
 
@@ -243,7 +249,21 @@ impl Pacer {
     }
 
     fn min_window(&self) -> u64 {
-        (self.chunk / MIN_WINDOW_DIV).max(1)
+        if self.speed_limited {
+            self.chunk
+        } else {
+            (self.chunk / MIN_WINDOW_DIV).max(1)
+        }
+    }
+
+    /// Whether the job has a `speed` limit: then it keeps at least one
+    /// chunk in flight (the user chose its rate; a duty cycle on top would
+    /// make it miss that rate whenever the guest writes).
+    pub fn set_speed_limited(&mut self, limited: bool) {
+        self.speed_limited = limited;
+        if self.window != 0 {
+            self.window = self.window.max(self.min_window());
+        }
     }
 
     /// Takes the guest's sample and adapts once a period has passed;
@@ -301,8 +321,12 @@ impl Pacer {
             self.loss = 0.0;
             return;
         };
+        let u = s.utilisation();
         let base = match self.base {
-            Some((b, at)) if now.saturating_duration_since(at) < BASE_TTL => b,
+            Some((b, at)) if now.saturating_duration_since(at) < BASE_TTL => Some(b),
+            // A guest waiting that little cannot lose more than that: no
+            // need to stop the job to look.
+            _ if u <= self.target => None,
             // No baseline, or a stale one: look at the guest alone first.
             _ => {
                 self.probe = Some((now + PERIOD, self.window));
@@ -312,14 +336,16 @@ impl Pacer {
         };
         // Smoothed over two periods or so: one period's mean moves by tens
         // of percent on its own on a busy machine.
-        let loss = s.utilisation() * (1.0 - base / lat).max(0.0);
+        let loss = match base {
+            Some(b) => u * (1.0 - b / lat).max(0.0),
+            None => u,
+        };
         self.loss = (self.loss + loss) / 2.0;
         tracing::debug!(
-            "pacer: {} writes, mean {:.0} µs, base {:.0} µs, utilisation {:.2}, loss {loss:.2} (smoothed {:.2}), window {}",
+            "pacer: {} writes, mean {:.0} µs, base {:.0} µs, utilisation {u:.2}, loss {loss:.2} (smoothed {:.2}), window {}",
             s.writes,
             lat * 1e6,
-            base * 1e6,
-            s.utilisation(),
+            base.unwrap_or(0.0) * 1e6,
             self.loss,
             self.window
         );
@@ -468,7 +494,10 @@ mod tests {
         // 100 writes of 4 KiB per period (4 MiB/s) at 3× latency: busy 3 %
         // of the time, so the job costs it under 2 %: the window stays full.
         let seen = run(&mut p, &mut t, 40, sample(100, 100, 1), sample(100, 300, 3));
-        assert!(seen.iter().all(|&w| w == 0 || w == 16 * MIB), "{seen:?}");
+        assert!(
+            seen.iter().all(|&w| w == 16 * MIB),
+            "no probe either: {seen:?}"
+        );
         assert!(p.last_loss() < 0.05);
         assert_eq!(p.chunk(MIB), MIB);
         assert_eq!(p.pause_after(Duration::from_millis(5)), Duration::ZERO);
@@ -574,6 +603,31 @@ mod tests {
         assert_eq!(p.window(), 0);
         p.tick(t + PERIOD, &g, 0);
         assert_eq!(p.window(), 16 * MIB);
+    }
+
+    #[test]
+    fn a_speed_limited_job_keeps_one_chunk_in_flight() {
+        let t0 = Instant::now();
+        let (mut p, mut t) = settled(t0, 100);
+        p.set_speed_limited(true);
+        run(
+            &mut p,
+            &mut t,
+            9,
+            sample(1000, 100, 100),
+            sample(500, 200, 100),
+        );
+        assert_eq!(p.window(), CHUNK);
+        assert_eq!(p.pause_after(Duration::from_millis(2)), Duration::ZERO);
+        p.set_speed_limited(false);
+        run(
+            &mut p,
+            &mut t,
+            3,
+            sample(1000, 100, 100),
+            sample(500, 200, 100),
+        );
+        assert!(p.window() < CHUNK, "{}", p.window());
     }
 
     #[test]

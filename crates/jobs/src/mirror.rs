@@ -774,6 +774,7 @@ impl Mirror {
             st.paced_write_blocking = shared.write_blocking();
             st.pacer.forget_baseline();
         }
+        st.pacer.set_speed_limited(ctx.speed() > 0);
         st.pacer.tick(now, &shared.guest, st.in_flight_bytes);
         let window = st.pacer.window().min(self.opts.buf_size);
         let max_len = st.pacer.chunk(MAX_COPY.min(self.opts.buf_size));
