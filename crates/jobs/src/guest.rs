@@ -41,8 +41,10 @@
 //! idle pause so that the job copies `window / chunk` of the time, at least
 //! a quarter. The target is the job's `x-busy-share`: the most of the
 //! guest's throughput the job may take (default [`DEFAULT_LOSS`]; 1 turns
-//! yielding off). Completion and copy-before-write are not paced, and a
-//! job with a `speed` limit keeps at least one chunk in flight.
+//! yielding off). Completion and copy-before-write are not paced, nor is a
+//! mirror that can copy what is left within a period at its measured rate
+//! (a probe would cost it more than the guest saves); a job with a `speed`
+//! limit keeps at least one chunk in flight.
 //!
 //! docs/decisions.md has the measurements behind the numbers.
 
@@ -361,6 +363,14 @@ impl Pacer {
         self.window = grown.min(self.max);
     }
 
+    /// Leaves the job unpaced this turn (it can finish within a period:
+    /// pacing would cost it more than the guest saves): a probe ends, the
+    /// window is the maximum.
+    pub fn finishing(&mut self) {
+        self.probe = None;
+        self.window = self.max;
+    }
+
     /// Drops the baseline (the guest's path changed, e.g. a mirror went
     /// write-blocking): the next period in which the guest writes is a probe.
     pub fn forget_baseline(&mut self) {
@@ -628,6 +638,28 @@ mod tests {
             sample(500, 200, 100),
         );
         assert!(p.window() < CHUNK, "{}", p.window());
+    }
+
+    #[test]
+    fn a_finishing_job_is_not_paced() {
+        let t0 = Instant::now();
+        let (mut p, mut t) = settled(t0, 100);
+        run(
+            &mut p,
+            &mut t,
+            4,
+            sample(1000, 100, 100),
+            sample(500, 400, 100),
+        );
+        assert!(p.window() < 4 * MIB, "{}", p.window());
+        p.finishing();
+        assert_eq!(p.window(), 16 * MIB);
+        p.forget_baseline();
+        t += PERIOD;
+        p.observe(t, sample(500, 400, 100));
+        assert_eq!(p.window(), 0, "probing");
+        p.finishing();
+        assert_eq!(p.window(), 16 * MIB, "the probe ended");
     }
 
     #[test]

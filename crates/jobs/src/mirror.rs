@@ -30,7 +30,7 @@ use tokio::sync::Notify;
 use tokio::task::JoinSet;
 
 use crate::exports::{hold_all, Exports};
-use crate::guest::{GuestActivity, Pacer, DEFAULT_LOSS, PACED_CHUNK};
+use crate::guest::{GuestActivity, Pacer, DEFAULT_LOSS, PACED_CHUNK, PERIOD};
 use crate::job::{
     ErrorVerdict, Job, JobCtx, JobDriver, JobFuture, JobManager, JobOptions, JobType, OnError,
 };
@@ -775,7 +775,15 @@ impl Mirror {
             st.pacer.forget_baseline();
         }
         st.pacer.set_speed_limited(ctx.speed() > 0);
-        st.pacer.tick(now, &shared.guest, st.in_flight_bytes);
+        // What is left fits in one period at the measured rate: finish it
+        // (the first pass of a small disk is over before a probe could end).
+        let left = shared.dirty_bytes() + st.in_flight_bytes;
+        let rate = self.copy_rate.load(Ordering::Relaxed) as f64;
+        if (left as f64) <= rate * PERIOD.as_secs_f64() {
+            st.pacer.finishing();
+        } else {
+            st.pacer.tick(now, &shared.guest, st.in_flight_bytes);
+        }
         let window = st.pacer.window().min(self.opts.buf_size);
         let max_len = st.pacer.chunk(MAX_COPY.min(self.opts.buf_size));
         let mut issued = false;
