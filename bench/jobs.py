@@ -24,6 +24,13 @@ Scenarios (--scenarios a,b,c):
   c  guest throughput during the job / before it, reported for every busy run
      above; selected alone (or with the others) it also runs a control: the
      writer with no job at all, whose ratio should be about 1.0.
+  d  a light writer: fio writing a small export (--light-size, 64 MiB, its own
+     image of random data) once at --light-rate (4 MiB/s) in 4 KiB random
+     writes at QD1 with verify=crc32c, and a mirror started after 2 s
+     (--light-modes, background for both daemons). Reported: READY time,
+     whether the writer was still writing then, fio's verify (it reads the
+     target after block-job-complete pivoted the export) and the READY time
+     ratio livesnapd / qsd (target: at most 1.5).
 
 Mirror copy modes per daemon: --mirror-modes qsd=background,livesnapd=auto
 (used in a and b). qsd has no "auto"; when the livesnapd slot runs qsd
@@ -35,8 +42,10 @@ A daemon that answers CommandNotFound for a job command is reported as
 
 Outputs: markdown tables on stdout (and --out), a JSON file with every run,
 every query-block-jobs sample, job events and the guest throughput series
-(--json), and a PNG of remaining bytes over time for scenario b (--png,
-default docs/bench-mirror-speed-limit.png).
+(--json), a PNG of remaining bytes over time for scenario b (--png,
+default docs/bench-mirror-speed-limit.png), and a PNG of the guest's write
+throughput over time during the busy backup of scenario a, both daemons
+(--guest-png, default docs/bench-guest-backup.png).
 
 Usage:
   bench/jobs.py [--scenarios a,b,c] [--daemons livesnapd,qsd] [--size 1G]
@@ -80,6 +89,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MiB = 1 << 20
 JOB_ID = "job0"
 GUEST_TARGET = 0.8  # guest throughput during / before the job, in every scenario
+LIGHT_READY_TARGET = 1.5  # scenario d: livesnapd's READY time / qsd's, at most
 
 
 def log(msg):
@@ -323,18 +333,25 @@ def daemon_version(kind, binary):
 # ---------------------------------------------------------------- fio guest
 
 class Fio:
-    def __init__(self, args, nbd_sock, work, tag, runtime):
+    def __init__(self, args, nbd_sock, work, tag, runtime, light=False):
         self.prefix = os.path.join(work, f"{tag}-fio")
         self.json_path = self.prefix + ".json"
         self.err_path = self.prefix + ".err"
         for f in glob.glob(self.prefix + "*"):
             os.unlink(f)
+        if light:
+            # Scenario d: the whole export written once at a low rate, then verified.
+            load = ["--bs=4k", "--iodepth=1", f"--rate={args.light_rate}", f"--size={args.light_size}",
+                    f"--io_size={args.light_io or args.light_size}", "--verify=crc32c", "--verify_state_save=0",
+                    "--randrepeat=0"]
+        else:
+            load = [f"--bssplit={args.bssplit}", f"--iodepth={args.iodepth}", f"--numjobs={args.numjobs}",
+                    f"--size={args.size}", f"--runtime={int(runtime) + 1}", "--time_based",
+                    "--randrepeat=0"]
         self.argv = [
             "fio", "--name=guest", "--ioengine=nbd",
-            f"--uri=nbd+unix:///disk?socket={nbd_sock}", "--rw=randwrite",
-            f"--bssplit={args.bssplit}", f"--iodepth={args.iodepth}", f"--numjobs={args.numjobs}",
-            f"--size={args.size}", f"--runtime={int(runtime) + 1}", "--time_based",
-            "--randrepeat=0", f"--write_bw_log={self.prefix}",
+            f"--uri=nbd+unix:///disk?socket={nbd_sock}", "--rw=randwrite", *load,
+            f"--write_bw_log={self.prefix}",
             f"--log_avg_msec={args.log_msec}", "--log_unix_epoch=1",
             "--output-format=json", f"--output={self.json_path}",
         ]
@@ -569,13 +586,15 @@ def run_one(ctx, spec, slot, rep):
     """spec: dict(scenario, job ('backup'|'mirror'|'none'), busy, speed, cap)."""
     args = ctx["args"]
     kind = ctx["kinds"][slot]
+    light = spec["scenario"] == "d"
+    size = args.light_size if light else args.size
     tag = f"{slot}-{spec['scenario']}-{spec['job']}-{'busy' if spec['busy'] else 'idle'}-{rep}"
     res = {"scenario": spec["scenario"], "job": spec["job"], "guest": "busy" if spec["busy"] else "idle",
            "slot": slot, "kind": kind, "repeat": rep, "speed": spec["speed"], "cap": spec["cap"],
-           "size": args.size}
+           "size": size}
     mode = None
     if spec["job"] == "mirror":
-        mode = ctx["modes"][slot]
+        mode = (ctx["light_modes"] if light else ctx["modes"])[slot]
         if mode == "auto" and kind == "qsd":
             res["mode_requested"] = "auto"
             mode = args.auto_fallback
@@ -595,17 +614,17 @@ def run_one(ctx, spec, slot, rep):
         (f" speed={spec['speed'] / MiB:.0f} MiB/s" if spec["speed"] else ""))
     try:
         d.start()
-        d.blockdev_add("src", ctx["sources"][slot], "raw")
+        d.blockdev_add("src", ctx["light_sources" if light else "sources"][slot], "raw")
         d.export("src")
         if spec["job"] != "none":
-            subprocess.run(["qemu-img", "create", "-q", "-f", args.target_format, target, str(args.size)],
+            subprocess.run(["qemu-img", "create", "-q", "-f", args.target_format, target, str(size)],
                            check=True, timeout=60)
             d.blockdev_add("tgt", target, args.target_format)
         if spec["busy"]:
             fio = Fio(args, d.nbd_path, ctx["work"], tag,
-                      args.warmup + args.runtime + spec["cap"] + args.post + 40)
+                      args.warmup + args.runtime + spec["cap"] + args.post + 40, light=light)
             fio.start()
-            t_job = fio.t_launch + args.warmup + args.runtime
+            t_job = fio.t_launch + (2.0 if light else args.warmup + args.runtime)
             while time.time() < t_job:
                 if not fio.alive():
                     raise RuntimeError(f"fio exited early: {fio.errors()}")
@@ -629,7 +648,9 @@ def run_one(ctx, spec, slot, rep):
             cpu1 = cpu_seconds(d.proc.pid)
             if cpu0 is not None and cpu1 is not None:
                 res["daemon_cpu_s_during_job"] = round(cpu1 - cpu0, 2)
-        if fio:
+        if fio and light:
+            light_writer(res, fio, jr, args)
+        elif fio:
             end = time.time() + args.post
             while time.time() < end and fio.alive():
                 time.sleep(0.05)
@@ -671,6 +692,31 @@ def run_one(ctx, spec, slot, rep):
                     f"(ratio {res['guest_ratio']:.2f}, longest stall {res['longest_stall_s']:.2f} s)")
     log(summary)
     return res
+
+
+def light_writer(res, fio, jr, args):
+    """Scenario d: lets fio finish its writes and its verify (bounded), then
+    notes when it stopped writing and whether the verify passed."""
+    limit = time.time() + (args.light_io or args.light_size) / parse_size(args.light_rate) + 60
+    while fio.alive() and time.time() < limit:
+        time.sleep(0.1)
+    if fio.alive():
+        res.setdefault("notes", []).append("fio still running after its writes + 60 s; stopped")
+        fio.stop()
+    res["fio_rc"] = fio.proc.returncode
+    err = fio.errors()
+    res["fio_ok"] = fio.proc.returncode == 0 and "verify" not in err.lower()
+    if not res["fio_ok"]:
+        res["fio_error"] = err[-500:]
+    pts, _times = fio.curve()
+    if pts and jr.get("t0"):
+        # The last bandwidth-log window with bytes written: where the writes ended.
+        last = max((t for (t, c), (_, c0) in zip(pts[1:], pts) if c > c0), default=pts[-1][0])
+        res["writes_end_at"] = round(last - jr["t0"], 3)
+        if jr.get("t_ready"):
+            res["ready_while_writing"] = jr["t_ready"] < last - fio.avg
+        during = rate(pts, jr["t0"], jr.get("t_ready") or jr["t_end"])
+        res["during_MiBps"] = during / MiB if during is not None else None
 
 
 def guest(res, fio, jr, args):
@@ -833,13 +879,36 @@ def report(ctx, runs):
                        f"{rcell(a)} | {ok(a['ratio'])} |")
         out.append("")
 
+    if "d" in ctx["scenarios"]:
+        out.append(f"### (d) Mirror under a light writer ({args.light_size / MiB:.0f} MiB export, fio 4 KiB "
+                   f"random writes at {args.light_rate}/s, QD1, verify=crc32c, "
+                   f"{(args.light_io or args.light_size) / MiB:.0f} MiB written)")
+        out.append("")
+        out.append("| daemon | copy mode | READY at s | writer still writing at READY | writes ended at s | "
+                   "job time s | fio verify | writer MiB/s until READY |")
+        out.append("|---|---|---:|---|---:|---:|---|---:|")
+        for s, a in row_busy("mirror", "d", "busy"):
+            rs = groups[("d", "mirror", "busy", s)]
+            writing = sum(1 for r in rs if r.get("ready_while_writing"))
+            verified = sum(1 for r in rs if r.get("fio_ok"))
+            out.append(f"| {label(ctx, s)} | {mode_cell(a)} | {fmt(a['ready_at'])} | {writing}/{a['n']} | "
+                       f"{fmt(med(r.get('writes_end_at') for r in rs))} | {fmt(a['job_time'])} | "
+                       f"{verified}/{a['n']} ok | {fmt(a['during'], 1)} |")
+        q, l = agg(("d", "mirror", "busy", "qsd")), agg(("d", "mirror", "busy", "livesnapd"))
+        if q and l and q["ready_at"] and l["ready_at"]:
+            r = l["ready_at"] / q["ready_at"]
+            out.append("")
+            out.append(f"READY time livesnapd / qsd: {r:.2f} (target ≤ {LIGHT_READY_TARGET:g}: "
+                       f"{'yes' if r <= LIGHT_READY_TARGET else '**no**'})")
+        out.append("")
+
     out.append("### (c) Guest write throughput during the job / before it (every busy run)")
     out.append("")
     out.append("| scenario | job | daemon | before MiB/s | during MiB/s | ratio | ≥ 0.8 | until READY MiB/s | "
                "after READY MiB/s | longest stall s |")
     out.append("|---|---|---|---:|---:|---:|---|---:|---:|---:|")
     for (scen, job, guest_kind, s) in groups:
-        if guest_kind != "busy":
+        if guest_kind != "busy" or scen == "d":
             continue
         a = agg((scen, job, guest_kind, s))
         name = "no job (control)" if job == "none" else job
@@ -953,17 +1022,59 @@ def plot(ctx, runs, path):
     ax.axvline(args.finish_factor * ideal, color="green", ls="--", lw=1, label=f"{args.finish_factor:g} × size/speed")
     ax.set_xlabel("seconds since job start")
     ax.set_ylabel("MiB remaining (len − offset)")
-    ax.set_ylim(bottom=0)
     ax.set_xlim(left=0)
+    finish_plot(plt, fig, ax, path,
+                f"blockdev-mirror sync=full, speed {ctx['speed'] / MiB:.1f} MiB/s, {args.size / MiB:.0f} MiB, "
+                f"cache.direct={'on' if args.cache == 'direct' else 'off'}, busy guest (fio randwrite QD{args.iodepth})")
+    return True
+
+
+def finish_plot(plt, fig, ax, path, title):
+    """What every plot ends with: grid, title, legend, saved to path."""
+    ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
-    ax.set_title(f"blockdev-mirror sync=full, speed {ctx['speed'] / MiB:.1f} MiB/s, {args.size / MiB:.0f} MiB, "
-                 f"cache.direct={'on' if args.cache == 'direct' else 'off'}, busy guest (fio randwrite QD{args.iodepth})",
-                 fontsize=9)
+    ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path)
     plt.close(fig)
+
+
+def plot_guest(ctx, runs, path):
+    """The guest's write throughput over time during scenario a's busy
+    backup, one line per daemon and repeat, the job's end marked."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log("matplotlib missing (apt-get install -y python3-matplotlib; run with /usr/bin/python3): no guest PNG")
+        return False
+    args = ctx["args"]
+    rs = [r for r in runs if r["scenario"] == "a" and r["job"] == "backup" and r["guest"] == "busy"
+          and r.get("guest_series_MiBps")]
+    if not rs:
+        log("no busy backup series: no guest PNG")
+        return False
+    fig, ax = plt.subplots(figsize=(9, 5), dpi=110)
+    colours = {"qsd": "tab:red", "livesnapd": "tab:blue"}
+    for r in rs:
+        col = colours.get(r["slot"], "tab:grey")
+        xs = [p[0] for p in r["guest_series_MiBps"]]
+        ys = [p[1] for p in r["guest_series_MiBps"]]
+        name = f"{label(ctx, r['slot'])}" + (f" #{r['repeat'] + 1}" if args.repeat > 1 else "")
+        if r.get("job_time") is not None:
+            name += f": job {r['job_time']:.1f} s, guest ratio {r.get('guest_ratio') or 0:.2f}"
+        ax.plot(xs, ys, color=col, lw=1.2, alpha=0.9 if r["repeat"] == 0 else 0.45, label=name)
+        if r.get("end_at") is not None:
+            ax.axvline(r["end_at"], color=col, ls="--", lw=1, alpha=0.8)
+    ax.axvline(0, color="black", ls=":", lw=1, label="job start (dashed: job end)")
+    ax.set_xlabel("seconds since job start")
+    ax.set_ylabel("guest writes, MiB/s (fio bandwidth log)")
+    finish_plot(plt, fig, ax, path,
+                f"guest throughput during blockdev-backup sync=full, {args.size / MiB:.0f} MiB, "
+                f"cache.direct={'on' if args.cache == 'direct' else 'off'}, fio randwrite QD{args.iodepth}")
     return True
 
 
@@ -1011,19 +1122,31 @@ def main():
     ap.add_argument("--poll-interval", type=float, default=0.1, help="query-block-jobs period")
     ap.add_argument("--workdir", default=None, help="parent of the temporary directory (default $TMPDIR)")
     ap.add_argument("--json", default="/tmp/livesnap-bench-jobs.json")
+    ap.add_argument("--keep-logs", default=None,
+                    help="copy the daemons' logs here (livesnapd logs what LIVESNAP_LOG asks)")
     ap.add_argument("--out", default=None, help="also write the markdown tables here")
     ap.add_argument("--png", default=os.path.join(ROOT, "docs/bench-mirror-speed-limit.png"))
+    ap.add_argument("--guest-png", default=os.path.join(ROOT, "docs/bench-guest-backup.png"),
+                    help="guest throughput over time during scenario a's busy backup")
+    ap.add_argument("--light-size", default="64M", help="scenario d: export size")
+    ap.add_argument("--light-rate", default="4m", help="scenario d: fio rate (fio's syntax)")
+    ap.add_argument("--light-io", default=None, help="scenario d: bytes fio writes (default: the export once)")
+    ap.add_argument("--light-modes", default="qsd=background,livesnapd=background",
+                    help="scenario d: copy-mode per slot")
     args = ap.parse_args()
     args.size = parse_size(args.size)
+    args.light_size = parse_size(args.light_size)
+    args.light_io = parse_size(args.light_io) if args.light_io else None
     scenarios = [s.strip() for s in args.scenarios.split(",") if s.strip()]
     slots = [s.strip() for s in args.daemons.split(",") if s.strip()]
     for s in slots:
         if s not in ("livesnapd", "qsd"):
             sys.exit(f"unknown daemon {s!r} (livesnapd, qsd)")
     for s in scenarios:
-        if s not in ("a", "b", "c"):
-            sys.exit(f"unknown scenario {s!r} (a, b, c)")
+        if s not in ("a", "b", "c", "d"):
+            sys.exit(f"unknown scenario {s!r} (a, b, c, d)")
     modes = dict(kv.split("=", 1) for kv in args.mirror_modes.split(",") if kv)
+    light_modes = dict(kv.split("=", 1) for kv in args.light_modes.split(",") if kv)
     job_args = {}
     for kv in args.job_args:
         slot, js = kv.split("=", 1)
@@ -1052,6 +1175,8 @@ def main():
                       "cap": args.cap_factor * args.size / speed})
     if "c" in scenarios:
         specs.append({"scenario": "c", "job": "none", "busy": True, "speed": 0, "cap": 0})
+    if "d" in scenarios:
+        specs.append({"scenario": "d", "job": "mirror", "busy": True, "speed": 0, "cap": args.cap})
 
     # Termination signals unwind through the finally blocks (daemons killed, tmp removed).
     def on_signal(signum, _frame):
@@ -1061,7 +1186,7 @@ def main():
 
     work = tempfile.mkdtemp(prefix="livesnap-bench-jobs-", dir=args.workdir)
     ctx = {"args": args, "scenarios": scenarios, "slots": slots, "kinds": kinds, "bins": bins,
-           "modes": modes, "job_args": job_args, "speed": speed, "work": work,
+           "modes": modes, "light_modes": light_modes, "job_args": job_args, "speed": speed, "work": work,
            "versions": {s: daemon_version(kinds[s], bins[s]) for s in slots},
            "fio_version": subprocess.run(["fio", "--version"], capture_output=True, text=True).stdout.strip()}
     runs = []
@@ -1078,6 +1203,13 @@ def main():
             ctx["sources"][s] = os.path.join(work, f"source-{s}.img")
             shutil.copyfile(pristine, ctx["sources"][s])
         os.unlink(pristine)
+        if "d" in scenarios:
+            ctx["light_sources"] = {}
+            for s in slots:
+                ctx["light_sources"][s] = os.path.join(work, f"light-{s}.img")
+                subprocess.run(["dd", "if=/dev/urandom", f"of={ctx['light_sources'][s]}", "bs=1M",
+                                f"count={args.light_size // MiB}", "iflag=fullblock", "status=none"],
+                               check=True, timeout=600)
         ctx["commands"] = {s: probe_commands(ctx, s) for s in slots}
         for rep in range(args.repeat):
             for spec in specs:
@@ -1088,6 +1220,10 @@ def main():
         interrupted = str(e) or "interrupted"
         log(f"interrupted ({interrupted}); reporting what ran")
     finally:
+        if args.keep_logs:
+            os.makedirs(args.keep_logs, exist_ok=True)
+            for f in glob.glob(os.path.join(work, "*.log")):
+                shutil.copy(f, args.keep_logs)
         shutil.rmtree(work, ignore_errors=True)
 
     table = report(ctx, runs)
@@ -1108,6 +1244,8 @@ def main():
     log(f"results: {args.json}")
     if "b" in scenarios and plot(ctx, runs, args.png):
         log(f"plot: {args.png}")
+    if "a" in scenarios and plot_guest(ctx, runs, args.guest_png):
+        log(f"guest plot: {args.guest_png}")
     if interrupted:
         sys.exit(130)
 

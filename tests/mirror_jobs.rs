@@ -111,8 +111,8 @@ fn background_mirror_is_point_in_time_with_paced_writers() {
     // Background mode converges only when the guest dirties slower than the
     // job copies (each 4 KiB write dirties a 64 KiB chunk). The first pass
     // measured here copies long runs at full parallelism; converging copies
-    // scattered chunks one at a time, yielding half the time to a busy
-    // guest, far slower. Writers at a thirty-second of the first pass's rate
+    // scattered chunks, within the window a busy guest leaves (guest.rs),
+    // far slower. Writers at a thirty-second of the first pass's rate
     // (unloaded here: ~95/s of ~3000 chunks/s) let it reach READY on a loaded
     // machine too, and the completion still has writes racing it.
     let chunks = measured_copy_rate();
@@ -201,6 +201,85 @@ fn seed_sequence_complete_ends_within_bound() {
         let took = seed_sequence(MirrorEnd::Complete);
         assert!(took < COMPLETION_BOUND, "job-complete took {took:?}");
     }
+}
+
+/// Issue 12: a light writer (fio, 4 MiB/s of 4 KiB random writes) kept a
+/// background mirror from READY for as long as it wrote: the job treated
+/// any guest write as "busy" and copied one chunk at a time. The mirror
+/// must now reach READY while the writer is still writing. A liveness
+/// check, not a speed test: the bound is far above the second or two it
+/// takes, and far below the writer's minute.
+#[test]
+fn mirror_reaches_ready_while_a_light_writer_writes() {
+    harness::require_tool("fio");
+    const SIZE: u64 = 256 << 20;
+    let scratch = tempfile::tempdir().unwrap();
+    let image = create_image(scratch.path().join("disk.raw"), "raw", SIZE);
+    let d = Livesnapd::with_image(&image, &["--cache-direct"]);
+    let mut qmp = d.qmp();
+    prefill(d.url(), &Layout::new(4096, SIZE / 4096, 4, 0x119b));
+    let writes_for = Duration::from_secs(60);
+    let mut fio = harness::Spawned::spawn(std::process::Command::new("fio").args([
+        "--name=light",
+        "--ioengine=nbd",
+        &format!("--uri={}", d.url()),
+        "--rw=randwrite",
+        "--bs=4k",
+        "--iodepth=1",
+        "--rate=4m",
+        "--time_based",
+        &format!("--runtime={}", writes_for.as_secs()),
+    ]));
+    let fio_started = Instant::now();
+    // The writer is connected and writing before the job starts.
+    std::thread::sleep(Duration::from_secs(1));
+    for (n, mode) in ["background", "auto"].into_iter().enumerate() {
+        let job = format!("light{n}");
+        let target = scratch.path().join(format!("{job}.raw"));
+        add_image_node(&mut qmp, &job, &target, "raw", SIZE);
+        qmp.ok(
+            "blockdev-mirror",
+            json!({"job-id": job, "device": "disk", "target": job, "sync": "full",
+                   "copy-mode": mode}),
+        );
+        let started = Instant::now();
+        let bound = Duration::from_secs(20);
+        let mut last = serde_json::Value::Null;
+        loop {
+            let jobs = qmp.ok("query-block-jobs", json!({}));
+            if let Some(j) = jobs.as_array().unwrap().iter().find(|j| j["device"] == job) {
+                last = j.clone();
+            }
+            if last["ready"] == true {
+                break;
+            }
+            assert!(
+                started.elapsed() < bound,
+                "{mode} mirror not READY within {bound:?} under a 4 MiB/s writer \
+                 (writer running: {}); last query-block-jobs entry: {last}",
+                fio_started.elapsed() < writes_for
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let took = started.elapsed();
+        assert!(
+            fio_started.elapsed() < writes_for,
+            "READY only after the writer's {writes_for:?}: nothing shown"
+        );
+        eprintln!("{mode} mirror READY after {took:?} under a 4 MiB/s writer");
+        // The event came too; the end is judged by the events after it.
+        wait_job_event(&mut qmp, &job, "BLOCK_JOB_READY", Duration::from_secs(5));
+        qmp.ok("block-job-cancel", json!({"device": job}));
+        wait_job_event(
+            &mut qmp,
+            &job,
+            "BLOCK_JOB_COMPLETED",
+            Duration::from_secs(30),
+        );
+    }
+    // fio stops at its first failed write: still running, it never failed.
+    let exited = fio.child.try_wait().unwrap();
+    assert!(exited.is_none(), "fio exited during the test: {exited:?}");
 }
 
 // ---------------------------------------------------------------------------

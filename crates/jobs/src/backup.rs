@@ -7,10 +7,10 @@
 //! job exists: its attach is the point in time. The job then walks the
 //! pending clusters in large chunks (`x-perf` `max-chunk`, 1 MiB by default)
 //! with up to `max-workers` copies in flight, holes and zeroes becoming
-//! write-zeroes. While the guest is writing (or reading) the source, the pass
-//! takes a bounded share of the time instead: one smaller chunk in flight,
-//! then an idle pause so that copying fills at most `busy_share` of the
-//! time (docs/decisions.md). sync=top first drops the clusters the top layer
+//! write-zeroes. While the guest writes the source, the pass takes only what
+//! the guest leaves: a window of copies in flight that adapts to the
+//! guest's write latency, down to one 256 KiB chunk and a duty cycle
+//! (`guest.rs`, docs/decisions.md). sync=top first drops the clusters the top layer
 //! does not allocate; sync=none copies nothing in the background and runs
 //! until cancelled, so only what the guest overwrites reaches the target.
 
@@ -24,6 +24,7 @@ use livesnap_block::{offload, BlockGraph, BlockNode, Error, NodeUser, Thaw, Use}
 
 use crate::block_copy::{BlockCopy, CopyError, CopyProgress, ZeroStep, MAX_CHUNK, MAX_WORKERS};
 use crate::cbw::{Cbw, CbwDriver, CbwOptions, CLOSE_GRACE};
+use crate::guest::{Pacer, DEFAULT_LOSS, PACED_CHUNK};
 use crate::job::{
     ErrorVerdict, Job, JobCtx, JobDriver, JobFuture, JobManager, JobOptions, JobTxn, JobType,
     OnError,
@@ -87,14 +88,10 @@ pub struct SyncBitmap {
     pub mode: BitmapMode,
 }
 
-/// Chunk size of the background pass while the guest is busy: a guest write
-/// that hits a chunk being copied waits for all of it.
-pub const BUSY_CHUNK: u64 = 256 << 10;
+/// Default most of the guest's write throughput the background pass may take.
+pub const DEFAULT_BUSY_SHARE: f64 = DEFAULT_LOSS;
 
-/// Default share of the time the background pass copies while the guest is busy.
-pub const DEFAULT_BUSY_SHARE: f64 = 0.5;
-
-/// Longest idle pause the pass takes at once (it re-checks the guest after).
+/// Longest wait of the pass for nothing in particular (it looks again after).
 const MAX_YIELD: Duration = Duration::from_millis(100);
 
 /// What a backup job does besides the filter.
@@ -110,7 +107,8 @@ pub struct BackupOptions {
     pub max_workers: usize,
     /// Largest background copy (QEMU's `max-chunk`; 0 = the default, 1 MiB).
     pub max_chunk: u64,
-    /// Share of the time the pass may copy while the guest is busy (0 < s <= 1; 1 = never yield).
+    /// Most of the guest's write throughput the pass may take (0 < s <= 1;
+    /// 1 = never yield): the pacer's target (guest.rs).
     pub busy_share: f64,
 }
 
@@ -316,6 +314,21 @@ pub struct Backup {
     resumed_at: Mutex<Option<Instant>>,
 }
 
+/// A background copy that ended.
+struct Finished {
+    started: Instant,
+    len: u64,
+    result: Result<u64, CopyError>,
+}
+
+/// The background pass's pacing: the window, a duty cycle's pause, what is in flight.
+struct Pace {
+    pacer: Pacer,
+    paused_until: Instant,
+    in_flight: usize,
+    in_flight_bytes: u64,
+}
+
 struct JobProgress(JobCtx);
 
 impl CopyProgress for JobProgress {
@@ -517,48 +530,50 @@ impl Backup {
         }
     }
 
-    /// The background pass (QEMU's `backup_loop` over `block_copy_async`).
+    /// The background pass (QEMU's `backup_loop` over `block_copy_async`),
+    /// within the window the guest leaves (guest.rs).
     async fn copy_all(&self, ctx: &JobCtx) -> livesnap_block::Result<()> {
         let copy: &Arc<BlockCopy> = self.cbw.copy();
-        let (tx, mut rx) = mpsc::unbounded_channel::<(Instant, Result<u64, CopyError>)>();
+        let (tx, mut rx) = mpsc::unbounded_channel::<Finished>();
         let mut kicks = ctx.kicks();
-        let mut in_flight = 0usize;
+        let workers = self.opts.max_workers.max(1);
+        let largest = self.chunk();
+        let mut pace = Pace {
+            pacer: Pacer::new(
+                Instant::now(),
+                self.opts.busy_share,
+                PACED_CHUNK.max(copy.cluster_size()),
+                largest.saturating_mul(workers as u64),
+            ),
+            paused_until: Instant::now(),
+            in_flight: 0,
+            in_flight_bytes: 0,
+        };
         let mut cursor = 0u64;
         let mut data_until = 0u64;
-        let mut next_allowed = Instant::now();
-        let share = self.opts.busy_share.clamp(0.01, 1.0);
         loop {
             if ctx.is_cancelled() {
                 // Copies still in flight finish (or stall) on their own.
                 return Ok(());
             }
             self.broken()?;
-            while let Ok((started, r)) = rx.try_recv() {
-                in_flight -= 1;
-                self.finished(ctx, started, r, share, &mut next_allowed)
-                    .await?;
+            while let Ok(f) = rx.try_recv() {
+                self.finished(ctx, f, &mut pace).await?;
             }
             ctx.pause_point().await;
             ctx.ratelimit_sleep().await;
             if ctx.is_cancelled() {
                 return Ok(());
             }
-            let busy = share < 1.0 && self.cbw.guest_busy();
-            let limit = if busy {
-                1
-            } else {
-                self.opts.max_workers.max(1)
-            };
             let now = Instant::now();
-            let waiting_share = busy && now < next_allowed;
-            let claim = if in_flight >= limit || waiting_share {
+            pace.pacer.set_speed_limited(ctx.speed() > 0);
+            pace.pacer.tick(now, self.cbw.guest(), pace.in_flight_bytes);
+            let window = pace.pacer.window();
+            let paused = now < pace.paused_until;
+            let claim = if pace.in_flight >= workers || pace.in_flight_bytes >= window || paused {
                 None
             } else {
-                let max = if busy {
-                    self.chunk().min(BUSY_CHUNK.max(copy.cluster_size()))
-                } else {
-                    self.chunk()
-                };
+                let max = pace.pacer.chunk(largest);
                 cursor = self.settle_zeroes(ctx, cursor, &mut data_until).await?;
                 copy.claim_next(cursor, max).or_else(|| {
                     cursor = 0;
@@ -567,35 +582,47 @@ impl Backup {
             };
             if let Some(claim) = claim {
                 cursor = claim.end;
-                in_flight += 1;
-                ctx.ratelimit_account(claim.end - claim.start);
+                let len = claim.end - claim.start;
+                pace.in_flight += 1;
+                pace.in_flight_bytes += len;
+                ctx.ratelimit_account(len);
                 let tx = tx.clone();
                 let started = Instant::now();
-                copy.spawn_claim(claim, move |r| {
-                    let _ = tx.send((started, r));
+                copy.spawn_claim(claim, move |result| {
+                    let _ = tx.send(Finished {
+                        started,
+                        len,
+                        result,
+                    });
                 });
                 continue;
             }
-            if in_flight == 0 && !waiting_share && copy.pending_bytes() == 0 {
+            let held = paused || window == 0;
+            if pace.in_flight == 0 && !held && copy.pending_bytes() == 0 {
                 // Everything is claimed or copied: wait for the guest's copies too.
                 if self.wait_cbw_copies(ctx).await? {
                     return Ok(());
                 }
                 continue;
             }
-            let pause = next_allowed
+            // Held back by the pacer: look again at its next period or the
+            // end of the pause, whichever comes first.
+            let wake = pace.pacer.next_tick().min(if paused {
+                pace.paused_until
+            } else {
+                now + MAX_YIELD
+            });
+            let pause = wake
                 .saturating_duration_since(now)
-                .min(MAX_YIELD)
-                .max(Duration::from_millis(1));
+                .clamp(Duration::from_millis(1), MAX_YIELD);
             tokio::select! {
-                r = rx.recv(), if in_flight > 0 => {
-                    if let Some((started, r)) = r {
-                        in_flight -= 1;
-                        self.finished(ctx, started, r, share, &mut next_allowed).await?;
+                f = rx.recv(), if pace.in_flight > 0 => {
+                    if let Some(f) = f {
+                        self.finished(ctx, f, &mut pace).await?;
                     }
                 }
                 _ = kicks.changed() => {}
-                _ = tokio::time::sleep(pause), if waiting_share || in_flight == 0 => {}
+                _ = tokio::time::sleep(pause), if held || pace.in_flight == 0 => {}
             }
         }
     }
@@ -603,18 +630,17 @@ impl Backup {
     async fn finished(
         &self,
         ctx: &JobCtx,
-        started: Instant,
-        r: Result<u64, CopyError>,
-        share: f64,
-        next_allowed: &mut Instant,
+        f: Finished,
+        pace: &mut Pace,
     ) -> livesnap_block::Result<()> {
-        match r {
+        pace.in_flight -= 1;
+        pace.in_flight_bytes -= f.len;
+        match f.result {
             Ok(_) => {
-                if share < 1.0 && self.cbw.guest_busy() {
-                    // Idle for what the guest is owed of the time this copy took.
-                    let took = started.elapsed().as_secs_f64();
-                    let idle = took * (1.0 - share) / share;
-                    *next_allowed = Instant::now() + Duration::from_secs_f64(idle.min(1.0));
+                // Under a duty cycle, the rest of the time is the guest's.
+                let pause = pace.pacer.pause_after(f.started.elapsed());
+                if !pause.is_zero() {
+                    pace.paused_until = pace.paused_until.max(Instant::now() + pause);
                 }
                 Ok(())
             }
@@ -625,7 +651,7 @@ impl Backup {
                     .resumed_at
                     .lock()
                     .unwrap()
-                    .is_some_and(|at| started <= at) =>
+                    .is_some_and(|at| f.started <= at) =>
             {
                 Ok(())
             }

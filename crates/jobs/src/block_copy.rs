@@ -21,7 +21,7 @@
 //! ranges not allocated in the source's top layer are dropped uncopied.
 
 use std::io;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use livesnap_block::{offload, BlockNode, DirtyBitmap, FormatSpecific, WriteFlags, ZeroFlags};
@@ -211,7 +211,6 @@ pub struct BlockCopy {
     cancelled: AtomicBool,
     skip_unallocated: AtomicBool,
     progress: Mutex<Option<Progress>>,
-    source_reads: AtomicUsize,
     own_discards: Mutex<Vec<(u64, u64)>>,
     // The kernel copied nothing of a chunk once: buffers from then on.
     offload_refused: AtomicBool,
@@ -265,7 +264,6 @@ impl BlockCopy {
             cancelled: AtomicBool::new(false),
             skip_unallocated: AtomicBool::new(false),
             progress: Mutex::new(None),
-            source_reads: AtomicUsize::new(0),
             own_discards: Mutex::new(Vec::new()),
             offload_refused: AtomicBool::new(false),
         }))
@@ -373,11 +371,6 @@ impl BlockCopy {
     /// True when no copy is in flight.
     pub fn is_idle(&self) -> bool {
         self.state.lock().unwrap().claims.is_empty()
-    }
-
-    /// Source reads this engine has in flight (to tell them from the guest's).
-    pub fn source_reads_in_flight(&self) -> usize {
-        self.source_reads.load(Ordering::SeqCst)
     }
 
     /// True when the cluster holding byte `offset` is on the target.
@@ -702,9 +695,7 @@ impl BlockCopy {
     async fn copy_data(&self, start: u64, end: u64) -> Result<(), CopyError> {
         let mut at = start;
         if !self.fleecing && !self.offload_refused.load(Ordering::Relaxed) {
-            self.source_reads.fetch_add(1, Ordering::SeqCst);
             at += offload::copy_range(&self.source, &self.target, start, end - start, true).await;
-            self.source_reads.fetch_sub(1, Ordering::SeqCst);
             // Refused outright (another file system, no reflink under
             // O_DIRECT): not worth a system call per chunk from now on.
             if at == start {
@@ -726,14 +717,12 @@ impl BlockCopy {
             .acquire_many(units)
             .await
             .expect("the semaphore is never closed");
-        self.source_reads.fetch_add(1, Ordering::SeqCst);
         // Unordered: a copy-before-write runs inside the guest write it
         // protects; claims already keep writes off this range.
         let read = self
             .source
             .read_unordered(start, (end - start) as usize)
             .await;
-        self.source_reads.fetch_sub(1, Ordering::SeqCst);
         let buf = read.map_err(|error| CopyError {
             is_read: true,
             error,

@@ -300,14 +300,10 @@ impl Cbw {
             .map(io::Error::from_raw_os_error)
     }
 
-    /// True while the guest writes to `file` (or did within the last few
-    /// milliseconds), or reads from it: a background copy should yield.
-    pub fn guest_busy(&self) -> bool {
-        if self.guest.busy() {
-            return true;
-        }
-        // Requests on `file` that are not this engine's own reads are the guest's.
-        self.file.tracker().in_flight() > self.copy.source_reads_in_flight()
+    /// The guest's writes to `file` as the hook sees them (a backup paces
+    /// its background copy by them).
+    pub fn guest(&self) -> &GuestActivity {
+        &self.guest
     }
 
     /// Gives up on the snapshot at once (a force cancel): guest writes

@@ -30,7 +30,7 @@ use tokio::sync::Notify;
 use tokio::task::JoinSet;
 
 use crate::exports::{hold_all, Exports};
-use crate::guest::GuestActivity;
+use crate::guest::{GuestActivity, Pacer, DEFAULT_LOSS, PACED_CHUNK, PERIOD};
 use crate::job::{
     ErrorVerdict, Job, JobCtx, JobDriver, JobFuture, JobManager, JobOptions, JobType, OnError,
 };
@@ -99,8 +99,8 @@ pub struct MirrorTuning {
     /// `auto`: switch to write-blocking once the dirty count has not reached
     /// a new low (by 5 %) for this long.
     pub auto_patience: Duration,
-    /// Fraction of the time the job may spend copying while the guest is
-    /// writing (1.0 = no yielding). When the guest is idle the job takes everything.
+    /// Most of the guest's write throughput the background copy may take
+    /// (`x-busy-share`; 1.0 = no yielding): the pacer's target (guest.rs).
     pub busy_share: f64,
 }
 
@@ -110,7 +110,7 @@ impl Default for MirrorTuning {
             hold: Duration::from_millis(200),
             attempts: 3,
             auto_patience: Duration::from_millis(1000),
-            busy_share: 0.5,
+            busy_share: DEFAULT_LOSS,
         }
     }
 }
@@ -419,6 +419,12 @@ struct LoopState {
     best_dirty: u64,
     last_progress: Instant,
     last_log: Instant,
+    /// Under a duty cycle, no copy starts before this (guest.rs).
+    paused_until: Instant,
+    /// The mode the pacer's baseline was measured in.
+    paced_write_blocking: bool,
+    /// The window of copies the guest leaves (guest.rs).
+    pacer: Pacer,
 }
 
 /// Whether the copy loop goes on with this turn or looks again first.
@@ -553,12 +559,13 @@ impl Mirror {
         }
     }
 
-    /// Largest copy the loop issues: larger while the guest is idle and the
-    /// copy is offloaded (no buffer holds it), within the buffer size.
-    fn copy_max(&self, busy: bool) -> u64 {
+    /// Largest copy the loop issues: larger when the copy is offloaded (no
+    /// buffer holds it), within the buffer size; the pacer shrinks it while
+    /// the guest is busy.
+    fn copy_max(&self) -> u64 {
         let kernel = !self.shared.offload_refused.load(Ordering::Relaxed)
             && offload::offloadable(&self.opts.source, &self.opts.target);
-        let max = if !busy && kernel {
+        let max = if kernel {
             offload::IDLE_CHUNK
         } else {
             MAX_COPY
@@ -688,6 +695,14 @@ impl Mirror {
             best_dirty: u64::MAX,
             last_progress: Instant::now(),
             last_log: Instant::now(),
+            paused_until: Instant::now(),
+            paced_write_blocking: self.shared.write_blocking(),
+            pacer: Pacer::new(
+                Instant::now(),
+                self.opts.tuning.busy_share,
+                PACED_CHUNK.max(self.opts.granularity),
+                self.opts.buf_size,
+            ),
         };
         let mut kicks = ctx.kicks();
         loop {
@@ -712,8 +727,8 @@ impl Mirror {
                 }
                 return self.complete_bounded(ctx).await;
             }
-            let (busy, issued) = self.iteration(ctx, &mut st);
-            self.wait_for_progress(ctx, &mut st, &mut kicks, busy, issued)
+            let issued = self.iteration(ctx, &mut st);
+            self.wait_for_progress(ctx, &mut st, &mut kicks, issued)
                 .await?;
             ctx.pause_point().await;
         }
@@ -727,12 +742,13 @@ impl Mirror {
         st.last_log = Instant::now();
         let shared = &self.shared;
         tracing::debug!(
-            "mirror {}: dirty {dirty} in flight {} ({} ops) write-blocking {} guest busy {} rate {}",
+            "mirror {}: dirty {dirty} in flight {} ({} ops) write-blocking {} window {} guest loss {:.2} rate {}",
             ctx.id(),
             st.in_flight_bytes,
             st.ops.len(),
             shared.write_blocking(),
-            shared.guest.busy(),
+            st.pacer.window(),
+            st.pacer.last_loss(),
             self.copy_rate.load(Ordering::Relaxed)
         );
     }
@@ -804,22 +820,39 @@ impl Mirror {
     }
 
     /// One iteration (QEMU's `mirror_iteration`): issues copies of dirty
-    /// runs within the rate limit, the buffer and the in-flight limit, one
-    /// at a time while the guest is busy. Returns (guest busy, issued any).
-    fn iteration(&self, ctx: &JobCtx, st: &mut LoopState) -> (bool, bool) {
+    /// runs within the rate limit, the buffer, the in-flight limit and the
+    /// window the guest leaves (guest.rs). Returns whether it issued any.
+    fn iteration(&self, ctx: &JobCtx, st: &mut LoopState) -> bool {
         let shared = &self.shared;
-        let busy = shared.guest.busy() && self.opts.tuning.busy_share < 1.0;
-        let max_ops = if busy { 1 } else { MAX_IN_FLIGHT };
+        let now = Instant::now();
+        // Write-blocking makes each guest write slower by itself: that is
+        // the guest's new baseline, not a cost of the background copy.
+        if shared.write_blocking() != st.paced_write_blocking {
+            st.paced_write_blocking = shared.write_blocking();
+            st.pacer.forget_baseline();
+        }
+        st.pacer.set_speed_limited(ctx.speed() > 0);
+        // What is left fits in one period at the measured rate: finish it
+        // (the first pass of a small disk is over before a probe could end).
+        let left = shared.dirty_bytes() + st.in_flight_bytes;
+        let rate = self.copy_rate.load(Ordering::Relaxed) as f64;
+        if (left as f64) <= rate * PERIOD.as_secs_f64() {
+            st.pacer.finishing();
+        } else {
+            st.pacer.tick(now, &shared.guest, st.in_flight_bytes);
+        }
+        let window = st.pacer.window().min(self.opts.buf_size);
+        let max_len = st.pacer.chunk(self.copy_max());
         let mut issued = false;
-        while st.ops.len() < max_ops && st.in_flight_bytes < self.opts.buf_size {
+        while st.ops.len() < MAX_IN_FLIGHT && st.in_flight_bytes < window && now >= st.paused_until
+        {
             if !ctx.ratelimit_delay().is_zero() {
                 break;
             }
             let run = {
-                let max = self.copy_max(busy);
                 let bm = shared.bitmap.lock().unwrap();
-                bm.next_dirty_run(st.cursor, max)
-                    .or_else(|| bm.next_dirty_run(0, max))
+                bm.next_dirty_run(st.cursor, max_len)
+                    .or_else(|| bm.next_dirty_run(0, max_len))
             };
             let Some((off, len)) = run else { break };
             // Skip runs a guest write or another copy holds right now.
@@ -836,22 +869,32 @@ impl Mirror {
             st.ops.spawn(Self::start_copy(shared, off, len));
             issued = true;
         }
-        (busy, issued)
+        issued
     }
 
-    /// Waits for a copy to end, a guest write, the rate limit, a job verb
-    /// or 50 ms; a finished copy is accounted, and while the guest is busy
-    /// the loop then idles for the share of time it must leave the guest.
+    /// Waits for a copy to end, a guest write, the rate limit, a job verb,
+    /// the pacer's next period or 50 ms; a finished copy is accounted, and
+    /// under a duty cycle the loop starts no copy for the guest's part of
+    /// the time.
     async fn wait_for_progress(
         &self,
         ctx: &JobCtx,
         st: &mut LoopState,
         kicks: &mut tokio::sync::watch::Receiver<u64>,
-        busy: bool,
         issued: bool,
     ) -> livesnap_block::Result<()> {
         let delay = ctx.ratelimit_delay();
         let idle_ops = st.ops.is_empty();
+        // Nothing may start before the pacer's next look (a probe, a pause):
+        // wait for it instead of waking for every guest write.
+        let probing = st.pacer.window() == 0;
+        let held = probing || Instant::now() < st.paused_until;
+        let wake = if probing {
+            st.pacer.next_tick()
+        } else {
+            st.paused_until
+        };
+        let wake = tokio::time::Instant::from_std(wake);
         tokio::select! {
             Some(r) = st.ops.join_next(), if !idle_ops => {
                 let done = r.map_err(|e| {
@@ -861,15 +904,14 @@ impl Mirror {
                     )
                 })?;
                 st.in_flight_bytes -= done.len;
-                let took = done.took;
-                self.finish_copy(ctx, done).await?;
-                if busy {
-                    let share = self.opts.tuning.busy_share.clamp(0.05, 1.0);
-                    let idle = took.mul_f64((1.0 - share) / share);
-                    ctx.sleep(idle.min(Duration::from_millis(100))).await;
+                let pause = st.pacer.pause_after(done.took);
+                if !pause.is_zero() {
+                    st.paused_until = st.paused_until.max(Instant::now() + pause);
                 }
+                self.finish_copy(ctx, done).await?;
             }
-            _ = self.shared.dirtied.notified(), if idle_ops && !issued && delay.is_zero() => {}
+            _ = self.shared.dirtied.notified(), if idle_ops && !issued && delay.is_zero() && !held => {}
+            _ = tokio::time::sleep_until(wake), if idle_ops && held => {}
             _ = tokio::time::sleep(delay), if !delay.is_zero() => {}
             _ = kicks.changed() => {}
             _ = tokio::time::sleep(Duration::from_millis(50)) => {}
