@@ -6,7 +6,9 @@
 //! page cache): a request alone in flight crosses no thread. What finishes
 //! later is reaped by one reaper thread, which sleeps on a condition variable
 //! while no future waits for a completion, so requests that complete inline
-//! never wake it.
+//! do not wake it. After delivering a completion it lingers in the kernel
+//! for [`LINGER`]: while requests keep waiting for it (O_DIRECT, buffered
+//! writes), parking one costs no wake-up of the reaper.
 //!
 //! The kernel reads from or writes into a request's buffer until the request's
 //! completion arrives, so the buffer (and the file) belong to the ring's slot
@@ -22,6 +24,7 @@ use std::os::unix::io::AsRawFd;
 use std::pin::Pin;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant};
 
 use io_uring::{opcode, squeue, types, IoUring, Probe};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -38,6 +41,10 @@ pub const DISABLE_ENV: &str = "LIVESNAP_DISABLE_IO_URING";
 
 /// `IORING_ENTER_GETEVENTS`: wait for completions.
 const ENTER_GETEVENTS: u32 = 1;
+
+/// How long the reaper keeps waiting in the kernel after it delivered a
+/// completion a future waited for, before it sleeps on its condition variable.
+const LINGER: Duration = Duration::from_millis(2);
 
 /// The process's ring, set up at the first use; the error says why io_uring
 /// cannot be used (probed once: the answer does not change while we run).
@@ -339,8 +346,10 @@ impl Uring {
         }
     }
 
-    /// Delivers every completion in the completion queue to its slot.
-    fn reap(&self) {
+    /// Delivers every completion in the completion queue to its slot; true
+    /// when one of them was waited for by the reaper.
+    fn reap(&self) -> bool {
+        let mut for_reaper = false;
         let mut wake = Vec::new();
         let mut freed = Vec::new();
         {
@@ -358,6 +367,7 @@ impl Uring {
                     } => {
                         if parked {
                             st.parked -= 1;
+                            for_reaper = true;
                         }
                         st.slots[idx] = Slot::Done {
                             held,
@@ -381,38 +391,60 @@ impl Uring {
         for w in wake {
             w.wake();
         }
+        for_reaper
     }
 
     /// The reaper thread: waits in the kernel for completions while some
-    /// future waits for one, on the condition variable otherwise.
+    /// future waits for one (and for [`LINGER`] after), on the condition
+    /// variable otherwise.
     fn reap_forever(&self) {
+        let timed_waits = self.ring.params().is_feature_ext_arg();
+        let mut linger_until = Instant::now();
         loop {
-            {
+            let linger = {
                 let mut st = self.lock();
-                while st.parked == 0 {
+                let linger = loop {
+                    if st.parked > 0 {
+                        break None;
+                    }
+                    let left = linger_until.saturating_duration_since(Instant::now());
+                    if timed_waits && !left.is_zero() {
+                        break Some(left);
+                    }
                     st.reaper_idle = true;
                     st = self.reaper.wait(st).unwrap_or_else(|e| e.into_inner());
-                }
+                };
                 st.reaper_idle = false;
-            }
+                linger
+            };
             {
                 let _sq = self.sq.lock().unwrap_or_else(|e| e.into_inner());
                 self.submit();
             }
-            // SAFETY: no submission (0 entries) and no argument: only waits
-            // for one completion.
-            let r = unsafe {
-                self.ring
-                    .submitter()
-                    .enter::<libc::sigset_t>(0, 1, ENTER_GETEVENTS, None)
+            let r = match linger {
+                Some(left) => {
+                    let ts = types::Timespec::from(left);
+                    let args = types::SubmitArgs::new().timespec(&ts);
+                    self.ring.submitter().submit_with_args(1, &args)
+                }
+                // SAFETY: no submission (0 entries) and no argument: only
+                // waits for one completion.
+                None => unsafe {
+                    self.ring
+                        .submitter()
+                        .enter::<libc::sigset_t>(0, 1, ENTER_GETEVENTS, None)
+                },
             };
             if let Err(e) = r {
-                if !matches!(e.raw_os_error(), Some(libc::EINTR) | Some(libc::EBUSY)) {
+                let quiet = [libc::EINTR, libc::EBUSY, libc::ETIME];
+                if !e.raw_os_error().is_some_and(|n| quiet.contains(&n)) {
                     tracing::warn!("io_uring wait: {e}");
-                    std::thread::sleep(std::time::Duration::from_millis(1));
+                    std::thread::sleep(Duration::from_millis(1));
                 }
             }
-            self.reap();
+            if self.reap() {
+                linger_until = Instant::now() + LINGER;
+            }
         }
     }
 
