@@ -4,8 +4,9 @@
 //! (QEMU's `aio` option): io_uring ([`uring`]), the default wherever the
 //! kernel allows it, or tokio's blocking pool (`aio=threads`, and the
 //! fallback). Either way a slow disk never stalls the runtime threads that
-//! serve NBD and QMP. `lseek` (block status) and `ftruncate` have no
-//! io_uring opcode and always run on the blocking pool.
+//! serve NBD and QMP. With io_uring, a file without O_DIRECT sends only its
+//! reads to the ring (see `Engine`). `lseek` (block status) and `ftruncate`
+//! have no io_uring opcode and always run on the blocking pool.
 
 mod uring;
 
@@ -65,8 +66,16 @@ impl FileAio {
 /// The engine a [`FileDriver`] submits its I/O to.
 enum Engine {
     Threads,
-    /// The shared ring, and the file's own open file description for it.
-    Uring(&'static uring::Uring, Arc<File>),
+    /// The shared ring and the file's own open file description for it.
+    /// Without O_DIRECT (`direct` false) only reads go to the ring: ext4
+    /// cannot write to the page cache, sync or fallocate without blocking,
+    /// so io_uring hands those to its worker threads, which costs more CPU
+    /// per request than the thread pool does (docs/decisions.md).
+    Uring {
+        ring: &'static uring::Uring,
+        file: Arc<File>,
+        direct: bool,
+    },
 }
 
 /// An open host file.
@@ -183,7 +192,7 @@ impl FileDriver {
     pub fn aio(&self) -> FileAio {
         match self.engine {
             Engine::Threads => FileAio::Threads,
-            Engine::Uring(..) => FileAio::IoUring,
+            Engine::Uring { .. } => FileAio::IoUring,
         }
     }
 
@@ -235,8 +244,12 @@ impl FileDriver {
 
     fn fallocate(&self, mode: libc::c_int, offset: u64, len: u64) -> IoFuture<'_, ()> {
         match &self.engine {
-            Engine::Uring(u, io) => Box::pin(u.fallocate(io, mode, offset, len)),
-            Engine::Threads => self.blocking(move |f| fallocate(f, mode, offset, len)),
+            Engine::Uring {
+                ring,
+                file,
+                direct: true,
+            } => Box::pin(ring.fallocate(file, mode, offset, len)),
+            _ => self.blocking(move |f| fallocate(f, mode, offset, len)),
         }
     }
 }
@@ -249,7 +262,12 @@ fn engine_for(aio: Option<FileAio>, filename: &str, file: &File) -> Engine {
     }
     match uring::shared().map_err(|e| e.to_string()).and_then(|u| {
         let io = reopen(file).map_err(|e| format!("reopening the file: {e}"))?;
-        Ok(Engine::Uring(u, Arc::new(io)))
+        let (file, direct) = io;
+        Ok(Engine::Uring {
+            ring: u,
+            file: Arc::new(file),
+            direct,
+        })
     }) {
         Ok(engine) => engine,
         Err(e) => {
@@ -265,11 +283,11 @@ fn engine_for(aio: Option<FileAio>, filename: &str, file: &File) -> Engine {
 }
 
 /// A second open file description of `file`, with its access mode and
-/// O_DIRECT. io_uring requests hold the file they work on until the ring,
+/// O_DIRECT (and whether it has O_DIRECT). io_uring requests hold the file they work on until the ring,
 /// torn down asynchronously, lets them go; through their own description
 /// they keep no image lock (those live on `file`'s), so a daemon killed
 /// mid-I/O frees its image locks at its exit, as with the thread pool.
-fn reopen(file: &File) -> io::Result<File> {
+fn reopen(file: &File) -> io::Result<(File, bool)> {
     // SAFETY: fcntl on an fd we own.
     let flags = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GETFL) };
     if flags < 0 {
@@ -280,8 +298,11 @@ fn reopen(file: &File) -> io::Result<File> {
         libc::O_RDONLY => oo.read(true),
         _ => oo.read(true).write(true),
     };
-    oo.custom_flags(flags & libc::O_DIRECT)
-        .open(format!("/proc/self/fd/{}", file.as_raw_fd()))
+    let direct = flags & libc::O_DIRECT != 0;
+    let io = oo
+        .custom_flags(flags & libc::O_DIRECT)
+        .open(format!("/proc/self/fd/{}", file.as_raw_fd()))?;
+    Ok((io, direct))
 }
 
 /// An open the file driver refuses for what the file is; the text is the
@@ -499,7 +520,7 @@ impl BlockDriver for FileDriver {
 
     fn read(&self, offset: u64, mut buf: IoBuf) -> IoFuture<'_, IoBuf> {
         match &self.engine {
-            Engine::Uring(u, io) => Box::pin(u.read(io, offset, buf)),
+            Engine::Uring { ring, file, .. } => Box::pin(ring.read(file, offset, buf)),
             Engine::Threads => self.blocking(move |f| {
                 read_full(f, offset, &mut buf)?;
                 Ok(buf)
@@ -509,8 +530,12 @@ impl BlockDriver for FileDriver {
 
     fn write(&self, offset: u64, buf: IoBuf, flags: WriteFlags) -> IoFuture<'_, ()> {
         match &self.engine {
-            Engine::Uring(u, io) => Box::pin(u.write(io, offset, buf, flags.fua)),
-            Engine::Threads => self.blocking(move |f| {
+            Engine::Uring {
+                ring,
+                file,
+                direct: true,
+            } => Box::pin(ring.write(file, offset, buf, flags.fua)),
+            _ => self.blocking(move |f| {
                 f.write_all_at(&buf, offset)?;
                 if flags.fua {
                     datasync(f)?;
@@ -578,8 +603,12 @@ impl BlockDriver for FileDriver {
 
     fn flush(&self) -> IoFuture<'_, ()> {
         match &self.engine {
-            Engine::Uring(u, io) => Box::pin(u.datasync(io)),
-            Engine::Threads => self.blocking(datasync),
+            Engine::Uring {
+                ring,
+                file,
+                direct: true,
+            } => Box::pin(ring.datasync(file)),
+            _ => self.blocking(datasync),
         }
     }
 
@@ -689,10 +718,10 @@ mod tests {
 
     #[tokio::test]
     async fn fua_zeroes_without_unmap_discard_and_reads_past_the_end() {
-        for aio in ENGINES {
+        for (aio, direct) in ENGINES.into_iter().flat_map(|a| [(a, false), (a, true)]) {
             let dir = tempfile::tempdir().unwrap();
             let path = disk(&dir, 1 << 20);
-            let d = open_with(&path, aio, false);
+            let d = open_with(&path, aio, direct);
             d.write(
                 0,
                 IoBuf::from_slice(&[5u8; 1 << 16]),
@@ -720,6 +749,9 @@ mod tests {
             assert!(b[36864..].iter().all(|&x| x == 5), "{aio:?}");
             assert_eq!(std::fs::read(&path).unwrap()[..4096], [5u8; 4096]);
 
+            if direct {
+                continue;
+            }
             // A read across the end of the file reads zeroes past it.
             std::fs::write(&path, [9u8; 100]).unwrap();
             let b = d.read(50, IoBuf::from_slice(&[1u8; 200])).await.unwrap();
