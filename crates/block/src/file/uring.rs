@@ -7,8 +7,8 @@
 //! later is reaped by one reaper thread, which sleeps on a condition variable
 //! while no future waits for a completion, so requests that complete inline
 //! do not wake it. After delivering a completion it lingers in the kernel
-//! for [`LINGER`]: while requests keep waiting for it (O_DIRECT, buffered
-//! writes), parking one costs no wake-up of the reaper.
+//! for [`LINGER`]: while requests keep waiting for it (O_DIRECT), parking
+//! one costs no wake-up of the reaper.
 //!
 //! The kernel reads from or writes into a request's buffer until the request's
 //! completion arrives, so the buffer (and the file) belong to the ring's slot
