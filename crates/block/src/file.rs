@@ -305,6 +305,14 @@ fn reopen(file: &File) -> io::Result<(File, bool)> {
     Ok((io, direct))
 }
 
+impl FileDriver {
+    /// The open file and its request alignment, when it is a regular file
+    /// (what copy offload needs; see [`crate::offload`]).
+    pub(crate) fn offload_file(&self) -> Option<(Arc<File>, u32)> {
+        self.regular.then(|| (self.file.clone(), self.alignment))
+    }
+}
+
 /// An open the file driver refuses for what the file is; the text is the
 /// whole error message.
 #[derive(Debug)]

@@ -20,6 +20,7 @@ pub mod graph;
 pub mod hook;
 pub mod lock;
 pub mod node;
+pub mod offload;
 pub mod open;
 pub mod qcow2;
 pub mod raw;

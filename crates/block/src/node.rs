@@ -444,6 +444,32 @@ impl BlockNode {
             .await
     }
 
+    /// Runs `io` as a write of `[offset, offset + len)` that no write hook
+    /// sees (a copy offloaded below the node, [`crate::offload`]): tracked,
+    /// marked in the node's dirty bitmaps, and ordered against attaching a
+    /// hook. `None`, with nothing run, when the node refuses the write or a
+    /// hook is attached (a hook must see the data, so the caller writes
+    /// through buffers instead).
+    pub(crate) async fn write_unhooked(
+        &self,
+        offset: u64,
+        len: u64,
+        io: IoFuture<'_, ()>,
+    ) -> Option<io::Result<()>> {
+        if self.check_writable().is_err() || self.check_range(offset, len).is_err() {
+            return None;
+        }
+        let hooks = self.hooks.read().await;
+        if !hooks.is_empty() {
+            return None;
+        }
+        let _req = self
+            .tracker
+            .begin(offset, len, RequestKind::Write, false)
+            .await;
+        Some(self.dirtying(offset, len, io).await)
+    }
+
     /// Makes `len` bytes at `offset` read as zeroes.
     pub async fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> io::Result<()> {
         self.check_writable()?;
@@ -516,6 +542,20 @@ impl BlockNode {
     pub async fn truncate(&self, len: u64) -> io::Result<()> {
         self.check_writable()?;
         self.driver.truncate(len).await
+    }
+
+    /// True when block status says all of `[offset, offset + len)` reads as
+    /// zeroes (false when it cannot tell): a copy can skip writing zeroes there.
+    pub async fn reads_as_zeroes(&self, offset: u64, len: u64) -> bool {
+        let end = offset.saturating_add(len);
+        let mut at = offset;
+        while at < end {
+            match self.block_status(at, end - at).await {
+                Ok(st) if st.zero => at += st.len,
+                _ => return false,
+            }
+        }
+        true
     }
 
     /// Status of the extent at `offset`, at most `len` bytes (clamped to the node's end).

@@ -49,6 +49,13 @@ impl RawDriver {
     }
 }
 
+impl RawDriver {
+    /// The child and where the window starts in it.
+    pub(crate) fn window(&self) -> (&Arc<BlockNode>, u64) {
+        (&self.file, self.offset)
+    }
+}
+
 impl BlockDriver for RawDriver {
     fn format_name(&self) -> &'static str {
         "raw"

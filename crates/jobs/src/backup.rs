@@ -20,9 +20,9 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 
-use livesnap_block::{BlockGraph, BlockNode, Error, NodeUser, Thaw, Use};
+use livesnap_block::{offload, BlockGraph, BlockNode, Error, NodeUser, Thaw, Use};
 
-use crate::block_copy::{BlockCopy, CopyError, CopyProgress, MAX_CHUNK, MAX_WORKERS};
+use crate::block_copy::{BlockCopy, CopyError, CopyProgress, ZeroStep, MAX_CHUNK, MAX_WORKERS};
 use crate::cbw::{Cbw, CbwDriver, CbwOptions, CLOSE_GRACE};
 use crate::job::{
     ErrorVerdict, Job, JobCtx, JobDriver, JobFuture, JobManager, JobOptions, JobTxn, JobType,
@@ -395,8 +395,15 @@ impl Backup {
     }
 
     fn chunk(&self) -> u64 {
-        let cluster = self.cbw.copy().cluster_size();
-        let chunk = cluster.max(MAX_CHUNK);
+        let copy = self.cbw.copy();
+        let cluster = copy.cluster_size();
+        // Offloaded copies hold no buffer: larger ones cost less each.
+        let default = if copy.offloads() {
+            offload::IDLE_CHUNK
+        } else {
+            MAX_CHUNK
+        };
+        let chunk = cluster.max(default);
         if self.opts.max_chunk == 0 {
             chunk
         } else {
@@ -427,6 +434,51 @@ impl Backup {
         }
         copy.set_skip_unallocated(false);
         Ok(())
+    }
+
+    /// Settles the source's zero runs from `at` on, ahead of the copy
+    /// loop's next claim (see [`BlockCopy::settle_zero_run`]), and returns
+    /// where that claim starts looking. In the loop's order, so a job that
+    /// stops at an error has copied what QEMU's would have. Not under a
+    /// speed limit: as in QEMU, a backup's zeroes count against `speed`,
+    /// which the loop's chunks account. `data_until` remembers the end of
+    /// the data run last seen, so a full disk asks once per run.
+    async fn settle_zeroes(
+        &self,
+        ctx: &JobCtx,
+        mut at: u64,
+        data_until: &mut u64,
+    ) -> livesnap_block::Result<u64> {
+        let copy = self.cbw.copy();
+        let mut kicks = ctx.kicks();
+        while at >= *data_until
+            && copy.pending_bytes() > 0
+            && ctx.speed() == 0
+            && !ctx.is_cancelled()
+        {
+            // A step holds a claim: on its own task it always releases it,
+            // and a cancel need not wait for a target that hangs.
+            let mut step = tokio::spawn({
+                let copy = copy.clone();
+                async move { copy.settle_zero_run(at).await }
+            });
+            let step = loop {
+                tokio::select! {
+                    r = &mut step => break r.unwrap_or(ZeroStep::Stop),
+                    _ = kicks.changed() => {
+                        if ctx.is_cancelled() {
+                            return Ok(at);
+                        }
+                    }
+                }
+            };
+            match step {
+                ZeroStep::Zero(next) => at = next,
+                ZeroStep::Data(end) => *data_until = end,
+                ZeroStep::Stop => break,
+            }
+        }
+        Ok(at)
     }
 
     /// sync=none: nothing to do but let the filter copy what the guest overwrites.
@@ -472,6 +524,7 @@ impl Backup {
         let mut kicks = ctx.kicks();
         let mut in_flight = 0usize;
         let mut cursor = 0u64;
+        let mut data_until = 0u64;
         let mut next_allowed = Instant::now();
         let share = self.opts.busy_share.clamp(0.01, 1.0);
         loop {
@@ -506,6 +559,7 @@ impl Backup {
                 } else {
                     self.chunk()
                 };
+                cursor = self.settle_zeroes(ctx, cursor, &mut data_until).await?;
                 copy.claim_next(cursor, max).or_else(|| {
                     cursor = 0;
                     copy.claim_next(0, max)

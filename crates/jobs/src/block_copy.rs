@@ -24,7 +24,7 @@ use std::io;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
-use livesnap_block::{BlockNode, DirtyBitmap, FormatSpecific, WriteFlags, ZeroFlags};
+use livesnap_block::{offload, BlockNode, DirtyBitmap, FormatSpecific, WriteFlags, ZeroFlags};
 use tokio::sync::{Notify, Semaphore};
 
 /// Cluster size when the target has none of its own (QEMU's `BLOCK_COPY_CLUSTER_SIZE_DEFAULT`).
@@ -35,6 +35,10 @@ pub const MAX_CHUNK: u64 = 1 << 20;
 pub const MAX_MEM: u64 = 128 << 20;
 /// Default number of background copies in flight (QEMU's `BLOCK_COPY_MAX_WORKERS`).
 pub const MAX_WORKERS: usize = 64;
+/// Largest zero run the zero pass claims at once: a guest write into a
+/// claimed run waits for it, and a target that does not read as zeroes
+/// gets one write-zeroes of this size.
+pub const ZERO_STEP: u64 = 1 << 30;
 
 /// Memory is accounted in KiB so the semaphore's `u32` permits cover any request.
 const MEM_UNIT: u64 = 1024;
@@ -113,6 +117,18 @@ pub fn cluster_size_for(target: &BlockNode, min_cluster_size: u64) -> livesnap_b
     Ok(DEFAULT_CLUSTER_SIZE
         .max(target_cluster)
         .max(min_cluster_size))
+}
+
+/// What [`BlockCopy::settle_zero_run`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ZeroStep {
+    /// A zero run up to here is settled: the next step starts here.
+    Zero(u64),
+    /// The first pending cluster holds data up to here: the copy loop's.
+    Data(u64),
+    /// Nothing to settle there now (nothing pending, a claim in the way,
+    /// an error, or a range left pending for the copy loop).
+    Stop,
 }
 
 /// What a claimed range holds in the source.
@@ -197,6 +213,8 @@ pub struct BlockCopy {
     progress: Mutex<Option<Progress>>,
     source_reads: AtomicUsize,
     own_discards: Mutex<Vec<(u64, u64)>>,
+    // The kernel copied nothing of a chunk once: buffers from then on.
+    offload_refused: AtomicBool,
 }
 
 fn align_down(x: u64, a: u64) -> u64 {
@@ -249,6 +267,7 @@ impl BlockCopy {
             progress: Mutex::new(None),
             source_reads: AtomicUsize::new(0),
             own_discards: Mutex::new(Vec::new()),
+            offload_refused: AtomicBool::new(false),
         }))
     }
 
@@ -275,6 +294,14 @@ impl BlockCopy {
     /// The node copied to.
     pub fn target(&self) -> &Arc<BlockNode> {
         &self.target
+    }
+
+    /// True while data chunks are copied inside the kernel, without
+    /// buffers (so larger chunks cost no memory).
+    pub fn offloads(&self) -> bool {
+        !self.fleecing
+            && !self.offload_refused.load(Ordering::Relaxed)
+            && offload::offloadable(&self.source, &self.target)
     }
 
     /// Sends progress to `p` from now on (`None` stops it), starting with the remaining bytes.
@@ -463,6 +490,85 @@ impl BlockCopy {
         Some(Self::claim_locked(&mut st, start, start + len))
     }
 
+    /// Claims the first pending run inside `[start, end)`, clipped to it.
+    fn claim_within(&self, start: u64, end: u64) -> Option<Claim> {
+        let mut st = self.state.lock().unwrap();
+        if self.is_cancelled() {
+            return None;
+        }
+        let (s, l) = st
+            .pending
+            .next_dirty_run(start, end - start)
+            .filter(|&(s, _)| s < end)?;
+        Some(Self::claim_locked(&mut st, s, (s + l).min(end)))
+    }
+
+    /// Settles the zero run of the source at the first pending cluster at
+    /// or after `offset`, ahead of the copy loop: the run is claimed whole
+    /// (up to [`ZERO_STEP`]), checked again under the claim, and counts as
+    /// copied with no write where the target already reads as zeroes, one
+    /// write-zeroes otherwise. A sparse disk then costs its extents, not
+    /// one chunk copy per MiB of holes. A fleecing target (whose zeroes are
+    /// written as data) is left alone.
+    pub async fn settle_zero_run(self: &Arc<Self>, offset: u64) -> ZeroStep {
+        if self.fleecing || self.is_cancelled() {
+            return ZeroStep::Stop;
+        }
+        let first = self.state.lock().unwrap().pending.next_dirty_run(offset, 1);
+        let Some((p, _)) = first else {
+            return ZeroStep::Stop;
+        };
+        // An error here is the copy loop's to meet, under its policy.
+        let Ok(st) = self.source.block_status(p, self.len - p).await else {
+            return ZeroStep::Stop;
+        };
+        let run_end = if p + st.len >= self.len {
+            self.len
+        } else {
+            align_down(p + st.len, self.cluster)
+        };
+        if !st.zero || run_end <= p {
+            // Data, or zeroes shorter than a cluster: the copy loop's.
+            return ZeroStep::Data((p + st.len).min(self.len));
+        }
+        let end = run_end.min(p + ZERO_STEP);
+        let Some(claim) = self.claim_within(p, end) else {
+            return ZeroStep::Stop;
+        };
+        let (s, e) = (claim.start, claim.end);
+        let still_zero = matches!(
+            self.source.block_status(s, e - s).await,
+            Ok(st) if st.zero && st.len >= e - s
+        );
+        let settled = still_zero
+            && (self.target.reads_as_zeroes(s, e - s).await
+                || self
+                    .target
+                    .write_zeroes(
+                        s,
+                        e - s,
+                        ZeroFlags {
+                            may_unmap: true,
+                            ..Default::default()
+                        },
+                    )
+                    .await
+                    .is_ok());
+        if !settled {
+            // Pending again: the copy loop copies it, with its error policy.
+            self.finish(claim, &[], Some(s));
+            self.report_remaining();
+            return ZeroStep::Stop;
+        }
+        if self.discard_source {
+            self.discard_source_range(s, e).await;
+        }
+        self.finish(claim, &[(s, e)], None);
+        self.report_done(e - s);
+        self.report_remaining();
+        ZeroStep::Zero(e)
+    }
+
     fn claim_locked(st: &mut State, start: u64, end: u64) -> Claim {
         st.pending.reset(start, end - start);
         st.in_flight_bytes += end - start;
@@ -589,7 +695,31 @@ impl BlockCopy {
         Ok(())
     }
 
+    /// Copies data at `[start, end)`: inside the kernel where both ends
+    /// allow it ([`offload`]), the rest through buffers of at most
+    /// [`MAX_CHUNK`] bytes. A fleecing target is never offloaded to: its
+    /// copies must be serialising writes.
     async fn copy_data(&self, start: u64, end: u64) -> Result<(), CopyError> {
+        let mut at = start;
+        if !self.fleecing && !self.offload_refused.load(Ordering::Relaxed) {
+            self.source_reads.fetch_add(1, Ordering::SeqCst);
+            at += offload::copy_range(&self.source, &self.target, start, end - start, true).await;
+            self.source_reads.fetch_sub(1, Ordering::SeqCst);
+            // Refused outright (another file system, no reflink under
+            // O_DIRECT): not worth a system call per chunk from now on.
+            if at == start {
+                self.offload_refused.store(true, Ordering::Relaxed);
+            }
+        }
+        while at < end {
+            let piece = (at + MAX_CHUNK).min(end);
+            self.copy_buffered(at, piece).await?;
+            at = piece;
+        }
+        Ok(())
+    }
+
+    async fn copy_buffered(&self, start: u64, end: u64) -> Result<(), CopyError> {
         let units = (end - start).div_ceil(MEM_UNIT) as u32;
         let _mem = self
             .mem

@@ -22,8 +22,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use livesnap_block::{
-    BackendHold, BlockNode, DirtyBitmap, HookedWrite, IoFuture, WriteFlags, WriteHook, WriteKind,
-    ZeroFlags,
+    offload, BackendHold, BlockNode, DirtyBitmap, HookedWrite, IoFuture, WriteFlags, WriteHook,
+    WriteKind, ZeroFlags,
 };
 use serde_json::{json, Map, Value};
 use tokio::sync::Notify;
@@ -216,6 +216,8 @@ struct Shared {
     active_writes: AtomicU64,
     /// Longest a guest write waits for its copy on the target.
     target_wait: Duration,
+    /// The kernel copied nothing of a chunk once: buffers from then on.
+    offload_refused: AtomicBool,
 }
 
 impl Shared {
@@ -461,6 +463,7 @@ impl Mirror {
             dirtied: Notify::new(),
             active_writes: AtomicU64::new(0),
             target_wait: opts.tuning.hold,
+            offload_refused: AtomicBool::new(false),
         });
         let hook: Arc<dyn WriteHook> = Arc::new(MirrorHook {
             shared: shared.clone(),
@@ -482,12 +485,13 @@ impl Mirror {
         }
     }
 
-    /// Marks what the chosen sync mode has to copy.
-    async fn dirty_init(&self) -> io::Result<()> {
+    /// Marks what the chosen sync mode has to copy; returns the bytes
+    /// found already equal (zeroes on both sides), which count as done.
+    async fn dirty_init(&self) -> io::Result<u64> {
         let size = self.opts.source.size();
         match self.opts.sync {
             MirrorSync::None => {}
-            MirrorSync::Full => self.shared.bitmap.lock().unwrap().set_all(),
+            MirrorSync::Full => return self.dirty_init_full().await,
             MirrorSync::Top => {
                 let mut off = 0;
                 while off < size {
@@ -499,7 +503,29 @@ impl Mirror {
                 }
             }
         }
-        Ok(())
+        Ok(0)
+    }
+
+    /// sync=full: everything but the runs the source reads as zeroes where
+    /// the target already does too (a new image), found by block status, so
+    /// that a sparse disk costs its extents rather than its size. A guest
+    /// write meanwhile marks its range itself (the hook is on).
+    async fn dirty_init_full(&self) -> io::Result<u64> {
+        let (source, target) = (&self.opts.source, &self.opts.target);
+        let size = source.size();
+        let mut off = 0;
+        while off < size {
+            let Ok(st) = source.block_status(off, size - off).await else {
+                // The copy loop meets the error again, under the job's policy.
+                self.shared.bitmap.lock().unwrap().set(off, size - off);
+                break;
+            };
+            if !(st.zero && target.reads_as_zeroes(off, st.len).await) {
+                self.shared.bitmap.lock().unwrap().set(off, st.len);
+            }
+            off += st.len;
+        }
+        Ok(size - self.shared.dirty_bytes())
     }
 
     /// Takes `[offset, offset+len)` out of the bitmap and returns the copy of
@@ -525,6 +551,19 @@ impl Mirror {
             redirty.armed = false;
             done
         }
+    }
+
+    /// Largest copy the loop issues: larger while the guest is idle and the
+    /// copy is offloaded (no buffer holds it), within the buffer size.
+    fn copy_max(&self, busy: bool) -> u64 {
+        let kernel = !self.shared.offload_refused.load(Ordering::Relaxed)
+            && offload::offloadable(&self.opts.source, &self.opts.target);
+        let max = if !busy && kernel {
+            offload::IDLE_CHUNK
+        } else {
+            MAX_COPY
+        };
+        max.min(self.opts.buf_size)
     }
 
     /// Copies `[offset, offset+len)` from source to target once the range is
@@ -554,6 +593,23 @@ impl Mirror {
                     .await
                     .map_err(|e| (false, e));
             }
+            // Inside the kernel where both ends allow it; what it did not
+            // copy goes through a buffer (which also tells a read error
+            // from a write error).
+            let offloaded = if shared.offload_refused.load(Ordering::Relaxed) {
+                0
+            } else {
+                offload::copy_range(&shared.source, &shared.target, offset, len, false).await
+            };
+            if offloaded >= len {
+                return Ok(());
+            }
+            // Refused outright (another file system, no reflink under
+            // O_DIRECT): not worth a system call per chunk from now on.
+            if offloaded == 0 {
+                shared.offload_refused.store(true, Ordering::Relaxed);
+            }
+            let (offset, len) = (offset + offloaded, len - offloaded);
             let buf = shared
                 .source
                 .read(offset, len as usize)
@@ -760,9 +816,10 @@ impl Mirror {
                 break;
             }
             let run = {
+                let max = self.copy_max(busy);
                 let bm = shared.bitmap.lock().unwrap();
-                bm.next_dirty_run(st.cursor, MAX_COPY.min(self.opts.buf_size))
-                    .or_else(|| bm.next_dirty_run(0, MAX_COPY.min(self.opts.buf_size)))
+                bm.next_dirty_run(st.cursor, max)
+                    .or_else(|| bm.next_dirty_run(0, max))
             };
             let Some((off, len)) = run else { break };
             // Skip runs a guest write or another copy holds right now.
@@ -982,9 +1039,24 @@ impl JobDriver for Mirror {
             }
             // Attaching drains the source's writes: none can land unseen after this.
             self.opts.source.add_write_hook(self.hook.clone()).await;
-            self.dirty_init().await?;
+            // The walk asks the target too, which may hang: a cancel ends it
+            // (it holds nothing but its block-status queries).
+            let mut kicks = ctx.kicks();
+            let init = self.dirty_init();
+            tokio::pin!(init);
+            let equal = loop {
+                tokio::select! {
+                    r = &mut init => break r?,
+                    _ = kicks.changed() => {
+                        if ctx.is_cancelled() {
+                            return Err(livesnap_block::Error::invalid("Operation canceled"));
+                        }
+                    }
+                }
+            };
+            ctx.progress_update(equal);
             self.initial_dirty
-                .store(self.shared.dirty_bytes(), Ordering::Relaxed);
+                .store(equal + self.shared.dirty_bytes(), Ordering::Relaxed);
             self.update_remaining(ctx, 0);
             self.run_loop(ctx).await
         })

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use livesnap_block::BlockGraph;
 use livesnap_block::{BlockDriver, BlockNode, BlockStatus, IoBuf, IoFuture, WriteFlags, ZeroFlags};
 use livesnap_jobs::backup::{self, BackupOptions, BackupStart};
-use livesnap_jobs::block_copy::{BlockCopy, BlockCopyOptions, DEFAULT_CLUSTER_SIZE};
+use livesnap_jobs::block_copy::{BlockCopy, BlockCopyOptions, ZeroStep, DEFAULT_CLUSTER_SIZE};
 use livesnap_jobs::cbw::{Cbw, CbwOptions, OnCbwError, PAUSED_HOLD};
 use livesnap_jobs::{JobManager, JobOptions, OnError};
 use tokio::sync::watch;
@@ -317,6 +317,39 @@ async fn zero_ranges_become_write_zeroes() {
     assert_eq!(tgt.bytes(0, SIZE), src.bytes(0, SIZE));
     let zeroes: Vec<_> = tgt.writes().into_iter().filter(|w| w.2).collect();
     assert_eq!(zeroes, vec![(2 * CLUSTER, 3 * CLUSTER, true)]);
+}
+
+/// The zero pass: zero runs of the source are settled without a write where
+/// the target already reads as zeroes, with one write-zeroes where it does
+/// not, count as copied, and leave data to the copy loop.
+#[tokio::test]
+async fn the_zero_pass_writes_only_where_the_target_is_not_zero() {
+    let (src, tgt, bc) = setup();
+    src.fill(2 * CLUSTER, &vec![0; 5 * CLUSTER as usize]);
+    src.fill(10 * CLUSTER, &vec![0; 6 * CLUSTER as usize]);
+    // Old data on the target over part of the second zero run.
+    tgt.fill(12 * CLUSTER, &vec![0xee; CLUSTER as usize]);
+    assert_eq!(bc.settle_zero_run(0).await, ZeroStep::Data(2 * CLUSTER));
+    assert_eq!(
+        bc.settle_zero_run(CLUSTER).await,
+        ZeroStep::Data(2 * CLUSTER)
+    );
+    assert_eq!(
+        bc.settle_zero_run(2 * CLUSTER).await,
+        ZeroStep::Zero(7 * CLUSTER)
+    );
+    assert_eq!(
+        bc.settle_zero_run(7 * CLUSTER).await,
+        ZeroStep::Data(10 * CLUSTER)
+    );
+    assert_eq!(bc.settle_zero_run(10 * CLUSTER).await, ZeroStep::Zero(SIZE));
+    assert_eq!(bc.settle_zero_run(SIZE - 1).await, ZeroStep::Stop);
+    assert_eq!(tgt.writes(), vec![(10 * CLUSTER, 6 * CLUSTER, true)]);
+    assert!(bc.is_copied(2 * CLUSTER) && bc.is_copied(15 * CLUSTER));
+    assert!(!bc.is_copied(0) && !bc.is_copied(9 * CLUSTER));
+    assert_eq!(bc.pending_bytes(), 5 * CLUSTER);
+    bc.copy(0, SIZE).await.unwrap();
+    assert_eq!(tgt.bytes(0, SIZE), src.bytes(0, SIZE));
 }
 
 #[tokio::test]
