@@ -8,6 +8,8 @@ use livesnap_testkit as harness;
 use std::path::Path;
 use std::process::Command;
 
+use serde_json::{json, Value};
+
 use harness::*;
 
 const MIB: u64 = 1 << 20;
@@ -109,6 +111,107 @@ fn qemu_io_with_cache_direct_matches_plain_file() {
         &dir.path().join("served.img"),
         &dir.path().join("reference.img"),
     );
+}
+
+/// True when process `pid` has an io_uring instance open.
+fn has_io_uring(pid: u32) -> bool {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .any(|l| l.to_string_lossy().contains("io_uring"))
+}
+
+/// Serves a raw image through a `file` node added over QMP with `file`'s
+/// options (`aio`, `cache`), in a daemon with `env`; runs SCRIPT through it
+/// and on a plain copy, and checks reads through the daemon and, after it
+/// stops, the files are the same. `ring`: whether the daemon must have set
+/// up io_uring.
+fn script_through_file_node(env: &[(&str, &str)], file: Value, ring: bool) {
+    let dir = tempfile::tempdir().unwrap();
+    let served = dir.path().join("served.img");
+    let reference = dir.path().join("reference.img");
+    sparse_file(&served, SIZE);
+    sparse_file(&reference, SIZE);
+    let d = Livesnapd::bare_with_env(env);
+    let mut file_opts = json!({"driver": "file", "filename": served.to_str().unwrap()});
+    file_opts
+        .as_object_mut()
+        .unwrap()
+        .extend(file.as_object().unwrap().clone());
+    let mut q = d.qmp();
+    q.ok(
+        "blockdev-add",
+        json!({"driver": "raw", "node-name": "disk", "file": file_opts}),
+    );
+    let sock = d.dir.path().join("nbd.sock");
+    q.ok(
+        "nbd-server-start",
+        json!({"addr": {"type": "unix", "data": {"path": sock.to_str().unwrap()}}}),
+    );
+    q.ok(
+        "block-export-add",
+        json!({"type": "nbd", "id": "e", "node-name": "disk", "writable": true}),
+    );
+    let url = format!("nbd+unix:///disk?socket={}", sock.display());
+    qemu_io(&url, "raw", SCRIPT);
+    qemu_io(reference.to_str().unwrap(), "raw", SCRIPT);
+    if let Err(out) = qemu_img_compare(&url, reference.to_str().unwrap()) {
+        panic!("{file}: reads through the daemon differ: {out}");
+    }
+    drop(q);
+    assert_eq!(has_io_uring(d.pid()), ring, "io_uring set up with {file}");
+    assert!(d.stop_with(libc::SIGTERM).success(), "{file}");
+    files_equal(&served, &reference);
+}
+
+#[test]
+fn qemu_io_through_each_aio_engine() {
+    for (aio, direct) in [
+        ("io_uring", false),
+        ("io_uring", true),
+        ("threads", false),
+        ("threads", true),
+        // Served by io_uring (QEMU's Linux AIO needs O_DIRECT, so does livesnapd's).
+        ("native", true),
+    ] {
+        let file = json!({"aio": aio, "cache": {"direct": direct}});
+        script_through_file_node(&[], file, aio != "threads");
+    }
+    // No `aio`: io_uring, where the kernel allows it (it does where these tests run).
+    script_through_file_node(&[], json!({}), true);
+}
+
+#[test]
+fn aio_native_needs_cache_direct() {
+    let d = Livesnapd::bare();
+    let img = sparse_file(d.dir.path().join("a.img"), MIB);
+    let e = d
+        .qmp()
+        .execute(
+            "blockdev-add",
+            json!({"driver": "file", "node-name": "f", "filename": img.to_str().unwrap(),
+                   "aio": "native"}),
+        )
+        .unwrap_err();
+    assert_eq!(
+        e,
+        (
+            "GenericError".to_string(),
+            "aio=native was specified, but it requires cache.direct=on, which was not specified."
+                .to_string()
+        )
+    );
+}
+
+/// With io_uring refused (as by seccomp or `kernel.io_uring_disabled`), the
+/// daemon serves through its thread pool, also to a node that asks for
+/// io_uring (QEMU 10 falls back the same way).
+#[test]
+fn serves_where_io_uring_is_refused() {
+    let off = [("LIVESNAP_DISABLE_IO_URING", "1")];
+    script_through_file_node(&off, json!({}), false);
+    let file = json!({"aio": "io_uring", "cache": {"direct": true}});
+    script_through_file_node(&off, file, false);
 }
 
 #[test]

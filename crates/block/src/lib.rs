@@ -44,7 +44,7 @@ pub use driver::{
     BlockDriver, BlockStatus, ChildRef, FormatSpecific, IoFuture, Limits, WriteFlags, ZeroFlags,
 };
 pub use error::{Error, ErrorKind, Result};
-pub use file::{FileDriver, FileOptions, Refusal};
+pub use file::{FileAio, FileDriver, FileOptions, Refusal, DISABLE_IO_URING_ENV};
 pub use graph::{check_node_name, id_wellformed, BlockGraph};
 pub use hook::{HookedWrite, WriteHook, WriteKind};
 pub use lock::{LockConflict, Locking};

@@ -20,7 +20,7 @@ use std::sync::Arc;
 
 use crate::blkdebug::BlkdebugOpenOptions;
 use crate::error::{Error, Result};
-use crate::file::{FileDriver, FileOptions, Refusal};
+use crate::file::{FileAio, FileDriver, FileOptions, Refusal};
 use crate::graph::BlockGraph;
 use crate::lock::{as_conflict, Locking};
 use crate::node::BlockNode;
@@ -53,8 +53,8 @@ pub enum DriverOptions {
     File {
         /// The host file.
         filename: String,
-        /// `aio=native`, which needs `cache.direct`.
-        aio_native: bool,
+        /// `aio`: the I/O engine (`None`: io_uring where the kernel allows it).
+        aio: Option<FileAio>,
         /// `locking`: image locks shared with QEMU.
         locking: Locking,
     },
@@ -268,11 +268,11 @@ fn open_tree<'a>(
         let driver: Box<dyn BlockDriver> = match &opts.driver {
             DriverOptions::File {
                 filename,
-                aio_native,
+                aio,
                 locking,
             } => Box::new(open_file(
                 filename,
-                *aio_native,
+                *aio,
                 cache_direct,
                 (read_only, force_share),
                 *locking,
@@ -376,7 +376,7 @@ async fn open_ref(
 /// force-share), which decide the image locks its users take.
 fn open_file(
     filename: &str,
-    aio_native: bool,
+    aio: Option<FileAio>,
     cache_direct: bool,
     access: (bool, bool),
     locking: Locking,
@@ -387,7 +387,7 @@ fn open_file(
         direct: cache_direct,
         read_only,
     };
-    let f = FileDriver::open_unlocked(&opts, locking, force_share).map_err(|e| {
+    let f = FileDriver::open_unlocked_aio(&opts, locking, force_share, aio).map_err(|e| {
         // QEMU words these without the "Could not open" prefix.
         match e.get_ref().and_then(|i| i.downcast_ref::<Refusal>()) {
             Some(r) => Error::invalid(r.0.clone()),
@@ -395,7 +395,7 @@ fn open_file(
         }
     })?;
 
-    if aio_native && !cache_direct {
+    if aio == Some(FileAio::Native) && !cache_direct {
         return Err(Error::invalid(
             "aio=native was specified, but it requires cache.direct=on, which was not specified.",
         ));
@@ -491,7 +491,7 @@ async fn open_backing(
     }
     let file_opts = BlockdevRef::Inline(Box::new(BlockdevOptions::of(DriverOptions::File {
         filename: path.clone(),
-        aio_native: false,
+        aio: None,
         locking: Locking::Auto,
     })));
     let driver = match format.as_str() {

@@ -107,7 +107,7 @@ pub async fn qcow2_node(
 pub async fn open_chain(path: &Path, read_only: bool) -> Arc<BlockNode> {
     let file = BlockdevRef::Inline(Box::new(BlockdevOptions::of(DriverOptions::File {
         filename: path.to_str().unwrap().to_string(),
-        aio_native: false,
+        aio: None,
         locking: Locking::Auto,
     })));
     let mut opts = BlockdevOptions::of(DriverOptions::Qcow2 {

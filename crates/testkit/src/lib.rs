@@ -477,11 +477,25 @@ impl Livesnapd {
         Self::start(&args, None)
     }
 
+    /// Starts livesnapd with only a QMP socket and `env` added to its environment.
+    pub fn bare_with_env(env: &[(&str, &str)]) -> Livesnapd {
+        Self::start_env(&[], None, env)
+    }
+
     fn start(args: &[String], dir: Option<tempfile::TempDir>) -> Livesnapd {
+        Self::start_env(args, dir, &[])
+    }
+
+    fn start_env(
+        args: &[String],
+        dir: Option<tempfile::TempDir>,
+        env: &[(&str, &str)],
+    ) -> Livesnapd {
         let dir = dir.unwrap_or_else(|| tempfile::tempdir().unwrap());
         let qmp_path = dir.path().join("qmp.sock");
         let mut cmd = Command::new(livesnapd_bin());
         cmd.args(args).arg("--qmp").arg(&qmp_path);
+        cmd.envs(env.iter().copied());
         let proc = Spawned::spawn(&mut cmd);
         let mut d = Livesnapd {
             proc,

@@ -22,7 +22,7 @@ const CHUNK: u64 = 4 << 20;
 fn file_ref(path: &Path) -> BlockdevRef {
     BlockdevRef::Inline(Box::new(BlockdevOptions::of(DriverOptions::File {
         filename: path.to_string_lossy().into_owned(),
-        aio_native: false,
+        aio: None,
         locking: Locking::Auto,
     })))
 }
@@ -62,7 +62,7 @@ pub async fn header_backing(path: &Path) -> Result<Option<BackingRef>> {
 async fn open_file(path: &Path) -> Result<Arc<BlockNode>> {
     let mut opts = BlockdevOptions::of(DriverOptions::File {
         filename: path.to_string_lossy().into_owned(),
-        aio_native: false,
+        aio: None,
         locking: Locking::Auto,
     });
     opts.read_only = Some(true);

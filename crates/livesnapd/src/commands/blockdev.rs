@@ -9,7 +9,7 @@ use std::os::unix::fs::MetadataExt;
 use std::sync::Arc;
 
 use livesnap_block::{
-    BackingOption, BlockNode, BlockdevOptions, BlockdevRef, DriverOptions, FileDriver,
+    BackingOption, BlockNode, BlockdevOptions, BlockdevRef, DriverOptions, FileAio, FileDriver,
     FormatSpecific, Locking, Qcow2Cache,
 };
 use livesnap_qmp::{Args, QmpError};
@@ -267,7 +267,7 @@ fn parse_options(args: &mut Args) -> Result<BlockdevOptions, QmpError> {
             args.opt_bool("drop-cache")?;
             DriverOptions::File {
                 filename,
-                aio_native: aio.as_deref() == Some("native"),
+                aio: aio.as_deref().and_then(FileAio::parse),
                 locking: locking
                     .as_deref()
                     .and_then(Locking::parse)
