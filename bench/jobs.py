@@ -52,6 +52,8 @@ Usage:
                 [--cache direct|writeback] [--runtime S] [--repeat N]
                 [--speed BYTES_PER_S] [--cap S] [--livesnapd-bin PATH]
                 [--livesnapd-as-qsd] [--json FILE] [--out FILE] [--png FILE]
+  Before and after in one run (an earlier build as a third slot):
+  bench/jobs.py --daemons livesnapd,qsd,pre-issue --before-bin OLD/livesnapd
   Quick validation with qsd in both slots:
   bench/jobs.py --livesnapd-as-qsd --size 256M --runtime 3 --cap 20 \\
                 --png /tmp/jobs.png --json /tmp/jobs.json
@@ -917,27 +919,43 @@ def report(ctx, runs):
                    f"{fmt(a['stall'])} |")
     out.append("")
 
-    if "livesnapd" in slots and "qsd" in slots:
-        out.append("### livesnapd / qsd")
+    compared = [s for s in ("livesnapd", "pre-issue") if s in slots]
+    if compared and "qsd" in slots:
+        out.append("### livesnapd (and the pre-issue build) / qsd")
         out.append("")
-        out.append("| scenario | job | guest | job time ratio (lower is better) | guest ratio ratio (higher is better) |")
-        out.append("|---|---|---|---:|---:|")
+        out.append("Guest time lost = job time × (1 − guest ratio): the seconds of writing the guest "
+                   "gave up to the job.")
+        out.append("")
+        out.append("| scenario | job | guest | daemon | job time ratio (lower is better) | "
+                   "guest ratio ratio (higher is better) | guest time lost s (daemon / qsd) |")
+        out.append("|---|---|---|---|---:|---:|---:|")
+
+        def lost(a):
+            if a["job_time"] is None or a["ratio"] is None:
+                return None
+            return a["job_time"] * max(0.0, 1.0 - a["ratio"])
+
         seen = set()
         for (scen, job, guest_kind, _s) in groups:
             if (scen, job, guest_kind) in seen or job == "none":
                 continue
             seen.add((scen, job, guest_kind))
-            q, l = agg((scen, job, guest_kind, "qsd")), agg((scen, job, guest_kind, "livesnapd"))
-            if not q or not l:
-                continue
-            tr = l["job_time"] / q["job_time"] if l["job_time"] and q["job_time"] else None
-            if tr is None:
-                tr_cell = "; ".join(f"{n}: {', '.join(a['statuses'])}" for n, a in (("qsd", q), ("livesnapd", l))
-                                    if not a["job_time"]) or "–"
-            else:
-                tr_cell = fmt(tr)
-            gr = l["ratio"] / q["ratio"] if l["ratio"] and q["ratio"] else None
-            out.append(f"| {scen} | {job} | {guest_kind} | {tr_cell} | {fmt(gr)} |")
+            q = agg((scen, job, guest_kind, "qsd"))
+            for s in compared:
+                l = agg((scen, job, guest_kind, s))
+                if not q or not l:
+                    continue
+                tr = l["job_time"] / q["job_time"] if l["job_time"] and q["job_time"] else None
+                if tr is None:
+                    tr_cell = "; ".join(f"{n}: {', '.join(a['statuses'])}" for n, a in (("qsd", q), (s, l))
+                                        if not a["job_time"]) or "–"
+                else:
+                    tr_cell = fmt(tr)
+                gr = l["ratio"] / q["ratio"] if l["ratio"] and q["ratio"] else None
+                lq, ll = lost(q), lost(l)
+                lost_cell = f"{fmt(ll)} / {fmt(lq)}" if lq is not None and ll is not None else "–"
+                out.append(f"| {scen} | {job} | {guest_kind} | {label(ctx, s)} | {tr_cell} | {fmt(gr)} | "
+                           f"{lost_cell} |")
         out.append("")
 
     loads = [r[k] for r in runs for k in ("loadavg_start", "loadavg_end") if r.get(k) is not None]
@@ -991,7 +1009,7 @@ def plot(ctx, runs, path):
         return False
     ideal = args.size / ctx["speed"]
     fig, ax = plt.subplots(figsize=(9, 5), dpi=110)
-    colours = {"qsd": "tab:red", "livesnapd": "tab:blue"}
+    colours = {"qsd": "tab:red", "livesnapd": "tab:blue", "pre-issue": "tab:gray"}
     labelled = set()
     for r in rs:
         s = r["slot"]
@@ -1058,7 +1076,7 @@ def plot_guest(ctx, runs, path):
         log("no busy backup series: no guest PNG")
         return False
     fig, ax = plt.subplots(figsize=(9, 5), dpi=110)
-    colours = {"qsd": "tab:red", "livesnapd": "tab:blue"}
+    colours = {"qsd": "tab:red", "livesnapd": "tab:blue", "pre-issue": "tab:gray"}
     for r in rs:
         col = colours.get(r["slot"], "tab:grey")
         xs = [p[0] for p in r["guest_series_MiBps"]]
@@ -1095,6 +1113,8 @@ def main():
     ap.add_argument("--daemons", default="livesnapd,qsd", help="slots to run, in this order on the first repeat")
     ap.add_argument("--livesnapd-bin", default=os.path.join(ROOT, "target/release/livesnapd"))
     ap.add_argument("--qsd-bin", default="qemu-storage-daemon")
+    ap.add_argument("--before-bin", default=None,
+                    help="an earlier livesnapd build, run as a third slot 'pre-issue' (add it to --daemons)")
     ap.add_argument("--livesnapd-as-qsd", action="store_true",
                     help="the livesnapd slot runs qsd too (validates this script before livesnapd has jobs)")
     ap.add_argument("--size", default="1G", help="source image size (suffixes K, M, G)")
@@ -1140,13 +1160,18 @@ def main():
     scenarios = [s.strip() for s in args.scenarios.split(",") if s.strip()]
     slots = [s.strip() for s in args.daemons.split(",") if s.strip()]
     for s in slots:
-        if s not in ("livesnapd", "qsd"):
-            sys.exit(f"unknown daemon {s!r} (livesnapd, qsd)")
+        if s not in ("livesnapd", "qsd", "pre-issue"):
+            sys.exit(f"unknown daemon {s!r} (livesnapd, qsd, pre-issue)")
+        if s == "pre-issue" and not args.before_bin:
+            sys.exit("the 'pre-issue' slot needs --before-bin")
     for s in scenarios:
         if s not in ("a", "b", "c", "d"):
             sys.exit(f"unknown scenario {s!r} (a, b, c, d)")
     modes = dict(kv.split("=", 1) for kv in args.mirror_modes.split(",") if kv)
     light_modes = dict(kv.split("=", 1) for kv in args.light_modes.split(",") if kv)
+    # The earlier build runs with livesnapd's modes unless told otherwise.
+    modes.setdefault("pre-issue", modes.get("livesnapd", "background"))
+    light_modes.setdefault("pre-issue", light_modes.get("livesnapd", "background"))
     job_args = {}
     for kv in args.job_args:
         slot, js = kv.split("=", 1)
@@ -1158,6 +1183,8 @@ def main():
             sys.exit(f"{tool} is missing: apt-get install -y fio qemu-utils")
     kinds = {"qsd": "qsd", "livesnapd": "qsd" if args.livesnapd_as_qsd else "livesnapd"}
     bins = {"qsd": args.qsd_bin, "livesnapd": args.qsd_bin if args.livesnapd_as_qsd else args.livesnapd_bin}
+    if args.before_bin:
+        kinds["pre-issue"], bins["pre-issue"] = "livesnapd", args.before_bin
     for s in slots:
         if not shutil.which(bins[s]) and not os.access(bins[s], os.X_OK):
             hint = ("CARGO_TARGET_DIR=target cargo build --release -p livesnapd" if kinds[s] == "livesnapd"
