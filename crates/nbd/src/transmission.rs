@@ -388,17 +388,18 @@ where
                 }
             }
         });
-        // A request alone in flight is served right here, with no task to
-        // spawn and wake; as soon as the next request's bytes arrive (or the
-        // stream ends) it moves to a task of its own. Behind a request that
-        // is already waiting in the buffer it goes to a task at once: the
-        // other runtime thread can take it while this one reads on.
-        let alone = r.buffer().is_empty()
-            && tokio::select! {
-                biased;
-                _ = &mut job => true,
-                _ = r.fill_buf() => false,
-            };
+        // Every request is first polled right here: one that completes at
+        // once (a refusal, a read of unallocated qcow2 clusters) needs no
+        // task and is answered before any later request. One that waits stays
+        // here while it is alone in flight, with no task to spawn and wake;
+        // as soon as the next request's bytes are there (or the stream ends)
+        // it moves to a task of its own, so pipelined requests still run
+        // side by side.
+        let alone = tokio::select! {
+            biased;
+            _ = &mut job => true,
+            _ = r.fill_buf() => false,
+        };
         if !alone {
             tasks.spawn(job);
         }
