@@ -1,7 +1,6 @@
-//! The transmission phase: one reader parses requests and runs each (in
-//! place while it is the only one, else as its own task); one writer sends
-//! replies, so requests complete out of order but reply frames never
-//! interleave.
+//! The transmission phase: one reader parses requests and runs each as its
+//! own task; one writer sends replies, so requests complete out of order but
+//! reply frames never interleave.
 //!
 //! Memory is bounded by the budgets of [`crate::budget`]: payload bytes (write
 //! data read in, read data waiting to go out) are counted from the moment a
@@ -13,7 +12,7 @@ use std::io::{self, IoSlice};
 use std::sync::Arc;
 
 use livesnap_block::{BlockBackend, IoBuf, WriteFlags, ZeroFlags};
-use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::sync::mpsc::{self, UnboundedReceiver, UnboundedSender};
 use tokio::task::JoinSet;
 
@@ -370,7 +369,7 @@ where
         }
         let timer = ctx.stats.begin(req.typ, req.len);
         let ctx = ctx.clone();
-        let mut job = Box::pin(async move {
+        tasks.spawn(async move {
             let _timer = timer;
             match req.typ {
                 CMD_READ => read(&ctx, &req, rep).await,
@@ -388,21 +387,6 @@ where
                 }
             }
         });
-        // Every request is first polled right here: one that completes at
-        // once (a refusal, a read of unallocated qcow2 clusters) needs no
-        // task and is answered before any later request. One that waits stays
-        // here while it is alone in flight, with no task to spawn and wake;
-        // as soon as the next request's bytes are there (or the stream ends)
-        // it moves to a task of its own, so pipelined requests still run
-        // side by side.
-        let alone = tokio::select! {
-            biased;
-            _ = &mut job => true,
-            _ = r.fill_buf() => false,
-        };
-        if !alone {
-            tasks.spawn(job);
-        }
     };
     drop(tx);
     match exit {
