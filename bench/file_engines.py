@@ -107,7 +107,7 @@ def main():
 
     results, peak, loads = {}, {}, []
     try:
-        for name, rw, bs, qd in jobs:
+        for name, rw, bs, qd, nj in jobs:
             for rep in range(args.repeat):
                 for setup in args.formats.split(","):
                     for d in (daemons if rep % 2 == 0 else daemons[::-1]):
@@ -116,7 +116,7 @@ def main():
                         p = start(d, image, fmt, sock)
                         try:
                             if args.measure == "iops":
-                                r = nf.fio(sock, rw, bs, qd, args.runtime, args.size)[0]
+                                r = nf.fio(sock, rw, bs, qd, nj, args.runtime, args.size)[0]
                             else:
                                 c0, s0 = cpu_and_switches(p.pid)
                                 cpu_run(sock, rw, qd)

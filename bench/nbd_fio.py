@@ -13,10 +13,13 @@ prints a markdown table with the livesnapd/qsd ratio per row. Image set-ups:
                  by qemu-img bitmap --add): what tracking writes costs; in
                  livesnapd the bitmap is also kept crash-safe
 qcow2 images are made anew for every run, so each daemon starts from the same state.
+With --before-bin a third daemon (an older livesnapd build) runs in the same
+rotation, so before, after and qsd land in one table.
 
 Usage: bench/nbd_fio.py [--formats raw,qcow2,qcow2-backing,qcow2-bitmap]
                         [--jobs '4k randwrite QD1,...'] [--runtime SECONDS]
                         [--size BYTES] [--repeat N] [--out FILE]
+                        [--binary PATH] [--before-bin PATH]
 Needs: fio (with the nbd engine), qemu-storage-daemon, a release build of livesnapd.
 """
 
@@ -35,13 +38,17 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 JOBS = [
-    # name, rw, bs, iodepth
-    ("4k randread QD1", "randread", "4k", 1),
-    ("4k randread QD32", "randread", "4k", 32),
-    ("4k randwrite QD1", "randwrite", "4k", 1),
-    ("4k randwrite QD32", "randwrite", "4k", 32),
-    ("1M seq read QD8", "read", "1m", 8),
-    ("1M seq write QD8", "write", "1m", 8),
+    # name, rw, bs, iodepth, numjobs (one NBD connection each)
+    ("4k randread QD1", "randread", "4k", 1, 1),
+    ("4k randread QD32", "randread", "4k", 32, 1),
+    ("4k randwrite QD1", "randwrite", "4k", 1, 1),
+    ("4k randwrite QD32", "randwrite", "4k", 32, 1),
+    ("1M seq read QD8", "read", "1m", 8, 1),
+    ("1M seq write QD8", "write", "1m", 8, 1),
+    # randrw is 70 % reads; IOPS and MiB/s are reads and writes together
+    ("4k randrw 70/30 QD4 x2 connections", "randrw", "4k", 4, 2),
+    ("16k randread QD16", "randread", "16k", 16, 1),
+    ("64k randwrite QD8", "randwrite", "64k", 8, 1),
 ]
 
 
@@ -98,17 +105,22 @@ def rss_kib(pid):
     return 0
 
 
-def fio(sock, rw, bs, iodepth, runtime, size):
+def fio(sock, rw, bs, iodepth, numjobs, runtime, size):
+    """(IOPS, MiB/s, mean completion latency in us) of reads and writes together."""
     uri = f"nbd+unix:///disk?socket={sock}"
     out = subprocess.run([
         "fio", "--name=job", "--ioengine=nbd", f"--uri={uri}", f"--rw={rw}",
         f"--bs={bs}", f"--iodepth={iodepth}", f"--size={size}",
+        f"--numjobs={numjobs}", "--group_reporting", "--rwmixread=70",
         f"--runtime={runtime}", "--time_based", "--ramp_time=1",
         "--randrepeat=0", "--output-format=json",
     ], check=True, capture_output=True, text=True).stdout
     job = json.loads(out[out.index("{"):])["jobs"][0]
-    side = job["read"] if "read" in rw else job["write"]
-    return side["iops"], side["bw_bytes"] / (1 << 20), side["clat_ns"]["mean"] / 1000
+    sides = [job[k] for k in ("read", "write") if job[k]["total_ios"] > 0]
+    iops = sum(s["iops"] for s in sides)
+    bw = sum(s["bw_bytes"] for s in sides) / (1 << 20)
+    lat = sum(s["clat_ns"]["mean"] * s["iops"] for s in sides) / max(iops, 1) / 1000
+    return iops, bw, lat
 
 
 def main():
@@ -120,6 +132,8 @@ def main():
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--out", default=None, help="write the markdown table here")
     ap.add_argument("--binary", default=os.path.join(ROOT, "target/release/livesnapd"))
+    ap.add_argument("--before-bin", default=None,
+                    help="an older livesnapd to run as a third daemon ('before')")
     args = ap.parse_args()
 
     for tool in ("fio", "qemu-storage-daemon"):
@@ -150,13 +164,14 @@ def main():
             subprocess.run(["qemu-img", "bitmap", "--add", qcow2, "tracking"], check=True)
         return qcow2, "qcow2"
 
-    socks = {"qsd": os.path.join(work, "qsd.sock"), "livesnapd": os.path.join(work, "ls.sock")}
+    daemons = ["qsd", "livesnapd"] + (["before"] if args.before_bin else [])
+    socks = {d: os.path.join(work, f"{d}.sock") for d in daemons}
 
     def start(d, image, fmt):
         if d == "qsd":
             return start_qsd(image, fmt, socks["qsd"])
-        return start_livesnapd(args.binary, image, fmt, socks["livesnapd"],
-                               os.path.join(work, "ls-qmp.sock"))
+        binary = args.before_bin if d == "before" else args.binary
+        return start_livesnapd(binary, image, fmt, socks[d], os.path.join(work, f"{d}-qmp.sock"))
 
     setups = args.formats.split(",")
     jobs = [j for j in JOBS if args.jobs is None or j[0] in args.jobs.split(",")]
@@ -165,21 +180,24 @@ def main():
     try:
         # Set-ups alternate inside each repetition, as the daemons do, so that
         # drift on this shared machine hits every set-up of a job alike.
-        for name, rw, bs, qd in jobs:
+        for name, rw, bs, qd, nj in jobs:
             for rep in range(args.repeat):
                 for setup in setups:
-                    order = ["qsd", "livesnapd"] if rep % 2 == 0 else ["livesnapd", "qsd"]
+                    # Each daemon goes first in turn.
+                    order = daemons[rep % len(daemons):] + daemons[:rep % len(daemons)]
                     for d in order:
                         image, fmt = prepare(setup)
                         p = start(d, image, fmt)
                         try:
-                            r = fio(socks[d], rw, bs, qd, args.runtime, args.size)
-                            peak[d] = max(peak.get(d, 0), rss_kib(p.pid))
+                            r = fio(socks[d], rw, bs, qd, nj, args.runtime, args.size)
+                            hwm = rss_kib(p.pid)
+                            peak[d] = max(peak.get(d, 0), hwm)
                         finally:
                             stop(p)
                         results.setdefault((setup, name, d), []).append(r)
                         print(f"{setup:14} {name:18} {d:10} {r[0]:10.0f} IOPS {r[1]:8.1f} MiB/s "
-                              f"{r[2]:8.1f} us", file=sys.stderr)
+                              f"{r[2]:8.1f} us  VmHWM {hwm / 1024:.1f} MiB",
+                              file=sys.stderr)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -193,17 +211,21 @@ def main():
         f"Image {args.size >> 20} MiB on the page cache, unix socket, {args.runtime} s per run, "
         f"best of {args.repeat} runs per daemon.",
         "",
-        "| image | job | qsd IOPS | livesnapd IOPS | qsd MiB/s | livesnapd MiB/s | ratio (livesnapd/qsd) |",
-        "|---|---|---:|---:|---:|---:|---:|",
     ]
+    shown = daemons[:1] + daemons[2:] + daemons[1:2]  # qsd, before, livesnapd
+    lines.append("| image | job | " + " | ".join(f"{d} IOPS" for d in shown) + " | "
+                 + " | ".join(f"{d} MiB/s" for d in shown) + " | "
+                 + " | ".join(f"ratio {d}/qsd" for d in shown[1:]) + " |")
+    lines.append("|---|---|" + "---:|" * (3 * len(shown) - 1))
     for setup in setups:
         for name, *_ in jobs:
-            q, l = best((setup, name, "qsd")), best((setup, name, "livesnapd"))
-            lines.append(f"| {setup} | {name} | {q[0]:.0f} | {l[0]:.0f} | {q[1]:.1f} | {l[1]:.1f} "
-                         f"| {l[0] / q[0]:.2f} |")
+            r = [best((setup, name, d)) for d in shown]
+            lines.append(f"| {setup} | {name} | " + " | ".join(f"{x[0]:.0f}" for x in r) + " | "
+                         + " | ".join(f"{x[1]:.1f}" for x in r) + " | "
+                         + " | ".join(f"{x[0] / r[0][0]:.2f}" for x in r[1:]) + " |")
     lines.append("")
-    lines.append(f"Peak RSS: qsd {peak.get('qsd', 0) // 1024} MiB, "
-                 f"livesnapd {peak.get('livesnapd', 0) // 1024} MiB.")
+    lines.append("Peak RSS (VmHWM, largest of all runs): "
+                 + ", ".join(f"{d} {peak.get(d, 0) / 1024:.1f} MiB" for d in shown) + ".")
     table = "\n".join(lines)
     print(table)
     if args.out:

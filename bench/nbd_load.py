@@ -16,9 +16,15 @@ Prints a markdown table: peak memory (VmHWM), memory after the slow clients
 left, and the well-behaved clients' p50/p99/max latency and request count.
 Every read of a well-behaved client is checked against the image's bytes.
 
+With --clients 1,10,100 it measures scaling instead: for each count, that many
+well-behaved 4 KiB readers alone (no idle or slow connections), and prints
+peak memory, total requests per second and p50/p99 latency per daemon.
+A 'before' daemon (an older livesnapd, --before-bin) can join either run.
+
 Usage: bench/nbd_load.py [--idle N] [--slow N] [--slow-reads N] [--small N]
-                         [--large N] [--seconds S] [--settle S]
-                         [--daemons livesnapd,qsd] [--livesnapd PATH]
+                         [--large N] [--seconds S] [--settle S] [--clients N,N,...]
+                         [--daemons livesnapd,qsd[,before]] [--livesnapd PATH]
+                         [--before-bin PATH]
 Needs: qemu-storage-daemon, a release build of livesnapd (cargo build --release -p livesnapd).
 """
 
@@ -180,7 +186,12 @@ def main():
     ap.add_argument("--settle", type=float, default=3)
     ap.add_argument("--daemons", default="livesnapd,qsd")
     ap.add_argument("--livesnapd", default=os.path.join(ROOT, "target/release/livesnapd"))
+    ap.add_argument("--before-bin", default=None, help="an older livesnapd, daemon 'before'")
+    ap.add_argument("--clients", default=None,
+                    help="comma-separated client counts: run the scaling table instead")
     a = ap.parse_args()
+    if a.before_bin and "before" not in a.daemons.split(","):
+        a.daemons += ",before"
 
     with tempfile.TemporaryDirectory() as d:
         img = os.path.join(d, "disk.img")
@@ -190,12 +201,16 @@ def main():
         cmds = {
             "livesnapd": lambda sock: [a.livesnapd, "--image", img, "--nbd", f"unix:{sock}",
                                        "--max-connections", "0"],
+            "before": lambda sock: [a.before_bin, "--image", img, "--nbd", f"unix:{sock}",
+                                    "--max-connections", "0"],
             "qsd": lambda sock: [
                 "qemu-storage-daemon",
                 "--blockdev", f"driver=file,node-name=disk,filename={img}",
                 "--nbd-server", f"addr.type=unix,addr.path={sock},max-connections=0",
                 "--export", "type=nbd,id=export0,node-name=disk,name=disk,writable=on"],
         }
+        if a.clients:
+            return scaling(a, cmds, d, image)
         rows = []
         for name in a.daemons.split(","):
             sock = os.path.join(d, f"{name}.sock")
@@ -217,6 +232,30 @@ def main():
                          f"{max(v, default=float('nan')) * 1e3:.1f} ms ({len(v)})")
         print(f"| {name} | {r['base'] / 1024:.0f} MiB | {r['hwm'] / 1024:.0f} MiB | "
               f"{r['after'] / 1024:.0f} MiB | {cells[0]} | {cells[1]} | "
+              f"{len(r['errors'])} {r['errors'][:2] if r['errors'] else ''} |")
+
+
+def scaling(a, cmds, d, image):
+    """The --clients table: N well-behaved 4 KiB readers, nothing else, per daemon."""
+    rows = []
+    for n in [int(x) for x in a.clients.split(",")]:
+        # Daemons alternate per count, so drift on a shared machine hits each alike.
+        names = a.daemons.split(",")
+        for name in (names if len(rows) % 2 == 0 else names[::-1]):
+            sock = os.path.join(d, f"{name}.sock")
+            only = argparse.Namespace(**{**vars(a), "idle": 0, "slow": 0, "small": n,
+                                         "large": 0, "settle": 0})
+            r = run(name, cmds[name](sock), sock, image, only)
+            rows.append((n, name, r))
+            if os.path.exists(sock):
+                os.unlink(sock)
+    print(f"N well-behaved clients, each one 4 KiB random read at a time, {a.seconds:g} s\n")
+    print("| clients | daemon | peak (VmHWM) | requests/s | p50 | p99 | errors |")
+    print("|---:|---|---:|---:|---:|---:|---|")
+    for n, name, r in sorted(rows, key=lambda x: (x[0], x[1])):
+        v = r["lat"]["4 KiB"]
+        print(f"| {n} | {name} | {r['hwm'] / 1024:.1f} MiB | {len(v) / a.seconds:.0f} | "
+              f"{pct(v, 50) * 1e3:.3f} ms | {pct(v, 99) * 1e3:.3f} ms | "
               f"{len(r['errors'])} {r['errors'][:2] if r['errors'] else ''} |")
 
 

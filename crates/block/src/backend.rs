@@ -88,7 +88,7 @@ impl BlockBackend {
 
     /// Reads `len` bytes at `offset`.
     pub async fn read(&self, offset: u64, len: usize) -> io::Result<IoBuf> {
-        self.read_into(offset, IoBuf::zeroed(len)).await
+        self.read_into(offset, IoBuf::for_overwrite(len)).await
     }
 
     /// Reads `buf.len()` bytes at `offset` into `buf`.

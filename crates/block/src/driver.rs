@@ -121,6 +121,9 @@ pub trait BlockDriver: AsAny + Send + Sync + 'static {
     }
 
     /// Reads `buf.len()` bytes at `offset` into `buf` and gives it back.
+    /// On success every byte of `buf` is overwritten (zeroes past the end
+    /// of the data): callers pass buffers with old contents
+    /// ([`IoBuf::for_overwrite`]).
     fn read(&self, offset: u64, buf: IoBuf) -> IoFuture<'_, IoBuf>;
 
     /// Writes `buf` at `offset`.

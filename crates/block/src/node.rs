@@ -311,7 +311,7 @@ impl BlockNode {
 
     /// Reads `len` bytes at `offset`.
     pub async fn read(&self, offset: u64, len: usize) -> io::Result<IoBuf> {
-        self.read_into(offset, IoBuf::zeroed(len)).await
+        self.read_into(offset, IoBuf::for_overwrite(len)).await
     }
 
     /// Reads `buf.len()` bytes at `offset` into `buf` and gives it back.
@@ -334,7 +334,7 @@ impl BlockNode {
         let _req = self
             .tracker
             .begin_unordered(start, end - start, RequestKind::Read);
-        self.read_aligned(offset, IoBuf::zeroed(len), start, end)
+        self.read_aligned(offset, IoBuf::for_overwrite(len), start, end)
             .await
     }
 
@@ -359,7 +359,7 @@ impl BlockNode {
         }
         let padded = self
             .driver
-            .read(start, IoBuf::zeroed((end - start) as usize))
+            .read(start, IoBuf::for_overwrite((end - start) as usize))
             .await?;
         let skip = (offset - start) as usize;
         let mut buf = buf;
@@ -413,7 +413,7 @@ impl BlockNode {
             .await;
         let mut padded = self
             .driver
-            .read(start, IoBuf::zeroed((end - start) as usize))
+            .read(start, IoBuf::for_overwrite((end - start) as usize))
             .await?;
         let skip = (offset - start) as usize;
         padded[skip..skip + buf.len()].copy_from_slice(&buf);

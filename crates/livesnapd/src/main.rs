@@ -16,16 +16,7 @@ use livesnapd::metrics::MetricsServer;
 use livesnapd::notify::Notifier;
 use livesnapd::{bind_qmp, cli_tls, export_image, nbd_uri, ImageExport};
 
-/// Allocations below this come from malloc's heap instead of fresh mmaps.
-///
-/// NBD payloads up to 32 MiB are allocated per request; with glibc's default
-/// threshold every 1 MiB write buffer is mapped, faulted in and unmapped again,
-/// which halved sequential write throughput (docs/decisions.md).
-const MMAP_THRESHOLD: libc::c_int = 64 << 20;
-
 fn main() -> ExitCode {
-    // SAFETY: mallopt only tunes glibc's allocator; called before any thread starts.
-    unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD) };
     let cli = Cli::parse();
     if let Err(msg) = cli.check() {
         Cli::command()

@@ -13,14 +13,6 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         eprintln!("usage: nbd-serve FILE (unix:/path | host:port) [EXPORT]");
         std::process::exit(2);
     }
-    // glibc serves each fresh 1 MiB I/O buffer with mmap and unmaps it on
-    // free, so every large request pays page faults; keeping buffers below
-    // 32 MiB on the heap doubles large-write throughput. A daemon should do
-    // the same at startup (process-wide policy, so not done by the library).
-    // SAFETY: mallopt only changes allocator tuning.
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
-    }
     let direct = std::env::var_os("NBD_SERVE_DIRECT").is_some();
     let fd = FileDriver::open(&FileOptions {
         filename: args[1].clone(),

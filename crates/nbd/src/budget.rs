@@ -1,6 +1,6 @@
 //! Memory the server's connections may hold: payload bytes of requests in
-//! flight and of replies not yet written, per connection and in total, and
-//! the read buffers kept for reuse.
+//! flight and of replies not yet written, per connection and in total. The
+//! buffers themselves come from the block layer's pool (`IoBuf`).
 //!
 //! A client that pipelines large reads and never reads its replies pins
 //! every buffer it was given until it goes away, so three bounds apply:
@@ -15,17 +15,16 @@
 //!   together are capped by [`RESERVE_TOTAL`].
 //!
 //! The payload memory of the whole server is thus at most
-//! `SHARED_BUDGET + RESERVE_TOTAL` (plus the buffer pool), whatever the
+//! `SHARED_BUDGET + RESERVE_TOTAL` (plus the process's buffer pool,
+//! `livesnap_block::buf::POOL_BYTES`), whatever the
 //! number of clients. What is left: once the shared budget and
 //! `RESERVE_TOTAL / CONN_RESERVE` lanes are all pinned by clients that do
 //! not read, further requests wait until those clients read or leave
 //! (`max-connections` bounds how many there can be).
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
-use livesnap_block::IoBuf;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 /// Requests of one connection being served at once.
@@ -43,20 +42,15 @@ pub(crate) const CONN_RESERVE: usize = 2 << 20;
 pub(crate) const RESERVE_TOTAL: usize = 64 << 20;
 /// Budget is counted in these units so it fits a semaphore comfortably.
 const UNIT: usize = 4096;
-/// Read buffers kept for reuse by the whole server, in bytes.
-const POOL_BYTES: usize = 16 << 20;
-/// Buffers smaller than this are cheap to allocate and not pooled.
-const POOL_MIN_BUF: usize = 64 * 1024;
 
 fn units(bytes: usize) -> u32 {
     bytes.div_ceil(UNIT) as u32
 }
 
-/// The server-wide budgets and buffer pool, shared by every connection.
+/// The server-wide budgets, shared by every connection.
 pub(crate) struct Budget {
     shared: Arc<Semaphore>,
     reserve: Arc<Semaphore>,
-    pool: BufPool,
     /// Connections in the transmission phase.
     conns: AtomicUsize,
     /// A trim is queued: connections that end together share one.
@@ -68,7 +62,6 @@ impl Budget {
         Arc::new(Budget {
             shared: Arc::new(Semaphore::new(SHARED_BUDGET / UNIT)),
             reserve: Arc::new(Semaphore::new(RESERVE_TOTAL / UNIT)),
-            pool: BufPool::new(),
             conns: AtomicUsize::new(0),
             trim_queued: Arc::new(AtomicBool::new(false)),
         })
@@ -84,16 +77,6 @@ impl Budget {
             lane: Arc::new(Semaphore::new(CONN_RESERVE / UNIT)),
             used_shared: AtomicBool::new(false),
         }
-    }
-
-    /// A buffer of exactly `len` bytes; its contents are stale and must be overwritten.
-    pub(crate) fn take_buf(&self, len: usize) -> IoBuf {
-        self.pool.take(len)
-    }
-
-    /// Returns a buffer for reuse (or frees it when the pool is full).
-    pub(crate) fn give_buf(&self, b: IoBuf) {
-        self.pool.give(b)
     }
 
     /// Shared budget bytes currently handed out (for tests and logs).
@@ -122,11 +105,6 @@ pub(crate) struct ConnBudget {
 }
 
 impl ConnBudget {
-    /// The server-wide budget this connection draws from.
-    pub(crate) fn server(&self) -> &Arc<Budget> {
-        &self.server
-    }
-
     /// Waits until a request with `len` payload bytes may proceed. The
     /// semaphores are never closed, so `None` only if that invariant broke.
     pub(crate) async fn acquire(&self, len: usize) -> Option<Permits> {
@@ -184,9 +162,7 @@ impl ConnBudget {
 impl Drop for ConnBudget {
     fn drop(&mut self) {
         let left = self.server.conns.fetch_sub(1, Ordering::SeqCst) - 1;
-        if left == 0 {
-            self.server.pool.clear();
-        }
+        // With the last connection gone, so go the pool's buffers.
         let wanted = left == 0 || self.used_shared.load(Ordering::Relaxed);
         if wanted && !self.server.trim_queued.swap(true, Ordering::SeqCst) {
             // The large buffers this connection pinned are free now; give
@@ -202,54 +178,6 @@ impl Drop for ConnBudget {
                 trim();
             }
         }
-    }
-}
-
-/// Read buffers kept for reuse, keyed by exact length: fresh large
-/// allocations cost page faults and zeroing on every request.
-struct BufPool {
-    free: Mutex<(HashMap<usize, Vec<IoBuf>>, usize)>,
-}
-
-impl BufPool {
-    fn new() -> BufPool {
-        BufPool {
-            free: Mutex::new((HashMap::new(), 0)),
-        }
-    }
-
-    fn take(&self, len: usize) -> IoBuf {
-        // The pool never keeps small buffers (`give`): no lock for them.
-        if len < POOL_MIN_BUF {
-            return IoBuf::zeroed(len);
-        }
-        let mut g = self.free.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(b) = g.0.get_mut(&len).and_then(Vec::pop) {
-            g.1 -= len;
-            return b;
-        }
-        drop(g);
-        IoBuf::zeroed(len)
-    }
-
-    fn give(&self, b: IoBuf) {
-        let len = b.len();
-        if len < POOL_MIN_BUF {
-            return;
-        }
-        let mut g = self.free.lock().unwrap_or_else(|e| e.into_inner());
-        if g.1 + len <= POOL_BYTES {
-            g.0.entry(len).or_default().push(b);
-            g.1 += len;
-        }
-    }
-
-    fn clear(&self) {
-        let mut g = self.free.lock().unwrap_or_else(|e| e.into_inner());
-        let bufs = std::mem::take(&mut g.0);
-        g.1 = 0;
-        drop(g);
-        drop(bufs);
     }
 }
 

@@ -7,6 +7,7 @@
 //! request is accepted until its last reply frame is written, and the reader
 //! stops reading while its connection cannot get budget.
 
+use std::collections::VecDeque;
 use std::io::{self, IoSlice};
 use std::sync::Arc;
 
@@ -15,7 +16,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::sync::mpsc::{self, UnboundedReceiver, UnboundedSender};
 use tokio::task::JoinSet;
 
-use crate::budget::{Budget, ConnBudget, Permits};
+use crate::budget::{ConnBudget, Permits};
 use crate::conn::ConnControl;
 use crate::export::ExportBitmap;
 use crate::handshake::{MetaContexts, Session};
@@ -46,13 +47,27 @@ enum Head {
 
 impl Head {
     fn inline(parts: &[&[u8]]) -> Head {
-        let mut b = [0u8; 48];
-        let mut n = 0;
-        for p in parts {
-            b[n..n + p.len()].copy_from_slice(p);
-            n += p.len();
+        Head::Inline([0u8; 48], 0).then(parts)
+    }
+
+    /// This head with `parts` appended (all fit: a header and a few fields).
+    fn then(self, parts: &[&[u8]]) -> Head {
+        match self {
+            Head::Inline(mut b, n) => {
+                let mut n = n as usize;
+                for p in parts {
+                    b[n..n + p.len()].copy_from_slice(p);
+                    n += p.len();
+                }
+                Head::Inline(b, n as u8)
+            }
+            Head::Heap(mut v) => {
+                for p in parts {
+                    v.extend_from_slice(p);
+                }
+                Head::Heap(v)
+            }
         }
-        Head::Inline(b, n as u8)
     }
 
     fn bytes(&self) -> &[u8] {
@@ -68,6 +83,13 @@ struct Frame {
     head: Head,
     data: Option<IoBuf>,
     _permits: Option<Permits>,
+}
+
+impl Frame {
+    /// Bytes on the wire.
+    fn len(&self) -> usize {
+        self.head.bytes().len() + self.data.as_ref().map_or(0, |d| d.len())
+    }
 }
 
 /// Why a request failed: the NBD error value and a message for structured replies.
@@ -98,7 +120,6 @@ enum Seg {
 /// What every request task needs from its connection.
 struct Ctx {
     backend: Arc<BlockBackend>,
-    pool: Arc<Budget>,
     read_only: bool,
     /// Structured replies or extended headers: reads may come in chunks.
     structured: bool,
@@ -134,18 +155,13 @@ impl Replier {
     /// A chunk header for a payload of `len` bytes followed by `fields`:
     /// a structured one, or an extended one once those were negotiated.
     fn chunk(&self, flags: u16, typ: u16, len: usize, fields: &[&[u8]]) -> Head {
-        let h;
-        let e;
-        let head: &[u8] = if self.extended {
-            e = encode_extended_reply_header(flags, typ, self.cookie, self.offset, len as u64);
-            &e
+        let head = if self.extended {
+            let e = encode_extended_reply_header(flags, typ, self.cookie, self.offset, len as u64);
+            Head::inline(&[&e])
         } else {
-            h = encode_chunk_header(flags, typ, self.cookie, len as u32);
-            &h
+            Head::inline(&[&encode_chunk_header(flags, typ, self.cookie, len as u32)])
         };
-        let mut parts = vec![head];
-        parts.extend_from_slice(fields);
-        Head::inline(&parts)
+        head.then(fields)
     }
 
     fn send(&mut self, head: Head, data: Option<IoBuf>, last: bool) {
@@ -211,10 +227,8 @@ pub(crate) async fn serve<R, W>(
     W: AsyncWrite + Unpin + Send + 'static,
 {
     let export = session.export().clone();
-    let pool = budget.server().clone();
     let ctx = Arc::new(Ctx {
         backend: export.config().backend.clone(),
-        pool: pool.clone(),
         read_only: export.read_only(),
         structured: session.structured || session.extended,
         extended: session.extended,
@@ -223,7 +237,7 @@ pub(crate) async fn serve<R, W>(
         stats: export.stats().clone(),
     });
     let (tx, rx) = mpsc::unbounded_channel();
-    let writer = write_loop(writer, rx, pool, session);
+    let writer = write_loop(writer, rx, session);
     let reader = read_loop(reader, ctx, tx, &budget, ctl);
     tokio::pin!(writer, reader);
     tokio::select! {
@@ -338,7 +352,8 @@ where
                 ));
                 break Exit::Graceful;
             }
-            let mut buf = IoBuf::zeroed(payload_len as usize);
+            // Filled completely, or dropped on a short read.
+            let mut buf = IoBuf::for_overwrite(payload_len as usize);
             if let Err(e) = r.read_exact(&mut buf).await {
                 tracing::debug!(conn = ctl.id(), "NBD payload truncated: {e}");
                 break Exit::Abort;
@@ -492,7 +507,7 @@ async fn read(ctx: &Ctx, req: &Request, rep: Replier) {
         return rep.fail(f);
     }
     if !ctx.structured {
-        let buf = ctx.pool.take_buf(req.len as usize);
+        let buf = IoBuf::for_overwrite(req.len as usize);
         return match ctx.backend.read_into(req.offset, buf).await {
             Ok(buf) => {
                 let mut rep = rep;
@@ -522,14 +537,13 @@ fn is_zero(b: &[u8]) -> bool {
 
 /// Reads `len` bytes at `offset` as one segment, a hole if they are all zero.
 async fn read_one(ctx: &Ctx, offset: u64, len: u32) -> Result<Seg, Fail> {
-    let buf = ctx.pool.take_buf(len as usize);
+    let buf = IoBuf::for_overwrite(len as usize);
     let buf = ctx
         .backend
         .read_into(offset, buf)
         .await
         .map_err(|e| Fail::io("read", &e))?;
     if is_zero(&buf) {
-        ctx.pool.give_buf(buf);
         return Ok(Seg::Hole(offset, len));
     }
     Ok(Seg::Data(offset, buf))
@@ -792,29 +806,22 @@ fn decode_request(hdr: &[u8; EXTENDED_REQUEST_LEN], extended: bool) -> Option<Re
 async fn write_loop<W: AsyncWrite + Unpin>(
     mut w: W,
     mut rx: UnboundedReceiver<Frame>,
-    pool: Arc<Budget>,
     session: Session,
 ) -> io::Result<()> {
-    let mut batch: Vec<Frame> = Vec::with_capacity(MAX_BATCH);
+    let mut batch: VecDeque<Frame> = VecDeque::with_capacity(MAX_BATCH);
     while let Some(f) = rx.recv().await {
-        batch.push(f);
+        batch.push_back(f);
         while batch.len() < MAX_BATCH {
             match rx.try_recv() {
-                Ok(f) => batch.push(f),
+                Ok(f) => batch.push_back(f),
                 Err(_) => break,
             }
         }
-        write_frames(&mut w, &batch).await?;
+        write_frames(&mut w, &mut batch).await?;
         // A TLS stream may keep the tail of a write in its own buffer when
         // the socket is full; only a flush is sure to send it. On a plain
         // socket half this is free.
         w.flush().await?;
-        // Dropping the frames returns their budget to the reader.
-        for f in batch.drain(..) {
-            if let Some(d) = f.data {
-                pool.give_buf(d);
-            }
-        }
     }
     w.flush().await?;
     drop(session);
@@ -823,37 +830,48 @@ async fn write_loop<W: AsyncWrite + Unpin>(
     Ok(())
 }
 
-async fn write_frames<W: AsyncWrite + Unpin>(w: &mut W, frames: &[Frame]) -> io::Result<()> {
-    let mut parts: Vec<&[u8]> = Vec::with_capacity(frames.len() * 2);
-    for f in frames {
-        parts.push(f.head.bytes());
-        if let Some(d) = &f.data {
-            if !d.is_empty() {
-                parts.push(d);
+/// Writes `frames` in order with as few vectored writes as the socket
+/// allows. Each frame is dropped as soon as its last byte is written, so its
+/// buffer and budget come back while the rest of the batch is still going
+/// out (a client that got its reply may already be sending the next request).
+async fn write_frames<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    frames: &mut VecDeque<Frame>,
+) -> io::Result<()> {
+    // Bytes of the front frame already written.
+    let mut done = 0usize;
+    while !frames.is_empty() {
+        let mut n = {
+            let mut iov: Vec<IoSlice<'_>> = Vec::with_capacity((frames.len() * 2).min(MAX_IOV));
+            let mut skip = done;
+            'frames: for f in frames.iter() {
+                for part in [f.head.bytes(), f.data.as_deref().unwrap_or(&[])] {
+                    if skip >= part.len() {
+                        skip -= part.len();
+                        continue;
+                    }
+                    iov.push(IoSlice::new(&part[skip..]));
+                    skip = 0;
+                    if iov.len() == MAX_IOV {
+                        break 'frames;
+                    }
+                }
             }
-        }
-    }
-    let (mut idx, mut off) = (0usize, 0usize);
-    while idx < parts.len() {
-        let iov: Vec<IoSlice<'_>> = std::iter::once(&parts[idx][off..])
-            .chain(parts[idx + 1..].iter().copied())
-            .take(MAX_IOV)
-            .map(IoSlice::new)
-            .collect();
-        let mut n = w.write_vectored(&iov).await?;
+            w.write_vectored(&iov).await?
+        };
         if n == 0 {
             return Err(io::ErrorKind::WriteZero.into());
         }
-        while n > 0 && idx < parts.len() {
-            let left = parts[idx].len() - off;
-            if n >= left {
-                n -= left;
-                idx += 1;
-                off = 0;
-            } else {
-                off += n;
-                n = 0;
+        while n > 0 {
+            let Some(f) = frames.front() else { break };
+            let left = f.len() - done;
+            if n < left {
+                done += n;
+                break;
             }
+            n -= left;
+            done = 0;
+            frames.pop_front();
         }
     }
     Ok(())
@@ -913,7 +931,7 @@ mod tests {
 
     #[tokio::test]
     async fn partial_vectored_writes_keep_bytes_in_order() {
-        let frames: Vec<Frame> = (0..5u8)
+        let frames: VecDeque<Frame> = (0..5u8)
             .map(|i| Frame {
                 head: Head::inline(&[&[i; 3]]),
                 data: (i % 2 == 0).then(|| IoBuf::from_slice(&[i + 100; 7])),
@@ -932,8 +950,17 @@ mod tests {
                 out: Vec::new(),
                 max,
             };
-            write_frames(&mut w, &frames).await.unwrap();
+            let mut batch: VecDeque<Frame> = frames
+                .iter()
+                .map(|f| Frame {
+                    head: Head::inline(&[f.head.bytes()]),
+                    data: f.data.as_deref().map(IoBuf::from_slice),
+                    _permits: None,
+                })
+                .collect();
+            write_frames(&mut w, &mut batch).await.unwrap();
             assert_eq!(w.out, expect, "max {max}");
+            assert!(batch.is_empty(), "written frames are let go");
         }
     }
 }

@@ -233,7 +233,7 @@ impl Inner {
         let mut pos = 0u64;
         loop {
             let piece = self
-                .read_seg(seg, off + pos, IoBuf::zeroed(n as usize))
+                .read_seg(seg, off + pos, IoBuf::for_overwrite(n as usize))
                 .await?;
             buf[pos as usize..(pos + n) as usize].copy_from_slice(&piece);
             pos += n;
@@ -489,13 +489,13 @@ impl Inner {
         let n = dst.len();
         match old {
             Cluster::Unallocated => {
-                let b = self.read_backing(from, IoBuf::zeroed(n)).await?;
+                let b = self.read_backing(from, IoBuf::for_overwrite(n)).await?;
                 dst.copy_from_slice(&b);
             }
             Cluster::Zero { .. } => dst.fill(0),
             Cluster::Data { host, .. } => {
                 let b = self
-                    .read_host(host + self.geo.in_cluster(from), IoBuf::zeroed(n))
+                    .read_host(host + self.geo.in_cluster(from), IoBuf::for_overwrite(n))
                     .await?;
                 dst.copy_from_slice(&b);
             }
