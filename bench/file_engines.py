@@ -45,15 +45,18 @@ def main():
     ap.add_argument("--direct", action="store_true", help="cache.direct=on / --cache-direct")
     ap.add_argument("--formats", default="raw,qcow2,qcow2-backing")
     ap.add_argument("--jobs", default=None, help="comma-separated job names (default: all)")
-    ap.add_argument("--daemons", default="qsd,qsd-uring,ls-uring,ls-threads,before")
+    ap.add_argument("--daemons", default="qsd,qsd-uring,ls-uring,ls-threads",
+                    help="add 'before' (with --before) for an earlier build")
     ap.add_argument("--binary", default=os.path.join(ROOT, "target/release/livesnapd"))
-    ap.add_argument("--before", default="/work/baseline/livesnapd")
+    ap.add_argument("--before", default=None, help="an earlier livesnapd binary, the 'before' daemon")
     ap.add_argument("--runtime", type=int, default=3)
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--size", type=int, default=512 << 20)
     ap.add_argument("--requests", type=int, default=20000, help="per run, with --measure cpu")
     args = ap.parse_args()
     daemons = args.daemons.split(",")
+    if "before" in daemons and not args.before:
+        sys.exit("the before daemon needs --before PATH")
     jobs = [j for j in nf.JOBS if args.jobs is None or j[0] in args.jobs.split(",")]
     if args.measure == "cpu":
         jobs = [j for j in jobs if j[2] == "4k"]
@@ -63,17 +66,6 @@ def main():
     subprocess.run(["dd", "if=/dev/urandom", f"of={raw}", "bs=1M", f"count={args.size >> 20}",
                     "status=none"], check=True)
     qcow2 = os.path.join(work, "disk.qcow2")
-
-    def prepare(setup):
-        if setup == "raw":
-            return raw, "raw"
-        if os.path.exists(qcow2):
-            os.unlink(qcow2)
-        cmd = ["qemu-img", "create", "-q", "-f", "qcow2", qcow2, str(args.size)]
-        if setup == "qcow2-backing":
-            cmd[5:5] = ["-b", raw, "-F", "raw"]
-        subprocess.run(cmd, check=True)
-        return qcow2, "qcow2"
 
     def start(d, image, fmt, sock):
         if d.startswith("qsd"):
@@ -111,7 +103,7 @@ def main():
             for rep in range(args.repeat):
                 for setup in args.formats.split(","):
                     for d in (daemons if rep % 2 == 0 else daemons[::-1]):
-                        image, fmt = prepare(setup)
+                        image, fmt = nf.prepare_image(setup, raw, qcow2, args.size)
                         sock = os.path.join(work, f"{d}.sock")
                         p = start(d, image, fmt, sock)
                         try:

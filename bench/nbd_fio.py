@@ -52,6 +52,22 @@ JOBS = [
 ]
 
 
+def prepare_image(setup, raw, qcow2, size):
+    """Returns (image, format) for one run of `setup` over the random-data `raw`:
+    raw itself, or `qcow2` made anew (over `raw` for qcow2-backing)."""
+    if setup == "raw":
+        return raw, "raw"
+    if os.path.exists(qcow2):
+        os.unlink(qcow2)
+    cmd = ["qemu-img", "create", "-q", "-f", "qcow2", qcow2, str(size)]
+    if setup == "qcow2-backing":
+        cmd[5:5] = ["-b", raw, "-F", "raw"]
+    subprocess.run(cmd, check=True)
+    if setup == "qcow2-bitmap":
+        subprocess.run(["qemu-img", "bitmap", "--add", qcow2, "tracking"], check=True)
+    return qcow2, "qcow2"
+
+
 def wait_socket(path, timeout=30):
     end = time.time() + timeout
     while time.time() < end:
@@ -150,20 +166,6 @@ def main():
                     f"count={args.size >> 20}", "status=none"], check=True)
     qcow2 = os.path.join(work, "disk.qcow2")
 
-    def prepare(setup):
-        """Returns (image, format) for one run of `setup`."""
-        if setup == "raw":
-            return raw, "raw"
-        if os.path.exists(qcow2):
-            os.unlink(qcow2)
-        cmd = ["qemu-img", "create", "-q", "-f", "qcow2", qcow2, str(args.size)]
-        if setup == "qcow2-backing":
-            cmd[5:5] = ["-b", raw, "-F", "raw"]
-        subprocess.run(cmd, check=True)
-        if setup == "qcow2-bitmap":
-            subprocess.run(["qemu-img", "bitmap", "--add", qcow2, "tracking"], check=True)
-        return qcow2, "qcow2"
-
     daemons = ["qsd", "livesnapd"] + (["before"] if args.before_bin else [])
     socks = {d: os.path.join(work, f"{d}.sock") for d in daemons}
 
@@ -186,7 +188,7 @@ def main():
                     # Each daemon goes first in turn.
                     order = daemons[rep % len(daemons):] + daemons[:rep % len(daemons)]
                     for d in order:
-                        image, fmt = prepare(setup)
+                        image, fmt = prepare_image(setup, raw, qcow2, args.size)
                         p = start(d, image, fmt)
                         try:
                             r = fio(socks[d], rw, bs, qd, nj, args.runtime, args.size)

@@ -20,7 +20,7 @@ time (user + system) the daemon spent on the job: what a guest on the same
 cores loses to it.
 
 Daemons: qsd, livesnapd (--livesnapd-bin, default the worktree's release
-build) and, with --before-bin (e.g. /work/baseline/livesnapd), the pre-issue
+build) and, with --before-bin (a release build of an earlier commit), the pre-issue
 build as a third column.
 
 Usage:
