@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use super::{sparse_file, wait_until, Livesnapd, Qmp, Qsd, START_TIMEOUT};
+use super::{pattern, sparse_file, wait_until, Livesnapd, Qmp, Qsd, START_TIMEOUT};
 
 /// How long the test's QMP commands may wait for their reply.
 const QMP_REPLY_LIMIT: Duration = Duration::from_secs(60);
@@ -122,6 +122,15 @@ impl DiskDaemon {
         let dir = tempfile::tempdir().unwrap();
         let image = dir.path().join("disk.raw");
         sparse_file(&image, size);
+        DiskDaemon::start(kind, dir, &image, "raw")
+    }
+
+    /// A daemon on a raw image of `size` bytes of data: no zeroes for a job
+    /// to skip, so every byte must be copied (at `speed`, if one is set).
+    pub fn raw_with_data(kind: Kind, size: u64) -> DiskDaemon {
+        let dir = tempfile::tempdir().unwrap();
+        let image = dir.path().join("disk.raw");
+        std::fs::write(&image, pattern(0xda7a, size as usize)).unwrap();
         DiskDaemon::start(kind, dir, &image, "raw")
     }
 
