@@ -1193,10 +1193,36 @@ pub struct Taken {
     pub took: Duration,
 }
 
+/// Requests the guest wrote while the job copied: a backup copies after its
+/// instant, a mirror before it; either way the guest must have written then
+/// for a snapshot check to tell a point-in-time copy from one that followed it.
+pub fn raced(t: &Taken) -> u64 {
+    (t.r_done - t.r1).max(t.r0 - t.r_start)
+}
+
+/// Whether the guest wrote enough during the job for [`check_snapshot`] to mean something.
+pub fn raced_enough(g: &GuestOpts, t: &Taken) -> bool {
+    raced(t) >= u64::from(g.blocks / 4)
+}
+
 /// The snapshot is exactly the disk after request N with r0 <= N <= r1 + 1,
 /// and the guest wrote during the copy (or the check would not tell a
 /// point-in-time copy from one that followed the guest). Returns N.
 pub fn check_snapshot(g: &GuestOpts, image: &[u8], t: &Taken) -> u64 {
+    let n = check_point_in_time(g, image, t);
+    let raced = raced(t);
+    assert!(
+        raced_enough(g, t),
+        "the guest wrote only {raced} requests while the job copied ({} blocks): too few to \
+         tell a point-in-time copy from one that followed the guest",
+        g.blocks
+    );
+    n
+}
+
+/// The snapshot is exactly the disk after request N with r0 <= N <= r1 + 1
+/// (without [`check_snapshot`]'s demand that the guest raced the job). Returns N.
+pub fn check_point_in_time(g: &GuestOpts, image: &[u8], t: &Taken) -> u64 {
     let n = g
         .find_request(image)
         .unwrap_or_else(|e| panic!("the snapshot is not the disk after any one request: {e}"))
@@ -1218,15 +1244,6 @@ pub fn check_snapshot(g: &GuestOpts, image: &[u8], t: &Taken) -> u64 {
         t.how,
         t.r0,
         t.r1 + 1
-    );
-    // A backup copies after its instant, a mirror before it: either way
-    // the guest must have written while the job copied.
-    let raced = (t.r_done - t.r1).max(t.r0 - t.r_start);
-    assert!(
-        raced >= u64::from(g.blocks / 4),
-        "the guest wrote only {raced} requests while the job copied ({} blocks): too few to \
-         tell a point-in-time copy from one that followed the guest",
-        g.blocks
     );
     n
 }
