@@ -163,10 +163,7 @@ def main():
             f"| {med(changed, 'qsd', 'target_data') >> 20} MiB "
             f"| {med(changed, 'livesnapd', 'target_data') >> 20} MiB |")
     table = "\n".join(lines)
-    print(table)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(table + "\n")
+    jobs.publish(table, args.out)
 
 
 if __name__ == "__main__":

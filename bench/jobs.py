@@ -767,6 +767,14 @@ def fmt(x, nd=2, unit=""):
     return "–" if x is None else f"{x:.{nd}f}{unit}"
 
 
+def publish(table, out):
+    """Prints a markdown table, and writes it to `out` too when given (the benchmarks' --out)."""
+    print(table)
+    if out:
+        with open(out, "w") as f:
+            f.write(table + "\n")
+
+
 def label(ctx, slot):
     if ctx["kinds"][slot] != slot:
         return f"{slot} (runs {ctx['kinds'][slot]})"
@@ -1254,10 +1262,7 @@ def main():
         shutil.rmtree(work, ignore_errors=True)
 
     table = report(ctx, runs)
-    print(table)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(table + "\n")
+    publish(table, args.out)
     meta = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": platform.node(), "cores": os.cpu_count(),
             "platform": platform.platform(), "fio": ctx["fio_version"], "versions": ctx["versions"],
             "kinds": kinds, "bins": bins,

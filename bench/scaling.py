@@ -339,10 +339,7 @@ def main():
     for n in notes:
         lines.append(f"\nNote: {n}")
     table = "\n".join(lines)
-    print(table)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(table + "\n")
+    jobs.publish(table, args.out)
 
 
 if __name__ == "__main__":
