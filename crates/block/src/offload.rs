@@ -24,7 +24,7 @@
 use std::fs::File;
 use std::io;
 use std::os::unix::io::AsRawFd;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use crate::file::FileDriver;
@@ -75,6 +75,47 @@ pub fn offloadable(source: &BlockNode, target: &BlockNode) -> bool {
     match (end_of(source), end_of(target)) {
         (Some(s), Some(t)) => !s.direct() && !t.direct(),
         _ => false,
+    }
+}
+
+/// One job's use of copy offload: once the kernel copied nothing of a chunk
+/// (another file system, no reflink under O_DIRECT) it is not asked again,
+/// which saves a failed system call per chunk; buffers copy from then on.
+#[derive(Debug, Default)]
+pub struct Offload {
+    refused: AtomicBool,
+}
+
+impl Offload {
+    /// Offload not refused yet.
+    pub fn new() -> Offload {
+        Offload::default()
+    }
+
+    /// True while copies from `source` to `target` go through the kernel:
+    /// [`offloadable`], and not refused before.
+    pub fn active(&self, source: &BlockNode, target: &BlockNode) -> bool {
+        !self.refused.load(Ordering::Relaxed) && offloadable(source, target)
+    }
+
+    /// [`copy_range`], or nothing once the kernel has refused a copy; a
+    /// copy of nothing counts as that refusal.
+    pub async fn copy(
+        &self,
+        source: &BlockNode,
+        target: &BlockNode,
+        offset: u64,
+        len: u64,
+        unordered: bool,
+    ) -> u64 {
+        if self.refused.load(Ordering::Relaxed) {
+            return 0;
+        }
+        let n = copy_range(source, target, offset, len, unordered).await;
+        if n == 0 {
+            self.refused.store(true, Ordering::Relaxed);
+        }
+        n
     }
 }
 

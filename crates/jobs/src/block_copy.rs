@@ -212,8 +212,8 @@ pub struct BlockCopy {
     skip_unallocated: AtomicBool,
     progress: Mutex<Option<Progress>>,
     own_discards: Mutex<Vec<(u64, u64)>>,
-    // The kernel copied nothing of a chunk once: buffers from then on.
-    offload_refused: AtomicBool,
+    // Copies inside the kernel until it refuses one (offload.rs).
+    offload: offload::Offload,
 }
 
 fn align_down(x: u64, a: u64) -> u64 {
@@ -265,7 +265,7 @@ impl BlockCopy {
             skip_unallocated: AtomicBool::new(false),
             progress: Mutex::new(None),
             own_discards: Mutex::new(Vec::new()),
-            offload_refused: AtomicBool::new(false),
+            offload: offload::Offload::new(),
         }))
     }
 
@@ -297,9 +297,7 @@ impl BlockCopy {
     /// True while data chunks are copied inside the kernel, without
     /// buffers (so larger chunks cost no memory).
     pub fn offloads(&self) -> bool {
-        !self.fleecing
-            && !self.offload_refused.load(Ordering::Relaxed)
-            && offload::offloadable(&self.source, &self.target)
+        !self.fleecing && self.offload.active(&self.source, &self.target)
     }
 
     /// Sends progress to `p` from now on (`None` stops it), starting with the remaining bytes.
@@ -694,13 +692,11 @@ impl BlockCopy {
     /// copies must be serialising writes.
     async fn copy_data(&self, start: u64, end: u64) -> Result<(), CopyError> {
         let mut at = start;
-        if !self.fleecing && !self.offload_refused.load(Ordering::Relaxed) {
-            at += offload::copy_range(&self.source, &self.target, start, end - start, true).await;
-            // Refused outright (another file system, no reflink under
-            // O_DIRECT): not worth a system call per chunk from now on.
-            if at == start {
-                self.offload_refused.store(true, Ordering::Relaxed);
-            }
+        if !self.fleecing {
+            at += self
+                .offload
+                .copy(&self.source, &self.target, start, end - start, true)
+                .await;
         }
         while at < end {
             let piece = (at + MAX_CHUNK).min(end);

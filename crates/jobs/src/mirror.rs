@@ -216,8 +216,8 @@ struct Shared {
     active_writes: AtomicU64,
     /// Longest a guest write waits for its copy on the target.
     target_wait: Duration,
-    /// The kernel copied nothing of a chunk once: buffers from then on.
-    offload_refused: AtomicBool,
+    /// Copies inside the kernel until it refuses one (offload.rs).
+    offload: offload::Offload,
 }
 
 impl Shared {
@@ -469,7 +469,7 @@ impl Mirror {
             dirtied: Notify::new(),
             active_writes: AtomicU64::new(0),
             target_wait: opts.tuning.hold,
-            offload_refused: AtomicBool::new(false),
+            offload: offload::Offload::new(),
         });
         let hook: Arc<dyn WriteHook> = Arc::new(MirrorHook {
             shared: shared.clone(),
@@ -563,8 +563,10 @@ impl Mirror {
     /// buffer holds it), within the buffer size; the pacer shrinks it while
     /// the guest is busy.
     fn copy_max(&self) -> u64 {
-        let kernel = !self.shared.offload_refused.load(Ordering::Relaxed)
-            && offload::offloadable(&self.opts.source, &self.opts.target);
+        let kernel = self
+            .shared
+            .offload
+            .active(&self.opts.source, &self.opts.target);
         let max = if kernel {
             offload::IDLE_CHUNK
         } else {
@@ -603,18 +605,12 @@ impl Mirror {
             // Inside the kernel where both ends allow it; what it did not
             // copy goes through a buffer (which also tells a read error
             // from a write error).
-            let offloaded = if shared.offload_refused.load(Ordering::Relaxed) {
-                0
-            } else {
-                offload::copy_range(&shared.source, &shared.target, offset, len, false).await
-            };
+            let offloaded = shared
+                .offload
+                .copy(&shared.source, &shared.target, offset, len, false)
+                .await;
             if offloaded >= len {
                 return Ok(());
-            }
-            // Refused outright (another file system, no reflink under
-            // O_DIRECT): not worth a system call per chunk from now on.
-            if offloaded == 0 {
-                shared.offload_refused.store(true, Ordering::Relaxed);
             }
             let (offset, len) = (offset + offloaded, len - offloaded);
             let buf = shared
